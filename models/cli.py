@@ -1,0 +1,195 @@
+"""`python -m models train | evaluate | publish-features` (contract: DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from models.dataset import DataError
+from models.towers import HISTORY_ENCODERS, TowerConfig
+from models.train import TrainConfig
+
+log = logging.getLogger("models")
+
+
+def _tower_args(p: argparse.ArgumentParser) -> None:
+    d = TowerConfig()
+    g = p.add_argument_group("architecture")
+    g.add_argument("--field-dim", type=int, default=d.field_dim)
+    g.add_argument(
+        "--hidden", default=",".join(map(str, d.hidden)), help="MLP widths, e.g. 256,128"
+    )
+    g.add_argument("--out-dim", type=int, default=d.out_dim, help="bundle embedding dimension")
+    g.add_argument("--senet", action="store_true", help="SENet feature gating before the MLP")
+    g.add_argument("--history-encoder", choices=sorted(HISTORY_ENCODERS), default=d.history_encoder)
+    g.add_argument("--dropout", type=float, default=d.dropout)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--loss", choices=["softmax", "bce", "hinge", "logistic"], default=d.loss)
+    g.add_argument(
+        "--negatives", choices=["in-batch", "uniform", "popularity", "mixed"], default=d.negatives
+    )
+    g.add_argument("--num-negatives", type=int, default=d.num_negatives)
+    g.add_argument(
+        "--no-logq",
+        dest="logq_correction",
+        action="store_false",
+        help="disable logQ correction of the softmax",
+    )
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--history-length", type=int, default=d.history_length)
+    g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
+    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda:0...")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    tower = TowerConfig(
+        field_dim=args.field_dim,
+        hidden=tuple(int(w) for w in args.hidden.split(",") if w),
+        out_dim=args.out_dim,
+        senet=args.senet,
+        history_encoder=args.history_encoder,
+        dropout=args.dropout,
+    )
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        loss=args.loss,
+        negatives=args.negatives,
+        num_negatives=args.num_negatives,
+        logq_correction=args.logq_correction,
+        temperature=args.temperature,
+        history_length=args.history_length,
+        tower=tower,
+        patience=args.patience,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        device=args.device,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    root.add_argument("-v", "--verbose", action="store_true")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train, evaluate on the split, export a bundle")
+    t.add_argument(
+        "--data", required=True, help="synthetic[:...] | ml-1m:DIR | ml-100k:DIR | csv:DIR"
+    )
+    t.add_argument("--out", type=Path, default=Path("artifacts"))
+    t.add_argument(
+        "--split", default="last-10pct", help="seed-2003 | last-10pct | leave-last-n:N | none"
+    )
+    t.add_argument("--baselines", action="store_true", help="also evaluate the baselines")
+    t.add_argument("--json", type=Path, help="write the evaluation report here")
+    _train_args(t)
+    _tower_args(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a bundle and/or the baselines on a split")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", required=True)
+    e.add_argument("--bundle", type=Path, help="a bundle version directory")
+    e.add_argument("--baselines", action="store_true")
+    e.add_argument("--include-seen", action="store_true", help="do not exclude seen items")
+    e.add_argument("--json", type=Path)
+
+    p = sub.add_parser("publish-features", help="write user features and histories to Redis")
+    p.add_argument("--data", required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--prefix", default="tr")
+    p.add_argument("--history-length", type=int, default=100)
+    p.add_argument("--ttl", type=int, default=None, help="key TTL in seconds (default: none)")
+    return root
+
+
+def _write_report(report: dict, path: Path | None) -> None:
+    from models.evaluation import format_table
+
+    print(format_table(report), file=sys.stderr)
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.pipeline import run_training
+    from models.sources import load_dataset
+
+    run = run_training(
+        load_dataset(args.data), args.split, train_config(args), args.out, baselines=args.baselines
+    )
+    if run.report is not None:
+        _write_report(run.report, args.json)
+    print(run.bundle)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluation import evaluate_recommender, report_json, run_baselines
+    from models.recommender import BundleRecommender
+    from models.sources import load_dataset
+    from models.splits import make_split
+
+    if args.bundle is None and not args.baselines:
+        raise DataError("nothing to evaluate: give --bundle PATH and/or --baselines")
+    dataset = load_dataset(args.data)
+    split = make_split(dataset.interactions, args.split)
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    exclude_seen = not args.include_seen
+    results = {}
+    if args.bundle is not None:
+        rec = BundleRecommender(args.bundle, dataset.users, item_index)
+        rec.fit(split.train, item_index)
+        results["two_tower"] = evaluate_recommender(
+            rec, split.train, split.test, item_index, exclude_seen=exclude_seen
+        )
+    if args.baselines:
+        results |= run_baselines(split.train, split.test, item_index, exclude_seen)
+    _write_report(report_json(split.name, split.test, results), args.json)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from models.online_store import publish
+    from models.sources import load_dataset
+
+    client = Redis.from_url(args.redis_url)
+    n = publish(
+        client,
+        load_dataset(args.data),
+        prefix=args.prefix,
+        history_length=args.history_length,
+        ttl_seconds=args.ttl,
+    )
+    print(f"published features and histories of {n} users to {args.redis_url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "publish-features": cmd_publish}
+    try:
+        return commands[args.command](args)
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

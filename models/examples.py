@@ -1,0 +1,127 @@
+"""Training and inference inputs cut from an interaction log without leakage.
+
+Every training example is one interaction (user, item, t); its history is the user's items
+with a timestamp strictly before t, newest first. Histories are cut per batch from one flat
+array instead of being materialised (B x L per example would not fit at 1M-item scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from models.dataset import Dataset
+from models.features import HISTORY, FeatureEncoder, fit_feature
+
+
+@dataclass(frozen=True)
+class InteractionLog:
+    """A user-grouped, time-ordered interaction log over catalogue rows.
+
+    Attributes:
+        items: int64 `(N,)` catalogue rows, grouped by user, oldest first.
+        users: int64 `(N,)` row of the user in `user_ids`.
+        user_start: `(N,)` index of the first event of the same user.
+        history_end: `(N,)` exclusive end of the event's history: the first event of the same
+            user at the same timestamp, so simultaneous events never see each other.
+        user_ids: external user ids, by user row.
+        user_end: `(n_users,)` exclusive end of each user's events (their full history).
+    """
+
+    items: np.ndarray
+    users: np.ndarray
+    user_start: np.ndarray
+    history_end: np.ndarray
+    user_ids: list[str]
+    user_end: np.ndarray
+
+    @classmethod
+    def build(cls, interactions: pd.DataFrame, item_index: Mapping[str, int]) -> InteractionLog:
+        """Interactions whose item is not in `item_index` are dropped."""
+        rows = interactions["item_id"].map(item_index)
+        frame = interactions.assign(row=rows).dropna(subset=["row"])
+        frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
+        codes, user_ids = pd.factorize(frame["user_id"], sort=False)
+        ts = frame["timestamp"].to_numpy()
+        n = len(frame)
+        idx = np.arange(n)
+        new_user = np.r_[True, codes[1:] != codes[:-1]] if n else np.zeros(0, bool)
+        new_time = new_user | np.r_[True, ts[1:] != ts[:-1]] if n else np.zeros(0, bool)
+        user_start = np.maximum.accumulate(np.where(new_user, idx, 0)) if n else idx
+        history_end = np.maximum.accumulate(np.where(new_time, idx, 0)) if n else idx
+        user_end = np.r_[idx[new_user][1:], n] if n else np.zeros(0, np.int64)
+        return cls(
+            items=frame["row"].to_numpy(np.int64),
+            users=codes.astype(np.int64),
+            user_start=user_start,
+            history_end=history_end,
+            user_ids=[str(u) for u in user_ids],
+            user_end=user_end.astype(np.int64),
+        )
+
+    def histories(self, ends: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+        """History matrix `(B, length)`: item rows + 1 before `ends`, newest first, 0-padded."""
+        positions = ends[:, None] - 1 - np.arange(length)[None, :]
+        valid = positions >= starts[:, None]
+        return np.where(valid, self.items[np.clip(positions, 0, None)] + 1, 0)
+
+    def user_histories(self, length: int) -> np.ndarray:
+        """Each user's latest `length` items (as of the end of the log), `(n_users, length)`."""
+        first = self.user_start[self.user_end - 1] if len(self.user_end) else self.user_end
+        return self.histories(self.user_end, first, length)
+
+    def item_counts(self, n_items: int) -> np.ndarray:
+        return np.bincount(self.items, minlength=n_items)
+
+
+def fit_encoders(
+    dataset: Dataset, train: pd.DataFrame, history_length: int
+) -> tuple[FeatureEncoder, FeatureEncoder]:
+    """Fit the user encoder (attributes of training users + history) and the item encoder."""
+    item_ids = [str(i) for i in dataset.items.index]
+    train_users = dataset.users.loc[dataset.users.index.isin(train["user_id"].unique())]
+    user_features = [
+        fit_feature(
+            c.name,
+            c.kind,
+            train_users[c.name].tolist(),
+            transform=c.transform,
+            separator=c.separator,
+        )
+        for c in dataset.user_columns
+    ]
+    item_features = [
+        fit_feature(
+            c.name,
+            c.kind,
+            dataset.items[c.name].tolist(),
+            transform=c.transform,
+            separator=c.separator,
+        )
+        for c in dataset.item_columns
+    ]
+    item_index = {item: row for row, item in enumerate(item_ids)}
+    return (
+        FeatureEncoder(user_features, history_length, item_index),
+        FeatureEncoder(item_features),
+    )
+
+
+def encode_table(
+    encoder: FeatureEncoder, table: pd.DataFrame, ids: Sequence[str]
+) -> dict[str, Tensor]:
+    """Encode the attribute rows of `ids` (missing ids = all values missing) as tensors."""
+    rows = table.reindex(pd.Index(ids))
+    columns = {name: rows[name].tolist() for name in encoder.names if name in rows}
+    encoded = encoder.encode_columns(columns, None, batch_size=len(ids))
+    encoded.pop(HISTORY, None)
+    return {name: torch.from_numpy(values) for name, values in encoded.items()}
+
+
+def gather(table: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    return {name: values[rows] for name, values in table.items()}

@@ -1,0 +1,103 @@
+"""Training objectives. Each takes L2-normalised embeddings and returns a scalar loss.
+
+Listwise (the default) treats retrieval as a softmax over the catalogue, approximated by the
+batch's own positives plus optional sampled negatives; logQ correction subtracts each
+candidate's log sampling probability so popular items are not over-penalised for appearing
+often as negatives (Yi et al., RecSys 2019).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Sampled softmax with in-batch negatives, logQ correction and accidental-hit masking.
+
+    Args:
+        temperature: cosine similarities are divided by it.
+        logq_correction: subtract log q(candidate) from each logit.
+
+    Shapes: users `(B, D)`, positives `(B, D)`, positive ids `(B,)`, positive log q `(B,)`;
+    optional extra negatives `(M, D)` with ids `(M,)` and log q `(M,)`.
+    """
+
+    def __init__(self, temperature: float, logq_correction: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.logq_correction = logq_correction
+
+    def forward(
+        self,
+        users: Tensor,
+        positives: Tensor,
+        positive_ids: Tensor,
+        positive_logq: Tensor,
+        negatives: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_logq: Tensor | None = None,
+    ) -> Tensor:
+        candidates, ids, logq = positives, positive_ids, positive_logq
+        if negatives is not None and negative_ids is not None and negative_logq is not None:
+            candidates = torch.cat([positives, negatives])
+            ids = torch.cat([positive_ids, negative_ids])
+            logq = torch.cat([positive_logq, negative_logq])
+        logits = users @ candidates.T / self.temperature
+        if self.logq_correction:
+            logits = logits - logq.unsqueeze(0)
+        # Accidental hits: another column holding this row's own positive item is not a negative.
+        batch = torch.arange(users.shape[0], device=users.device)
+        hits = positive_ids.unsqueeze(1) == ids.unsqueeze(0)
+        hits[batch, batch] = False
+        logits = logits.masked_fill(hits, torch.finfo(logits.dtype).min)
+        return F.cross_entropy(logits, batch)
+
+
+class BinaryCrossEntropyLoss(nn.Module):
+    """Pointwise: each positive against its own k sampled negatives, as binary labels.
+
+    Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        pos = (users * positives).sum(-1) / self.temperature
+        neg = torch.einsum("bd,bkd->bk", users, negatives) / self.temperature
+        return F.binary_cross_entropy_with_logits(
+            torch.cat([pos.unsqueeze(1), neg], dim=1),
+            torch.cat([torch.ones_like(pos).unsqueeze(1), torch.zeros_like(neg)], dim=1),
+        )
+
+
+class TripletHingeLoss(nn.Module):
+    """Pairwise: max(0, margin - s(u, pos) + s(u, neg)) on cosine scores, averaged over k.
+
+    Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`.
+    """
+
+    def __init__(self, margin: float = 0.3) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        pos = (users * positives).sum(-1, keepdim=True)
+        neg = torch.einsum("bd,bkd->bk", users, negatives)
+        return F.relu(self.margin - pos + neg).mean()
+
+
+class PairwiseLogisticLoss(nn.Module):
+    """Pairwise BPR: -log sigmoid((s(u, pos) - s(u, neg)) / temperature), averaged over k."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        pos = (users * positives).sum(-1, keepdim=True)
+        neg = torch.einsum("bd,bkd->bk", users, negatives)
+        return F.softplus(-(pos - neg) / self.temperature).mean()

@@ -1,0 +1,116 @@
+"""`train` end to end: split -> validation carve -> train with early stopping -> held-out
+evaluation -> bundle export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models.dataset import Dataset
+from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
+from models.export import export_bundle
+from models.recommender import TwoTowerRecommender
+from models.splits import Split, make_split, validation_split
+from models.train import TrainConfig, TrainedModel, Trainer, ValidateFn
+
+log = logging.getLogger(__name__)
+
+# Validation runs every epoch: a sample of users keeps it cheap and still stable.
+MAX_VALIDATION_USERS = 3000
+
+
+@dataclass
+class TrainingRun:
+    """What `run_training` produced."""
+
+    trained: TrainedModel
+    split: Split | None
+    results: dict[str, EvalResult]
+    report: dict[str, Any] | None
+    bundle: Path | None
+
+
+def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    users = test["user_id"].unique()
+    if len(users) <= n:
+        return test
+    keep = np.random.default_rng(seed).choice(users, size=n, replace=False)
+    return test[test["user_id"].isin(keep)]
+
+
+def make_validator(
+    dataset: Dataset, fit_part: pd.DataFrame, validation: pd.DataFrame, seed: int
+) -> ValidateFn:
+    """Validation metrics of a model trained on `fit_part`, on the period right after it."""
+    sample = _sample_users(validation, MAX_VALIDATION_USERS, seed)
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+
+    def validate(trained: TrainedModel) -> dict[str, float]:
+        rec = TwoTowerRecommender(trained, dataset.users)
+        rec.fit(fit_part, item_index)
+        result = evaluate_recommender(rec, fit_part, sample, item_index, ks=(10, 50))
+        return dict(result.means)
+
+    return validate
+
+
+def run_training(
+    dataset: Dataset,
+    split_spec: str,
+    config: TrainConfig,
+    out: Path | None,
+    *,
+    baselines: bool = False,
+) -> TrainingRun:
+    """Train on the split's training part, evaluate on its test part, export to `out`.
+
+    Args:
+        dataset: loaded source.
+        split_spec: a split name (`models.splits`) or `none` (train on everything).
+        config: training settings.
+        out: artifacts directory; None skips the export (benchmarks).
+        baselines: also evaluate the classic baselines on the same split.
+    """
+    split = None if split_spec == "none" else make_split(dataset.interactions, split_spec)
+    train = dataset.interactions if split is None else split.train
+    validate = None
+    fit_part = train
+    if config.patience > 0 and config.validation_fraction > 0:
+        carve = validation_split(train, config.validation_fraction)
+        fit_part = carve.train
+        validate = make_validator(dataset, carve.train, carve.test, config.seed)
+    trained = Trainer(dataset, fit_part, config, validate).fit()
+
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    rec = TwoTowerRecommender(trained, dataset.users)
+    rec.fit(train, item_index)
+    results: dict[str, EvalResult] = {}
+    report = None
+    if split is not None:
+        results["two_tower"] = evaluate_recommender(rec, train, split.test, item_index)
+        if baselines:
+            results |= run_baselines(train, split.test, item_index)
+        report = report_json(split.name, split.test, results)
+
+    bundle = None
+    if out is not None:
+        sample_users = [*rec.known_users[:256], "__cold_start_user__"]
+        metadata = {
+            "model": {"class": "TwoTower", **dataclasses.asdict(config.tower)},
+            "training": {
+                **{k: v for k, v in dataclasses.asdict(config).items() if k != "tower"},
+                "best_epoch": trained.best_epoch,
+                "history": trained.history,
+            },
+            "data": dataset.summary() | (split.summary() if split else {"split": "none"}),
+            "evaluation": report,
+            "item_features": trained.item_encoder.to_json(),
+        }
+        bundle = export_bundle(trained, out, rec.user_inputs(sample_users), metadata)
+    return TrainingRun(trained, split, results, report, bundle)

@@ -1,0 +1,151 @@
+"""Train/test splits of an interaction log, named by the `--split` strings of the CLI.
+
+Every split returns frames in the `Dataset.interactions` layout (`user_id`, `item_id`,
+`timestamp`; sorted by time, stable; index 0..n-1). Rules:
+
+- `seed-2003`: train is everything before 2003-01-01T00:00:00Z; test is everything at or
+  after it, restricted to users with at least one training interaction (the protocol of the
+  seed experiment).
+- `last-10pct`: a time cut. With n interactions, the cut timestamp is the timestamp of the
+  `round(0.1 * n)`-th interaction counted from the end; test is every interaction at or after
+  the cut, so interactions sharing the cut timestamp all go to test (test may hold slightly
+  more than 10 %). Test is then restricted to users seen in train; the interactions of users
+  first seen after the cut are dropped from both parts.
+- `leave-last-n:N`: each user's last N interactions (in time order, ties kept in log order)
+  go to test; users with N or fewer interactions stay wholly in train.
+
+`validation_split` carves a validation slice off the end of a training frame with the same
+rule as `last-10pct`, so early stopping never looks at the test split.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+
+SEED_2003_CUTOFF = int(datetime(2003, 1, 1, tzinfo=UTC).timestamp())
+VALID_FORMS = "'seed-2003', 'last-10pct' or 'leave-last-n:N' (N >= 1)"
+_LEAVE_LAST_N = re.compile(r"leave-last-n:(\d+)")
+_COLUMNS = ("user_id", "item_id", "timestamp")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A named train/test partition of an interaction log.
+
+    Attributes:
+        name: the spec it was made from, e.g. "last-10pct" or "leave-last-n:1".
+        train: interactions to learn from, in the `Dataset.interactions` layout.
+        test: held-out interactions, same layout; every test user also appears in `train`.
+    """
+
+    name: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+    def summary(self) -> dict[str, int | str]:
+        """Sizes of both parts, for logs and bundle manifests."""
+        return {
+            "split": self.name,
+            "n_train_interactions": len(self.train),
+            "n_test_interactions": len(self.test),
+            "n_train_users": int(self.train["user_id"].nunique()),
+            "n_test_users": int(self.test["user_id"].nunique()),
+        }
+
+
+def make_split(interactions: pd.DataFrame, spec: str) -> Split:
+    """Split an interaction log according to a `--split` string.
+
+    Args:
+        interactions: frame in the `Dataset.interactions` layout, (n, 3+) columns.
+        spec: `seed-2003`, `last-10pct` or `leave-last-n:N`. `none` is not a split: the
+            caller trains on everything instead of calling this.
+
+    Returns:
+        The `Split`, named by the normalised spec.
+
+    Raises:
+        ValueError: unknown spec, missing columns, or a cut that leaves train or test empty.
+
+    Example:
+        >>> split = make_split(dataset.interactions, "leave-last-n:1")
+    """
+    _check_columns(interactions)
+    spec = spec.strip()
+    if spec == "seed-2003":
+        log = _time_sorted(interactions)
+        return _cut_at(log, SEED_2003_CUTOFF, "seed-2003")
+    if spec == "last-10pct":
+        return _last_fraction(_time_sorted(interactions), 0.1, "last-10pct")
+    match = _LEAVE_LAST_N.fullmatch(spec)
+    if match is not None and int(match.group(1)) >= 1:
+        n = int(match.group(1))
+        return _leave_last_n(_time_sorted(interactions), n, f"leave-last-n:{n}")
+    if spec == "none":
+        raise ValueError(f"split 'none' means train on everything; expected {VALID_FORMS}")
+    raise ValueError(f"unknown split {spec!r}; expected {VALID_FORMS}")
+
+
+def validation_split(train: pd.DataFrame, fraction: float = 0.1) -> Split:
+    """Hold out the end of a training period for early stopping.
+
+    Args:
+        train: the training part of a split, `Dataset.interactions` layout.
+        fraction: share of interactions (by time, from the end) to hold out, in (0, 1).
+
+    Returns:
+        `Split` named "validation" whose `train` is the earlier part and whose `test` is the
+        held-out slice (same cut rule as `last-10pct`, restricted to users seen earlier).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    _check_columns(train)
+    return _last_fraction(_time_sorted(train), fraction, "validation")
+
+
+def _check_columns(interactions: pd.DataFrame) -> None:
+    missing = [c for c in _COLUMNS if c not in interactions.columns]
+    if missing:
+        raise ValueError(f"interactions lack columns {missing}")
+
+
+def _time_sorted(interactions: pd.DataFrame) -> pd.DataFrame:
+    # Stable, so ties keep log order; a no-op copy for frames already in Dataset order.
+    return interactions.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+def _last_fraction(log: pd.DataFrame, fraction: float, name: str) -> Split:
+    n_tail = max(1, round(fraction * len(log)))
+    if len(log) < 2 or n_tail >= len(log):
+        raise ValueError(f"{name}: {len(log)} interactions are too few to split")
+    cut = int(log["timestamp"].iloc[len(log) - n_tail])
+    return _cut_at(log, cut, name)
+
+
+def _cut_at(log: pd.DataFrame, cut: int, name: str) -> Split:
+    before = log["timestamp"].to_numpy() < cut
+    train = log[before].reset_index(drop=True)
+    after = log[~before]
+    test = after[after["user_id"].isin(train["user_id"].unique())].reset_index(drop=True)
+    if train.empty or test.empty:
+        raise ValueError(
+            f"{name}: cut at timestamp {cut} leaves {len(train)} train and "
+            f"{len(test)} test interactions"
+        )
+    return Split(name=name, train=train, test=test)
+
+
+def _leave_last_n(log: pd.DataFrame, n: int, name: str) -> Split:
+    by_user = log.groupby("user_id", sort=False)["user_id"]
+    from_end = by_user.cumcount(ascending=False).to_numpy()
+    size = by_user.transform("size").to_numpy()
+    held_out = (from_end < n) & (size > n)
+    train = log[~held_out].reset_index(drop=True)
+    test = log[held_out].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(f"{name}: no user has more than {n} interactions")
+    return Split(name=name, train=train, test=test)

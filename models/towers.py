@@ -1,0 +1,241 @@
+"""Two-tower model: field embedders, history encoders, SENet gating, MLP towers.
+
+Every feature becomes one `(B, D)` field vector (D = `field_dim`), so the fields can be gated
+by SENet and concatenated. The item-id embedding is shared: the item tower embeds the item
+itself with it and the user tower pools the user's history through it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.features import HISTORY, Feature, FeatureEncoder
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Architecture shared by both towers.
+
+    Args:
+        field_dim: width of every field embedding (and of the item-id embedding).
+        hidden: MLP hidden widths.
+        out_dim: embedding dimension of the bundle.
+        senet: gate fields with a squeeze-and-excitation block before the MLP.
+        history_encoder: `mean` (masked mean pooling) or `attention` (position-aware
+            attention pooling: reads recency and order).
+        dropout: dropout after each hidden layer (training only).
+    """
+
+    field_dim: int = 32
+    hidden: tuple[int, ...] = (256,)
+    out_dim: int = 64
+    senet: bool = False
+    history_encoder: str = "mean"
+    dropout: float = 0.0
+
+
+class CategoricalField(nn.Module):
+    """`(B,)` int64 index -> `(B, D)` embedding; also used for numeric buckets."""
+
+    def __init__(self, cardinality: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(cardinality, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embedding(x)
+
+
+class MultiHotField(nn.Module):
+    """`(B, M)` 0-padded indices -> `(B, D)` mean of the present values' embeddings."""
+
+    def __init__(self, cardinality: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(cardinality, dim, padding_idx=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = (x > 0).unsqueeze(-1).float()
+        summed = (self.embedding(x) * mask).sum(1)
+        return summed / mask.sum(1).clamp(min=1.0)
+
+
+class DenseField(nn.Module):
+    """`(B,)` standardised float -> `(B, D)` via a learned linear map."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(1, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x.unsqueeze(-1))
+
+
+class MeanHistory(nn.Module):
+    """`(B, L)` item indices (0 = padding) -> `(B, D)` masked mean of item-id embeddings."""
+
+    def __init__(self, item_embedding: nn.Embedding, length: int) -> None:
+        super().__init__()
+        self.item_embedding = item_embedding
+
+    def forward(self, history: Tensor) -> Tensor:
+        mask = (history > 0).unsqueeze(-1).float()
+        summed = (self.item_embedding(history) * mask).sum(1)
+        return summed / mask.sum(1).clamp(min=1.0)
+
+
+class AttentionHistory(nn.Module):
+    """`(B, L)` item indices, newest first -> `(B, D)` attention-pooled history.
+
+    A learned query attends over item embeddings plus position (recency) embeddings, so the
+    tower can weigh the latest items more and read the order; an empty history gives zeros.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, length: int) -> None:
+        super().__init__()
+        dim = item_embedding.embedding_dim
+        self.item_embedding = item_embedding
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.query = nn.Parameter(torch.randn(dim) * 0.02)
+        self.key = nn.Linear(dim, dim)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, history: Tensor) -> Tensor:
+        mask = history > 0
+        values = self.item_embedding(history) + self.position[: history.shape[1]]
+        logits = (self.key(values) @ self.query) * self.scale
+        logits = logits.masked_fill(~mask, -1e9)
+        weights = torch.softmax(logits, dim=1) * mask.float()
+        return (weights.unsqueeze(-1) * values).sum(1)
+
+
+HISTORY_ENCODERS: dict[str, type[nn.Module]] = {"mean": MeanHistory, "attention": AttentionHistory}
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation over fields: `(B, F, D)` -> `(B, F, D)` reweighted per field."""
+
+    def __init__(self, n_fields: int, reduction: int = 2) -> None:
+        super().__init__()
+        squeezed = max(1, n_fields // reduction)
+        self.excite = nn.Sequential(
+            nn.Linear(n_fields, squeezed), nn.ReLU(), nn.Linear(squeezed, n_fields), nn.Sigmoid()
+        )
+
+    def forward(self, fields: Tensor) -> Tensor:
+        weights = self.excite(fields.mean(-1))
+        # Scaled by 2 so a neutral gate (0.5) leaves the fields unchanged at initialisation.
+        return fields * (2.0 * weights).unsqueeze(-1)
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def field_module(feature: Feature, dim: int) -> nn.Module:
+    if feature.is_dense:
+        return DenseField(dim)
+    if feature.kind == "multi_hot":
+        return MultiHotField(feature.cardinality, dim)
+    return CategoricalField(feature.cardinality, dim)
+
+
+class FieldTower(nn.Module):
+    """Shared body of both towers: embed fields -> optional SENet -> MLP -> L2 normalise."""
+
+    def __init__(self, fields: dict[str, nn.Module], config: TowerConfig) -> None:
+        super().__init__()
+        self.fields = nn.ModuleDict(fields)
+        n_fields = len(fields)
+        self.gate = SENet(n_fields) if config.senet else nn.Identity()
+        self.mlp = mlp(n_fields * config.field_dim, config.hidden, config.out_dim, config.dropout)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        embedded = [module(features[name]) for name, module in self.fields.items()]
+        fields = self.gate(torch.stack(embedded, dim=1))
+        return F.normalize(self.mlp(fields.flatten(1)), dim=-1)
+
+
+class UserTower(nn.Module):
+    """Encoded user features (a dict as `FeatureEncoder.encode` returns) -> `(B, out_dim)`.
+
+    Scripts to TorchScript on its own: it is the bundle's `user_tower.pt`.
+    """
+
+    def __init__(
+        self, encoder: FeatureEncoder, item_embedding: nn.Embedding, config: TowerConfig
+    ) -> None:
+        super().__init__()
+        fields = {f.name: field_module(f, config.field_dim) for f in encoder.features}
+        if encoder.history_length:
+            history_cls = HISTORY_ENCODERS[config.history_encoder]
+            fields[HISTORY] = history_cls(item_embedding, encoder.history_length)
+        if not fields:
+            raise ValueError("the user tower needs at least one feature or a history")
+        self.body = FieldTower(fields, config)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.body(features)
+
+
+class ItemTower(nn.Module):
+    """Item indices `(B,)` (catalogue rows) + their encoded attributes -> `(B, out_dim)`."""
+
+    def __init__(
+        self, encoder: FeatureEncoder, item_embedding: nn.Embedding, config: TowerConfig
+    ) -> None:
+        super().__init__()
+        self.item_embedding = item_embedding
+        fields = {f.name: field_module(f, config.field_dim) for f in encoder.features}
+        fields["item_id"] = nn.Identity()
+        self.body = FieldTower(fields, config)
+
+    def forward(self, items: Tensor, features: dict[str, Tensor]) -> Tensor:
+        # Row r of the catalogue is embedding index r + 1: index 0 is history padding.
+        inputs = dict(features)
+        inputs["item_id"] = self.item_embedding(items + 1)
+        return self.body(inputs)
+
+
+class TwoTower(nn.Module):
+    """User and item towers over one shared item-id embedding; scores are cosine / temperature.
+
+    Args:
+        user_encoder: fitted user-side `FeatureEncoder` (with history).
+        item_encoder: fitted item-side `FeatureEncoder` (attributes only).
+        n_items: catalogue size.
+        config: architecture.
+        temperature: softmax temperature applied to cosine similarities.
+    """
+
+    def __init__(
+        self,
+        user_encoder: FeatureEncoder,
+        item_encoder: FeatureEncoder,
+        n_items: int,
+        config: TowerConfig,
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.item_embedding = nn.Embedding(n_items + 1, config.field_dim, padding_idx=0)
+        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+        self.user_tower = UserTower(user_encoder, self.item_embedding, config)
+        self.item_tower = ItemTower(item_encoder, self.item_embedding, config)
+        self.temperature = temperature
+
+    def forward(
+        self, user_features: dict[str, Tensor], items: Tensor, item_features: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        return self.user_tower(user_features), self.item_tower(items, item_features)

@@ -1,0 +1,269 @@
+"""Training loop: objectives x negatives, early stopping on a validation slice, reproducible."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.dataset import Dataset
+from models.examples import InteractionLog, encode_table, fit_encoders, gather
+from models.features import HISTORY, FeatureEncoder
+from models.losses import (
+    BinaryCrossEntropyLoss,
+    PairwiseLogisticLoss,
+    SampledSoftmaxLoss,
+    TripletHingeLoss,
+)
+from models.samplers import NegativeSampler, in_batch_log_q, popularity_sampler, uniform_sampler
+from models.towers import TowerConfig, TwoTower
+
+log = logging.getLogger(__name__)
+
+LossName = Literal["softmax", "bce", "hinge", "logistic"]
+NegativesName = Literal["in-batch", "uniform", "popularity", "mixed"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (recorded in the bundle manifest).
+
+    Args:
+        loss: `softmax` (listwise sampled softmax, the default), `bce` (pointwise, 1:k),
+            `hinge` (pairwise triplet hinge) or `logistic` (pairwise BPR).
+        negatives: `in-batch` (the other examples' positives), `uniform`, `popularity`
+            (count^0.75) or `mixed` (in-batch plus popularity-sampled). For `softmax`, the
+            batch's positives are always candidates and `num_negatives` sampled items are added
+            (none with `in-batch`); for the other losses each example gets `num_negatives`.
+        logq_correction: softmax only.
+        temperature: cosine scores are divided by it.
+        history_length: items of recent behaviour the user tower reads.
+        patience: epochs without validation improvement before stopping (0 = never stop).
+        validation_fraction: share of the training period's end used for early stopping.
+    """
+
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    loss: LossName = "softmax"
+    negatives: NegativesName = "in-batch"
+    num_negatives: int = 0
+    logq_correction: bool = True
+    temperature: float = 0.05
+    history_length: int = 50
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    patience: int = 3
+    validation_fraction: float = 0.1
+    validation_metric: str = "recall@50"
+    seed: int = 0
+    device: str = "auto"
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainedModel:
+    """The outcome of training: the model and what the service and evaluation need."""
+
+    model: TwoTower
+    user_encoder: FeatureEncoder
+    item_encoder: FeatureEncoder
+    item_ids: list[str]
+    item_features: dict[str, Tensor]
+    history: list[dict[str, float]]
+    best_epoch: int
+
+    @torch.no_grad()
+    def item_embeddings(self, batch_size: int = 8192) -> np.ndarray:
+        """float32 `(n_items, out_dim)`, L2-normalised, row i = item_ids[i]."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(self.item_ids), batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(self.item_ids)))
+            feats = {k: v.to(device) for k, v in gather(self.item_features, rows).items()}
+            out.append(self.model.item_tower(rows.to(device), feats).cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+
+ValidateFn = Callable[[TrainedModel], dict[str, float]]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _sampler(
+    name: NegativesName, counts: np.ndarray, generator: torch.Generator
+) -> NegativeSampler | None:
+    if name == "uniform":
+        return uniform_sampler(len(counts), generator)
+    if name in ("popularity", "mixed"):
+        return popularity_sampler(counts, generator)
+    return None
+
+
+class Trainer:
+    """Trains a `TwoTower` on one interaction log; see `TrainConfig` for the options.
+
+    Args:
+        dataset: source of the attribute tables and the catalogue.
+        train: training interactions (the caller's split; no test data).
+        config: the run's settings.
+        validate: called after each epoch with the model, returns validation metrics; the
+            best epoch by `config.validation_metric` is kept. None trains all epochs.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        train: pd.DataFrame,
+        config: TrainConfig,
+        validate: ValidateFn | None = None,
+    ) -> None:
+        self.config = config
+        self.validate = validate
+        self.generator = seed_everything(config.seed)
+        self.device = config.resolved_device()
+        self.item_ids = [str(i) for i in dataset.items.index]
+        self.user_encoder, self.item_encoder = fit_encoders(dataset, train, config.history_length)
+        self.log = InteractionLog.build(train, self.user_encoder.item_index)
+        self.user_table = encode_table(self.user_encoder, dataset.users, self.log.user_ids)
+        self.item_table = encode_table(self.item_encoder, dataset.items, self.item_ids)
+        counts = self.log.item_counts(len(self.item_ids))
+        self.in_batch_logq = in_batch_log_q(counts).to(self.device)
+        self.sampler = _sampler(config.negatives, counts, self.generator)
+        self.model = TwoTower(
+            self.user_encoder,
+            self.item_encoder,
+            len(self.item_ids),
+            config.tower,
+            config.temperature,
+        ).to(self.device)
+        self.listwise = SampledSoftmaxLoss(config.temperature, config.logq_correction)
+        self.per_example = {
+            "bce": BinaryCrossEntropyLoss(config.temperature),
+            "hinge": TripletHingeLoss(),
+            "logistic": PairwiseLogisticLoss(config.temperature),
+        }.get(config.loss)
+
+    def _items(self, rows: Tensor) -> Tensor:
+        feats = {k: v.to(self.device) for k, v in gather(self.item_table, rows).items()}
+        return self.model.item_tower(rows.to(self.device), feats)
+
+    def _users(self, batch: np.ndarray) -> Tensor:
+        log_, length = self.log, self.config.history_length
+        feats = gather(self.user_table, torch.from_numpy(log_.users[batch]))
+        if length:
+            hist = log_.histories(log_.history_end[batch], log_.user_start[batch], length)
+            feats[HISTORY] = torch.from_numpy(hist)
+        return self.model.user_tower({k: v.to(self.device) for k, v in feats.items()})
+
+    def _negative_rows(self, n: int, positives: Tensor) -> tuple[Tensor, Tensor]:
+        """`n` negative rows and log q for the per-example losses and softmax extras."""
+        neg = self.config.negatives
+        if neg == "in-batch" or (neg == "mixed" and self.per_example is not None):
+            picks = torch.randint(len(positives), (n,), generator=self.generator)
+            rows = positives[picks]
+            inb = rows, self.in_batch_logq[rows.to(self.device)].cpu()
+            if neg == "in-batch":
+                return inb
+            assert self.sampler is not None
+            half = self.sampler.sample(n - n // 2)
+            return torch.cat([inb[0][: n // 2], half[0]]), torch.cat([inb[1][: n // 2], half[1]])
+        assert self.sampler is not None
+        return self.sampler.sample(n)
+
+    def loss(self, batch: np.ndarray) -> Tensor:
+        """Loss of one batch of example indices into the interaction log."""
+        users = self._users(batch)
+        pos_rows = torch.from_numpy(self.log.items[batch])
+        positives = self._items(pos_rows)
+        pos_ids = pos_rows.to(self.device)
+        k = self.config.num_negatives
+        if self.per_example is None:
+            if k == 0 or self.config.negatives == "in-batch":
+                return self.listwise(users, positives, pos_ids, self.in_batch_logq[pos_ids])
+            rows, logq = self._negative_rows(k, pos_rows)
+            return self.listwise(
+                users,
+                positives,
+                pos_ids,
+                self.in_batch_logq[pos_ids],
+                self._items(rows),
+                rows.to(self.device),
+                logq.to(self.device),
+            )
+        rows, _ = self._negative_rows(len(batch) * max(k, 1), pos_rows)
+        negatives = self._items(rows).view(len(batch), max(k, 1), -1)
+        return self.per_example(users, positives, negatives)
+
+    def fit(self) -> TrainedModel:
+        cfg = self.config
+        optimiser = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        n = len(self.log.items)
+        if n == 0:
+            raise ValueError("no training interactions with a known item")
+        rng = np.random.default_rng(cfg.seed)
+        history: list[dict[str, float]] = []
+        best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
+        for epoch in range(1, cfg.epochs + 1):
+            self.model.train()
+            order = rng.permutation(n)
+            total = 0.0
+            steps = range(0, n, cfg.batch_size)
+            bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+            for start in bar:
+                loss = self.loss(order[start : start + cfg.batch_size])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += loss.item()
+            record = {"epoch": float(epoch), "loss": total / len(steps)}
+            if self.validate is not None:
+                record |= self.validate(self.result(history, epoch))
+            history.append(record)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
+            if self.validate is None:
+                continue
+            score = record[cfg.validation_metric]
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                stale += 1
+                if cfg.patience and stale >= cfg.patience:
+                    break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return self.result(history, best_epoch)
+
+    def result(self, history: list[dict[str, float]], best_epoch: int) -> TrainedModel:
+        self.model.eval()
+        return TrainedModel(
+            self.model,
+            self.user_encoder,
+            self.item_encoder,
+            self.item_ids,
+            self.item_table,
+            history,
+            best_epoch,
+        )
