@@ -147,10 +147,9 @@ def fit_feature(
         x = np.array([_as_float(v) for v in values], dtype=np.float64)
         x = x[np.isfinite(x)]
         if transform == "bucket":
-            edges = (
-                np.unique(np.quantile(x, np.linspace(0, 1, buckets + 1)[1:-1])) if x.size else []
-            )
-            return Feature(name, kind, transform=transform, boundaries=[float(e) for e in edges])
+            quantiles = np.linspace(0, 1, buckets + 1)[1:-1]
+            edges = [float(e) for e in np.unique(np.quantile(x, quantiles))] if x.size else []
+            return Feature(name, kind, transform=transform, boundaries=edges)
         if transform == "log":
             x = np.log1p(np.maximum(x, 0.0))
         elif transform != "standard":
