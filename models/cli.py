@@ -15,7 +15,7 @@ from models.train import TrainConfig
 log = logging.getLogger("models")
 
 
-def _tower_args(p: argparse.ArgumentParser) -> None:
+def add_tower_args(p: argparse.ArgumentParser) -> None:
     d = TowerConfig()
     g = p.add_argument_group("architecture")
     g.add_argument("--field-dim", type=int, default=d.field_dim)
@@ -28,7 +28,7 @@ def _tower_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=d.dropout)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs)
@@ -97,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--baselines", action="store_true", help="also evaluate the baselines")
     t.add_argument("--json", type=Path, help="write the evaluation report here")
-    _train_args(t)
-    _tower_args(t)
+    add_train_args(t)
+    add_tower_args(t)
 
     e = sub.add_parser("evaluate", help="evaluate a bundle and/or the baselines on a split")
     e.add_argument("--data", required=True)

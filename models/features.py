@@ -228,7 +228,9 @@ class FeatureEncoder:
                 if feature.kind not in ("categorical", "multi_hot", "numeric"):
                     raise FeatureSpecError(f"unknown feature kind {feature.kind!r}")
                 features.append(feature)
-        except (KeyError, TypeError) as exc:
+        except FeatureSpecError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
             raise FeatureSpecError(f"malformed feature spec: {exc!r}") from exc
         return cls(features, history_length, item_index)
 

@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# One image for the recall service (default command) and the trainer (`python -m models ...`).
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CPU-only PyTorch first: the project's requirement (torch>=2.4,<2.14) is then already met and
+# pip never pulls a multi-GB CUDA build.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.14"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY models ./models
+COPY app ./app
+RUN pip install .
+
+FROM python:3.11-slim AS runtime
+RUN useradd --create-home --uid 10001 recall \
+    && mkdir -p /artifacts \
+    && chown recall:recall /artifacts
+COPY --from=build /opt/venv /opt/venv
+# One math thread per worker process: FAISS and torch oversubscribe small boxes otherwise.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    OMP_NUM_THREADS=1 \
+    MODEL_DIR=/artifacts \
+    HOST=0.0.0.0 \
+    PORT=8000
+USER 10001
+WORKDIR /home/recall
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/health/ready\", timeout=2)"]
+CMD ["python", "-m", "app"]

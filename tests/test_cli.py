@@ -1,0 +1,178 @@
+"""`python -m models ...` as a user runs it: real subprocesses, tiny synthetic data."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from trainer_helpers import REDIS_URL, SMALL_SOURCE, redis_namespace, stored_json, stored_list
+
+from models import bundle as b
+from models.cli import main, parser, train_config
+from models.sources import load_dataset
+
+FAST = [
+    "--epochs", "1", "--batch-size", "256", "--history-length", "20",
+    "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--patience", "0",
+]  # fmt: skip
+METRICS = {f"{m}@{k}" for m in ("recall", "hit_rate", "ndcg") for k in (10, 20, 50, 100)}
+
+
+def models_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny models; threads only contend
+    return subprocess.run(
+        [sys.executable, "-m", "models", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(artifacts directory, bundle path printed by `train`)."""
+    out = tmp_path_factory.mktemp("cli") / "artifacts"
+    done = models_cli("train", "--data", SMALL_SOURCE, "--out", str(out), "--seed", "3", *FAST)
+    assert done.returncode == 0, done.stderr
+    return out, Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_prints_a_verified_bundle_path(trained: tuple[Path, Path]) -> None:
+    out, bundle = trained
+    assert bundle.parent == out
+    assert b.read_latest(out) == bundle.name
+    verified = b.verify_bundle(bundle)
+    assert verified.manifest["training"]["seed"] == 3
+    assert verified.manifest["training"]["epochs"] == 1
+    assert verified.manifest["data"]["source"] == SMALL_SOURCE
+    assert verified.manifest["data"]["split"] == "last-10pct"
+    assert set(verified.manifest["evaluation"]["results"]["two_tower"]) == METRICS
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_design_json(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    _, bundle = trained
+    report_path = tmp_path / "report.json"
+    done = models_cli(
+        "evaluate", "--data", SMALL_SOURCE, "--split", "last-10pct",
+        "--bundle", str(bundle), "--baselines", "--json", str(report_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert set(report) == {"split", "n_test_users", "n_test_interactions", "results"}
+    assert report["split"] == "last-10pct"
+    manifest = b.verify_bundle(bundle).manifest
+    assert report["n_test_users"] == manifest["data"]["n_test_users"]
+    assert report["n_test_interactions"] == manifest["data"]["n_test_interactions"]
+    assert set(report["results"]) >= {"two_tower", "most_popular", "itemcf", "ease"}
+    for name, metrics in report["results"].items():
+        assert set(metrics) == METRICS, name
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # The exported bundle, read back through raw features, scores as the trainer measured.
+    assert report["results"]["two_tower"] == manifest["evaluation"]["results"]["two_tower"]
+    assert "two_tower" in done.stderr and "recall" not in done.stdout
+
+
+@pytest.mark.slow
+def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "artifacts"
+    done = models_cli("train", "--data", "nosuch:x", "--out", str(out))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: unknown data source 'nosuch:x'; valid forms: ")
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "synthetic:users=lots"], "synthetic"),
+        (["train", "--data", "ml-1m:/nonexistent/ml-1m"], "is not a directory"),
+        (
+            ["evaluate", "--data", "csv:", "--split", "last-10pct", "--baselines"],
+            "needs a directory",
+        ),
+        (["evaluate", "--data", "synthetic:users=40", "--split", "bogus", "--baselines"], "bogus"),
+        (
+            ["evaluate", "--data", "synthetic:users=40", "--split", "last-10pct"],
+            "nothing to evaluate",
+        ),
+        (
+            [
+                "evaluate",
+                "--data",
+                "synthetic:users=40",
+                "--split",
+                "last-10pct",
+                "--bundle",
+                "nope",
+            ],
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_in_process(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_options_map_onto_the_config() -> None:
+    args = parser().parse_args(
+        [
+            *("train", "--data", "synthetic", "--seed", "11", "--epochs", "4"),
+            *("--loss", "bce", "--negatives", "mixed", "--num-negatives", "5", "--no-logq"),
+            *("--hidden", "64,32", "--senet", "--history-encoder", "attention", "--device", "cpu"),
+        ]
+    )
+    config = train_config(args)
+    assert (config.seed, config.loss, config.negatives, config.num_negatives) == (
+        11,
+        "bce",
+        "mixed",
+        5,
+    )
+    assert config.logq_correction is False and config.epochs == 4 and config.device == "cpu"
+    assert config.tower.hidden == (64, 32) and config.tower.senet
+    assert config.tower.history_encoder == "attention"
+    defaults = train_config(parser().parse_args(["train", "--data", "synthetic"]))
+    assert defaults.device == "auto" and defaults.logq_correction and defaults.loss == "softmax"
+
+
+@pytest.fixture
+def store() -> Iterator[tuple[Redis, str]]:
+    """A real Redis and a key prefix of this test alone (deleted afterwards)."""
+    with redis_namespace() as namespace:
+        yield namespace
+
+
+@pytest.mark.slow
+def test_publish_features_writes_the_service_layout(store: tuple[Redis, str]) -> None:
+    client, prefix = store
+    source = "synthetic:seed=4,users=30,items=40"
+    done = models_cli(
+        "publish-features", "--data", source, "--redis-url", REDIS_URL,
+        "--prefix", prefix, "--history-length", "5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"published features and histories of 30 users to {REDIS_URL}"
+    dataset = load_dataset(source)
+    newest_first = dataset.interactions.sort_values("timestamp", kind="stable").iloc[::-1]
+    keys = {str(k) for k in client.scan_iter(match=f"{prefix}:*")}
+    assert len(keys) == 60
+    for user_id, row in dataset.users.iterrows():
+        stored = stored_json(client, f"{prefix}:user:{user_id}")
+        assert stored == {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        history = stored_list(client, f"{prefix}:hist:{user_id}")
+        mine = newest_first.loc[newest_first["user_id"] == user_id, "item_id"].tolist()
+        assert history == mine[:5] and len(history) == min(5, len(mine))

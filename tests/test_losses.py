@@ -1,0 +1,217 @@
+"""Losses (hand-computed values, accidental hits, logQ), samplers, and every loss x negatives
+combination actually learning on synthetic data through the real `Trainer`."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from trainer_helpers import fast_config, small_dataset
+
+from models.losses import (
+    BinaryCrossEntropyLoss,
+    PairwiseLogisticLoss,
+    SampledSoftmaxLoss,
+    TripletHingeLoss,
+)
+from models.samplers import in_batch_log_q, popularity_sampler, uniform_sampler
+from models.train import Trainer
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+# --- sampled softmax ------------------------------------------------------------------------
+
+E1 = [1.0, 0.0]
+E2 = [0.0, 1.0]
+
+
+def test_softmax_masks_a_duplicate_positive_instead_of_treating_it_as_negative() -> None:
+    users = torch.tensor([E1, E2, E1])
+    positives = torch.tensor([E1, E2, E1])
+    ids = torch.tensor([5, 6, 5])  # rows 0 and 2 share item 5
+    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    got = loss(users, positives, ids, torch.zeros(3))
+    # Logits are the dot products. Row 0: column 2 is its own item again, so only column 1
+    # competes: log(e^1 + e^0) - 1. Row 1: log(e^0 + e^1 + e^0) - 1. Row 2 mirrors row 0.
+    expected = (2 * math.log(math.e + 1) + math.log(math.e + 2)) / 3 - 1
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    unmasked = (2 * math.log(2 * math.e + 1) + math.log(math.e + 2)) / 3 - 1
+    assert got.item() < unmasked - 0.1
+
+
+def test_softmax_masks_sampled_negatives_equal_to_the_positive() -> None:
+    users = torch.tensor([E1, E2])
+    positives = torch.tensor([E1, E2])
+    negatives = torch.tensor([E2, E1])  # sampled items 6 and 5 again
+    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    got = loss(
+        users, positives, torch.tensor([5, 6]), torch.zeros(2),
+        negatives, torch.tensor([6, 5]), torch.zeros(2),
+    )  # fmt: skip
+    # Row 0 (item 5): candidates 5, 6, 6, 5 (masked) -> logits 1, 0, 0.
+    # Row 1 (item 6): candidates 5, 6, 6 (masked), 5 -> logits 0, 1, 0.
+    expected = math.log(math.e + 2) - 1
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    unmasked = math.log(2 * math.e + 2) - 1
+    assert got.item() < unmasked - 0.1
+
+
+def reference_softmax(
+    users: Tensor,
+    candidates: Tensor,
+    positive_ids: list[int],
+    candidate_ids: list[int],
+    logq: list[float],
+    temperature: float,
+) -> float:
+    """Cross-entropy over logits u.c / T - log q(c), written out element by element."""
+    total = 0.0
+    for i, user in enumerate(users.tolist()):
+        logits = {}
+        for j, cand in enumerate(candidates.tolist()):
+            if j != i and candidate_ids[j] == positive_ids[i]:
+                continue
+            dot = sum(a * b for a, b in zip(user, cand, strict=True))
+            logits[j] = dot / temperature - logq[j]
+        total += math.log(sum(math.exp(v) for v in logits.values())) - logits[i]
+    return total / len(users)
+
+
+def unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def test_logq_correction_subtracts_log_q_from_every_logit() -> None:
+    gen = torch.Generator().manual_seed(3)
+    users = unit(torch.randn(4, 3, generator=gen))
+    positives = unit(torch.randn(4, 3, generator=gen))
+    negatives = unit(torch.randn(3, 3, generator=gen))
+    pos_ids, neg_ids = [1, 2, 1, 3], [4, 2, 9]
+    pos_q, neg_q = [0.1, 0.3, 0.1, 0.05], [0.02, 0.3, 0.5]
+    args = (
+        users,
+        positives,
+        torch.tensor(pos_ids),
+        torch.log(torch.tensor(pos_q)),
+        negatives,
+        torch.tensor(neg_ids),
+        torch.log(torch.tensor(neg_q)),
+    )
+    candidates = torch.cat([positives, negatives])
+    ids, q = pos_ids + neg_ids, pos_q + neg_q
+    corrected = SampledSoftmaxLoss(0.2, logq_correction=True)(*args).item()
+    plain = SampledSoftmaxLoss(0.2, logq_correction=False)(*args).item()
+    log_q = [math.log(v) for v in q]
+    expected = reference_softmax(users, candidates, pos_ids, ids, log_q, 0.2)
+    assert corrected == pytest.approx(expected, rel=1e-5)
+    assert plain == pytest.approx(
+        reference_softmax(users, candidates, pos_ids, ids, [0.0] * 7, 0.2), rel=1e-5
+    )
+    assert abs(corrected - plain) > 1e-3
+    # A log q shared by every candidate shifts all logits alike: the softmax is unchanged.
+    same = SampledSoftmaxLoss(0.2, logq_correction=True)(
+        users, positives, torch.tensor(pos_ids), torch.full((4,), -2.0)
+    )
+    without = SampledSoftmaxLoss(0.2, logq_correction=False)(
+        users, positives, torch.tensor(pos_ids), torch.full((4,), -2.0)
+    )
+    assert same.item() == pytest.approx(without.item(), rel=1e-6)
+
+
+# --- pointwise and pairwise -----------------------------------------------------------------
+
+
+def test_pointwise_and_pairwise_losses_by_hand() -> None:
+    users = torch.tensor([[1.0, 0.0]])
+    positives = torch.tensor([[0.6, 0.8]])  # score 0.6
+    negatives = torch.tensor([[[0.8, 0.6], [0.0, 1.0]]])  # scores 0.8 and 0
+    bce = BinaryCrossEntropyLoss(temperature=0.5)(users, positives, negatives).item()
+    # Logits 1.2 (label 1), 1.6 and 0 (label 0), averaged over the three.
+    assert bce == pytest.approx((softplus(-1.2) + softplus(1.6) + softplus(0.0)) / 3, rel=1e-6)
+    hinge = TripletHingeLoss(margin=0.3)(users, positives, negatives).item()
+    assert hinge == pytest.approx((0.3 - 0.6 + 0.8 + 0.0) / 2, rel=1e-6)
+    logistic = PairwiseLogisticLoss(temperature=0.5)(users, positives, negatives).item()
+    assert logistic == pytest.approx((softplus(0.4) + softplus(-1.2)) / 2, rel=1e-6)
+
+
+# --- samplers -------------------------------------------------------------------------------
+
+
+def test_popularity_sampler_follows_count_to_the_three_quarters() -> None:
+    counts = np.array([0, 1, 16, 81])  # unseen items count as 1: weights 1, 1, 8, 27
+    expected = np.array([1, 1, 8, 27]) / 37
+    sampler = popularity_sampler(counts, torch.Generator().manual_seed(0))
+    rows, log_q = sampler.sample(200_000)
+    assert rows.dtype == torch.int64 and rows.shape == (200_000,)
+    np.testing.assert_allclose(log_q.numpy(), np.log(expected)[rows.numpy()], rtol=1e-6)
+    freq = np.bincount(rows.numpy(), minlength=4) / len(rows)
+    np.testing.assert_allclose(freq, expected, atol=0.005)
+    again, _ = popularity_sampler(counts, torch.Generator().manual_seed(0)).sample(200_000)
+    assert torch.equal(rows, again)
+
+
+def test_uniform_sampler() -> None:
+    sampler = uniform_sampler(5, torch.Generator().manual_seed(1))
+    rows, log_q = sampler.sample(100_000)
+    freq = np.bincount(rows.numpy(), minlength=5) / len(rows)
+    np.testing.assert_allclose(freq, np.full(5, 0.2), atol=0.01)
+    assert torch.allclose(log_q, torch.full((100_000,), math.log(0.2)))
+
+
+def test_in_batch_log_q_is_the_share_of_positives() -> None:
+    log_q = in_batch_log_q(np.array([3, 0, 1]))  # unseen counts as 1: shares 3/5, 1/5, 1/5
+    torch.testing.assert_close(log_q, torch.log(torch.tensor([0.6, 0.2, 0.2])))
+
+
+# --- every objective learns -----------------------------------------------------------------
+
+
+def full_loss(trainer: Trainer) -> float:
+    """Mean loss over the whole log in fixed batches, eval mode, with fixed negative draws."""
+    trainer.model.eval()
+    trainer.generator.manual_seed(1234)
+    n = len(trainer.log.items)
+    with torch.no_grad():
+        losses = [
+            trainer.loss(np.arange(start, min(start + 256, n))).item() for start in range(0, n, 256)
+        ]
+    return float(np.mean(losses))
+
+
+COMBINATIONS = [
+    (loss, negatives, True)
+    for loss in ("softmax", "bce", "hinge", "logistic")
+    for negatives in ("in-batch", "uniform", "popularity", "mixed")
+] + [("softmax", negatives, False) for negatives in ("in-batch", "popularity")]
+
+
+@pytest.mark.parametrize(("loss", "negatives", "logq"), COMBINATIONS)
+def test_each_loss_decreases_with_each_negative_sampler(
+    loss: str, negatives: str, logq: bool
+) -> None:
+    dataset = small_dataset()
+    config = fast_config(
+        loss=loss, negatives=negatives, num_negatives=8, logq_correction=logq, epochs=2
+    )
+    trainer = Trainer(dataset, dataset.interactions, config)
+    if negatives == "in-batch":
+        assert trainer.sampler is None
+    else:
+        assert trainer.sampler is not None
+        counts = trainer.log.item_counts(len(trainer.item_ids))
+        uniform = negatives == "uniform"
+        weights = np.ones(len(counts)) if uniform else np.maximum(counts, 1) ** 0.75
+        np.testing.assert_allclose(
+            trainer.sampler.probs.numpy(), weights / weights.sum(), rtol=1e-5
+        )
+    before = full_loss(trainer)
+    result = trainer.fit()
+    after = full_loss(trainer)
+    assert np.isfinite(before) and np.isfinite(after)
+    assert after < 0.8 * before, (before, after)
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0]
+    assert result.history[1]["loss"] < result.history[0]["loss"]

@@ -1,0 +1,94 @@
+"""publish-features against a real Redis: key layout, values, replacement, TTLs."""
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from redis import Redis
+from trainer_helpers import redis_namespace, stored_json, stored_list
+
+from models.dataset import ColumnSpec, Dataset
+from models.online_store import DEFAULT_PREFIX, history_key, publish, user_key, user_records
+
+
+@pytest.fixture
+def store() -> Iterator[tuple[Redis, str]]:
+    """A real Redis and a key prefix of this test alone (deleted afterwards)."""
+    with redis_namespace() as namespace:
+        yield namespace
+
+
+def hand_dataset() -> Dataset:
+    interactions = pd.DataFrame(
+        [
+            ("u2", "i1", 5),
+            ("u1", "i1", 1),
+            ("u2", "i2", 5),  # same time as u2's i1, later in the log: newer
+            ("u1", "i3", 2),
+            ("u1", "i2", 3),
+        ],
+        columns=["user_id", "item_id", "timestamp"],
+    ).astype({"timestamp": "int64"})
+    users = pd.DataFrame(
+        {
+            "age_group": ["25-34", "55+", None],
+            "activity": [np.float64(3.5), np.nan, np.float64(7.0)],
+        },
+        index=pd.Index(["u1", "u2", "u3"], name="user_id"),
+    )
+    items = pd.DataFrame({"category": ["a", "b", "c"]}, index=["i1", "i2", "i3"])
+    return Dataset(
+        name="hand",
+        interactions=interactions,
+        users=users,
+        items=items,
+        user_columns=(ColumnSpec("age_group", "categorical"), ColumnSpec("activity", "numeric")),
+        item_columns=(ColumnSpec("category", "categorical"),),
+    )
+
+
+def test_key_layout() -> None:
+    assert DEFAULT_PREFIX == "tr"
+    assert user_key("tr", "42") == "tr:user:42"
+    assert history_key("tr", "42") == "tr:hist:42"
+
+
+def test_user_records_drop_missing_values_and_order_newest_first() -> None:
+    records = list(user_records(hand_dataset(), history_length=2))
+    assert records == [
+        ("u1", {"age_group": "25-34", "activity": 3.5}, ["i2", "i3"]),
+        ("u2", {"age_group": "55+"}, ["i2", "i1"]),
+        ("u3", {"activity": 7.0}, []),
+    ]
+    assert type(records[0][1]["activity"]) is float  # plain JSON-able values
+
+
+@pytest.mark.parametrize("chunk", [1, 1000])
+def test_publish_writes_and_replaces_keys(store: tuple[Redis, str], chunk: int) -> None:
+    client, prefix = store
+    client.set(user_key(prefix, "u1"), json.dumps({"stale": True}))
+    client.rpush(history_key(prefix, "u1"), "old1", "old2", "old3", "old4")
+    client.rpush(history_key(prefix, "u3"), "old")
+    n = publish(client, hand_dataset(), prefix=prefix, history_length=3, chunk=chunk)
+    assert n == 3
+    assert stored_json(client, user_key(prefix, "u1")) == {"age_group": "25-34", "activity": 3.5}
+    assert stored_json(client, user_key(prefix, "u2")) == {"age_group": "55+"}
+    assert stored_json(client, user_key(prefix, "u3")) == {"activity": 7.0}
+    assert stored_list(client, history_key(prefix, "u1")) == ["i2", "i3", "i1"]
+    assert stored_list(client, history_key(prefix, "u2")) == ["i2", "i1"]
+    assert not client.exists(history_key(prefix, "u3"))  # no interactions: no stale history
+    keys = {str(k) for k in client.scan_iter(match=f"{prefix}:*")}
+    assert keys == {f"{prefix}:user:{u}" for u in ("u1", "u2", "u3")} | {
+        f"{prefix}:hist:{u}" for u in ("u1", "u2")
+    }
+    assert client.ttl(user_key(prefix, "u1")) == -1  # no TTL unless asked
+
+
+def test_publish_with_ttl(store: tuple[Redis, str]) -> None:
+    client, prefix = store
+    publish(client, hand_dataset(), prefix=prefix, history_length=2, ttl_seconds=300)
+    for key in (user_key(prefix, "u1"), history_key(prefix, "u1"), user_key(prefix, "u3")):
+        assert 0 < client.ttl(key) <= 300
+    assert stored_list(client, history_key(prefix, "u1")) == ["i2", "i3"]

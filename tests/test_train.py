@@ -1,0 +1,135 @@
+"""The training loop: device, seed reproducibility, early stopping, quality on planted data."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from trainer_helpers import fast_config, small_dataset
+
+from models.pipeline import run_training
+from models.recommender import TwoTowerRecommender
+from models.towers import TowerConfig
+from models.train import TrainConfig, TrainedModel, Trainer
+
+
+def test_device_auto_is_cuda_only_when_present() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert TrainConfig().resolved_device().type == expected
+    assert TrainConfig(device="cpu").resolved_device() == torch.device("cpu")
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1))
+    assert trainer.device.type == expected
+    assert {p.device.type for p in trainer.model.parameters()} == {expected}
+
+
+def train_with_seed(seed: int) -> TrainedModel:
+    dataset = small_dataset()
+    # Every source of randomness is in play: init, shuffling, dropout, sampled negatives.
+    tower = TowerConfig(field_dim=16, hidden=(32,), out_dim=16, history_encoder="attention")
+    config = fast_config(
+        seed=seed,
+        tower=dataclasses.replace(tower, dropout=0.2),
+        negatives="mixed",
+        num_negatives=16,
+    )
+    return Trainer(dataset, dataset.interactions, config).fit()
+
+
+def test_same_seed_same_model_other_seed_other_model() -> None:
+    first, again, other = train_with_seed(7), train_with_seed(7), train_with_seed(8)
+    np.testing.assert_array_equal(first.item_embeddings(), again.item_embeddings())
+    assert first.history == again.history
+    assert not np.allclose(first.item_embeddings(), other.item_embeddings())
+    assert first.history != other.history
+
+
+def test_item_embeddings_layout() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    trained = Trainer(dataset, dataset.interactions, fast_config(epochs=1)).fit()
+    embeddings = trained.item_embeddings(batch_size=7)  # several batches
+    assert embeddings.dtype == np.float32 and embeddings.shape == (30, 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert trained.item_ids == [str(i) for i in dataset.items.index]
+    np.testing.assert_allclose(embeddings, trained.item_embeddings(), rtol=0, atol=1e-6)
+    assert trained.best_epoch == 1  # no validation: the last epoch
+
+
+class ScriptedValidation:
+    """Returns fixed validation scores and snapshots the model seen at each epoch."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = scores
+        self.snapshots: list[np.ndarray] = []
+
+    def __call__(self, trained: TrainedModel) -> dict[str, float]:
+        self.snapshots.append(trained.item_embeddings())
+        return {"recall@50": self.scores[len(self.snapshots) - 1]}
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=60,items=40")
+    validate = ScriptedValidation([0.1, 0.3, 0.2, 0.25, 0.9, 0.95])
+    config = fast_config(epochs=6, patience=2)
+    trained = Trainer(dataset, dataset.interactions, config, validate).fit()
+    # Epochs 3 and 4 do not beat epoch 2: stop after epoch 4, never see the 0.9.
+    assert len(validate.snapshots) == 4
+    assert [h["epoch"] for h in trained.history] == [1.0, 2.0, 3.0, 4.0]
+    assert [h["recall@50"] for h in trained.history] == [0.1, 0.3, 0.2, 0.25]
+    assert trained.best_epoch == 2
+    np.testing.assert_array_equal(trained.item_embeddings(), validate.snapshots[1])
+    assert not np.array_equal(validate.snapshots[1], validate.snapshots[3])
+
+
+def test_patience_zero_trains_every_epoch_and_keeps_the_best() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=60,items=40")
+    validate = ScriptedValidation([0.5, 0.1, 0.1, 0.1])
+    trained = Trainer(dataset, dataset.interactions, fast_config(epochs=4), validate).fit()
+    assert len(trained.history) == 4
+    assert trained.best_epoch == 1
+    np.testing.assert_array_equal(trained.item_embeddings(), validate.snapshots[0])
+
+
+def test_no_known_items_is_an_error() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    unknown = dataset.interactions.assign(item_id="not-an-item")
+    with pytest.raises(ValueError, match="no training interactions"):
+        Trainer(dataset, unknown, fast_config()).fit()
+
+
+def test_trained_model_beats_most_popular_on_planted_data() -> None:
+    dataset = small_dataset()
+    config = fast_config(epochs=6, patience=2)
+    run = run_training(dataset, "last-10pct", config, None, baselines=True)
+    assert run.bundle is None and run.split is not None
+    assert set(run.results) == {"two_tower", "most_popular", "itemcf", "itemcf_iuf", "ease"}
+    two_tower = run.results["two_tower"].means["recall@50"]
+    popular = run.results["most_popular"].means["recall@50"]
+    assert two_tower > popular + 0.1, (two_tower, popular)
+    # Early stopping ran on a validation slice carved off the training part.
+    history = run.trained.history
+    assert all("recall@50" in record and "ndcg@10" in record for record in history)
+    best = max(history, key=lambda r: r["recall@50"])
+    assert run.trained.best_epoch == int(best["epoch"])
+    assert run.report is not None
+    assert run.report["split"] == "last-10pct"
+    assert run.report["results"]["two_tower"] == run.results["two_tower"].means
+    assert run.report["n_test_interactions"] == len(run.split.test)
+
+
+def test_split_none_trains_on_everything_without_a_report() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    run = run_training(dataset, "none", fast_config(epochs=1), None)
+    assert run.split is None and run.report is None and run.results == {}
+    assert len(run.trained.history) == 1
+
+
+def test_recommender_refuses_another_catalogue() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    trained = Trainer(dataset, dataset.interactions, fast_config(epochs=1)).fit()
+    rec = TwoTowerRecommender(trained, dataset.users)
+    with pytest.raises(ValueError, match="catalogue differs"):
+        rec.fit(dataset.interactions, {"i0": 0})
+    rec.fit(dataset.interactions, dict(trained.user_encoder.item_index))
+    scores = rec.score(["u0", "nobody"])
+    assert scores.shape == (2, 30) and np.isfinite(scores).all()
