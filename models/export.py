@@ -24,7 +24,7 @@ PARITY_TOLERANCE = 1e-4
 
 
 def script_user_tower(trained: TrainedModel) -> torch.jit.ScriptModule:
-    tower = copy.deepcopy(trained.model.user_tower).cpu().eval()
+    tower = copy.deepcopy(trained.serving_user_tower()).cpu().eval()
     return torch.jit.script(tower)
 
 
@@ -33,13 +33,14 @@ def parity(
     trained: TrainedModel, scripted: torch.jit.ScriptModule, inputs: dict[str, Tensor]
 ) -> float:
     """Max abs difference between the eager and the scripted tower on the same inputs."""
-    eager = copy.deepcopy(trained.model.user_tower).cpu().eval()
+    eager = copy.deepcopy(trained.serving_user_tower()).cpu().eval()
     return float((eager(inputs) - scripted(inputs)).abs().max())
 
 
 def export_bundle(
     trained: TrainedModel,
     root: Path,
+    item_matrix: np.ndarray,
     parity_inputs: dict[str, Tensor],
     metadata: dict[str, Any],
 ) -> Path:
@@ -51,6 +52,8 @@ def export_bundle(
     Args:
         trained: the model to export.
         root: the artifacts directory.
+        item_matrix: `(n_items, dim)` vectors to index, matching the exported user tower's
+            output (see `TrainedModel.serving_item_matrix`).
         parity_inputs: encoded user inputs for the TorchScript parity check.
         metadata: extra manifest fields (training config, data summary, metrics...).
 
@@ -66,7 +69,7 @@ def export_bundle(
         max_diff = parity(trained, reloaded, parity_inputs)
         if not max_diff <= PARITY_TOLERANCE:
             raise b.BundleError(f"TorchScript parity check failed: max abs diff {max_diff}")
-        embeddings = np.ascontiguousarray(trained.item_embeddings(), dtype=np.float32)
+        embeddings = np.ascontiguousarray(item_matrix, dtype=np.float32)
         np.save(staging / b.ITEM_EMBEDDINGS, embeddings, allow_pickle=False)
         (staging / b.ITEM_IDS).write_text(json.dumps(trained.item_ids))
         trained.user_encoder.save(staging / b.FEATURE_SPEC)
@@ -77,6 +80,8 @@ def export_bundle(
             "embedding_dim": int(embeddings.shape[1]),
             "n_items": int(embeddings.shape[0]),
             "metric": "inner_product",
+            # With a popularity prior the last coordinate carries it: vectors are not unit norm.
+            "normalized": trained.config.popularity_prior == 0,
             "parity_max_abs_diff": max_diff,
             **metadata,
             "sha256": {name: b.sha256_file(staging / name) for name in b.BUNDLE_FILES},

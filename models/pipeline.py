@@ -112,5 +112,7 @@ def run_training(
             "evaluation": report,
             "item_features": trained.item_encoder.to_json(),
         }
-        bundle = export_bundle(trained, out, rec.user_inputs(sample_users), metadata)
+        bundle = export_bundle(
+            trained, out, rec.item_matrix, rec.user_inputs(sample_users), metadata
+        )
     return TrainingRun(trained, split, results, report, bundle)

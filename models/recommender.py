@@ -33,6 +33,7 @@ class TwoTowerRecommender:
         self.users = users
         self.batch_size = batch_size
         self._items = trained.item_embeddings()
+        self.tower = trained.serving_user_tower()
         self._history: dict[str, np.ndarray] = {}
 
     def fit(self, train: pd.DataFrame, item_index: dict[str, int]) -> None:
@@ -40,6 +41,7 @@ class TwoTowerRecommender:
         if dict(item_index) != dict(encoder.item_index):
             raise ValueError("evaluation catalogue differs from the model's catalogue")
         log = InteractionLog.build(train, encoder.item_index)
+        self._items = self.trained.serving_item_matrix(log.item_counts(len(item_index)))
         histories = log.user_histories(encoder.history_length)
         self._history = dict(zip(log.user_ids, histories, strict=True))
 
@@ -61,13 +63,18 @@ class TwoTowerRecommender:
     @torch.no_grad()
     def user_embeddings(self, user_ids: Sequence[str]) -> np.ndarray:
         """float32 `(len(user_ids), out_dim)`."""
-        model = self.trained.model.eval()
-        device = next(model.parameters()).device
+        tower = self.tower.eval()
+        device = next(tower.parameters()).device
         out = []
         for start in range(0, len(user_ids), self.batch_size):
             feats = self.user_inputs(list(user_ids[start : start + self.batch_size]))
-            out.append(model.user_tower({k: v.to(device) for k, v in feats.items()}).cpu())
+            out.append(tower({k: v.to(device) for k, v in feats.items()}).cpu())
         return torch.cat(out).numpy() if out else self._items[:0]
+
+    @property
+    def item_matrix(self) -> np.ndarray:
+        """The vectors the service indexes, `(n_items, dim)` (prior column included)."""
+        return self._items
 
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
         return self.user_embeddings(user_ids) @ self._items.T

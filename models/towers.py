@@ -239,3 +239,20 @@ class TwoTower(nn.Module):
         self, user_features: dict[str, Tensor], items: Tensor, item_features: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         return self.user_tower(user_features), self.item_tower(items, item_features)
+
+
+class PriorUserTower(nn.Module):
+    """The exported user tower when a popularity prior is folded into the item vectors.
+
+    Appends a constant 1 to the L2-normalised user vector, so that the inner product with an
+    item vector `[v, b]` is `u.v + b`: the item's prior is added by the search itself and the
+    index stays a plain inner-product top-K.
+    """
+
+    def __init__(self, tower: UserTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        user = self.tower(features)
+        return torch.cat([user, torch.ones_like(user[:, :1])], dim=1)

@@ -25,7 +25,7 @@ from models.losses import (
     TripletHingeLoss,
 )
 from models.samplers import NegativeSampler, in_batch_log_q, popularity_sampler, uniform_sampler
-from models.towers import TowerConfig, TwoTower
+from models.towers import PriorUserTower, TowerConfig, TwoTower
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class TrainConfig:
         logq_correction: softmax only.
         temperature: cosine scores are divided by it.
         history_length: items of recent behaviour the user tower reads.
+        popularity_prior: weight of log(1 + training count) added to the scaled score at
+            retrieval time (`score = cos / temperature + prior * log1p(count)`); folded into
+            the exported vectors, so search stays an inner product. 0 disables it.
         patience: epochs without validation improvement before stopping (0 = never stop).
         validation_fraction: share of the training period's end used for early stopping.
     """
@@ -61,6 +64,7 @@ class TrainConfig:
     logq_correction: bool = True
     temperature: float = 0.05
     history_length: int = 50
+    popularity_prior: float = 1.0
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 3
     validation_fraction: float = 0.1
@@ -85,6 +89,7 @@ class TrainedModel:
     item_features: dict[str, Tensor]
     history: list[dict[str, float]]
     best_epoch: int
+    config: TrainConfig
 
     @torch.no_grad()
     def item_embeddings(self, batch_size: int = 8192) -> np.ndarray:
@@ -97,6 +102,24 @@ class TrainedModel:
             feats = {k: v.to(device) for k, v in gather(self.item_features, rows).items()}
             out.append(self.model.item_tower(rows.to(device), feats).cpu())
         return torch.cat(out).numpy().astype(np.float32)
+
+    def serving_item_matrix(self, counts: np.ndarray) -> np.ndarray:
+        """The vectors to index: item embeddings, plus the prior column when one is set.
+
+        Args:
+            counts: `(n_items,)` interactions per item known at serving time.
+        """
+        items = self.item_embeddings()
+        beta = self.config.popularity_prior
+        if beta == 0:
+            return items
+        prior = self.config.temperature * beta * np.log1p(counts.astype(np.float64))
+        return np.hstack([items, prior[:, None].astype(np.float32)])
+
+    def serving_user_tower(self) -> torch.nn.Module:
+        """The user tower as exported: the L2-normalised tower, or with the prior's 1 appended."""
+        tower = self.model.user_tower
+        return PriorUserTower(tower) if self.config.popularity_prior else tower
 
 
 ValidateFn = Callable[[TrainedModel], dict[str, float]]
@@ -266,4 +289,5 @@ class Trainer:
             self.item_table,
             history,
             best_epoch,
+            self.config,
         )
