@@ -134,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if run.report is not None:
         _write_report(run.report, args.json)
+    elif args.json is not None:
+        print(f"--split none has no held-out part: nothing written to {args.json}", file=sys.stderr)
     print(run.bundle)
     return 0
 
@@ -164,12 +166,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from redis import Redis
+    from redis import Redis, RedisError
 
     from models.online_store import publish
     from models.sources import load_dataset
 
-    client = Redis.from_url(args.redis_url)
+    client = Redis.from_url(args.redis_url, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except RedisError as exc:
+        raise DataError(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
     n = publish(
         client,
         load_dataset(args.data),

@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _weights(values: Tensor, valid: Tensor | None) -> Tensor:
+    return torch.ones_like(values) if valid is None else valid.to(values.dtype)
+
+
+def _masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean over the valid `(B, k)` entries: a sampled negative that is the example's own
+    positive (an accidental hit) must not be pushed away from the user."""
+    weights = _weights(values, valid)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 class SampledSoftmaxLoss(nn.Module):
     """Sampled softmax with in-batch negatives, logQ correction and accidental-hit masking.
 
@@ -58,20 +69,23 @@ class SampledSoftmaxLoss(nn.Module):
 class BinaryCrossEntropyLoss(nn.Module):
     """Pointwise: each positive against its own k sampled negatives, as binary labels.
 
-    Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`.
+    Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`, valid `(B, k)` bool
+    (False for accidental hits, which are left out).
     """
 
     def __init__(self, temperature: float) -> None:
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    def forward(
+        self, users: Tensor, positives: Tensor, negatives: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         pos = (users * positives).sum(-1) / self.temperature
         neg = torch.einsum("bd,bkd->bk", users, negatives) / self.temperature
-        return F.binary_cross_entropy_with_logits(
-            torch.cat([pos.unsqueeze(1), neg], dim=1),
-            torch.cat([torch.ones_like(pos).unsqueeze(1), torch.zeros_like(neg)], dim=1),
-        )
+        pos_loss = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="sum")
+        neg_loss = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
+        weights = _weights(neg, valid)
+        return (pos_loss + (neg_loss * weights).sum()) / (pos.numel() + weights.sum())
 
 
 class TripletHingeLoss(nn.Module):
@@ -84,10 +98,12 @@ class TripletHingeLoss(nn.Module):
         super().__init__()
         self.margin = margin
 
-    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    def forward(
+        self, users: Tensor, positives: Tensor, negatives: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         pos = (users * positives).sum(-1, keepdim=True)
         neg = torch.einsum("bd,bkd->bk", users, negatives)
-        return F.relu(self.margin - pos + neg).mean()
+        return _masked_mean(F.relu(self.margin - pos + neg), valid)
 
 
 class PairwiseLogisticLoss(nn.Module):
@@ -97,7 +113,9 @@ class PairwiseLogisticLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, users: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    def forward(
+        self, users: Tensor, positives: Tensor, negatives: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         pos = (users * positives).sum(-1, keepdim=True)
         neg = torch.einsum("bd,bkd->bk", users, negatives)
-        return F.softplus(-(pos - neg) / self.temperature).mean()
+        return _masked_mean(F.softplus(-(pos - neg) / self.temperature), valid)

@@ -233,9 +233,11 @@ class Trainer:
                 rows.to(self.device),
                 logq.to(self.device),
             )
-        rows, _ = self._negative_rows(len(batch) * max(k, 1), pos_rows)
-        negatives = self._items(rows).view(len(batch), max(k, 1), -1)
-        return self.per_example(users, positives, negatives)
+        k = max(k, 1)
+        rows, _ = self._negative_rows(len(batch) * k, pos_rows)
+        negatives = self._items(rows).view(len(batch), k, -1)
+        valid = (rows.view(len(batch), k) != pos_rows.unsqueeze(1)).to(self.device)
+        return self.per_example(users, positives, negatives, valid)
 
     def fit(self) -> TrainedModel:
         cfg = self.config

@@ -1,0 +1,1 @@
+"""The online recall service: FastAPI + FAISS + TorchScript user tower + Redis user features."""

@@ -1,0 +1,43 @@
+"""`python -m app`: serve `app.main:app` with uvicorn, configured from the settings."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from app.settings import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    # One OpenMP/MKL thread per worker unless TORCH_THREADS says otherwise: a request is one
+    # small matrix product, so more threads cannot make it faster, while W workers x C threads
+    # on C cores oversubscribe the box and make FAISS/torch spin-wait each other (tail latency).
+    # Set before uvicorn imports the app (and so torch and FAISS), inherited by the workers.
+    threads = str(settings.torch_threads)
+    os.environ["OMP_NUM_THREADS"] = threads
+    os.environ["MKL_NUM_THREADS"] = threads
+    # uvicorn's own logging config, plus the service's loggers at the same level (applied in
+    # every worker process).
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["app"] = {
+        "handlers": ["default"],
+        "level": settings.log_level.upper(),
+        "propagate": False,
+    }
+    uvicorn.run(
+        "app.main:app",
+        log_config=log_config,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        access_log=False,  # per-request logs cost more than recall itself; see /metrics
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import MetricsDep, ServicesDep
+from app.schemas import ErrorResponse, LiveResponse, ReadyResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> LiveResponse:
+    return LiveResponse()
+
+
+@router.get(
+    "/health/ready",
+    responses={503: {"model": ErrorResponse, "description": "No model serving (the reason)"}},
+    summary="A model is loaded and warmed up",
+)
+async def ready(services: ServicesDep) -> ReadyResponse:
+    """200 once a bundle serves, whatever Redis does (recall degrades without it); `redis`
+    reports a live probe of it, bounded by REDIS_TIMEOUT_MS."""
+    bundle = services.repository.require()  # 503 with the reason until one serves
+    return ReadyResponse(
+        model_version=bundle.version,
+        n_items=bundle.n_items,
+        index_type=bundle.index_type,
+        redis=await services.store.health(),
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

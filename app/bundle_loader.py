@@ -1,0 +1,194 @@
+"""Bundle -> `ServingBundle`: verify, load the TorchScript tower, build the FAISS index, warm up.
+
+Everything here runs off the event loop (start-up and reload call it in a worker thread), and
+every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from app.errors import BundleRejected
+from app.settings import IndexType, Settings
+from models.bundle import BundleError, verify_bundle
+from models.features import FeatureEncoder, FeatureSpecError
+
+# k-means wants ~39 training points per list; fewer lists than that for small catalogues.
+MIN_POINTS_PER_LIST = 39
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: IndexType = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    hnsw_ef_construction: int = 200
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IndexConfig:
+        return cls(
+            s.index_type,
+            s.hnsw_m,
+            s.hnsw_ef_search,
+            s.hnsw_ef_construction,
+            s.ivf_nlist,
+            s.ivf_nprobe,
+        )
+
+
+def build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
+    """An inner-product index over `embeddings` float32 `(n_items, dim)`; row i = id i."""
+    n, dim = embeddings.shape
+    index: faiss.Index
+    if config.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif config.kind == "ivf":
+        nlist = max(1, min(config.ivf_nlist, n // MIN_POINTS_PER_LIST))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(embeddings)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+    else:
+        index = faiss.IndexFlatIP(dim)
+    index.add(embeddings)
+    return index
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    """One loaded, warmed-up model version; never mutated after construction.
+
+    Attributes:
+        version: the bundle's version name.
+        path: its directory.
+        manifest: parsed manifest.json.
+        tower: TorchScript user tower: `Dict[str, Tensor]` -> float32 `(B, dim)`.
+        encoder: the shared feature encoder (spec + item index for history).
+        index: FAISS inner-product index over the item embeddings.
+        embeddings: float32 `(n_items, dim)`, read-only, for the exact fallback.
+        item_ids: external id of each row.
+        index_type: flat | hnsw | ivf.
+        loaded_at: UNIX time the bundle became ready.
+    """
+
+    version: str
+    path: Path
+    manifest: Mapping[str, Any]
+    tower: torch.jit.ScriptModule
+    encoder: FeatureEncoder
+    index: faiss.Index
+    embeddings: np.ndarray
+    item_ids: Sequence[str]
+    index_type: IndexType
+    loaded_at: float
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def item_index(self) -> Mapping[str, int]:
+        return self.encoder.item_index
+
+    def encode(
+        self, rows: Sequence[Mapping[str, Any]], histories: Sequence[Sequence[str]]
+    ) -> np.ndarray:
+        """Raw features + histories (newest first) -> float32 `(B, dim)` user vectors."""
+        arrays = self.encoder.encode(rows, histories)
+        with torch.inference_mode():
+            out = self.tower({name: torch.from_numpy(a) for name, a in arrays.items()})
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top `k` per row: (scores float32 `(B, k)`, rows int64 `(B, k)`, -1 = no result)."""
+        scores, rows = self.index.search(vectors, k)
+        return scores, rows
+
+
+def _build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
+    try:
+        return build_index(embeddings, config)
+    except RuntimeError as exc:  # FAISS reports its errors as RuntimeError
+        raise BundleRejected(f"cannot build the {config.kind} index: {exc}") from exc
+
+
+def _load_tower(path: Path) -> torch.jit.ScriptModule:
+    try:
+        tower = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors...
+        raise BundleRejected(f"user_tower.pt cannot be loaded: {exc}") from exc
+    return tower.eval()
+
+
+def _warm_up(bundle: ServingBundle) -> None:
+    """Encode a cold-start user and search with it; TorchScript's profiling executor
+    optimises on the first calls, so run a few before declaring the bundle ready."""
+    try:
+        for batch in (1, 2, 1):
+            vectors = bundle.encode([{}] * batch, [[]] * batch)
+            if vectors.shape != (batch, bundle.dim):
+                raise BundleRejected(
+                    f"user tower returns shape {tuple(vectors.shape)}, item embeddings have "
+                    f"dim {bundle.dim}"
+                )
+            if not np.isfinite(vectors).all():
+                raise BundleRejected("user tower returns non-finite values on warm-up")
+            bundle.search(vectors, min(10, bundle.n_items))
+    except BundleRejected:
+        raise
+    except Exception as exc:  # a tower that cannot run the spec's inputs
+        raise BundleRejected(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
+    """Verify, load, index and warm up the bundle in `path`.
+
+    Raises:
+        BundleRejected: with the reason, for anything that must not be served.
+    """
+    try:
+        verified = verify_bundle(path)
+    except BundleError as exc:
+        raise BundleRejected(str(exc)) from exc
+    except (OSError, EOFError, ValueError) as exc:  # unreadable or truncated files
+        raise BundleRejected(f"cannot read the bundle: {type(exc).__name__}: {exc}") from exc
+    item_index = {item: row for row, item in enumerate(verified.item_ids)}
+    try:
+        encoder = FeatureEncoder.from_json(verified.feature_spec, item_index)
+    except (FeatureSpecError, AttributeError, TypeError, ValueError) as exc:
+        raise BundleRejected(f"feature_spec.json: {exc}") from exc
+    tower = _load_tower(verified.user_tower_path)
+    embeddings = np.ascontiguousarray(verified.item_embeddings, dtype=np.float32)
+    embeddings.setflags(write=False)
+    if embeddings.shape[0] == 0:
+        raise BundleRejected("the bundle has no items")
+    bundle = ServingBundle(
+        version=verified.version,
+        path=path,
+        manifest=verified.manifest,
+        tower=tower,
+        encoder=encoder,
+        index=_build_index(embeddings, config),
+        embeddings=embeddings,
+        item_ids=tuple(verified.item_ids),
+        index_type=config.kind,
+        loaded_at=time.time(),
+    )
+    _warm_up(bundle)
+    return bundle

@@ -1,0 +1,113 @@
+"""The service's exceptions: one class per failure, each carrying its HTTP status, all mapped
+to a JSON `{"detail": ...}` body by one handler (kserve style)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+# A detail is a message, or FastAPI's validation-error list for input errors.
+Detail = str | list[dict[str, Any]]
+
+
+class AppError(Exception):
+    """Base class: `status_code` and optional response `headers` are fixed per subclass."""
+
+    status_code: ClassVar[int] = 500
+    headers: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, detail: Detail) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(AppError):
+    """A request that passed schema validation breaks a limit only known at run time (MAX_K,
+    MAX_HISTORY, MAX_BATCH) or names an unknown feature; same body shape as FastAPI's 422."""
+
+    status_code = 422
+
+
+class VersionNotFound(AppError):
+    status_code = 404
+
+
+class BundleRejected(AppError):
+    """The bundle failed verification, loading or warm-up; nothing was swapped."""
+
+    status_code = 409
+
+
+class ModelNotReady(AppError):
+    """No bundle is serving (none yet, or the start-up load failed)."""
+
+    status_code = 503
+
+
+class FeatureStoreUnavailable(AppError):
+    """Redis is down, slow beyond the timeout, or erroring; writes cannot be accepted."""
+
+    status_code = 503
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class AdminDisabled(AppError):
+    """ADMIN_TOKEN is empty: no token can be right, so the admin API is switched off."""
+
+    status_code = 403
+
+
+def input_error(loc: tuple[str | int, ...], msg: str, value: Any, kind: str) -> dict[str, Any]:
+    """One entry of a 422 `detail` list, shaped like pydantic's errors."""
+    return {"type": kind, "loc": list(loc), "msg": msg, "input": value}
+
+
+def _json_safe(value: Any) -> Any:
+    """Echoed inputs may hold what Python's JSON parser accepts but UTF-8 JSON cannot carry:
+    NaN/Infinity become null, lone surrogates (`"\\ud800"`) become `?`, instead of failing the
+    error response itself."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    body = {"detail": _json_safe(exc.detail)}
+    return JSONResponse(body, exc.status_code, headers=exc.headers or None)
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own body for 422s, made safe to serialise whatever the input was.
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, never the client's input: log it with the traceback, answer without it.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,244 @@
+"""Online user state: raw features and recent history, in Redis or in process.
+
+Key layout is `models.online_store` (shared with `publish-features`): `{prefix}:user:{id}` holds
+a JSON object of raw features, `{prefix}:hist:{id}` a list of item ids, newest first, capped.
+Reads are batch-shaped (`fetch_many`) and cost one round trip whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.errors import FeatureStoreUnavailable
+from app.metrics import Metrics
+from models.online_store import history_key, user_key
+
+log = logging.getLogger(__name__)
+
+StoreStatus = Literal["ok", "unavailable", "disabled"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """What the store holds for one user; `found` is False when it holds nothing."""
+
+    features: Mapping[str, Any]
+    history: tuple[str, ...]
+    found: bool
+
+
+EMPTY = UserRecord({}, (), False)
+
+
+def parse_features(raw: str | bytes | None) -> dict[str, Any]:
+    """A stored JSON object; anything else (absent, corrupt) counts as no features."""
+    if raw is None:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class FeatureStore(ABC):
+    """The online store's interface (Redis, or in process when REDIS_URL is empty)."""
+
+    @abstractmethod
+    async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        """Records of the distinct `user_ids`. Raises FeatureStoreUnavailable."""
+
+    @abstractmethod
+    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
+        """Push `item_ids` (oldest first, so the last becomes the newest); returns the
+        history length after capping. Raises FeatureStoreUnavailable."""
+
+    @abstractmethod
+    async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
+        """Replace the user's raw features. Raises FeatureStoreUnavailable."""
+
+    @abstractmethod
+    async def health(self) -> StoreStatus: ...
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MemoryFeatureStore(FeatureStore):
+    """The embedded store: a dict per key kind, same semantics as the Redis layout (cap,
+    newest first, TTL). Per process, unbounded in users: for development and single boxes."""
+
+    def __init__(self, history_cap: int, ttl_s: int = 0) -> None:
+        self.history_cap = history_cap
+        self.ttl_s = ttl_s
+        self._features: dict[str, dict[str, Any]] = {}
+        self._history: dict[str, list[str]] = {}
+        self._expires: dict[str, float] = {}
+
+    def _expire(self, user_id: str) -> None:
+        deadline = self._expires.get(user_id)
+        if deadline is not None and deadline <= time.monotonic():
+            self._features.pop(user_id, None)
+            self._history.pop(user_id, None)
+            del self._expires[user_id]
+
+    def _touch(self, user_id: str) -> None:
+        if self.ttl_s:
+            self._expires[user_id] = time.monotonic() + self.ttl_s
+
+    async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        out: dict[str, UserRecord] = {}
+        for user_id in user_ids:
+            self._expire(user_id)
+            features = self._features.get(user_id)
+            history = self._history.get(user_id, [])
+            found = features is not None or bool(history)
+            out[user_id] = UserRecord(dict(features or {}), tuple(history), found)
+        return out
+
+    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
+        self._expire(user_id)
+        history = [*reversed(item_ids), *self._history.get(user_id, [])][: self.history_cap]
+        self._history[user_id] = history
+        self._touch(user_id)
+        return len(history)
+
+    async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
+        self._expire(user_id)
+        self._features[user_id] = dict(features)
+        self._touch(user_id)
+
+    async def health(self) -> StoreStatus:
+        return "disabled"
+
+
+class RedisFeatureStore(FeatureStore):
+    """Redis with bounded time per call and a short back-off after a failure.
+
+    Every call is bounded by `timeout_s` (socket timeouts plus `asyncio.wait_for` around the
+    whole call, connection set-up included). After a connection error or timeout, calls fail
+    fast for `retry_after_s` instead of each paying the timeout while Redis is down; then the
+    next call tries again. redis-py drops a connection whose command failed or was cancelled,
+    so a failure never leaves a half-read reply on a pooled connection, and reconnects on use.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        history_cap: int,
+        ttl_s: int,
+        timeout_s: float,
+        retry_after_s: float,
+        max_connections: int,
+        metrics: Metrics,
+    ) -> None:
+        self.prefix = prefix
+        self.history_cap = history_cap
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,  # waiting for a free connection is bounded too
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # One immediate retry: the first command on a connection made stale by a Redis
+            # restart fails, the retry reconnects; wait_for bounds the total anyway.
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=True,
+            encoding_errors="replace",
+        )
+        self.client = Redis(connection_pool=pool)
+        self._retry_at = 0.0
+        self._down = False
+
+    async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        if time.monotonic() < self._retry_at:
+            raise FeatureStoreUnavailable("Redis is unavailable (retrying shortly)")
+        try:
+            result = await asyncio.wait_for(fn(), self.timeout_s)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            self.metrics.redis_errors.labels(operation).inc()
+            self._retry_at = time.monotonic() + self.retry_after_s
+            if not self._down:
+                log.warning("Redis unavailable (%s): %s", operation, exc)
+            self._down = True
+            raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+        except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up
+            self.metrics.redis_errors.labels(operation).inc()
+            raise FeatureStoreUnavailable(f"Redis error: {exc}") from exc
+        if self._down:
+            log.warning("Redis available again")
+        self._down = False
+        self._retry_at = 0.0
+        return result
+
+    async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        async def fetch() -> list[Any]:
+            # GET + LRANGE per user in one pipeline (no MULTI): one round trip per batch.
+            pipe = self.client.pipeline(transaction=False)
+            for user_id in user_ids:
+                pipe.get(user_key(self.prefix, user_id))
+                pipe.lrange(history_key(self.prefix, user_id), 0, self.history_cap - 1)
+            return await pipe.execute(raise_on_error=False)
+
+        replies = await self._call("fetch", fetch)
+        out: dict[str, UserRecord] = {}
+        for i, user_id in enumerate(user_ids):
+            raw, history = replies[2 * i], replies[2 * i + 1]
+            # A key of the wrong type is one user's bad data, not an outage: treat as absent.
+            raw = raw if isinstance(raw, str) else None
+            history = tuple(history) if isinstance(history, list) else ()
+            found = raw is not None or bool(history)
+            out[user_id] = UserRecord(parse_features(raw), history, found)
+        return out
+
+    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
+        key = history_key(self.prefix, user_id)
+
+        async def append() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.lpush(key, *item_ids)
+            pipe.ltrim(key, 0, self.history_cap - 1)
+            if self.ttl_s:
+                pipe.expire(key, self.ttl_s)
+            pipe.llen(key)
+            return await pipe.execute()
+
+        replies = await self._call("append_events", append)
+        return int(replies[-1])
+
+    async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
+        key, payload = user_key(self.prefix, user_id), orjson.dumps(dict(features)).decode()
+        ttl = self.ttl_s or None
+        await self._call("put_features", lambda: self.client.set(key, payload, ex=ttl))
+
+    async def health(self) -> StoreStatus:
+        # Probes even while backing off, so readiness reports what Redis is doing now.
+        self._retry_at = 0.0
+        try:
+            await self._call("ping", self.client.ping)
+        except FeatureStoreUnavailable:
+            return "unavailable"
+        return "ok"
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()

@@ -1,0 +1,52 @@
+"""The ASGI app: `create_app()` and its lifespan. `app.main:app` is what uvicorn serves."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.router import api_router, service_routes
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+from app.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from app.openapi import document_limits
+from app.services import build_services, configure_threads
+from app.settings import Settings, get_settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    configure_threads(settings.torch_threads)
+    services = build_services(settings, app.state.metrics)
+    # Ready only after load + warm-up; a missing or bad bundle leaves the process up, not ready.
+    await services.repository.load_initial()
+    app.state.services = services
+    try:
+        yield
+    finally:
+        await services.store.aclose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="tower-recall",
+        summary="Two-tower candidate retrieval: top-K items for a user in milliseconds.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost, so requests refused by the body limit are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=service_routes())
+    app.include_router(api_router)
+    document_limits(app, settings)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,88 @@
+"""Prometheus metrics, one registry per app instance (so tests and workers never collide)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# Recall is a few milliseconds; reloads and timeouts reach into seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """All of the service's metrics. Stage names: `feature_fetch`, `encode`, `search`."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # `*_created` series double the output and say little here
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)  # CPU, memory, open fds of this worker
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "tower_recall_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "tower_recall_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stages = Histogram(
+            "tower_recall_stage_duration_seconds",
+            "Time per recall stage (one observation per batch)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "tower_recall_model_info", "The serving bundle (value 1)", ["version"], registry=r
+        )
+        self.model_items = Gauge("tower_recall_model_items", "Items in the index", registry=r)
+        self.reloads = Counter(
+            "tower_recall_model_loads", "Bundle loads by outcome", ["outcome"], registry=r
+        )
+        self.redis_errors = Counter(
+            "tower_recall_redis_errors", "Failed Redis calls", ["operation"], registry=r
+        )
+        self.cache_hits = Counter("tower_recall_cache_hits", "Feature cache hits", registry=r)
+        self.cache_misses = Counter("tower_recall_cache_misses", "Feature cache misses", registry=r)
+        self.feature_source = Counter(
+            "tower_recall_feature_source", "Recalls by feature source", ["source"], registry=r
+        )
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stages.labels(stage).observe(seconds)
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_stage(stage, time.perf_counter() - start)
+
+    def set_model(self, version: str, n_items: int) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version).set(1)
+        self.model_items.set(n_items)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

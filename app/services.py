@@ -1,0 +1,69 @@
+"""The per-app service objects, built in the lifespan (never at import time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import torch
+
+from app.bundle_loader import IndexConfig
+from app.cache import CachedFeatureStore
+from app.feature_store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
+from app.metrics import Metrics
+from app.recall import Limits, RecallService
+from app.repository import ModelRepository
+from app.settings import Settings
+from app.users import UserService
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    metrics: Metrics
+    repository: ModelRepository
+    store: FeatureStore
+    recall: RecallService
+    users: UserService
+
+
+def configure_threads(threads: int) -> None:
+    """Intra-op threads for torch and FAISS (per process: one per uvicorn worker by default).
+
+    Requests are tiny (one user, one query), so extra threads cannot speed one up; what they
+    do on a small box is oversubscribe it: W workers x N OpenMP threads spinning on C cores."""
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def build_store(settings: Settings, metrics: Metrics) -> FeatureStore:
+    if not settings.redis_url:
+        return MemoryFeatureStore(settings.history_cap, settings.feature_ttl_s)
+    timeout_s = settings.redis_timeout_ms / 1000
+    store: FeatureStore = RedisFeatureStore(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        history_cap=settings.history_cap,
+        ttl_s=settings.feature_ttl_s,
+        timeout_s=timeout_s,
+        retry_after_s=settings.redis_retry_after_ms / 1000,
+        max_connections=settings.redis_max_connections,
+        metrics=metrics,
+    )
+    if settings.cache_size and settings.cache_ttl_s:
+        store = CachedFeatureStore(store, settings.cache_size, settings.cache_ttl_s, metrics)
+    return store
+
+
+def build_services(settings: Settings, metrics: Metrics) -> Services:
+    repository = ModelRepository(settings.model_dir, IndexConfig.from_settings(settings), metrics)
+    store = build_store(settings, metrics)
+    limits = Limits(settings.max_k, settings.max_history, settings.max_batch)
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        repository=repository,
+        store=store,
+        recall=RecallService(repository, store, limits, metrics),
+        users=UserService(store, repository, settings.max_history),
+    )

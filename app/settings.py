@@ -1,0 +1,69 @@
+"""The one settings object, read from environment variables (names as in DESIGN.md)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+IndexType = Literal["flat", "hnsw", "ivf"]
+LogLevel = Annotated[
+    Literal["critical", "error", "warning", "info", "debug"],
+    BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+]
+
+
+class Settings(BaseSettings):
+    """Service configuration; each field is read from the upper-case env var of its name."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, frozen=True)
+
+    # -- model bundle and index -----------------------------------------------------------
+    model_dir: Path = Path("artifacts")
+    index_type: IndexType = "flat"
+    hnsw_m: Annotated[int, Field(ge=4, le=256)] = 32
+    hnsw_ef_search: Annotated[int, Field(ge=1)] = 128
+    hnsw_ef_construction: Annotated[int, Field(ge=1)] = 200
+    ivf_nlist: Annotated[int, Field(ge=1)] = 1024
+    ivf_nprobe: Annotated[int, Field(ge=1)] = 32
+
+    # -- online store ---------------------------------------------------------------------
+    redis_url: str = ""
+    redis_prefix: Annotated[str, Field(min_length=1)] = "tr"
+    redis_timeout_ms: Annotated[int, Field(ge=1)] = 50
+    redis_retry_after_ms: Annotated[int, Field(ge=0)] = 500  # fail fast this long after an error
+    redis_max_connections: Annotated[int, Field(ge=1)] = 64
+    cache_ttl_s: Annotated[float, Field(ge=0)] = 2.0  # 0 (or CACHE_SIZE 0): no cache
+    cache_size: Annotated[int, Field(ge=0)] = 10_000
+    feature_ttl_s: Annotated[int, Field(ge=0)] = 0  # TTL of written keys; 0 = none
+    history_cap: Annotated[int, Field(ge=1)] = 100  # stored history length (LTRIM)
+
+    # -- request limits ---------------------------------------------------------------------
+    max_k: Annotated[int, Field(ge=1)] = 500
+    max_history: Annotated[int, Field(ge=1)] = 200  # ids in a request history / events call
+    max_batch: Annotated[int, Field(ge=1)] = 256
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+
+    # -- admin and process ------------------------------------------------------------------
+    admin_token: SecretStr = SecretStr("")  # empty: the admin API answers 403
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    workers: Annotated[int, Field(ge=1)] = 1
+    torch_threads: Annotated[int, Field(ge=1)] = 1  # per worker (see app/__main__.py)
+    log_level: LogLevel = "info"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must be empty or a redis://, rediss:// or unix:// URL")
+        return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

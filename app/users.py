@@ -1,0 +1,49 @@
+"""`UserService`: writes of user events and features to the online store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from app.errors import InvalidInput, input_error
+from app.feature_store import FeatureStore
+from app.recall import unknown_feature_error
+from app.repository import ModelRepository
+
+
+class UserService:
+    """Args:
+    store: online user state (writes raise FeatureStoreUnavailable -> 503).
+    repository: the serving bundle's feature spec validates feature names.
+    max_events: most item ids accepted in one events call.
+    """
+
+    def __init__(self, store: FeatureStore, repository: ModelRepository, max_events: int) -> None:
+        self.store = store
+        self.repository = repository
+        self.max_events = max_events
+
+    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
+        """Returns the stored history length. Item ids are not checked against the catalogue:
+        it changes with every model version, and recall ignores unknown ones."""
+        if len(item_ids) > self.max_events:
+            msg = f"List should have at most {self.max_events} items"
+            raise InvalidInput([input_error(("body", "item_ids"), msg, len(item_ids), "too_long")])
+        return await self.store.append_events(user_id, item_ids)
+
+    async def put_features(self, user_id: str, features: Mapping[str, Any]) -> list[str]:
+        """Replace the user's features; names are checked against the serving model's spec.
+
+        With no model loaded there is no spec to check against: the features are stored as
+        given (ingestion must not stop while a model is missing; recall ignores names the
+        model does not know)."""
+        bundle = self.repository.current
+        if bundle is not None:
+            errors = [
+                unknown_feature_error(("body", "features", name), name, bundle)
+                for name in bundle.encoder.unknown_names(features)
+            ]
+            if errors:
+                raise InvalidInput(errors)
+        await self.store.put_features(user_id, features)
+        return sorted(features)

@@ -1,0 +1,207 @@
+"""Helpers for the service tests: a redis-server process, the app over HTTP through its
+lifespan, bundle variants, and the brute-force reference recall."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import redis
+import torch
+
+from app.main import create_app
+from app.settings import Settings
+from models import bundle as b
+from models.features import FeatureEncoder
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A throw-away redis-server on a fixed port (nothing persisted), for the tests that kill
+    or freeze Redis, or when no Redis is reachable."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=0.2)
+        try:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a crash."""
+        self._signal(signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(5)
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung or partitioned Redis)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            self.proc.terminate()
+            self.proc.wait(5)
+            self.proc = None
+
+
+def make_settings(model_dir: Path, **overrides: Any) -> Settings:
+    """Settings with every field a test depends on given explicitly (never the environment)."""
+    values: dict[str, Any] = {
+        "model_dir": model_dir,
+        "redis_url": "",
+        "admin_token": ADMIN_TOKEN,
+        "index_type": "flat",
+        "max_k": 500,
+        "max_history": 200,
+        "max_batch": 16,
+        "history_cap": 100,
+        "max_body_bytes": 64 * 1024,
+        "redis_timeout_ms": 100,
+        "redis_retry_after_ms": 100,
+        "cache_ttl_s": 2.0,
+        "feature_ttl_s": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    """Drive the app's ASGI lifespan protocol (startup, then shutdown), as a server does."""
+    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    app_outbox, from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    async with to_app, app_inbox, app_outbox, from_app, anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, app_inbox.receive, app_outbox.send)
+        await to_app.send({"type": "lifespan.startup"})
+        message = await from_app.receive()
+        if message["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"startup failed: {message}")
+        try:
+            yield
+        finally:
+            await to_app.send({"type": "lifespan.shutdown"})
+            message = await from_app.receive()
+            assert message["type"] == "lifespan.shutdown.complete", message
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app, started through its lifespan, with an HTTP client bound to it."""
+    app = create_app(settings)
+    async with lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            yield client
+
+
+def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def copy_version(
+    root: Path,
+    source: Path,
+    name: str,
+    mutate: Callable[[Path], None] | None = None,
+    *,
+    rehash: bool = True,
+) -> Path:
+    """Copy a bundle as version `name` of `root`, apply `mutate` to the copy, then (with
+    `rehash`) rewrite the manifest so that only `mutate`'s own damage remains."""
+    target = root / name
+    shutil.copytree(source, target)
+    manifest_path = target / b.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = name
+    manifest_path.write_text(json.dumps(manifest))
+    if mutate is not None:
+        mutate(target)
+    if rehash and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        for file in b.BUNDLE_FILES:
+            if (target / file).exists():
+                manifest["sha256"][file] = b.sha256_file(target / file)
+        manifest_path.write_text(json.dumps(manifest))
+    return target
+
+
+class Reference:
+    """Exact recall computed independently of the service: the bundle's encoder and
+    TorchScript tower, scores = user @ item_embeddings.T, seen items removed, top k."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        verified = b.verify_bundle(bundle_dir)
+        self.version = verified.version
+        self.item_ids = verified.item_ids
+        self.embeddings = np.asarray(verified.item_embeddings)
+        index = {item: row for row, item in enumerate(self.item_ids)}
+        self.encoder = FeatureEncoder.from_json(verified.feature_spec, index)
+        self.tower = torch.jit.load(str(verified.user_tower_path)).eval()
+
+    def user_vector(self, features: Mapping[str, Any], history: Sequence[str]) -> np.ndarray:
+        arrays = self.encoder.encode([features], [list(history)])
+        with torch.no_grad():
+            out = self.tower({k: torch.from_numpy(v) for k, v in arrays.items()})
+        return out.numpy()[0]
+
+    def top_k(
+        self, features: Mapping[str, Any], history: Sequence[str], k: int, exclude_seen: bool = True
+    ) -> list[tuple[str, float]]:
+        scores = self.embeddings @ self.user_vector(features, history)
+        seen = set(history) if exclude_seen else set()
+        order = np.argsort(-scores, kind="stable")
+        ranked = [(self.item_ids[i], float(scores[i])) for i in order]
+        return [(item, score) for item, score in ranked if item not in seen][:k]
+
+
+def assert_same_recall(items: list[dict[str, Any]], expected: list[tuple[str, float]]) -> None:
+    assert [i["item_id"] for i in items] == [item for item, _ in expected]
+    np.testing.assert_allclose([i["score"] for i in items], [s for _, s in expected], atol=1e-5)

@@ -1,0 +1,238 @@
+"""Admin API: bearer auth, hot reload (good, bad, concurrent), version names, model listing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+from conftest import Bundles
+from helpers_app import (
+    ADMIN_TOKEN,
+    admin_headers,
+    copy_version,
+    make_settings,
+    serve,
+)
+
+from models import bundle as b
+
+pytestmark = [pytest.mark.anyio]
+
+BAD_VERSION = "20991231T235959Z-bad0001"
+
+
+async def active_version(client: httpx.AsyncClient) -> str:
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200
+    version: str = ready.json()["model_version"]
+    recall = await client.post("/v1/recall", json={"user_id": "u1", "k": 3})
+    assert recall.status_code == 200 and recall.json()["model_version"] == version
+    return version
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing bearer token"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "missing bearer token"),
+        ({"Authorization": "Bearer wrong"}, "invalid bearer token"),
+        ({"Authorization": f"Bearer {ADMIN_TOKEN}x"}, "invalid bearer token"),
+        # Non-ASCII bytes: compare_digest must not raise on them.
+        ({b"Authorization": "Bearer tökén".encode()}, "invalid bearer token"),
+    ],
+)
+async def test_admin_requires_the_token(
+    model_dir: Path, headers: Mapping[str, str] | Mapping[bytes, bytes], detail: str
+) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        for response in (
+            await client.post("/admin/reload", headers=headers),
+            await client.get("/admin/models", headers=headers),
+        ):
+            assert response.status_code == 401
+            assert response.json() == {"detail": detail}
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_admin_disabled_without_a_token(model_dir: Path) -> None:
+    async with serve(make_settings(model_dir, admin_token="")) as client:
+        response = await client.post("/admin/reload", headers={"Authorization": "Bearer "})
+        assert response.status_code == 403
+        assert response.json() == {"detail": "admin API disabled: ADMIN_TOKEN is not set"}
+
+
+async def test_models_lists_versions_active_and_latest(model_dir: Path, bundles: Bundles) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        response = await client.get("/admin/models", headers=admin_headers())
+    assert response.status_code == 200
+    assert response.json() == {
+        "active": bundles.v1.name,
+        "latest": bundles.v1.name,
+        "versions": sorted([bundles.v1.name, bundles.v2.name]),
+    }
+
+
+async def test_reload_to_another_version_and_back_to_latest(
+    model_dir: Path, bundles: Bundles
+) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        assert await active_version(client) == bundles.v1.name
+        response = await client.post(
+            "/admin/reload", json={"version": bundles.v2.name}, headers=admin_headers()
+        )
+        assert response.status_code == 200
+        assert response.json() == {
+            "model_version": bundles.v2.name,
+            "previous_version": bundles.v1.name,
+        }
+        assert await active_version(client) == bundles.v2.name
+        # No body: what LATEST names (v1).
+        response = await client.post("/admin/reload", headers=admin_headers())
+        assert response.json() == {
+            "model_version": bundles.v1.name,
+            "previous_version": bundles.v2.name,
+        }
+        models = (await client.get("/admin/models", headers=admin_headers())).json()
+        assert models["active"] == bundles.v1.name
+        metrics = (await client.get("/metrics")).text
+        assert f'tower_recall_model_info{{version="{bundles.v1.name}"}} 1.0' in metrics
+        assert bundles.v2.name not in metrics.split("tower_recall_model_info", 1)[1].split("#")[0]
+
+
+async def test_requests_during_reload_never_fail(model_dir: Path, bundles: Bundles) -> None:
+    versions: list[str] = []
+
+    async with serve(make_settings(model_dir)) as client:
+
+        async def recall(n: int) -> None:
+            response = await client.post("/v1/recall", json={"user_id": f"u{n}", "k": 10})
+            assert response.status_code == 200
+            versions.append(response.json()["model_version"])
+
+        async def reload() -> None:
+            body = {"version": bundles.v2.name}
+            response = await client.post("/admin/reload", json=body, headers=admin_headers())
+            assert response.status_code == 200
+
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(recall, n)
+                if n == 10:
+                    tg.start_soon(reload)
+                await anyio.sleep(0.001)
+        assert await active_version(client) == bundles.v2.name
+    assert len(versions) == 40
+    assert set(versions) <= {bundles.v1.name, bundles.v2.name}
+
+
+def tamper_embeddings(path: Path) -> None:
+    emb = np.load(path / b.ITEM_EMBEDDINGS)
+    emb[0, 0] += 0.5
+    np.save(path / b.ITEM_EMBEDDINGS, emb)
+
+
+def drop_manifest(path: Path) -> None:
+    (path / b.MANIFEST).unlink()
+
+
+def widen_embeddings(path: Path) -> None:
+    """Consistent files and manifest, but one more dimension than the tower outputs."""
+    emb = np.load(path / b.ITEM_EMBEDDINGS)
+    wide = np.hstack([emb, np.zeros((emb.shape[0], 1), dtype=np.float32)])
+    np.save(path / b.ITEM_EMBEDDINGS, wide)
+    manifest = json.loads((path / b.MANIFEST).read_text())
+    manifest["embedding_dim"] = wide.shape[1]
+    (path / b.MANIFEST).write_text(json.dumps(manifest))
+
+
+def garble_tower(path: Path) -> None:
+    (path / b.USER_TOWER).write_bytes(b"not a torchscript archive")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "rehash", "reason"),
+    [
+        (tamper_embeddings, False, "checksum mismatch for item_embeddings.npy"),
+        (drop_manifest, False, "missing manifest.json"),
+        (widen_embeddings, True, "user tower returns shape (1, {dim}), item embeddings have dim"),
+        (garble_tower, True, "user_tower.pt cannot be loaded"),
+    ],
+    ids=["tampered", "no-manifest", "wrong-dim", "garbled-tower"],
+)
+async def test_bad_bundle_is_refused_and_old_keeps_serving(
+    model_dir: Path,
+    bundles: Bundles,
+    mutate: Callable[[Path], None],
+    rehash: bool,
+    reason: str,
+) -> None:
+    copy_version(model_dir, bundles.v2, BAD_VERSION, mutate, rehash=rehash)
+    dim = np.load(bundles.v1 / b.ITEM_EMBEDDINGS, mmap_mode="r").shape[1]
+    async with serve(make_settings(model_dir)) as client:
+        body = {"version": BAD_VERSION}
+        response = await client.post("/admin/reload", json=body, headers=admin_headers())
+        assert response.status_code == 409
+        detail = response.json()["detail"]
+        assert detail.startswith(f"bundle {BAD_VERSION} rejected: ")
+        assert reason.format(dim=dim) in detail
+        assert await active_version(client) == bundles.v1.name
+        metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
+
+
+async def test_unknown_version_is_404(model_dir: Path) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        body = {"version": "20000101T000000Z-abcdef"}
+        response = await client.post("/admin/reload", json=body, headers=admin_headers())
+        assert response.status_code == 404
+        assert response.json() == {
+            "detail": "no bundle version '20000101T000000Z-abcdef' in MODEL_DIR"
+        }
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        "../outside/20261122T113000Z-3f9a1c",
+        "..",
+        "/etc",
+        "..%2f..%2fetc%2fpasswd",
+        "20261122T113000Z-3f9a1c/../../outside",
+        "20261122T113000Z-3f9a1c\n",
+        "",
+        "LATEST",
+    ],
+)
+async def test_version_names_never_escape_model_dir(
+    model_dir: Path, bundles: Bundles, version: str
+) -> None:
+    # A perfectly good bundle right outside MODEL_DIR must stay out of reach.
+    copy_version(model_dir.parent / "outside", bundles.v2, "20261122T113000Z-3f9a1c")
+    async with serve(make_settings(model_dir)) as client:
+        response = await client.post(
+            "/admin/reload", json={"version": version}, headers=admin_headers()
+        )
+        assert response.status_code == 422
+        assert response.json() == {
+            "detail": [
+                {
+                    "type": "invalid_version",
+                    "loc": ["body", "version"],
+                    "msg": f"invalid version name {version!r}",
+                    "input": version,
+                }
+            ]
+        }
+        assert await active_version(client) == bundles.v1.name
+
+
+async def test_reload_body_must_be_well_formed(model_dir: Path) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        for body in ({"version": 5}, {"versoin": "x"}, ["x"]):
+            response = await client.post("/admin/reload", json=body, headers=admin_headers())
+            assert response.status_code == 422, body

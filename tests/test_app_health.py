@@ -1,0 +1,120 @@
+"""Liveness, readiness, metrics, OpenAPI; start-up with no or a bad bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Bundles
+from helpers_app import admin_headers, make_settings, serve
+
+pytestmark = [pytest.mark.anyio]
+
+
+async def test_ready_reports_model_and_embedded_store(model_dir: Path, bundles: Bundles) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        assert (await client.get("/health/live")).json() == {"status": "alive"}
+        response = await client.get("/health/ready")
+        assert response.status_code == 200
+        assert response.json() == {
+            "model_version": bundles.v1.name,
+            "n_items": 200,
+            "index_type": "flat",
+            "redis": "disabled",
+        }
+
+
+async def test_no_bundle_process_lives_but_is_not_ready(tmp_path: Path, bundles: Bundles) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    async with serve(make_settings(empty)) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {"detail": f"no model loaded: no LATEST file in {empty}"}
+        recall = await client.post("/v1/recall", json={"user_id": "u1"})
+        assert recall.status_code == 503
+        assert recall.json() == ready.json()
+        # Ingestion goes on without a model: features are stored unchecked.
+        put = await client.put("/v1/users/u1/features", json={"features": {"anything": 1}})
+        assert put.status_code == 200
+        events = await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
+        assert events.json() == {"user_id": "u1", "history_length": 1}
+        # Once a bundle appears, a reload makes the service ready without a restart.
+        import shutil
+
+        from models.bundle import write_latest
+
+        shutil.copytree(bundles.v1, empty / bundles.v1.name)
+        write_latest(empty, bundles.v1.name)
+        reload = await client.post("/admin/reload", headers=admin_headers())
+        assert reload.json() == {"model_version": bundles.v1.name, "previous_version": None}
+        assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_bad_bundle_at_start_up_is_not_served(model_dir: Path, bundles: Bundles) -> None:
+    (model_dir / bundles.v1.name / "item_embeddings.npy").write_bytes(b"tampered")
+    async with serve(make_settings(model_dir)) as client:
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "detail": f"no model loaded: bundle {bundles.v1.name} rejected: "
+            "checksum mismatch for item_embeddings.npy"
+        }
+
+
+async def test_metrics_expose_routes_stages_model_and_cache(
+    model_dir: Path, bundles: Bundles
+) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        await client.post("/v1/recall", json={"user_id": "u1", "k": 5})
+        await client.post("/v1/recall", json={"user_id": "u1", "k": 0})
+        await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for line in (
+        'tower_recall_http_requests_total{method="POST",route="/v1/recall",status="200"} 1.0',
+        'tower_recall_http_requests_total{method="POST",route="/v1/recall",status="422"} 1.0',
+        'tower_recall_http_requests_total{method="POST",route="/v1/users/{user_id}/events",'
+        'status="200"} 1.0',
+        f'tower_recall_model_info{{version="{bundles.v1.name}"}} 1.0',
+        "tower_recall_model_items 200.0",
+        'tower_recall_model_loads_total{outcome="loaded"} 1.0',
+        'tower_recall_stage_duration_seconds_count{stage="encode"} 1.0',
+        'tower_recall_stage_duration_seconds_count{stage="search"} 1.0',
+        'tower_recall_stage_duration_seconds_count{stage="feature_fetch"} 1.0',
+        'tower_recall_feature_source_total{source="default"} 1.0',
+    ):
+        assert line in text, line
+    assert 'tower_recall_http_request_duration_seconds_bucket{le="0.005",method="POST",' in text
+
+
+async def test_openapi_documents_every_route_with_models(model_dir: Path) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        doc = (await client.get("/openapi.json")).json()
+    paths = doc["paths"]
+    expected = {
+        ("/v1/recall", "post"): "RecallResponse",
+        ("/v1/recall/batch", "post"): "BatchRecallResponse",
+        ("/v1/users/{user_id}/events", "post"): "EventsResponse",
+        ("/v1/users/{user_id}/features", "put"): "FeaturesResponse",
+        ("/health/live", "get"): "LiveResponse",
+        ("/health/ready", "get"): "ReadyResponse",
+        ("/admin/reload", "post"): "ReloadResponse",
+        ("/admin/models", "get"): "ModelsResponse",
+    }
+    for (path, method), model in expected.items():
+        ok = paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{model}"}, path
+    assert "/metrics" in paths
+    assert paths["/admin/reload"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert set(paths["/admin/reload"]["post"]["responses"]) >= {"200", "401", "404", "409", "422"}
+    schemas = doc["components"]["schemas"]
+    assert schemas["RecallRequest"]["examples"]
+    # Limits from settings (make_settings: MAX_K 500, MAX_HISTORY 200, MAX_BATCH 16).
+    assert schemas["RecallRequest"]["properties"]["k"]["maximum"] == 500
+    assert schemas["RecallRequest"]["properties"]["history"]["anyOf"][0]["maxItems"] == 200
+    assert schemas["BatchRecallRequest"]["properties"]["requests"]["maxItems"] == 16
+    assert schemas["EventsRequest"]["properties"]["item_ids"]["maxItems"] == 200

@@ -1,0 +1,63 @@
+"""`python -m app`: a real uvicorn process on a real socket, configured from the environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from conftest import Bundles
+from helpers_app import free_port
+
+from models.bundle import write_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_python_m_app_starts_without_a_bundle_then_serves_one(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    model_dir = tmp_path / "artifacts"  # does not exist yet: importing and starting must cope
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": "",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ADMIN_TOKEN": "s3cret",
+        "LOG_LEVEL": "warning",
+    }
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                live = httpx.get(f"{base}/health/live", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "service did not start"
+                time.sleep(0.2)
+        assert live.json() == {"status": "alive"}
+        assert httpx.get(f"{base}/health/ready").status_code == 503
+
+        shutil.copytree(bundles.v1, model_dir / bundles.v1.name)
+        write_latest(model_dir, bundles.v1.name)
+        auth = {"Authorization": "Bearer s3cret"}
+        reload = httpx.post(f"{base}/admin/reload", headers=auth, timeout=30)
+        assert reload.json() == {"model_version": bundles.v1.name, "previous_version": None}
+        recall = httpx.post(f"{base}/v1/recall", json={"user_id": "u1", "k": 3}, timeout=5)
+        assert recall.status_code == 200 and len(recall.json()["items"]) == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()

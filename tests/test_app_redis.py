@@ -1,0 +1,170 @@
+"""Redis as an online store that is not a single point of failure: killed, frozen, restarted;
+the in-process cache in front of it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import redis
+from helpers_app import RedisServer, make_settings, serve
+
+from models.online_store import history_key, user_key
+
+pytestmark = [pytest.mark.anyio]
+
+FEATURES = {"features": {"country": "JP", "age_group": "55+", "activity": 12}}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to kill and restart."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+async def timed_recall(client: httpx.AsyncClient, user_id: str) -> tuple[httpx.Response, float]:
+    start = time.perf_counter()
+    response = await client.post("/v1/recall", json={"user_id": user_id, "k": 10})
+    return response, time.perf_counter() - start
+
+
+async def test_redis_killed_then_restarted(model_dir: Path, own_redis: RedisServer) -> None:
+    # No cache, so every recall asks Redis.
+    settings = make_settings(model_dir, redis_url=own_redis.url, cache_ttl_s=0)
+    async with serve(settings) as client:
+        assert (await client.put("/v1/users/k1/features", json=FEATURES)).status_code == 200
+        response, _ = await timed_recall(client, "k1")
+        assert response.json()["feature_source"] == "redis"
+        assert (await client.get("/health/ready")).json()["redis"] == "ok"
+
+        own_redis.kill()
+        for _ in range(3):  # the first call finds the dead connection, later ones back off
+            response, elapsed = await timed_recall(client, "k1")
+            assert response.status_code == 200
+            assert response.json()["feature_source"] == "default"
+            assert len(response.json()["items"]) == 10
+            assert elapsed < 0.5
+        with_request = await client.post(
+            "/v1/recall", json={"user_id": "k1", "k": 5, "features": {"country": "US"}}
+        )
+        assert with_request.json()["feature_source"] == "request"
+
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200  # recall still works: the service stays ready
+        assert ready.json()["redis"] == "unavailable"
+        events = await client.post("/v1/users/k1/events", json={"item_ids": ["i1"]})
+        assert events.status_code == 503
+        assert events.json()["detail"].startswith("Redis is unavailable")
+        put = await client.put("/v1/users/k1/features", json=FEATURES)
+        assert put.status_code == 503
+
+        metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_redis_errors_total{operation="fetch"}' in metrics
+
+        own_redis.start()  # same port, empty (nothing persisted)
+        deadline = time.monotonic() + 5
+        while (await client.get("/health/ready")).json()["redis"] != "ok":
+            assert time.monotonic() < deadline, "service did not reconnect"
+            await anyio.sleep(0.05)
+        assert (await client.put("/v1/users/k1/features", json=FEATURES)).status_code == 200
+        response, _ = await timed_recall(client, "k1")
+        assert response.json()["feature_source"] == "redis"
+
+
+async def test_frozen_redis_costs_at_most_the_timeout(
+    model_dir: Path, own_redis: RedisServer
+) -> None:
+    settings = make_settings(
+        model_dir, redis_url=own_redis.url, cache_ttl_s=0, redis_timeout_ms=100
+    )
+    async with serve(settings) as client:
+        assert (await client.put("/v1/users/f1/features", json=FEATURES)).status_code == 200
+        own_redis.pause()  # accepts connections, answers nothing: a hung server
+        try:
+            response, elapsed = await timed_recall(client, "f1")
+            assert response.status_code == 200
+            assert response.json()["feature_source"] == "default"
+            assert 0.1 <= elapsed < 0.6
+            ready = await client.get("/health/ready")
+            assert ready.json()["redis"] == "unavailable"
+            put = await client.put("/v1/users/f1/features", json=FEATURES)
+            assert put.status_code == 503
+        finally:
+            own_redis.resume()
+        await anyio.sleep(0.15)  # past the back-off
+        response, _ = await timed_recall(client, "f1")
+        assert response.json()["feature_source"] == "redis"
+
+
+async def test_unreachable_redis_at_start_up(model_dir: Path, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "never-started")  # a free port nobody listens on
+    async with serve(make_settings(model_dir, redis_url=server.url)) as client:
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200
+        assert ready.json()["redis"] == "unavailable"
+        response = await client.post("/v1/recall", json={"user_id": "u1"})
+        assert response.status_code == 200 and response.json()["feature_source"] == "default"
+
+
+async def test_cache_serves_repeats_and_own_writes_invalidate_it(
+    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    settings = make_settings(
+        model_dir, redis_url=redis_url, redis_prefix=redis_prefix, cache_ttl_s=0.5
+    )
+    async with serve(settings) as client:
+        first, _ = await timed_recall(client, "c1")
+        assert first.json()["feature_source"] == "default"
+        # Another process writes behind the cache: seen only once the entry expires.
+        redis_client.rpush(f"{redis_prefix}:hist:c1", "i5")
+        cached, _ = await timed_recall(client, "c1")
+        assert cached.json()["feature_source"] == "default"
+        await anyio.sleep(0.55)
+        fresh, _ = await timed_recall(client, "c1")
+        assert fresh.json()["feature_source"] == "redis"
+        assert "i5" not in {i["item_id"] for i in fresh.json()["items"]}
+        # This process's own write is seen at once.
+        top = fresh.json()["items"][0]["item_id"]
+        await client.post("/v1/users/c1/events", json={"item_ids": [top]})
+        after, _ = await timed_recall(client, "c1")
+        assert top not in {i["item_id"] for i in after.json()["items"]}
+        metrics = (await client.get("/metrics")).text
+    assert "tower_recall_cache_hits_total 1.0" in metrics
+    assert "tower_recall_cache_misses_total 3.0" in metrics
+
+
+async def test_writes_use_the_shared_key_layout(
+    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    settings = make_settings(
+        model_dir, redis_url=redis_url, redis_prefix=redis_prefix, feature_ttl_s=30
+    )
+    async with serve(settings) as client:
+        await client.put("/v1/users/w1/features", json=FEATURES)
+        await client.post("/v1/users/w1/events", json={"item_ids": ["i1", "i2"]})
+    stored = redis_client.get(user_key(redis_prefix, "w1"))
+    assert isinstance(stored, str) and json.loads(stored) == FEATURES["features"]
+    assert redis_client.lrange(history_key(redis_prefix, "w1"), 0, -1) == ["i2", "i1"]
+    assert 0 < redis_client.ttl(user_key(redis_prefix, "w1")) <= 30
+    assert 0 < redis_client.ttl(history_key(redis_prefix, "w1")) <= 30
+
+
+async def test_corrupt_stored_values_degrade_per_user(
+    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    redis_client.set(f"{redis_prefix}:user:bad", "{not json")
+    redis_client.set(f"{redis_prefix}:hist:bad", "a string, not a list")
+    settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    async with serve(settings) as client:
+        response, _ = await timed_recall(client, "bad")
+        assert response.status_code == 200
+        assert response.json()["feature_source"] == "redis"
+        ready = await client.get("/health/ready")
+        assert ready.json()["redis"] == "ok"
