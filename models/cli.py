@@ -48,6 +48,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--history-length", type=int, default=d.history_length)
+    g.add_argument(
+        "--popularity-prior",
+        type=float,
+        default=d.popularity_prior,
+        help="weight of log1p(item count) added to scores at retrieval (0: off)",
+    )
+    g.add_argument(
+        "--target-window",
+        type=int,
+        default=d.target_window,
+        help="draw each positive from the user's next N events (1: next item)",
+    )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     g.add_argument("--seed", type=int, default=d.seed)
@@ -75,6 +87,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         temperature=args.temperature,
         history_length=args.history_length,
         tower=tower,
+        popularity_prior=args.popularity_prior,
+        target_window=args.target_window,
         patience=args.patience,
         validation_fraction=args.validation_fraction,
         seed=args.seed,

@@ -50,6 +50,8 @@ class TrainConfig:
         popularity_prior: weight of log(1 + training count) added to the scaled score at
             retrieval time (`score = cos / temperature + prior * log1p(count)`); folded into
             the exported vectors, so search stays an inner product. 0 disables it.
+        target_window: positives are drawn from the user's next `target_window` events
+            (1 = next-item prediction); the history stays strictly before the example.
         patience: epochs without validation improvement before stopping (0 = never stop).
         validation_fraction: share of the training period's end used for early stopping.
     """
@@ -65,6 +67,7 @@ class TrainConfig:
     temperature: float = 0.05
     history_length: int = 50
     popularity_prior: float = 1.0
+    target_window: int = 1
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 3
     validation_fraction: float = 0.1
@@ -163,6 +166,7 @@ class Trainer:
         self.config = config
         self.validate = validate
         self.generator = seed_everything(config.seed)
+        self.rng = np.random.default_rng(config.seed)
         self.device = config.resolved_device()
         self.item_ids = [str(i) for i in dataset.items.index]
         self.user_encoder, self.item_encoder = fit_encoders(dataset, train, config.history_length)
@@ -198,6 +202,20 @@ class Trainer:
             feats[HISTORY] = torch.from_numpy(hist)
         return self.model.user_tower({k: v.to(self.device) for k, v in feats.items()})
 
+    def _targets(self, batch: np.ndarray) -> np.ndarray:
+        """Event indices whose items are the batch's positives.
+
+        With `target_window` 1 that is the example's own event (next-item prediction); with W
+        it is drawn uniformly from the user's next W events from it on, so the user vector
+        learns to retrieve what the user does over a horizon, not only next.
+        """
+        window = self.config.target_window
+        if window <= 1:
+            return batch
+        last = self.log.user_end[self.log.users[batch]] - 1
+        offsets = self.rng.integers(0, window, size=len(batch))
+        return np.minimum(batch + offsets, last)
+
     def _negative_rows(self, n: int, positives: Tensor) -> tuple[Tensor, Tensor]:
         """`n` negative rows and log q for the per-example losses and softmax extras."""
         neg = self.config.negatives
@@ -216,7 +234,7 @@ class Trainer:
     def loss(self, batch: np.ndarray) -> Tensor:
         """Loss of one batch of example indices into the interaction log."""
         users = self._users(batch)
-        pos_rows = torch.from_numpy(self.log.items[batch])
+        pos_rows = torch.from_numpy(self.log.items[self._targets(batch)])
         positives = self._items(pos_rows)
         pos_ids = pos_rows.to(self.device)
         k = self.config.num_negatives
@@ -247,7 +265,7 @@ class Trainer:
         n = len(self.log.items)
         if n == 0:
             raise ValueError("no training interactions with a known item")
-        rng = np.random.default_rng(cfg.seed)
+        rng = self.rng
         history: list[dict[str, float]] = []
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):

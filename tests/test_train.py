@@ -133,3 +133,37 @@ def test_recommender_refuses_another_catalogue() -> None:
     rec.fit(dataset.interactions, dict(trained.user_encoder.item_index))
     scores = rec.score(["u0", "nobody"])
     assert scores.shape == (2, 30) and np.isfinite(scores).all()
+
+
+def test_target_window_draws_positives_from_the_users_next_events() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, target_window=5))
+    log = trainer.log
+    batch = np.arange(len(log.items))
+    targets = trainer._targets(batch)
+    assert (targets >= batch).all() and (targets - batch < 5).all()
+    assert (log.users[targets] == log.users[batch]).all()
+    assert (targets > batch).any()
+    next_item = Trainer(dataset, dataset.interactions, fast_config(epochs=1))
+    np.testing.assert_array_equal(next_item._targets(batch), batch)
+
+
+def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
+    dataset = small_dataset()
+    counts = np.arange(200)
+    plain = Trainer(dataset, dataset.interactions, fast_config(popularity_prior=0.0)).fit()
+    assert plain.serving_item_matrix(counts).shape == (200, 32)
+    prior = Trainer(dataset, dataset.interactions, fast_config(popularity_prior=0.5)).fit()
+    items = prior.serving_item_matrix(counts)
+    np.testing.assert_allclose(items[:, 32], 0.05 * 0.5 * np.log1p(counts), rtol=1e-6)
+    # The served score is the scaled cosine plus the prior, up to the temperature factor.
+    rec = TwoTowerRecommender(prior, dataset.users)
+    rec.fit(dataset.interactions, prior.user_encoder.item_index)
+    users = rec.user_embeddings(["u0", "u1"])
+    assert users.shape == (2, 33)
+    np.testing.assert_allclose(users[:, 32], 1.0)
+    cosine = users[:, :32] @ prior.item_embeddings().T
+    rows = dataset.interactions["item_id"].map(prior.user_encoder.item_index)
+    log_counts = np.log1p(np.bincount(rows, minlength=200))
+    expected = cosine / 0.05 + 0.5 * log_counts
+    np.testing.assert_allclose(rec.score(["u0", "u1"]) / 0.05, expected, rtol=1e-4, atol=1e-3)
