@@ -52,7 +52,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--popularity-prior",
         type=float,
         default=d.popularity_prior,
-        help="weight of log1p(item count) added to scores at retrieval (0: off)",
+        help="weight of log1p(item count) added to scores at retrieval (0: off; default: "
+        "chosen on the validation slice)",
     )
     g.add_argument(
         "--target-window",

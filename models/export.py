@@ -81,7 +81,8 @@ def export_bundle(
             "n_items": int(embeddings.shape[0]),
             "metric": "inner_product",
             # With a popularity prior the last coordinate carries it: vectors are not unit norm.
-            "normalized": trained.config.popularity_prior == 0,
+            "normalized": trained.prior_weight == 0,
+            "popularity_prior": trained.prior_weight,
             "parity_max_abs_diff": max_diff,
             **metadata,
             "sha256": {name: b.sha256_file(staging / name) for name in b.BUNDLE_FILES},

@@ -17,7 +17,7 @@ from models.evaluation import EvalResult, evaluate_recommender, report_json, run
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
 from models.splits import Split, make_split, validation_split
-from models.train import TrainConfig, TrainedModel, Trainer, ValidateFn
+from models.train import PRIOR_GRID, TrainConfig, TrainedModel, Trainer, ValidateFn
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,23 @@ def make_validator(
     return validate
 
 
+def choose_prior_weight(
+    trained: TrainedModel, validate: ValidateFn, metric: str
+) -> dict[str, float]:
+    """Set `trained.prior_weight` to the `PRIOR_GRID` value that validates best.
+
+    Only the scoring changes (the towers are trained once), so the search costs a few
+    validation passes. Returns the validation metric of every weight tried.
+    """
+    scores: dict[str, float] = {}
+    for weight in PRIOR_GRID:
+        trained.prior_weight = weight
+        scores[str(weight)] = validate(trained)[metric]
+    trained.prior_weight = max(PRIOR_GRID, key=lambda w: scores[str(w)])
+    log.info("popularity prior weight %s (validation %s: %s)", trained.prior_weight, metric, scores)
+    return scores
+
+
 def run_training(
     dataset: Dataset,
     split_spec: str,
@@ -86,6 +103,9 @@ def run_training(
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()
+    prior_search = None
+    if config.popularity_prior is None and validate is not None:
+        prior_search = choose_prior_weight(trained, validate, config.validation_metric)
 
     item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
     rec = TwoTowerRecommender(trained, dataset.users)
@@ -106,6 +126,8 @@ def run_training(
             "training": {
                 **{k: v for k, v in dataclasses.asdict(config).items() if k != "tower"},
                 "best_epoch": trained.best_epoch,
+                "popularity_prior_chosen": trained.prior_weight,
+                "popularity_prior_search": prior_search,
                 "history": trained.history,
             },
             "data": dataset.summary() | (split.summary() if split else {"split": "none"}),

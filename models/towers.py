@@ -36,7 +36,7 @@ class TowerConfig:
     out_dim: int = 64
     senet: bool = False
     history_encoder: str = "mean"
-    dropout: float = 0.0
+    dropout: float = 0.3
 
 
 class CategoricalField(nn.Module):

@@ -49,7 +49,8 @@ class TrainConfig:
         history_length: items of recent behaviour the user tower reads.
         popularity_prior: weight of log(1 + training count) added to the scaled score at
             retrieval time (`score = cos / temperature + prior * log1p(count)`); folded into
-            the exported vectors, so search stays an inner product. 0 disables it.
+            the exported vectors, so search stays an inner product. 0 disables it; None (the
+            default) picks it from `PRIOR_GRID` on the validation slice after training.
         target_window: positives are drawn from the user's next `target_window` events
             (1 = next-item prediction); the history stays strictly before the example.
         patience: epochs without validation improvement before stopping (0 = never stop).
@@ -65,11 +66,11 @@ class TrainConfig:
     num_negatives: int = 0
     logq_correction: bool = True
     temperature: float = 0.05
-    history_length: int = 50
-    popularity_prior: float = 1.0
+    history_length: int = 100
+    popularity_prior: float | None = None
     target_window: int = 1
     tower: TowerConfig = field(default_factory=TowerConfig)
-    patience: int = 3
+    patience: int = 2
     validation_fraction: float = 0.1
     validation_metric: str = "recall@50"
     seed: int = 0
@@ -93,6 +94,7 @@ class TrainedModel:
     history: list[dict[str, float]]
     best_epoch: int
     config: TrainConfig
+    prior_weight: float
 
     @torch.no_grad()
     def item_embeddings(self, batch_size: int = 8192) -> np.ndarray:
@@ -113,7 +115,7 @@ class TrainedModel:
             counts: `(n_items,)` interactions per item known at serving time.
         """
         items = self.item_embeddings()
-        beta = self.config.popularity_prior
+        beta = self.prior_weight
         if beta == 0:
             return items
         prior = self.config.temperature * beta * np.log1p(counts.astype(np.float64))
@@ -122,8 +124,13 @@ class TrainedModel:
     def serving_user_tower(self) -> torch.nn.Module:
         """The user tower as exported: the L2-normalised tower, or with the prior's 1 appended."""
         tower = self.model.user_tower
-        return PriorUserTower(tower) if self.config.popularity_prior else tower
+        return PriorUserTower(tower) if self.prior_weight else tower
 
+
+# Candidate popularity-prior weights tried on the validation slice, and the weight used
+# before that choice is made (during early stopping) or when there is no validation slice.
+PRIOR_GRID = (0.0, 0.5, 1.0, 2.0, 4.0)
+DEFAULT_PRIOR = 1.0
 
 ValidateFn = Callable[[TrainedModel], dict[str, float]]
 
@@ -310,4 +317,5 @@ class Trainer:
             history,
             best_epoch,
             self.config,
+            DEFAULT_PRIOR if self.config.popularity_prior is None else self.config.popularity_prior,
         )

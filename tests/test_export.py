@@ -104,7 +104,7 @@ def test_files_hold_the_trained_model(run: TrainingRun, bundle: Path) -> None:
     index = {item: row for row, item in enumerate(small_dataset().items.index)}
     counts = np.bincount(run.split.train["item_id"].map(index), minlength=200)
     config = run.trained.config
-    expected = config.temperature * config.popularity_prior * np.log1p(counts)
+    expected = config.temperature * run.trained.prior_weight * np.log1p(counts)
     np.testing.assert_allclose(embeddings[:, 32], expected, rtol=1e-6)
     item_ids = json.loads((bundle / "item_ids.json").read_text())
     assert item_ids == [str(i) for i in small_dataset().items.index]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from trainer_helpers import fast_config, small_dataset
 
-from models.pipeline import run_training
+from models.pipeline import choose_prior_weight, make_validator, run_training
 from models.recommender import TwoTowerRecommender
+from models.splits import make_split, validation_split
 from models.towers import TowerConfig
-from models.train import TrainConfig, TrainedModel, Trainer
+from models.train import PRIOR_GRID, TrainConfig, TrainedModel, Trainer
 
 
 def test_device_auto_is_cuda_only_when_present() -> None:
@@ -167,3 +168,14 @@ def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
     log_counts = np.log1p(np.bincount(rows, minlength=200))
     expected = cosine / 0.05 + 0.5 * log_counts
     np.testing.assert_allclose(rec.score(["u0", "u1"]) / 0.05, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
+    dataset = small_dataset()
+    run = run_training(dataset, "last-10pct", fast_config(epochs=2, patience=2), None)
+    train = make_split(dataset.interactions, "last-10pct").train
+    carve = validation_split(train, 0.1)
+    validate = make_validator(dataset, carve.train, carve.test, seed=0)
+    scores = choose_prior_weight(run.trained, validate, "recall@50")
+    assert set(scores) == {str(w) for w in PRIOR_GRID}
+    assert scores[str(run.trained.prior_weight)] == max(scores.values())
