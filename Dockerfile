@@ -1,5 +1,9 @@
 # syntax=docker/dockerfile:1
-# One image for the recall service (default command) and the trainer (`python -m models ...`).
+# One image for the recall service (default command) and the trainer (`python -m models ...`):
+#   docker build -t tower-recall .
+#   docker run --rm -v artifacts:/artifacts tower-recall \
+#       python -m models train --data synthetic --out /artifacts
+#   docker run --rm -p 8000:8000 -v artifacts:/artifacts:ro tower-recall
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,7 +23,9 @@ RUN useradd --create-home --uid 10001 recall \
     && mkdir -p /artifacts \
     && chown recall:recall /artifacts
 COPY --from=build /opt/venv /opt/venv
-# One math thread per worker process: FAISS and torch oversubscribe small boxes otherwise.
+# One math thread per process: on a busy box, OpenMP threads spin-waiting for each other make
+# small models many times slower. `python -m app` sets its own (TORCH_THREADS); give the
+# trainer more for big data: `docker compose run -e OMP_NUM_THREADS=8 --rm trainer`.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -13,5 +13,8 @@ format:
 bench-quality:
 	.venv/bin/python benchmarks/quality.py --data ../shared/data/ml-1m-half
 
+bench-serving:
+	.venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
+
 clean:
 	rm -rf .venv artifacts .pytest_cache .mypy_cache .ruff_cache

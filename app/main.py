@@ -22,11 +22,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_threads(settings.torch_threads)
     services = build_services(settings, app.state.metrics)
     # Ready only after load + warm-up; a missing or bad bundle leaves the process up, not ready.
-    await services.repository.load_initial()
+    # Then a watcher keeps this worker on the fleet's version (app/model_sync.py).
+    await services.sync.start()
     app.state.services = services
     try:
         yield
     finally:
+        await services.sync.stop()
         await services.store.aclose()
 
 

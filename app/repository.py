@@ -1,13 +1,13 @@
-"""The model repository: holds ONE reference to the serving bundle and swaps it on reload.
+"""The model repository: holds ONE reference to the serving bundle and swaps it.
 
 Loading (verify, TorchScript load, index build, warm-up) runs in a worker thread; the swap is a
 single attribute assignment on the event loop, so a request that read `current` keeps the
-bundle it read until it finishes, and the live index is never mutated.
+bundle it read until it finishes, and the live index is never mutated. Which version to load,
+and when, is `app.model_sync`'s business.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,6 @@ class ModelRepository:
         self.metrics = metrics
         self._current: ServingBundle | None = None
         self._not_ready_reason = "no model loaded yet"
-        self._lock = asyncio.Lock()
 
     @property
     def current(self) -> ServingBundle | None:
@@ -54,13 +53,8 @@ class ModelRepository:
             raise ModelNotReady(self._not_ready_reason)
         return bundle
 
-    def resolve(self, version: str | None) -> Path:
-        """The directory of `version` (default: what LATEST names), never outside the root."""
-        if version is None:
-            try:
-                version = read_latest(self.root)
-            except BundleError as exc:
-                raise VersionNotFound(str(exc)) from exc
+    def resolve(self, version: str) -> Path:
+        """The directory of `version`, never outside the root."""
         try:
             path = version_dir(self.root, version)
         except BundleError as exc:
@@ -70,35 +64,40 @@ class ModelRepository:
             raise VersionNotFound(f"no bundle version {version!r} in MODEL_DIR")
         return path
 
-    async def load_initial(self) -> None:
-        """Start-up load of LATEST; failure leaves the service up but not ready."""
-        try:
-            await self.reload(None)
-        except (BundleRejected, VersionNotFound) as exc:
-            self._not_ready_reason = f"no model loaded: {exc.detail}"
-            log.error("start-up model load failed: %s", exc.detail)
+    def mark_not_ready(self, reason: str) -> None:
+        """The 503 detail while nothing serves (e.g. why the start-up load failed)."""
+        self._not_ready_reason = reason
 
-    async def reload(self, version: str | None) -> Swap:
-        """Load `version` (default LATEST) off the event loop, then swap it in.
+    def read_latest(self) -> str:
+        """What LATEST names. Raises VersionNotFound when it is missing or invalid."""
+        try:
+            return read_latest(self.root)
+        except BundleError as exc:
+            raise VersionNotFound(str(exc)) from exc
+
+    async def load(self, version: str) -> ServingBundle:
+        """Verify, load, index and warm up `version` in a worker thread; nothing is swapped.
 
         Raises:
             InvalidInput: `version` is not a version name.
             VersionNotFound: no such version directory.
-            BundleRejected: verification, loading or warm-up failed; nothing changed.
+            BundleRejected: verification, loading or warm-up failed.
         """
-        async with self._lock:  # one load at a time: they are heavy and the last must win
-            path = self.resolve(version)
-            try:
-                bundle = await anyio.to_thread.run_sync(load_bundle, path, self.index_config)
-            except BundleRejected as exc:
-                self.metrics.reloads.labels("rejected").inc()
-                log.warning("bundle %s rejected: %s", path.name, exc.detail)
-                raise BundleRejected(f"bundle {path.name} rejected: {exc.detail}") from exc
-            previous, self._current = self._current, bundle
-            self.metrics.reloads.labels("loaded").inc()
-            self.metrics.set_model(bundle.version, bundle.n_items)
-            log.info("serving bundle %s (%s index)", bundle.version, bundle.index_type)
-            return Swap(bundle, previous)
+        path = self.resolve(version)
+        try:
+            return await anyio.to_thread.run_sync(load_bundle, path, self.index_config)
+        except BundleRejected as exc:
+            self.metrics.reloads.labels("rejected").inc()
+            log.warning("bundle %s rejected: %s", path.name, exc.detail)
+            raise BundleRejected(f"bundle {path.name} rejected: {exc.detail}") from exc
+
+    def swap(self, bundle: ServingBundle) -> Swap:
+        """Serve `bundle` from now on: one reference assignment on the event loop."""
+        previous, self._current = self._current, bundle
+        self.metrics.reloads.labels("loaded").inc()
+        self.metrics.set_model(bundle.version, bundle.n_items)
+        log.info("serving bundle %s (%s index)", bundle.version, bundle.index_type)
+        return Swap(bundle, previous)
 
     def versions(self) -> list[str]:
         return list_versions(self.root)

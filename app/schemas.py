@@ -131,6 +131,10 @@ class ReadyResponse(BaseModel):
     n_items: int
     index_type: str
     redis: Literal["ok", "unavailable", "disabled"]
+    worker: str = Field(description="host:pid of the worker process that answered")
+    reload_error: str | None = Field(
+        description="why the desired version (pinned, else LATEST) is not serving; null if it is"
+    )
 
 
 class ReloadRequest(BaseModel):
@@ -142,7 +146,10 @@ class ReloadRequest(BaseModel):
     version: Annotated[
         str | None,
         StringConstraints(max_length=MAX_ID_LENGTH),
-        Field(description="a version directory of MODEL_DIR; default: what LATEST names"),
+        Field(
+            description="a version directory of MODEL_DIR, pinned for every worker; "
+            "default: unpin and serve what LATEST names"
+        ),
     ] = None
 
 
@@ -152,8 +159,10 @@ class ReloadResponse(BaseModel):
 
 
 class ModelsResponse(BaseModel):
-    active: str | None = Field(description="the version serving now")
+    active: str | None = Field(description="the version serving now (in this worker)")
     latest: str | None = Field(description="what LATEST names")
+    pinned: str | None = Field(description="the version set by a reload with a version, if any")
+    reload_error: str | None = Field(description="why the desired version is not serving")
     versions: list[str] = Field(description="version directories in MODEL_DIR, oldest first")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import faiss
@@ -11,6 +13,7 @@ from app.bundle_loader import IndexConfig
 from app.cache import CachedFeatureStore
 from app.feature_store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from app.metrics import Metrics
+from app.model_sync import LocalPin, ModelSync, RedisPin, VersionPin
 from app.recall import Limits, RecallService
 from app.repository import ModelRepository
 from app.settings import Settings
@@ -22,9 +25,11 @@ class Services:
     settings: Settings
     metrics: Metrics
     repository: ModelRepository
+    sync: ModelSync
     store: FeatureStore
     recall: RecallService
     users: UserService
+    worker: str  # host:pid of this worker process, named in /health/ready
 
 
 def configure_threads(threads: int) -> None:
@@ -55,6 +60,14 @@ def build_store(settings: Settings, metrics: Metrics) -> FeatureStore:
     return store
 
 
+def build_pin(settings: Settings) -> VersionPin:
+    if not settings.redis_url:
+        return LocalPin()
+    # Control-plane calls, off the request path: they may wait longer than a feature fetch.
+    timeout_s = max(1.0, settings.redis_timeout_ms / 1000)
+    return RedisPin(settings.redis_url, settings.redis_prefix, timeout_s)
+
+
 def build_services(settings: Settings, metrics: Metrics) -> Services:
     repository = ModelRepository(settings.model_dir, IndexConfig.from_settings(settings), metrics)
     store = build_store(settings, metrics)
@@ -63,7 +76,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         settings=settings,
         metrics=metrics,
         repository=repository,
+        sync=ModelSync(repository, build_pin(settings), settings.reload_poll_s),
         store=store,
         recall=RecallService(repository, store, limits, metrics),
         users=UserService(store, repository, settings.max_history),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
     )

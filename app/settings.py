@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     max_batch: Annotated[int, Field(ge=1)] = 256
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
 
+    # -- model rollout ----------------------------------------------------------------------
+    # Each worker checks LATEST and the fleet's pinned version this often (seconds) and loads
+    # the one it should serve; 0 turns the watcher off (reloads only via POST /admin/reload).
+    reload_poll_s: Annotated[float, Field(ge=0)] = 2.0
+
     # -- admin and process ------------------------------------------------------------------
     admin_token: SecretStr = SecretStr("")  # empty: the admin API answers 403
     host: str = "0.0.0.0"

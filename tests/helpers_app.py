@@ -107,6 +107,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "redis_retry_after_ms": 100,
         "cache_ttl_s": 2.0,
         "feature_ttl_s": 0,
+        "reload_poll_s": 0,  # no watcher unless a test asks: reloads happen when a test says
     }
     values.update(overrides)
     return Settings(**values)

@@ -73,6 +73,8 @@ async def test_models_lists_versions_active_and_latest(model_dir: Path, bundles:
     assert response.json() == {
         "active": bundles.v1.name,
         "latest": bundles.v1.name,
+        "pinned": None,
+        "reload_error": None,
         "versions": sorted([bundles.v1.name, bundles.v2.name]),
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ async def test_ready_reports_model_and_embedded_store(model_dir: Path, bundles: 
             "n_items": 200,
             "index_type": "flat",
             "redis": "disabled",
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "reload_error": None,
         }
 
 

@@ -1,14 +1,19 @@
 """The local stack's files, checked without a Docker engine: the compose file against the
-compose-spec schema, the Dockerfile with hadolint, and the facts the stack relies on."""
+compose-spec schema, the Dockerfile with hadolint, and the facts the stack relies on (its
+commands run natively in tests/test_smoke.py). Also: .env.example and the README's
+configuration table name every variable there is, and nothing else."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from helpers_stack import compose, interpolate
+
+from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,7 +48,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_compose_orders_the_stack() -> None:
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    services = compose()["services"]
     assert services["redis"]["healthcheck"]
     assert services["trainer"]["depends_on"]["redis"]["condition"] == "service_healthy"
     api_deps = services["api"]["depends_on"]
@@ -51,6 +56,35 @@ def test_compose_orders_the_stack() -> None:
     assert api_deps["redis"]["condition"] == "service_healthy"
     assert "artifacts:/artifacts:ro" in services["api"]["volumes"]
     assert "artifacts:/artifacts" in services["trainer"]["volumes"]
+    assert services["trainer"]["restart"] == "no"
+    assert services["api"]["environment"]["MODEL_DIR"] == "/artifacts"
+    assert services["trainer"]["environment"]["MODEL_DIR"] == "/artifacts"
+
+
+def test_movielens_mount_works_when_the_directory_is_absent() -> None:
+    (mount,) = [v for v in compose()["services"]["trainer"]["volumes"] if isinstance(v, dict)]
+    assert mount["source"] == "${MOVIELENS_DIR:-./data}" and mount["target"] == "/data"
+    assert mount["read_only"] is True and mount["bind"]["create_host_path"] is True
+    assert "/data/" in (ROOT / ".gitignore").read_text().split()
+    assert "data" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_api_replicas_sit_behind_one_published_load_balancer() -> None:
+    stack = compose()
+    api, lb = stack["services"]["api"], stack["services"]["lb"]
+    assert "ports" not in api, "replicas cannot share a host port"
+    assert api["deploy"]["replicas"] == "${API_REPLICAS:-2}"
+    assert api["expose"] == ["8000"]
+    assert lb["ports"] == ["${API_PORT:-8000}:8000"]
+    assert lb["depends_on"]["api"]["condition"] == "service_healthy"
+    (config,) = lb["configs"]
+    assert config["target"] == "/etc/nginx/conf.d/default.conf"
+    nginx = interpolate(stack["configs"][config["source"]]["content"], {})
+    # Docker's DNS, asked again at run time (a variable in proxy_pass), so every replica,
+    # even one added later, receives requests.
+    assert re.search(r"^resolver 127\.0\.0\.11 valid=\d+s", nginx, re.MULTILINE)
+    assert "listen 8000;" in nginx
+    assert "set $api http://api:8000;" in nginx and "proxy_pass $api;" in nginx
 
 
 def test_dockerfile_is_cpu_only_non_root_with_a_readiness_healthcheck() -> None:
@@ -59,3 +93,31 @@ def test_dockerfile_is_cpu_only_non_root_with_a_readiness_healthcheck() -> None:
     assert "\nUSER 10001\n" in text
     assert "/health/ready" in text.split("HEALTHCHECK", 1)[1]
     assert text.rstrip().endswith('CMD ["python", "-m", "app"]')
+    # Only the virtual environment (with the installed project) reaches the final image.
+    runtime = text.rsplit("\nFROM ", 1)[1]
+    assert re.findall(r"^COPY .*$", runtime, re.MULTILINE) == [
+        "COPY --from=build /opt/venv /opt/venv"
+    ]
+
+
+def _compose_variables() -> set[str]:
+    return set(re.findall(r"\$\{(\w+)", (ROOT / "docker-compose.yml").read_text()))
+
+
+def _env_example() -> set[str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+
+
+def test_env_example_documents_every_compose_variable_and_only_real_names() -> None:
+    settings = {name.upper() for name in Settings.model_fields}
+    example = _env_example()
+    assert _compose_variables() <= example
+    assert example - _compose_variables() <= settings, "not a compose variable nor a setting"
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Configuration", 1)[1].split("\n#", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE))
+    assert documented == {name.upper() for name in Settings.model_fields}

@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.deps import AdminDep, RepositoryDep
+from app.api.deps import AdminDep, ServicesDep
 from app.schemas import ErrorResponse, ModelsResponse, ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -22,22 +22,31 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
         404: {"model": ErrorResponse, "description": "No such version (or no LATEST)"},
         409: {"model": ErrorResponse, "description": "Bundle rejected; the old one serves on"},
         422: {"model": ErrorResponse, "description": "Not a version name"},
+        503: {
+            "model": ErrorResponse,
+            "description": "Redis unavailable: the version cannot reach the other workers, so "
+            "nothing changed",
+        },
     },
-    summary="Load a bundle version and swap it in",
+    summary="Make a bundle version the one every worker serves",
 )
-async def reload(repository: RepositoryDep, body: ReloadRequest | None = None) -> ReloadResponse:
+async def reload(services: ServicesDep, body: ReloadRequest | None = None) -> ReloadResponse:
     """Verifies, loads, indexes and warms up the version (default: LATEST) off the request
-    path, then swaps it in atomically; requests in flight finish on the version they began."""
-    swap = await repository.reload(body.version if body else None)
+    path and swaps it in atomically in this worker; requests in flight finish on the version
+    they began. A `version` is pinned for every worker and replica (through Redis); no version
+    clears the pin. The other workers follow within RELOAD_POLL_S (see `/health/ready`)."""
+    swap = await services.sync.reload(body.version if body else None)
     previous = swap.previous.version if swap.previous else None
     return ReloadResponse(model_version=swap.current.version, previous_version=previous)
 
 
 @router.get("/models", responses=AUTH_ERRORS, summary="Available versions and the active one")
-def models(repository: RepositoryDep) -> ModelsResponse:
-    active = repository.current
+def models(services: ServicesDep) -> ModelsResponse:
+    repository, active = services.repository, services.repository.current
     return ModelsResponse(
         active=active.version if active else None,
         latest=repository.latest(),
+        pinned=services.sync.pinned,
+        reload_error=services.sync.error,
         versions=repository.versions(),
     )

@@ -22,13 +22,16 @@ async def live() -> LiveResponse:
 )
 async def ready(services: ServicesDep) -> ReadyResponse:
     """200 once a bundle serves, whatever Redis does (recall degrades without it); `redis`
-    reports a live probe of it, bounded by REDIS_TIMEOUT_MS."""
+    reports a live probe of it, bounded by REDIS_TIMEOUT_MS. Each worker process answers for
+    itself: `worker` names it, `reload_error` says why it does not serve the desired version."""
     bundle = services.repository.require()  # 503 with the reason until one serves
     return ReadyResponse(
         model_version=bundle.version,
         n_items=bundle.n_items,
         index_type=bundle.index_type,
         redis=await services.store.health(),
+        worker=services.worker,
+        reload_error=services.sync.error,
     )
 
 

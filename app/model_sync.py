@@ -1,0 +1,259 @@
+"""Which bundle version every worker process and every replica serves, and how they converge.
+
+The fleet's *desired* version is the pinned one if there is a pin, else what `MODEL_DIR/LATEST`
+names. The pin is set by `POST /admin/reload {"version": V}` and cleared by a reload without a
+version; with Redis it lives in one key, `{REDIS_PREFIX}:model:pinned`, so every worker of every
+replica reads the same pin (one that starts later, too); without Redis it is this process's own.
+Each worker runs a watcher that reads LATEST and the pin every RELOAD_POLL_S seconds and loads
+the desired version when it serves another one. A key polled with the LATEST file, rather than
+a pub/sub message, cannot be missed by a worker that was restarting or not yet started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import anyio.to_thread
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from app.errors import AppError, BundleRejected, VersionNotFound
+from app.repository import ModelRepository, Swap
+from models.bundle import is_version_name
+
+log = logging.getLogger(__name__)
+
+# A version that failed to load is tried again after this long, doubling up to the cap: a bad
+# bundle never reloads in a tight loop, and a transient failure (a slow volume) still heals.
+RETRY_FIRST_S = 30.0
+RETRY_MAX_S = 600.0
+
+
+class PinUnavailable(Exception):
+    """The shared pin cannot be read or written (Redis down or slow)."""
+
+
+class FleetUnavailable(AppError):
+    """A reload could not be published to the other workers; this one changed nothing."""
+
+    status_code = 503
+
+
+class VersionPin(ABC):
+    """Where the pinned version lives; `shared` says whether other processes see it."""
+
+    shared: bool
+
+    @abstractmethod
+    async def get(self) -> str | None:
+        """The pinned version, None when none. Raises PinUnavailable."""
+
+    @abstractmethod
+    async def set(self, version: str | None) -> None:
+        """Pin `version` (None: unpin, follow LATEST). Raises PinUnavailable."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LocalPin(VersionPin):
+    """REDIS_URL empty: a pin reaches only this process (documented in the README)."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._version: str | None = None
+
+    async def get(self) -> str | None:
+        return self._version
+
+    async def set(self, version: str | None) -> None:
+        self._version = version
+
+
+class RedisPin(VersionPin):
+    """One Redis key read by every worker. Control-plane calls, off the request path, so a
+    timeout of a second or so costs no request anything."""
+
+    shared = True
+
+    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
+        self.key = f"{prefix}:model:pinned"
+        self.timeout_s = timeout_s
+        self.client = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=4,
+            decode_responses=True,
+            encoding_errors="replace",
+        )
+
+    async def get(self) -> str | None:
+        try:
+            value = await asyncio.wait_for(self.client.get(self.key), self.timeout_s)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if value is None or not isinstance(value, str) or not is_version_name(value):
+            return None  # absent, or not ours to trust: follow LATEST
+        return value
+
+    async def set(self, version: str | None) -> None:
+        op = self.client.delete(self.key) if version is None else self.client.set(self.key, version)
+        try:
+            await asyncio.wait_for(op, self.timeout_s)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    version: str | None  # None: the desired version itself is unknown (no LATEST)
+    reason: str
+    attempts: int
+    retry_at: float
+
+
+class ModelSync:
+    """Keeps this worker on the desired version: at start-up, on a timer, and on admin reloads.
+
+    Args:
+        repository: loads and swaps bundles.
+        pin: the pinned version's store.
+        poll_s: watcher period in seconds; 0 = no watcher.
+    """
+
+    def __init__(self, repository: ModelRepository, pin: VersionPin, poll_s: float) -> None:
+        self.repository = repository
+        self.pin = pin
+        self.poll_s = poll_s
+        self._pinned: str | None = None  # last known pin: kept while the pin cannot be read
+        self._pin_down = False
+        self._failure: LoadFailure | None = None
+        self._lock = asyncio.Lock()  # one load at a time: they are heavy and the last must win
+        self._task: asyncio.Task[None] | None = None
+        self._started = False  # start-up failures are logged by start() itself
+
+    @property
+    def pinned(self) -> str | None:
+        return self._pinned
+
+    @property
+    def error(self) -> str | None:
+        """Why the desired version is not serving (None when it is)."""
+        return self._failure.reason if self._failure else None
+
+    async def start(self) -> None:
+        """Load the desired version (a failure leaves the process up, not ready), then watch."""
+        await self.sync()
+        self._started = True
+        if self.repository.current is None:
+            log.error("start-up model load failed: %s", self.error)
+        if self.poll_s > 0:
+            self._task = asyncio.create_task(self._watch(), name="model-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.pin.aclose()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.sync()
+            except Exception:  # a bug must not stop this worker from ever reloading again
+                log.exception("model watcher step failed")
+
+    async def _read_pin(self) -> str | None:
+        try:
+            self._pinned = await self.pin.get()
+        except PinUnavailable as exc:
+            if not self._pin_down:
+                log.warning("pinned version unreadable, keeping %r: %s", self._pinned, exc)
+            self._pin_down = True
+        else:
+            if self._pin_down:
+                log.warning("pinned version readable again")
+            self._pin_down = False
+        return self._pinned
+
+    async def sync(self) -> None:
+        """One watcher step: load the desired version if this worker serves another one.
+
+        A failure is recorded (readiness and /admin/models show it) and that version is tried
+        again only after a back-off; the current bundle, if any, keeps serving."""
+        async with self._lock:
+            try:
+                version = await self._read_pin()
+                if version is None:  # in a thread: a hung volume must not stall the event loop
+                    version = await anyio.to_thread.run_sync(self.repository.read_latest)
+            except VersionNotFound as exc:
+                self._failed(None, exc)
+                return
+            current = self.repository.current
+            if current is not None and current.version == version:
+                self._failure = None
+                return
+            failure = self._failure
+            if failure and failure.version == version and time.monotonic() < failure.retry_at:
+                return
+            try:
+                self.repository.swap(await self.repository.load(version))
+            except (BundleRejected, VersionNotFound) as exc:
+                self._failed(version, exc)
+            else:
+                self._failure = None
+
+    def _failed(self, version: str | None, exc: AppError) -> None:
+        reason = str(exc.detail)
+        previous = self._failure
+        same = previous is not None and previous.version == version
+        attempts = previous.attempts + 1 if previous and same else 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempts - 1))
+        self._failure = LoadFailure(version, reason, attempts, time.monotonic() + delay)
+        if self.repository.current is None:
+            self.repository.mark_not_ready(f"no model loaded: {reason}")
+        if self._started and (previous is None or previous.reason != reason):
+            log.error("cannot serve the desired model version: %s", reason)
+
+    async def reload(self, version: str | None) -> Swap:
+        """POST /admin/reload: make `version` (None: what LATEST names) the fleet's version.
+
+        This worker loads and verifies it first, so a bad bundle is refused here, before any
+        other worker hears of it; then the pin is published (set, or cleared for None) and the
+        bundle swapped in. Other workers follow within RELOAD_POLL_S plus their load time.
+
+        Raises:
+            InvalidInput, VersionNotFound, BundleRejected: as ModelRepository.load.
+            FleetUnavailable: the pin could not be published; nothing changed.
+        """
+        async with self._lock:
+            target = self.repository.read_latest() if version is None else version
+            current = self.repository.current
+            if current is not None and current.version == target:
+                await self._publish(version)
+                return Swap(current, current)
+            bundle = await self.repository.load(target)
+            await self._publish(version)
+            return self.repository.swap(bundle)
+
+    async def _publish(self, version: str | None) -> None:
+        try:
+            await self.pin.set(version)
+        except PinUnavailable as exc:
+            raise FleetUnavailable(
+                f"cannot publish the version to the other workers ({exc}); nothing changed"
+            ) from exc
+        self._pinned, self._failure = version, None
