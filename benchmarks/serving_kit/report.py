@@ -1,0 +1,164 @@
+"""Machine facts, ratios, the issue's targets, and the human-readable table (stderr)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+NOISE_NOTE = (
+    "shared machine: other jobs may run on the same cores during the benchmark; compare "
+    "figures only with a baseline measured in the same run, and read the load averages"
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _mem_total_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "faiss-cpu", "fastapi", "uvicorn", "pydantic", "redis", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_gb": _mem_total_gb(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "loadavg_before": loadavg(),
+        "note": NOISE_NOTE,
+    }
+
+
+def code_state(tree: Path) -> dict[str, Any]:
+    """Which service code was measured: the tree, its commit, uncommitted app/ and models/."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(
+            ["git", "-C", str(tree), *args], capture_output=True, text=True, check=False
+        )
+        return proc.stdout.rstrip("\n") if proc.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "app", "models").splitlines()
+    return {
+        "tree": str(tree),
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "uncommitted_service_changes": changed,
+    }
+
+
+def ratios(
+    recall: dict[str, Any],
+    single: dict[str, Any],
+    bare: dict[str, Any],
+    floor_ms: float,
+    workers: int,
+) -> dict[str, float | None]:
+    """How close the served figures come to the same server's bare endpoint and to the
+    in-process floor. `rps_vs_floor_capacity` = rps / (min(workers, cores) / floor);
+    `worker_cpu_ms_per_request`: the workers' CPU time per answered request (robust to other
+    jobs on the machine, which lower rps but not this), against the floor."""
+    cores = os.cpu_count() or 1
+    capacity = min(workers, cores) / (floor_ms / 1000) if floor_ms else None
+    used = recall.get("cores_used", {}).get("workers")
+    cpu_ms = round(used / recall["rps"] * 1000, 3) if used and recall["rps"] else None
+    return {
+        "worker_cpu_ms_per_request": cpu_ms,
+        "cpu_per_request_vs_floor": round(cpu_ms / floor_ms, 2) if cpu_ms and floor_ms else None,
+        "rps_vs_bare": round(recall["rps"] / bare["rps"], 4) if bare["rps"] else None,
+        "p50_vs_floor": round(recall["p50_ms"] / floor_ms, 2) if floor_ms else None,
+        "single_p50_vs_floor": round(single["p50_ms"] / floor_ms, 2) if floor_ms else None,
+        "floor_capacity_rps": round(capacity, 1) if capacity else None,
+        "rps_vs_floor_capacity": round(recall["rps"] / capacity, 4) if capacity else None,
+    }
+
+
+def _check(name: str, value: float | None, target: float, higher_is_better: bool) -> dict[str, Any]:
+    ok = None if value is None else (value >= target if higher_is_better else value <= target)
+    op = ">=" if higher_is_better else "<="
+    return {"target": f"{name} {op} {target}", "value": value, "ok": ok}
+
+
+def targets(results: list[dict[str, Any]], recall_at: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of issue 6 that this run's matrix covers (16 connections, k = 50)."""
+    out = []
+    for r in results:
+        if "error" in r:
+            continue
+        tag = f"{r['items']} {r['index']} w{r['workers']}"
+        rps, p99 = r["recall"]["rps"], r["recall"]["p99_ms"]
+        out.append(_check(f"{tag} errors", r["recall"]["total_errors"], 0, False))
+        out.append(_check(f"{tag} rps/bare", r["ratios"]["rps_vs_bare"], 0.16, True))
+        if r["items"] == 1_000_000 and r["index"] == "hnsw":
+            out.append(_check(f"{tag} rps", rps, 3000 if r["workers"] == 2 else 1800, True))
+            if r["workers"] == 2:
+                out.append(_check(f"{tag} p99_ms", p99, 10, False))
+            out.append(_check(f"{tag} single p50_ms", r["single"]["p50_ms"], 1.0, False))
+        if r["items"] == 100_000 and r["index"] == "flat" and r["workers"] == 2:
+            out.append(_check(f"{tag} rps", rps, 2000, True))
+            out.append(_check(f"{tag} p99_ms", p99, 15, False))
+        if r["items"] == 1_000_000:
+            rss = max((w["rss_mb"] for w in r["memory_after_load"]), default=None)
+            out.append(_check(f"{tag} worker rss_mb", rss, 1200, False))
+            out.append(_check(f"{tag} startup ready_s", r["startup"]["ready_s"], 20, False))
+    for items, rec in recall_at.items():
+        out.append(
+            _check(
+                f"{items} hnsw recall@50 (default efSearch)", rec["recall_at_default"], 0.98, True
+            )
+        )
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'items':>8} {'index':5} {'w':>2} {'rps':>8} {'p50':>7} {'p90':>7} {'p99':>7} "
+        f"{'err':>5} {'bare':>8} {'ratio':>6} {'1c p50':>7} {'floor':>7} {'rss MB':>7} "
+        f"{'ready s':>7}"
+    )
+    lines = [head]
+    for r in results:
+        if "error" in r:
+            lines.append(
+                f"{r['items']:>8} {r['index']:5} {r['workers']:>2} ERROR {r['error'][:60]}"
+            )
+            continue
+        rec, bare = r["recall"], r["bare"]
+        rss = max((w["rss_mb"] for w in r["memory_after_load"]), default=0.0)
+        lines.append(
+            f"{r['items']:>8} {r['index']:5} {r['workers']:>2} {rec['rps']:>8.0f} "
+            f"{rec['p50_ms']:>7.2f} {rec['p90_ms']:>7.2f} {rec['p99_ms']:>7.2f} "
+            f"{rec['total_errors']:>5} {bare['rps']:>8.0f} {r['ratios']['rps_vs_bare']:>6.3f} "
+            f"{r['single']['p50_ms']:>7.2f} {r['floor_p50_ms']:>7.3f} {rss:>7.0f} "
+            f"{r['startup']['ready_s']:>7.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The serving benchmark: a tiny end-to-end run (real trainer, Redis, service, load), the
+Python load generator, and the profile summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from conftest import Bundles  # noqa: E402
+from serving_kit import load, profile  # noqa: E402
+from serving_kit.bundles import RECIPE_FILE, Recipe  # noqa: E402
+
+
+def _cache_bundle(cache_dir: Path, trained: Path, recipe: Recipe) -> None:
+    """Put the session's trained bundle into the benchmark's cache under `recipe`'s key, so
+    the smoke run skips training (the trainer itself is tested elsewhere)."""
+    model_dir = cache_dir / recipe.key
+    model_dir.mkdir(parents=True)
+    shutil.copytree(trained, model_dir / trained.name)
+    (model_dir / "LATEST").write_text(trained.name + "\n")
+    meta = {"recipe": asdict(recipe), "train_s": 0.0, "version": trained.name}
+    (model_dir / RECIPE_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_serving_benchmark_smoke(tmp_path: Path, bundles: Bundles) -> None:
+    # The recipe the conftest bundle was trained with (SOURCE_V1, TrainConfig in conftest).
+    recipe = Recipe(items=200, users=300, seed=1, epochs=2, batch_size=256)
+    _cache_bundle(tmp_path / "bundles", bundles.v1, recipe)
+    out = tmp_path / "serving.json"
+    command = [sys.executable, str(BENCHMARKS / "serving.py"), "--sizes", "200"]
+    command += ["--users", "300", "--seed", "1", "--epochs", "2", "--batch-size", "256"]
+    command += ["--indexes", "flat", "--workers", "1", "--duration", "1", "--warmup", "0"]
+    command += ["--single-duration", "1", "--floor-iterations", "50"]
+    command += ["--cache-dir", str(tmp_path / "bundles"), "--logs-dir", str(tmp_path / "logs")]
+    command += ["--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training bundle" not in proc.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == report
+    (row,) = report["results"]
+    assert (row["items"], row["index"], row["workers"]) == (200, "flat", 1)
+    assert row["check"]["items"] == 50
+    assert row["recall"]["requests"] > 0 and row["recall"]["total_errors"] == 0
+    assert row["bare"]["rps"] > 0 and row["single"]["p50_ms"] > 0
+    assert row["ratios"]["rps_vs_bare"] > 0
+    assert row["memory_after_load"][0]["rss_mb"] > 0
+    size = report["sizes"]["200"]
+    assert size["bundle"]["cached"] and size["bundle"]["n_items"] == 200
+    assert size["floors"]["flat"]["feature_sources"] == {"redis": 50}
+
+
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """HTTP/1.1 keep-alive: 200 with a tiny body to every request."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+def test_python_generator_counts_requests_and_latency() -> None:
+    async def run() -> load.LoadResult:
+        server = await asyncio.start_server(_answer_ok, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            target = load.Target(f"http://127.0.0.1:{port}/v1/recall", users=10, k=5)
+            return await load.python_load(target, connections=4, duration_s=0.3)
+
+    result = asyncio.run(run())
+    assert result.generator == "python-asyncio"
+    assert result.requests > 10 and result.total_errors == 0
+    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms <= result.max_ms
+
+
+def test_recall_lua_is_seeded_and_reports_json() -> None:
+    script = load.RECALL_LUA % {"url": "", "users": 20000, "k": 50, "seed": 3}
+    assert "local users, k, seed = 20000, 50, 3" in script
+    assert load.WRK_MARK in load.DONE_LUA % {"mark": load.WRK_MARK}
+
+
+def test_profile_summary_shares(tmp_path: Path) -> None:
+    raw = tmp_path / "worker.txt"
+    raw.write_text(
+        "run (uvicorn/main.py:1);recall (app/recall.py:5);ServingBundle.encode (app/b.py:9);"
+        "forward (torch/nn.py:3) 30\n"
+        "run (uvicorn/main.py:1);recall (app/recall.py:5) 10\n"
+        "run (uvicorn/main.py:1) 60\n"
+    )
+    summary = profile.summarise(raw, duration_s=1.0)
+    assert summary["samples"] == 100
+    assert summary["active_fraction"] == 0.5
+    assert dict(map(tuple, summary["self"]))["forward (torch/nn.py:3)"] == 0.3
+    assert dict(map(tuple, summary["inclusive"])) == {
+        "recall (app/recall.py:5)": 0.4,
+        "ServingBundle.encode (app/b.py:9)": 0.3,
+    }
+    assert dict(map(tuple, summary["categories"])) == {
+        "uvicorn (http protocol)": 0.6,
+        "encode: torch tower": 0.3,
+        "app: other": 0.1,
+    }
