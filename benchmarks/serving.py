@@ -2,6 +2,7 @@
 
     python benchmarks/serving.py [--sizes 100000,1000000] [--indexes flat,hnsw] [--workers 1,2]
         [--duration 10] [--connections 16] [--json benchmarks/results/serving.json] [--profile]
+        [--tree DIR]   # measure another checkout's app/ and models/ (before/after)
 
 For each catalogue size it builds (or reuses, from `--cache-dir`) a bundle trained by the real
 trainer on the synthetic source (`python -m models train --data synthetic:seed=S,users=U,
@@ -18,13 +19,18 @@ items=N --split none`; trained, structured item vectors, never random ones), sta
 and per worker count, the real service (`python -m app`, env MODEL_DIR, REDIS_URL,
 INDEX_TYPE, WORKERS, PORT, OMP_NUM_THREADS=1) as a separate process:
 
-- start-up time to ready (every worker), resident memory (VmRSS, VmHWM) per worker;
+- start-up time to ready (every worker), resident memory per worker (VmRSS, VmHWM, and
+  RssAnon/RssFile: file-backed pages can be shared between workers);
 - `POST /v1/recall` (k = K, a random published user per request) with `--connections`
   connections for `--duration` seconds after `--warmup`: requests/s, p50/p90/p99/max,
   errors and non-2xx; then one connection (p50: latency without queueing);
 - `GET /health/live` on the same server with the same load (and with one connection): the
   bare-endpoint baseline;
-- ratios: recall rps / bare rps, p50 / floor, rps / (min(workers, cores) / floor);
+- the CPU cores each party used during every run (workers, each worker, Redis, the load
+  generator); a 2-worker run whose load landed on one worker (keep-alive connections stay
+  where they were accepted) is flagged in `warnings`;
+- ratios: recall rps / bare rps, p50 / floor, rps / (min(workers, cores) / floor), and the
+  workers' CPU time per request against the floor (the figure least disturbed by other jobs);
 - the service's own /metrics (one worker's view): mean stage times, L1 cache hit rate;
 - with `--profile`, one more recall run under `py-spy record` per worker: where time goes.
 
@@ -173,23 +179,28 @@ def run_service(
         bare = load.Target(service.base_url + "/health/live")
         c = args.connections
 
-        pids = {"workers": service.worker_pids(), "redis": [redis_pid]}
+        workers_pids = service.worker_pids()
 
         def run(target: load.Target, connections: int, seconds: float) -> dict[str, Any]:
-            """One load run, with the CPU each party used during it (cores = cpu_s / wall)."""
-            before = {k: sum(map(procs.cpu_seconds, v)) for k, v in pids.items()}
-            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            """One load run, with the CPU each party used during it (cores = cpu_s / wall).
+            Keep-alive connections stay with the worker that accepted them, so
+            `worker_cores` shows whether the load was spread over the workers."""
+            pids = [*workers_pids, redis_pid]
+            before = [procs.cpu_seconds(pid) for pid in pids]
+            # wrk is a child process; the Python generator runs in this one.
+            who = resource.RUSAGE_CHILDREN if use_wrk else resource.RUSAGE_SELF
+            start = resource.getrusage(who)
             result = load.run_load(
                 target, connections, seconds, use_wrk=use_wrk, wrk_threads=args.wrk_threads
             ).to_json()
-            cpu = {k: sum(map(procs.cpu_seconds, v)) - before[k] for k, v in pids.items()}
-            if use_wrk:
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpu["load_generator"] = (after.ru_utime + after.ru_stime) - (
-                    children.ru_utime + children.ru_stime
-                )
+            used = [procs.cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+            end = resource.getrusage(who)
             wall = result["duration_s"] or 1.0
-            result["cores_used"] = {k: round(v / wall, 2) for k, v in cpu.items()}
+            cores = {"workers": sum(used[:-1]) / wall, "redis": used[-1] / wall}
+            generator_s = (end.ru_utime + end.ru_stime) - (start.ru_utime + start.ru_stime)
+            cores["load_generator"] = generator_s / wall
+            result["cores_used"] = {k: round(v, 2) for k, v in cores.items()}
+            result["worker_cores"] = [round(u / wall, 2) for u in used[:-1]]
             return result
 
         out["loadavg_before"] = report.loadavg()
@@ -197,6 +208,13 @@ def run_service(
         if args.warmup > 0:
             run(recall, c, args.warmup)
         out["recall"] = run(recall, c, args.duration)
+        shares = out["recall"]["worker_cores"]
+        if len(shares) > 1 and sum(shares) and max(shares) / sum(shares) > 0.75:
+            out["warnings"] = [
+                f"recall load landed mostly on one worker (cores {shares}): keep-alive "
+                "connections stay with the worker that accepted them, so rps understates "
+                "what the workers can do together"
+            ]
         out["single"] = run(recall, 1, args.single_duration)
         log(f"{name}: bare endpoint")
         if args.warmup > 0:

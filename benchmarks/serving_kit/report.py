@@ -154,11 +154,14 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         rec, bare = r["recall"], r["bare"]
         rss = max((w["rss_mb"] for w in r["memory_after_load"]), default=0.0)
+        flag = "*" if r.get("warnings") else " "
         lines.append(
-            f"{r['items']:>8} {r['index']:5} {r['workers']:>2} {rec['rps']:>8.0f} "
+            f"{r['items']:>8} {r['index']:5} {r['workers']:>2}{flag}{rec['rps']:>8.0f} "
             f"{rec['p50_ms']:>7.2f} {rec['p90_ms']:>7.2f} {rec['p99_ms']:>7.2f} "
             f"{rec['total_errors']:>5} {bare['rps']:>8.0f} {r['ratios']['rps_vs_bare']:>6.3f} "
             f"{r['single']['p50_ms']:>7.2f} {r['floor_p50_ms']:>7.3f} {rss:>7.0f} "
             f"{r['startup']['ready_s']:>7.1f}"
         )
+    if any(r.get("warnings") for r in results):
+        lines.append("* see the row's warnings in the JSON")
     return "\n".join(lines)
