@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from models.dataset import DataError
 from models.towers import HISTORY_ENCODERS, TowerConfig
-from models.train import TrainConfig
+from models.train import HistoryMode, NegativesName, TrainConfig
 
 log = logging.getLogger("models")
 
@@ -36,9 +37,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--loss", choices=["softmax", "bce", "hinge", "logistic"], default=d.loss)
-    g.add_argument(
-        "--negatives", choices=["in-batch", "uniform", "popularity", "mixed"], default=d.negatives
-    )
+    g.add_argument("--negatives", choices=list(get_args(NegativesName)), default=d.negatives)
     g.add_argument("--num-negatives", type=int, default=d.num_negatives)
     g.add_argument(
         "--no-logq",
@@ -56,10 +55,42 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "chosen on the validation slice)",
     )
     g.add_argument(
+        "--prior-half-life",
+        type=float,
+        default=d.prior_half_life_days,
+        help="days: the prior counts recent interactions more (0: all alike; default: chosen "
+        "with the prior's weight on the validation slice)",
+    )
+    g.add_argument(
         "--target-window",
         type=int,
         default=d.target_window,
         help="draw each positive from the user's next N events (1: next item)",
+    )
+    g.add_argument(
+        "--history-mode",
+        choices=list(get_args(HistoryMode)),
+        default=d.history_mode,
+        help="before: the items strictly before each example (next-item training); latest: "
+        "the user's latest items at the end of the log minus the positive (what serving reads)",
+    )
+    g.add_argument(
+        "--history-dropout",
+        type=float,
+        default=d.history_dropout,
+        help="share of history items hidden at random in each training example",
+    )
+    g.add_argument(
+        "--mask-seen-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=d.mask_seen_negatives,
+        help="softmax: never use an item the user interacted with as their negative",
+    )
+    g.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=d.refit,
+        help="after early stopping, retrain on the whole training period for the best epochs",
     )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
@@ -90,6 +121,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         tower=tower,
         popularity_prior=args.popularity_prior,
         target_window=args.target_window,
+        history_mode=args.history_mode,
+        history_dropout=args.history_dropout,
+        mask_seen_negatives=args.mask_seen_negatives,
+        refit=args.refit,
+        prior_half_life_days=args.prior_half_life,
         patience=args.patience,
         validation_fraction=args.validation_fraction,
         seed=args.seed,

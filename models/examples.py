@@ -31,6 +31,7 @@ class InteractionLog:
             user at the same timestamp, so simultaneous events never see each other.
         user_ids: external user ids, by user row.
         user_end: `(n_users,)` exclusive end of each user's events (their full history).
+        timestamps: int64 `(N,)` time of each event (seconds).
     """
 
     items: np.ndarray
@@ -39,6 +40,7 @@ class InteractionLog:
     history_end: np.ndarray
     user_ids: list[str]
     user_end: np.ndarray
+    timestamps: np.ndarray
 
     @classmethod
     def build(cls, interactions: pd.DataFrame, item_index: Mapping[str, int]) -> InteractionLog:
@@ -62,11 +64,24 @@ class InteractionLog:
             history_end=history_end,
             user_ids=[str(u) for u in user_ids],
             user_end=user_end.astype(np.int64),
+            timestamps=ts.astype(np.int64),
         )
 
-    def histories(self, ends: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-        """History matrix `(B, length)`: item rows + 1 before `ends`, newest first, 0-padded."""
-        positions = ends[:, None] - 1 - np.arange(length)[None, :]
+    def histories(
+        self, ends: np.ndarray, starts: np.ndarray, length: int, skip: np.ndarray | None = None
+    ) -> np.ndarray:
+        """History matrix `(B, length)`: item rows + 1 before `ends`, newest first, 0-padded.
+
+        `skip` (`(B,)` event indices) leaves one event out of each row (the older ones move up).
+        """
+        if skip is None:
+            positions = ends[:, None] - 1 - np.arange(length)[None, :]
+        else:
+            positions = ends[:, None] - 1 - np.arange(length + 1)[None, :]
+            keep = positions != skip[:, None]
+            # Stable sort of the kept positions to the front drops the skipped one.
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :length]
+            positions = np.take_along_axis(positions, order, axis=1)
         valid = positions >= starts[:, None]
         return np.where(valid, self.items[np.clip(positions, 0, None)] + 1, 0)
 
@@ -75,8 +90,14 @@ class InteractionLog:
         first = self.user_start[self.user_end - 1] if len(self.user_end) else self.user_end
         return self.histories(self.user_end, first, length)
 
-    def item_counts(self, n_items: int) -> np.ndarray:
-        return np.bincount(self.items, minlength=n_items)
+    def item_counts(self, n_items: int, half_life_days: float = 0.0) -> np.ndarray:
+        """Interactions per catalogue row; with a half-life, each counts `0.5 ** (age /
+        half_life)`, its age measured from the log's last event (recent popularity)."""
+        if half_life_days <= 0 or not len(self.items):
+            return np.bincount(self.items, minlength=n_items)
+        age_days = (self.timestamps.max() - self.timestamps) / 86400.0
+        weights = np.exp2(-age_days / half_life_days)
+        return np.bincount(self.items, weights=weights, minlength=n_items)
 
 
 def fit_encoders(

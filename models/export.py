@@ -83,6 +83,7 @@ def export_bundle(
             # With a popularity prior the last coordinate carries it: vectors are not unit norm.
             "normalized": trained.prior_weight == 0,
             "popularity_prior": trained.prior_weight,
+            "popularity_prior_half_life_days": trained.prior_half_life_days,
             "parity_max_abs_diff": max_diff,
             **metadata,
             "sha256": {name: b.sha256_file(staging / name) for name in b.BUNDLE_FILES},

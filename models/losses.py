@@ -49,7 +49,10 @@ class SampledSoftmaxLoss(nn.Module):
         negatives: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_logq: Tensor | None = None,
+        seen: Tensor | None = None,
     ) -> Tensor:
+        """`seen` `(B, C)` bool over the candidates (positives, then negatives): items the
+        user is known to have interacted with, left out like accidental hits."""
         candidates, ids, logq = positives, positive_ids, positive_logq
         if negatives is not None and negative_ids is not None and negative_logq is not None:
             candidates = torch.cat([positives, negatives])
@@ -61,6 +64,8 @@ class SampledSoftmaxLoss(nn.Module):
         # Accidental hits: another column holding this row's own positive item is not a negative.
         batch = torch.arange(users.shape[0], device=users.device)
         hits = positive_ids.unsqueeze(1) == ids.unsqueeze(0)
+        if seen is not None:
+            hits |= seen
         hits[batch, batch] = False
         logits = logits.masked_fill(hits, torch.finfo(logits.dtype).min)
         return F.cross_entropy(logits, batch)

@@ -17,7 +17,14 @@ from models.evaluation import EvalResult, evaluate_recommender, report_json, run
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
 from models.splits import Split, make_split, validation_split
-from models.train import PRIOR_GRID, TrainConfig, TrainedModel, Trainer, ValidateFn
+from models.train import (
+    PRIOR_GRID,
+    PRIOR_HALF_LIVES,
+    TrainConfig,
+    TrainedModel,
+    Trainer,
+    ValidateFn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +70,48 @@ def make_validator(
 def choose_prior_weight(
     trained: TrainedModel, validate: ValidateFn, metric: str
 ) -> dict[str, float]:
-    """Set `trained.prior_weight` to the `PRIOR_GRID` value that validates best.
+    """Set `trained.prior_weight` (from `PRIOR_GRID`) and, unless the config fixes it,
+    `trained.prior_half_life_days` (from `PRIOR_HALF_LIVES`) to the pair that validates best.
 
     Only the scoring changes (the towers are trained once), so the search costs a few
-    validation passes. Returns the validation metric of every weight tried.
+    validation passes. Returns the validation metric of every pair tried, keyed
+    `"{weight}"` (no decay) or `"{weight}@{half-life}d"`.
     """
+    fixed = trained.config.prior_half_life_days
+    half_lives = PRIOR_HALF_LIVES if fixed is None else (fixed,)
+    pairs = [(0.0, 0.0)] + [(w, h) for w in PRIOR_GRID if w for h in half_lives]
     scores: dict[str, float] = {}
-    for weight in PRIOR_GRID:
-        trained.prior_weight = weight
-        scores[str(weight)] = validate(trained)[metric]
-    trained.prior_weight = max(PRIOR_GRID, key=lambda w: scores[str(w)])
-    log.info("popularity prior weight %s (validation %s: %s)", trained.prior_weight, metric, scores)
+    best, best_score = pairs[0], -np.inf
+    for weight, half_life in pairs:
+        trained.prior_weight, trained.prior_half_life_days = weight, half_life
+        key = f"{weight}@{half_life:g}d" if half_life else str(weight)
+        scores[key] = validate(trained)[metric]
+        if scores[key] > best_score:
+            best, best_score = (weight, half_life), scores[key]
+    trained.prior_weight, trained.prior_half_life_days = best
+    log.info("popularity prior %s, half-life %s d (validation %s: %s)", *best, metric, scores)
     return scores
+
+
+def refit(dataset: Dataset, train: pd.DataFrame, trained: TrainedModel) -> TrainedModel:
+    """Train again from scratch on the whole training period (validation slice included),
+    for the epochs and with the prior that validation chose: the model also learns from the
+    most recent behaviour, which on a time split is the closest to what comes next."""
+    chosen = dataclasses.replace(
+        trained.config,
+        epochs=trained.best_epoch,
+        patience=0,
+        popularity_prior=trained.prior_weight,
+        prior_half_life_days=trained.prior_half_life_days,
+    )
+    again = Trainer(dataset, train, chosen, None).fit()
+    # Keep the record of the validated run (its history and best epoch), not the refit's.
+    again.config, again.history, again.best_epoch = (
+        trained.config,
+        trained.history,
+        trained.best_epoch,
+    )
+    return again
 
 
 def run_training(
@@ -106,6 +143,8 @@ def run_training(
     prior_search = None
     if config.popularity_prior is None and validate is not None:
         prior_search = choose_prior_weight(trained, validate, config.validation_metric)
+    if config.refit and validate is not None:
+        trained = refit(dataset, train, trained)
 
     item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
     rec = TwoTowerRecommender(trained, dataset.users)
@@ -127,6 +166,7 @@ def run_training(
                 **{k: v for k, v in dataclasses.asdict(config).items() if k != "tower"},
                 "best_epoch": trained.best_epoch,
                 "popularity_prior_chosen": trained.prior_weight,
+                "prior_half_life_days_chosen": trained.prior_half_life_days,
                 "popularity_prior_search": prior_search,
                 "history": trained.history,
             },

@@ -41,7 +41,8 @@ class TwoTowerRecommender:
         if dict(item_index) != dict(encoder.item_index):
             raise ValueError("evaluation catalogue differs from the model's catalogue")
         log = InteractionLog.build(train, encoder.item_index)
-        self._items = self.trained.serving_item_matrix(log.item_counts(len(item_index)))
+        counts = log.item_counts(len(item_index), self.trained.prior_half_life_days)
+        self._items = self.trained.serving_item_matrix(counts)
         histories = log.user_histories(encoder.history_length)
         self._history = dict(zip(log.user_ids, histories, strict=True))
 

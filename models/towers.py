@@ -26,8 +26,9 @@ class TowerConfig:
         hidden: MLP hidden widths.
         out_dim: embedding dimension of the bundle.
         senet: gate fields with a squeeze-and-excitation block before the MLP.
-        history_encoder: `mean` (masked mean pooling) or `attention` (position-aware
-            attention pooling: reads recency and order).
+        history_encoder: `mean` (masked mean pooling), `attention` (position-aware
+            attention pooling), `recency` (several learned recency-weighted means) or
+            `transformer` (one self-attention layer over the history).
         dropout: dropout after each hidden layer (training only).
     """
 
@@ -112,7 +113,66 @@ class AttentionHistory(nn.Module):
         return (weights.unsqueeze(-1) * values).sum(1)
 
 
-HISTORY_ENCODERS: dict[str, type[nn.Module]] = {"mean": MeanHistory, "attention": AttentionHistory}
+class RecencyHistory(nn.Module):
+    """`(B, L)` item indices, newest first -> `(B, D)` from several recency-weighted means.
+
+    Each head pools the history with its own learned weight per position (a softmax over
+    positions, masked to the items present), initialised to decay with a different half-life
+    (1, 4, 16 items, and flat), so one head can follow the current session while another keeps
+    the long-term taste; the heads are concatenated and projected back to D.
+    """
+
+    HALF_LIVES = (1.0, 4.0, 16.0, math.inf)
+
+    def __init__(self, item_embedding: nn.Embedding, length: int) -> None:
+        super().__init__()
+        dim = item_embedding.embedding_dim
+        self.item_embedding = item_embedding
+        positions = torch.arange(length, dtype=torch.float32)
+        decay = torch.stack([-math.log(2.0) * positions / h for h in self.HALF_LIVES])
+        self.position_logits = nn.Parameter(decay)  # (heads, L)
+        self.project = nn.Linear(len(self.HALF_LIVES) * dim, dim)
+
+    def forward(self, history: Tensor) -> Tensor:
+        mask = (history > 0).unsqueeze(1)  # (B, 1, L)
+        logits = self.position_logits[:, : history.shape[1]].unsqueeze(0)  # (1, H, L)
+        weights = torch.softmax(logits.masked_fill(~mask, -1e9), dim=-1) * mask.float()
+        pooled = weights @ self.item_embedding(history)  # (B, H, D)
+        return self.project(pooled.flatten(1))
+
+
+class TransformerHistory(nn.Module):
+    """`(B, L)` item indices, newest first -> `(B, D)`: a one-layer transformer over the
+    history (item + position embeddings), read out at the newest position.
+
+    Self-attention lets each item be read in the context of the others (order, co-occurrence)
+    before the newest position summarises them; an empty history gives zeros.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, length: int, heads: int = 2) -> None:
+        super().__init__()
+        dim = item_embedding.embedding_dim
+        self.item_embedding = item_embedding
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=2 * dim, dropout=0.1, batch_first=True, norm_first=True
+        )
+
+    def forward(self, history: Tensor) -> Tensor:
+        mask = history > 0
+        # A row with no items would attend to nothing (NaN); let it see its padding instead.
+        keep = mask | ~mask.any(dim=1, keepdim=True)
+        values = self.item_embedding(history) + self.position[: history.shape[1]]
+        out = self.layer(values, src_key_padding_mask=~keep)
+        return out[:, 0] * mask[:, :1].float()
+
+
+HISTORY_ENCODERS: dict[str, type[nn.Module]] = {
+    "mean": MeanHistory,
+    "attention": AttentionHistory,
+    "recency": RecencyHistory,
+    "transformer": TransformerHistory,
+}
 
 
 class SENet(nn.Module):

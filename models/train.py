@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -30,7 +31,8 @@ from models.towers import PriorUserTower, TowerConfig, TwoTower
 log = logging.getLogger(__name__)
 
 LossName = Literal["softmax", "bce", "hinge", "logistic"]
-NegativesName = Literal["in-batch", "uniform", "popularity", "mixed"]
+NegativesName = Literal["in-batch", "uniform", "popularity", "mixed", "all"]
+HistoryMode = Literal["before", "latest"]
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,36 @@ class TrainConfig:
         loss: `softmax` (listwise sampled softmax, the default), `bce` (pointwise, 1:k),
             `hinge` (pairwise triplet hinge) or `logistic` (pairwise BPR).
         negatives: `in-batch` (the other examples' positives), `uniform`, `popularity`
-            (count^0.75) or `mixed` (in-batch plus popularity-sampled). For `softmax`, the
-            batch's positives are always candidates and `num_negatives` sampled items are added
-            (none with `in-batch`); for the other losses each example gets `num_negatives`.
+            (count^0.75), `mixed` (in-batch plus popularity-sampled) or `all` (softmax only:
+            the full softmax over the whole catalogue, exact and without sampling bias, for
+            catalogues small enough to run the item tower over every item each step). For
+            `softmax`, the batch's positives are always candidates and `num_negatives` sampled
+            items are added (none with `in-batch`); for the other losses each example gets
+            `num_negatives`.
         logq_correction: softmax only.
         temperature: cosine scores are divided by it.
         history_length: items of recent behaviour the user tower reads.
         popularity_prior: weight of log(1 + training count) added to the scaled score at
             retrieval time (`score = cos / temperature + prior * log1p(count)`); folded into
             the exported vectors, so search stays an inner product. 0 disables it; None (the
-            default) picks it from `PRIOR_GRID` on the validation slice after training.
+            default) picks it from `PRIOR_GRID` on the validation slice after training,
+            together with `prior_half_life_days` from `PRIOR_HALF_LIVES` when that is None.
+        prior_half_life_days: the prior's counts decay with this half-life, measured back
+            from the end of the training log (0: every interaction counts alike).
         target_window: positives are drawn from the user's next `target_window` events
             (1 = next-item prediction); the history stays strictly before the example.
+        history_mode: what the user tower reads for an example: `before` (the items strictly
+            before it: sequential next-item training) or `latest` (the user's latest items as
+            of the end of the training log, the positive removed: exactly the input the model
+            gets at serving time, so it learns to complete a user's set of items from it).
+        history_dropout: share of history items hidden at random in each training example
+            (an augmentation: the tower cannot memorise a user's exact history).
+        mask_seen_negatives: softmax only: a candidate the user interacted with anywhere in
+            the training log is not used as that user's negative (it is a false negative:
+            retrieval is asked to find such items, not to rank them low).
         patience: epochs without validation improvement before stopping (0 = never stop).
+        refit: after early stopping (and the prior's choice), train again from scratch on the
+            whole training period, validation slice included, for the best epoch count.
         validation_fraction: share of the training period's end used for early stopping.
     """
 
@@ -68,13 +87,24 @@ class TrainConfig:
     temperature: float = 0.05
     history_length: int = 100
     popularity_prior: float | None = None
+    prior_half_life_days: float | None = None
     target_window: int = 1
+    history_mode: HistoryMode = "before"
+    history_dropout: float = 0.0
+    mask_seen_negatives: bool = False
+    refit: bool = False
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
     validation_metric: str = "recall@50"
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.negatives == "all" and self.loss != "softmax":
+            raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError("history_dropout must be in [0, 1)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -95,6 +125,7 @@ class TrainedModel:
     best_epoch: int
     config: TrainConfig
     prior_weight: float
+    prior_half_life_days: float = 0.0
 
     @torch.no_grad()
     def item_embeddings(self, batch_size: int = 8192) -> np.ndarray:
@@ -112,7 +143,8 @@ class TrainedModel:
         """The vectors to index: item embeddings, plus the prior column when one is set.
 
         Args:
-            counts: `(n_items,)` interactions per item known at serving time.
+            counts: `(n_items,)` interactions per item known at serving time, counted with
+                `prior_half_life_days` (`InteractionLog.item_counts`).
         """
         items = self.item_embeddings()
         beta = self.prior_weight
@@ -129,8 +161,11 @@ class TrainedModel:
 
 # Candidate popularity-prior weights tried on the validation slice, and the weight used
 # before that choice is made (during early stopping) or when there is no validation slice.
-PRIOR_GRID = (0.0, 0.5, 1.0, 2.0, 4.0)
+PRIOR_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_PRIOR = 1.0
+# Half-lives (days) of the popularity counted by the prior, tried with each weight: 0 counts
+# every training interaction alike; shorter ones favour what is popular lately.
+PRIOR_HALF_LIVES = (0.0, 90.0, 30.0, 7.0)
 
 ValidateFn = Callable[[TrainedModel], dict[str, float]]
 
@@ -182,6 +217,8 @@ class Trainer:
         self.item_table = encode_table(self.item_encoder, dataset.items, self.item_ids)
         counts = self.log.item_counts(len(self.item_ids))
         self.in_batch_logq = in_batch_log_q(counts).to(self.device)
+        # Sorted user x item keys of the log, for masking the users' own items as negatives.
+        self.user_items = np.unique(self.log.users * len(self.item_ids) + self.log.items)
         self.sampler = _sampler(config.negatives, counts, self.generator)
         self.model = TwoTower(
             self.user_encoder,
@@ -201,13 +238,21 @@ class Trainer:
         feats = {k: v.to(self.device) for k, v in gather(self.item_table, rows).items()}
         return self.model.item_tower(rows.to(self.device), feats)
 
-    def _users(self, batch: np.ndarray) -> Tensor:
+    def _user_features(self, batch: np.ndarray, targets: np.ndarray) -> dict[str, Tensor]:
+        """The user tower's inputs for a batch of examples whose positives are `targets`."""
         log_, length = self.log, self.config.history_length
         feats = gather(self.user_table, torch.from_numpy(log_.users[batch]))
         if length:
-            hist = log_.histories(log_.history_end[batch], log_.user_start[batch], length)
+            starts = log_.user_start[batch]
+            if self.config.history_mode == "latest":
+                ends = log_.user_end[log_.users[batch]]
+                hist = log_.histories(ends, starts, length, skip=targets)
+            else:
+                hist = log_.histories(log_.history_end[batch], starts, length)
+            if self.config.history_dropout > 0:
+                hist = np.where(self.rng.random(hist.shape) < self.config.history_dropout, 0, hist)
             feats[HISTORY] = torch.from_numpy(hist)
-        return self.model.user_tower({k: v.to(self.device) for k, v in feats.items()})
+        return {k: v.to(self.device) for k, v in feats.items()}
 
     def _targets(self, batch: np.ndarray) -> np.ndarray:
         """Event indices whose items are the batch's positives.
@@ -238,16 +283,36 @@ class Trainer:
         assert self.sampler is not None
         return self.sampler.sample(n)
 
+    def _seen(self, batch: np.ndarray, candidates: Tensor) -> Tensor | None:
+        """`(B, C)` bool: candidate rows each example's user has in the training log."""
+        if not self.config.mask_seen_negatives:
+            return None
+        keys = self.log.users[batch][:, None] * len(self.item_ids) + candidates.numpy()[None, :]
+        found = np.searchsorted(self.user_items, keys).clip(max=len(self.user_items) - 1)
+        return torch.from_numpy(self.user_items[found] == keys).to(self.device)
+
     def loss(self, batch: np.ndarray) -> Tensor:
         """Loss of one batch of example indices into the interaction log."""
-        users = self._users(batch)
-        pos_rows = torch.from_numpy(self.log.items[self._targets(batch)])
+        targets = self._targets(batch)
+        users = self.model.user_tower(self._user_features(batch, targets))
+        pos_rows = torch.from_numpy(self.log.items[targets])
         positives = self._items(pos_rows)
         pos_ids = pos_rows.to(self.device)
         k = self.config.num_negatives
+        if self.config.negatives == "all":
+            everything = torch.arange(len(self.item_ids))
+            logits = users @ self._items(everything).T / self.config.temperature
+            seen = self._seen(batch, everything)
+            if seen is not None:
+                seen[torch.arange(len(batch)), pos_rows] = False
+                logits = logits.masked_fill(seen, torch.finfo(logits.dtype).min)
+            return F.cross_entropy(logits, pos_ids)
         if self.per_example is None:
             if k == 0 or self.config.negatives == "in-batch":
-                return self.listwise(users, positives, pos_ids, self.in_batch_logq[pos_ids])
+                seen = self._seen(batch, pos_rows)
+                return self.listwise(
+                    users, positives, pos_ids, self.in_batch_logq[pos_ids], seen=seen
+                )
             rows, logq = self._negative_rows(k, pos_rows)
             return self.listwise(
                 users,
@@ -257,6 +322,7 @@ class Trainer:
                 self._items(rows),
                 rows.to(self.device),
                 logq.to(self.device),
+                seen=self._seen(batch, torch.cat([pos_rows, rows])),
             )
         k = max(k, 1)
         rows, _ = self._negative_rows(len(batch) * k, pos_rows)
@@ -318,4 +384,5 @@ class Trainer:
             best_epoch,
             self.config,
             DEFAULT_PRIOR if self.config.popularity_prior is None else self.config.popularity_prior,
+            self.config.prior_half_life_days or 0.0,
         )

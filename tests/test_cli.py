@@ -14,6 +14,7 @@ from trainer_helpers import REDIS_URL, SMALL_SOURCE, redis_namespace, stored_jso
 from models import bundle as b
 from models.cli import main, parser, train_config
 from models.sources import load_dataset
+from models.train import TrainConfig
 
 FAST = [
     "--epochs", "1", "--batch-size", "256", "--history-length", "20",
@@ -147,6 +148,16 @@ def test_options_map_onto_the_config() -> None:
     assert config.tower.history_encoder == "attention"
     defaults = train_config(parser().parse_args(["train", "--data", "synthetic"]))
     assert defaults.device == "auto" and defaults.logq_correction and defaults.loss == "softmax"
+    # Every option of the trainer's config is reachable from the command line, defaults intact.
+    assert defaults == TrainConfig()
+    quality = [
+        *("train", "--data", "synthetic", "--history-mode", "before", "--history-dropout", "0.2"),
+        *("--no-mask-seen-negatives", "--prior-half-life", "30", "--negatives", "all"),
+    ]
+    config = train_config(parser().parse_args(quality))
+    assert (config.history_mode, config.history_dropout) == ("before", 0.2)
+    assert not config.mask_seen_negatives and config.prior_half_life_days == 30.0
+    assert config.negatives == "all"
 
 
 @pytest.fixture

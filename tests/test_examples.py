@@ -67,6 +67,36 @@ def test_hand_built_histories_are_strictly_earlier_and_newest_first() -> None:
     np.testing.assert_array_equal(log.user_histories(5), [[4, 3, 2, 1, 0], [5, 1, 2, 0, 0]])
 
 
+def test_histories_can_leave_one_event_out() -> None:
+    log = InteractionLog.build(HAND_BUILT, ITEMS)
+    starts = log.user_start[log.user_end - 1]
+    # a's latest without its event 2 (i3): i4, i2, i1; b's without event 6 (i5): i1, i2.
+    rows = log.histories(log.user_end, starts, 3, skip=np.array([2, 6]))
+    np.testing.assert_array_equal(rows, [[4, 2, 1], [1, 2, 0]])
+    # Skipping an event outside the window changes nothing.
+    rows = log.histories(log.user_end, starts, 2, skip=np.array([0, 4]))
+    np.testing.assert_array_equal(rows, [[4, 3], [5, 1]])
+
+
+def test_item_counts_can_decay_with_age() -> None:
+    log = InteractionLog.build(HAND_BUILT, ITEMS)
+    np.testing.assert_array_equal(log.item_counts(6, 0.0), [2, 2, 1, 1, 1, 0])
+    # Ages from the last event (t=30) in days; with a half-life h each counts 0.5 ** (age / h).
+    day = 86400
+    late = HAND_BUILT.assign(timestamp=HAND_BUILT["timestamp"] * day)
+    decayed = InteractionLog.build(late, ITEMS).item_counts(6, 10.0)
+    weight = {t: 0.5 ** ((30 - t) / 10) for t in (5, 7, 10, 20, 30)}
+    expected = [
+        weight[10] + weight[5],
+        weight[20] + weight[5],
+        weight[20],
+        weight[30],
+        weight[7],
+        0,
+    ]
+    np.testing.assert_allclose(decayed, expected)
+
+
 def test_empty_log() -> None:
     log = InteractionLog.build(interactions([("a", "zz", 1)]), ITEMS)
     assert log.items.tolist() == [] and log.user_ids == []

@@ -43,6 +43,36 @@ def test_softmax_masks_a_duplicate_positive_instead_of_treating_it_as_negative()
     assert got.item() < unmasked - 0.1
 
 
+def test_softmax_leaves_out_candidates_the_user_has_seen() -> None:
+    users = torch.tensor([E1, E2, E1])
+    positives = torch.tensor([E1, E2, [0.6, 0.8]])
+    ids = torch.tensor([5, 6, 7])
+    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    seen = torch.tensor([[True, True, False], [False, False, False], [False, False, False]])
+    masked = loss(users, positives, ids, torch.zeros(3), seen=seen)
+    # Row 0 no longer competes with item 6 (seen); its own positive is never masked.
+    row0 = math.log(math.e + math.exp(0.6)) - 1
+    row1 = math.log(1 + math.e + math.exp(0.8)) - 1
+    row2 = math.log(math.e + 1 + math.exp(0.6)) - 0.6
+    assert masked.item() == pytest.approx((row0 + row1 + row2) / 3, rel=1e-5)
+
+
+def test_trainer_masks_each_users_own_items_as_negatives() -> None:
+    dataset = small_dataset()
+    trainer = Trainer(dataset, dataset.interactions, fast_config(mask_seen_negatives=True))
+    log = trainer.log
+    batch = np.arange(0, len(log.items), 7)
+    candidates = torch.from_numpy(log.items[batch])
+    seen = trainer._seen(batch, candidates)
+    assert seen is not None
+    owned = [set(log.items[log.users == u].tolist()) for u in range(len(log.user_ids))]
+    expected = [[int(c) in owned[log.users[e]] for c in candidates] for e in batch]
+    np.testing.assert_array_equal(seen.numpy(), expected)
+    assert seen.diagonal().all() and not seen.all()
+    plain = Trainer(dataset, dataset.interactions, fast_config())
+    assert plain._seen(batch, candidates) is None
+
+
 def test_softmax_masks_sampled_negatives_equal_to_the_positive() -> None:
     users = torch.tensor([E1, E2])
     positives = torch.tensor([E1, E2])
@@ -186,7 +216,7 @@ COMBINATIONS = [
     (loss, negatives, True)
     for loss in ("softmax", "bce", "hinge", "logistic")
     for negatives in ("in-batch", "uniform", "popularity", "mixed")
-] + [("softmax", negatives, False) for negatives in ("in-batch", "popularity")]
+] + [("softmax", negatives, False) for negatives in ("in-batch", "popularity", "all")]
 
 
 @pytest.mark.parametrize(("loss", "negatives", "logq"), COMBINATIONS)
@@ -198,7 +228,7 @@ def test_each_loss_decreases_with_each_negative_sampler(
         loss=loss, negatives=negatives, num_negatives=8, logq_correction=logq, epochs=2
     )
     trainer = Trainer(dataset, dataset.interactions, config)
-    if negatives == "in-batch":
+    if negatives in ("in-batch", "all"):
         assert trainer.sampler is None
     else:
         assert trainer.sampler is not None

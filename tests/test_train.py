@@ -7,11 +7,12 @@ import pytest
 import torch
 from trainer_helpers import fast_config, small_dataset
 
+from models.features import HISTORY
 from models.pipeline import choose_prior_weight, make_validator, run_training
 from models.recommender import TwoTowerRecommender
 from models.splits import make_split, validation_split
 from models.towers import TowerConfig
-from models.train import PRIOR_GRID, TrainConfig, TrainedModel, Trainer
+from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainConfig, TrainedModel, Trainer
 
 
 def test_device_auto_is_cuda_only_when_present() -> None:
@@ -149,6 +150,39 @@ def test_target_window_draws_positives_from_the_users_next_events() -> None:
     np.testing.assert_array_equal(next_item._targets(batch), batch)
 
 
+def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    config = fast_config(epochs=1, history_mode="latest", history_length=8)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    log = trainer.log
+    batch = np.arange(len(log.items))
+    hist = trainer._user_features(batch, batch)[HISTORY].numpy()
+    latest = log.user_histories(8)[log.users[batch]]
+    for e in batch:
+        # The user's latest items (as the service will see them), with the positive removed.
+        expected = list(latest[e])
+        position = log.user_end[log.users[e]] - 1 - e
+        if position < 8:
+            del expected[position]
+            older = log.user_end[log.users[e]] - 9
+            expected.append(log.items[older] + 1 if older >= log.user_start[e] else 0)
+        assert hist[e].tolist() == expected
+
+
+def test_history_dropout_hides_a_share_of_the_training_history() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    full = Trainer(dataset, dataset.interactions, fast_config(epochs=1, history_length=8))
+    dropped = Trainer(
+        dataset, dataset.interactions, fast_config(epochs=1, history_length=8, history_dropout=0.5)
+    )
+    batch = np.arange(len(full.log.items))
+    before = full._user_features(batch, batch)[HISTORY].numpy()
+    after = dropped._user_features(batch, batch)[HISTORY].numpy()
+    assert ((after == before) | (after == 0)).all()
+    share = 1 - (after > 0).sum() / (before > 0).sum()
+    assert 0.4 < share < 0.6
+
+
 def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
     dataset = small_dataset()
     counts = np.arange(200)
@@ -177,5 +211,36 @@ def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
     carve = validation_split(train, 0.1)
     validate = make_validator(dataset, carve.train, carve.test, seed=0)
     scores = choose_prior_weight(run.trained, validate, "recall@50")
-    assert set(scores) == {str(w) for w in PRIOR_GRID}
-    assert scores[str(run.trained.prior_weight)] == max(scores.values())
+    pairs = {str(w) if not h else f"{w}@{h:g}d" for w in PRIOR_GRID for h in PRIOR_HALF_LIVES}
+    assert set(scores) == pairs - {f"0.0@{h:g}d" for h in PRIOR_HALF_LIVES}
+    trained = run.trained
+    chosen = trained.prior_weight, trained.prior_half_life_days
+    key = f"{chosen[0]}@{chosen[1]:g}d" if chosen[1] else str(chosen[0])
+    assert scores[key] == max(scores.values())
+    # The chosen pair is what the model now serves with: re-validating gives the same figure.
+    assert validate(trained)["recall@50"] == scores[key]
+    # A half-life fixed in the config is kept; only the weight is searched.
+    fixed = dataclasses.replace(
+        trained, config=dataclasses.replace(trained.config, prior_half_life_days=30.0)
+    )
+    assert set(choose_prior_weight(fixed, validate, "recall@50")) == {"0.0"} | {
+        f"{w}@30d" for w in PRIOR_GRID if w
+    }
+    assert fixed.prior_half_life_days in (0.0, 30.0)
+
+
+def test_refit_trains_again_on_the_whole_training_period() -> None:
+    dataset = small_dataset()
+    config = fast_config(epochs=2, patience=2, popularity_prior=0.5, prior_half_life_days=30.0)
+    validated = run_training(dataset, "last-10pct", config, None).trained
+    refitted = run_training(dataset, "last-10pct", dataclasses.replace(config, refit=True), None)
+    again = refitted.trained
+    # Same validated choices (epochs, prior) and record, new weights learnt from more data.
+    assert (again.best_epoch, again.history, again.config.refit) == (
+        validated.best_epoch,
+        validated.history,
+        True,
+    )
+    assert (again.prior_weight, again.prior_half_life_days) == (0.5, 30.0)
+    assert not np.allclose(again.item_embeddings(), validated.item_embeddings())
+    assert refitted.results["two_tower"].means["recall@50"] > 0
