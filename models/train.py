@@ -89,10 +89,10 @@ class TrainConfig:
     popularity_prior: float | None = None
     prior_half_life_days: float | None = None
     target_window: int = 1
-    history_mode: HistoryMode = "before"
-    history_dropout: float = 0.0
+    history_mode: HistoryMode = "latest"
+    history_dropout: float = 0.3
     mask_seen_negatives: bool = False
-    refit: bool = False
+    refit: bool = True
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1

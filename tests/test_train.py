@@ -152,7 +152,7 @@ def test_target_window_draws_positives_from_the_users_next_events() -> None:
 
 def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
-    config = fast_config(epochs=1, history_mode="latest", history_length=8)
+    config = fast_config(epochs=1, history_mode="latest", history_length=8, history_dropout=0.0)
     trainer = Trainer(dataset, dataset.interactions, config)
     log = trainer.log
     batch = np.arange(len(log.items))
@@ -171,9 +171,10 @@ def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> No
 
 def test_history_dropout_hides_a_share_of_the_training_history() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
-    full = Trainer(dataset, dataset.interactions, fast_config(epochs=1, history_length=8))
+    plain = fast_config(epochs=1, history_length=8, history_dropout=0.0)
+    full = Trainer(dataset, dataset.interactions, plain)
     dropped = Trainer(
-        dataset, dataset.interactions, fast_config(epochs=1, history_length=8, history_dropout=0.5)
+        dataset, dataset.interactions, dataclasses.replace(plain, history_dropout=0.5)
     )
     batch = np.arange(len(full.log.items))
     before = full._user_features(batch, batch)[HISTORY].numpy()
@@ -231,7 +232,9 @@ def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
 
 def test_refit_trains_again_on_the_whole_training_period() -> None:
     dataset = small_dataset()
-    config = fast_config(epochs=2, patience=2, popularity_prior=0.5, prior_half_life_days=30.0)
+    config = fast_config(
+        epochs=2, patience=2, popularity_prior=0.5, prior_half_life_days=30.0, refit=False
+    )
     validated = run_training(dataset, "last-10pct", config, None).trained
     refitted = run_training(dataset, "last-10pct", dataclasses.replace(config, refit=True), None)
     again = refitted.trained
