@@ -85,7 +85,7 @@ def test_hostile_input_over_http_gets_4xx_and_reaches_only_its_own_keys(
 def test_sigterm_finishes_requests_in_flight_and_bounds_a_stalled_client(
     stack: Stack, versions: Versions
 ) -> None:
-    options = shutdown.ShutdownOptions(workers=2, inflight=6, shutdown_timeout_s=1.0)
+    options = shutdown.ShutdownOptions(workers=2, inflight=6, shutdown_timeout_s=1)
     rows = shutdown.run(stack, versions, options)
     assert_behaved(rows)
     assert rows[0].data["exit_code"] == 0

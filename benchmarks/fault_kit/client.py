@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from fault_kit.stack import ADMIN_TOKEN
@@ -93,3 +95,29 @@ def _has(body: dict[str, Any], want: dict[str, Any]) -> bool:
         elif body.get(key) != value:
             return False
     return True
+
+
+class Periodic(ABC):
+    """Side traffic next to the load: `step()` every `period_s` on a thread of its own, from
+    entering the with-block until leaving it."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @abstractmethod
+    def step(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+            self._stop.wait(self.period_s)

@@ -15,7 +15,6 @@ the fault is removed.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import redis
 from serving_kit.procs import free_port
 
-from fault_kit.client import call, wait_for_workers
+from fault_kit.client import Periodic, call, wait_for_workers
 from fault_kit.proxy import DelayProxy
 from fault_kit.report import Row
 from fault_kit.stack import FaultyRedis, Stack, Versions, publish
@@ -56,42 +55,29 @@ class Fault:
     write_error: str | None  # what a refused write's 503 detail says; None: writes succeed
 
 
-class Prober:
-    """Side traffic on fresh connections: a feature write, an events write and a readiness
-    probe in turn, every `period_s`, each recorded with its time, status and detail."""
+class Prober(Periodic):
+    """A feature write, an events write and a readiness probe in turn, on fresh connections,
+    each recorded with its time, status and detail (the readiness' `redis` field)."""
 
     def __init__(self, base: str, features: dict[str, Any], item: str, period_s: float = 0.1):
-        self.base, self.features, self.item, self.period_s = base, features, item, period_s
+        super().__init__(period_s)
+        self.base = base
         self.records: list[tuple[float, str, int, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        calls = [
-            ("features", "PUT", f"/v1/users/{PROBE_USER}/features", {"features": self.features}),
-            ("events", "POST", f"/v1/users/{PROBE_USER}/events", {"item_ids": [self.item]}),
+        self.calls = [
+            ("features", "PUT", f"/v1/users/{PROBE_USER}/features", {"features": features}),
+            ("events", "POST", f"/v1/users/{PROBE_USER}/events", {"item_ids": [item]}),
             ("ready", "GET", "/health/ready", None),
         ]
-        n = 0
-        while not self._stop.is_set():
-            kind, method, path, body = calls[n % len(calls)]
-            n += 1
-            start = time.perf_counter()
-            reply = call(self.base, method, path, body, timeout=10)
-            if isinstance(reply.body, dict):
-                detail = reply.body.get("redis" if kind == "ready" else "detail", "")
-            else:
-                detail = reply.body
-            self.records.append((start, kind, reply.status, str(detail or "")))
-            self._stop.wait(self.period_s)
+
+    def step(self) -> None:
+        kind, method, path, body = self.calls[len(self.records) % len(self.calls)]
+        start = time.perf_counter()
+        reply = call(self.base, method, path, body, timeout=10)
+        if isinstance(reply.body, dict):
+            detail = reply.body.get("redis" if kind == "ready" else "detail", "")
+        else:
+            detail = reply.body
+        self.records.append((start, kind, reply.status, str(detail or "")))
 
     def between(self, start: float, end: float, kind: str) -> list[tuple[int, str]]:
         return [(s, d) for t, k, s, d in list(self.records) if k == kind and start <= t < end]

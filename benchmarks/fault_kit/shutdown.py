@@ -25,7 +25,7 @@ from fault_kit.traffic import Stats, Traffic
 class ShutdownOptions:
     workers: int = 2
     inflight: int = 8
-    shutdown_timeout_s: float = 3.0  # SHUTDOWN_TIMEOUT_S of the service
+    shutdown_timeout_s: int = 3  # SHUTDOWN_TIMEOUT_S of the service (whole seconds)
     hold_s: float = 0.5  # in-flight requests finish their bodies this long after SIGTERM
     exit_slack_s: float = 15.0
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from fault_kit.client import call
+from fault_kit.client import Periodic, call
 from fault_kit.report import Row
 from fault_kit.stack import Stack, Versions, publish
 from fault_kit.traffic import Stats, Traffic
@@ -35,33 +34,23 @@ class SoakOptions:
     redis_timeout_ms: int = 250
 
 
-class Writer:
-    """Events for random published users every `period_s`, statuses kept."""
+class Writer(Periodic):
+    """An event for a random published user every `period_s`; statuses kept."""
 
     def __init__(self, base: str, users: int, items: list[str], period_s: float) -> None:
-        self.base, self.users, self.items, self.period_s = base, users, items, period_s
+        super().__init__(period_s)
+        self.base, self.users, self.items = base, users, items
+        self.rng = random.Random(3)
         self.statuses: list[int] = []
         self.errors: list[str] = []  # the first few error details
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Writer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        rng = random.Random(3)
-        while not self._stop.wait(self.period_s):
-            user = f"u{rng.randrange(self.users)}"
-            body = {"item_ids": [rng.choice(self.items)]}
-            reply = call(self.base, "POST", f"/v1/users/{user}/events", body)
-            self.statuses.append(reply.status)
-            if reply.status != 200 and len(self.errors) < 5:
-                self.errors.append(f"{reply.status} {reply.body}")
+    def step(self) -> None:
+        user = f"u{self.rng.randrange(self.users)}"
+        body = {"item_ids": [self.rng.choice(self.items)]}
+        reply = call(self.base, "POST", f"/v1/users/{user}/events", body)
+        self.statuses.append(reply.status)
+        if reply.status != 200 and len(self.errors) < 5:
+            self.errors.append(f"{reply.status} {reply.body}")
 
 
 def run(stack: Stack, versions: Versions, opts: SoakOptions) -> list[Row]:
