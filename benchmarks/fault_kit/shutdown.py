@@ -1,9 +1,10 @@
-"""Scenario: graceful shutdown. Under load, requests are put in flight for certain (headers and
-half the body sent) along with one client that never finishes its request; then SIGTERM goes
-to the service's main process, as an orchestrator sends it. The rest of each in-flight body
-is sent afterwards: every one must get its whole 200 answer. The stalled client may hold a
-worker for SHUTDOWN_TIMEOUT_S at most: the process must then exit, with status 0. New
-connections are refused once shutdown begins (the load balancer's cue to go elsewhere)."""
+"""Scenario: graceful shutdown. Under load, requests are put in flight for certain (the app
+has asked for their body, half of it is sent) along with one client that never finishes its
+request; then SIGTERM goes to the service's main process, as an orchestrator sends it. The
+rest of each in-flight body is sent afterwards: every one must get its whole 200 answer. The
+stalled client may hold a worker for SHUTDOWN_TIMEOUT_S at most: the process must then exit,
+with status 0. New connections are refused once shutdown begins (the load balancer's cue to
+go elsewhere)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,28 @@ class ShutdownOptions:
     exit_slack_s: float = 15.0
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 def _open_request(port: int, body: bytes, sent: int) -> socket.socket:
+    """A recall whose headers and first `sent` body bytes are sent. `Expect: 100-continue`
+    makes uvicorn answer `100 Continue` once the app asks for the body: from then on the
+    request is in the app for certain, not in a listen backlog or a parser buffer."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     head = (
         f"POST /v1/recall HTTP/1.1\r\nHost: fault-suite\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
     )
-    sock.sendall(head.encode() + body[:sent])
+    sock.sendall(head.encode())
+    got = b""
+    while len(got) < len(CONTINUE):
+        chunk = sock.recv(len(CONTINUE) - len(got))
+        if not chunk:
+            raise RuntimeError("the service closed a new connection before reading a request")
+        got += chunk
+    if got != CONTINUE:
+        raise RuntimeError(f"expected 100 Continue, got {got!r}")
+    sock.sendall(body[:sent])
     return sock
 
 
@@ -67,7 +83,6 @@ def run(stack: Stack, versions: Versions, opts: ShutdownOptions) -> list[Row]:
             sockets = [_open_request(service.port, body, half) for _ in range(opts.inflight)]
             stalled = _open_request(service.port, body, 1)  # never finishes
             sockets.append(stalled)
-            time.sleep(0.3)  # accepted and their headers parsed by the workers
             signalled = time.perf_counter()
             os.kill(service.proc.pid, signal.SIGTERM)
             time.sleep(opts.hold_s)
