@@ -5,7 +5,7 @@
     python benchmarks/faults.py --scenarios soak --soak-duration 3600
 
 Bundles: two versions trained by the real trainer (`python -m models train --split none` on
-`synthetic:seed=1|2,users=1000,items=500`, one epoch), cached under `--cache-dir`. Every
+`synthetic:seed=1|2,users=2000,items=20000`, one epoch), cached under `--cache-dir`. Every
 scenario starts its own `redis-server` on a free port and its own `python -m app` processes
 (see benchmarks/README.md, "faults.py", for what each scenario does and expects), and stops
 them when it ends, also on failure. The table goes to stdout (markdown), the full figures
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -83,7 +84,12 @@ def scenarios(args: argparse.Namespace) -> dict[str, Callable[[Stack, Versions],
     }  # fmt: skip
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the Stack: every process it started is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(chosen) - set(SCENARIOS)
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         with Stack(workdir / name) as stack:
             found = runners[name](stack, versions)
         rows += found
+        print(table(found), file=sys.stderr, flush=True)
         report["scenarios"][name] = {
             "seconds": round(time.perf_counter() - start, 1),
             "loadavg_before": load,

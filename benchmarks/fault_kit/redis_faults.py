@@ -26,7 +26,7 @@ from serving_kit.procs import free_port
 from fault_kit.client import Periodic, call, wait_for_workers
 from fault_kit.proxy import DelayProxy
 from fault_kit.report import Row
-from fault_kit.stack import FaultyRedis, Stack, Versions, publish
+from fault_kit.stack import RECIPE, FaultyRedis, Stack, Versions, publish
 from fault_kit.traffic import Stats, Traffic
 from models.bundle import ITEM_IDS
 
@@ -38,7 +38,7 @@ class RedisOptions:
     workers: int = 2
     phase_s: float = 8.0  # how long each fault lasts
     connections: int = 4
-    users: int = 1000  # published users the load asks for (u0..u{users-1})
+    users: int = RECIPE.users  # published users the load asks for (u0..u{users-1})
     timeout_ms: int = 50  # REDIS_TIMEOUT_MS
     retry_after_ms: int = 500  # REDIS_RETRY_AFTER_MS
     p99_budget_ms: float = 250.0  # recall p99 bound during every fault

@@ -14,7 +14,7 @@ from typing import Any
 
 from fault_kit.client import Periodic, call
 from fault_kit.report import Row
-from fault_kit.stack import Stack, Versions, publish
+from fault_kit.stack import RECIPE, Stack, Versions, publish
 from fault_kit.traffic import Stats, Traffic
 from models.bundle import ITEM_IDS
 
@@ -26,7 +26,7 @@ class SoakOptions:
     reload_every_s: float = 20.0
     workers: int = 2
     connections: int = 4
-    users: int = 1000
+    users: int = RECIPE.users  # published users the load asks for
     events_period_s: float = 0.05
     rss_slack_mb: float = 32.0
     # Above the default 50 ms: on a busy shared box a call can outlast 50 ms, and the soak is

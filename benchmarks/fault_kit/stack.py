@@ -23,10 +23,11 @@ from models import online_store
 from models.sources import load_dataset
 
 ADMIN_TOKEN = "fault-suite-token"
-# Small enough to train in seconds on two cores, big enough that two seeds score differently.
+# Trains in a minute or two on two cores (cached after); 20,000 items make each loaded
+# version weigh several MB, so a reload that leaked one would show in the soak's memory.
 RECIPE = Recipe(
-    items=500,
-    users=1000,
+    items=20_000,
+    users=2_000,
     epochs=1,
     batch_size=512,
     field_dim=16,
