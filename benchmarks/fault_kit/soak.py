@@ -101,7 +101,11 @@ def _judge(
     row = Row(f"soak: {opts.duration_s:g} s, reload every {opts.reload_every_s:g} s, events", stats)
     row.expect(stats.requests > 0 and stats.failures == 0, f"{stats.failures} recalls failed")
     row.expect(bool(reloads) and set(reloads) == {200}, f"reloads answered {sorted(set(reloads))}")
-    row.expect(bool(events) and set(events) == {200}, f"events answered {sorted(set(events))}")
+    # A write in flight while its worker is stalled (a reload's load holds the GIL) can
+    # outlast REDIS_TIMEOUT_MS and be refused (503) as the contract says: a few, not more.
+    refused = events.count(503)
+    row.expect(bool(events) and set(events) <= {200, 503}, f"events answered {sorted(set(events))}")
+    row.expect(refused <= 0.01 * len(events), f"{refused} of {len(events)} events refused (503)")
     row.expect(len(intervals) >= 2, "fewer than two intervals sampled")
     half = len(intervals) // 2
     first = [max(i["rss_mb"]) for i in intervals[:half]] or [0.0]
@@ -112,8 +116,8 @@ def _judge(
     rss_first = intervals[0]["rss_mb"] if intervals else []
     rss_last = intervals[-1]["rss_mb"] if intervals else []
     row.detail = (
-        f"{len(reloads)} reloads, {len(events)} events; RSS per worker {rss_first} → "
-        f"{rss_last} MB (2nd-half peak - 1st-half peak: {growth} MB); p99 per "
+        f"{len(reloads)} reloads, {len(events)} events ({refused} refused); RSS per worker "
+        f"{rss_first} → {rss_last} MB (2nd-half peak - 1st-half peak: {growth} MB); p99 per "
         f"{opts.interval_s:g} s interval {min(p99s, default=0)} to {max(p99s, default=0)} ms"
     )
     row.data = {"intervals": intervals, "reloads": len(reloads), "events": len(events)}
