@@ -63,7 +63,9 @@ def test_reloads_under_load_lose_nothing_and_mix_no_versions(
 def test_redis_faults_degrade_recall_and_refuse_writes_then_heal(
     stack: Stack, versions: Versions
 ) -> None:
-    options = redis_faults.RedisOptions(workers=1, phase_s=1.2, users=300, timeout_ms=100)
+    options = redis_faults.RedisOptions(
+        workers=1, phase_s=1.5, users=300, timeout_ms=100, grace_s=0.3
+    )
     rows = redis_faults.run(stack, versions, options)
     assert_behaved(rows)
     assert len(rows) == 7

@@ -43,7 +43,9 @@ class RedisOptions:
     retry_after_ms: int = 500  # REDIS_RETRY_AFTER_MS
     p99_budget_ms: float = 250.0  # recall p99 bound during every fault
     recovery_bound_s: float = 15.0
-    grace_s: float = 0.5  # after injecting, before readiness and writes must show the fault
+    # Readiness and writes are judged from `grace_s` after the fault is injected until
+    # `grace_s` before it is removed: a probe sent just before then may be answered after.
+    grace_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Prober(Periodic):
     """A feature write, an events write and a readiness probe in turn, on fresh connections,
     each recorded with its time, status and detail (the readiness' `redis` field)."""
 
-    def __init__(self, base: str, features: dict[str, Any], item: str, period_s: float = 0.1):
+    def __init__(self, base: str, features: dict[str, Any], item: str, period_s: float = 0.05):
         super().__init__(period_s)
         self.base = base
         self.records: list[tuple[float, str, int, str]] = []
@@ -206,14 +208,14 @@ def _judge(
         s.p99_ms is not None and s.p99_ms <= opts.p99_budget_ms,
         f"recall p99 {s.p99_ms} ms over the {opts.p99_budget_ms:g} ms budget",
     )
-    settled = start + opts.grace_s
-    ready = prober.between(settled, end, "ready")
+    settled, until = start + opts.grace_s, end - opts.grace_s
+    ready = prober.between(settled, until, "ready")
     want = "unavailable" if fault.unavailable else "ok"
     row.expect(
         bool(ready) and all(d == want for _, d in ready),
         f"readiness said {sorted({d for _, d in ready})}, not only {want!r}",
     )
-    writes = prober.between(settled, end, "features") + prober.between(settled, end, "events")
+    writes = prober.between(settled, until, "features") + prober.between(settled, until, "events")
     if fault.write_error is None:
         row.expect(
             bool(writes) and all(st == 200 for st, _ in writes),
