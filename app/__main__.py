@@ -34,6 +34,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than recall itself; see /metrics
     )

@@ -9,8 +9,10 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,19 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # FastAPI answers 400 when the body cannot be decoded at all (not UTF-8, nested past the
+    # parser's recursion limit): an invalid body, which the contract answers with 422 in the
+    # shape of its other JSON errors. Every other HTTPException (404, 405...) is FastAPI's.
+    assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, Exception):
+        reason = "not UTF-8" if isinstance(cause, UnicodeDecodeError) else type(cause).__name__
+        error = input_error(("body",), "JSON decode error", {}, "json_invalid")
+        return JSONResponse({"detail": [error | {"ctx": {"error": reason}}]}, 422)
+    return await http_exception_handler(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug, never the client's input: log it with the traceback, answer without it.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -110,4 +125,5 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

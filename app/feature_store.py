@@ -28,6 +28,8 @@ from models.online_store import history_key, user_key
 log = logging.getLogger(__name__)
 
 StoreStatus = Literal["ok", "unavailable", "disabled"]
+# A call timeout noticed this many times its bound late means the event loop was blocked.
+STALL_FACTOR = 2.0
 T = TypeVar("T")
 
 
@@ -172,10 +174,14 @@ class RedisFeatureStore(FeatureStore):
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._retry_at:
             raise FeatureStoreUnavailable("Redis is unavailable (retrying shortly)")
+        started = time.monotonic()
         try:
             result = await asyncio.wait_for(fn(), self.timeout_s)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             self.metrics.redis_errors.labels(operation).inc()
+            if self._stalled(exc, started):
+                log.warning("Redis %s timed out: this worker was busy, not Redis", operation)
+                raise FeatureStoreUnavailable("Redis call timed out (worker busy)") from exc
             self._retry_at = time.monotonic() + self.retry_after_s
             if not self._down:
                 log.warning("Redis unavailable (%s): %s", operation, exc)
@@ -189,6 +195,15 @@ class RedisFeatureStore(FeatureStore):
         self._down = False
         self._retry_at = 0.0
         return result
+
+    def _stalled(self, exc: BaseException, started: float) -> bool:
+        """A timeout that fired long past its deadline: this worker's event loop was blocked
+        (a reload's `torch.jit.load` holds the GIL for the whole load, ~0.2 s at 1M items),
+        so the reply could not be read in time, however fast Redis was. Backing off would
+        cost every call of the next RETRY_AFTER its Redis data for nothing; the next call
+        finds out whether Redis itself is slow."""
+        late = time.monotonic() - started > STALL_FACTOR * self.timeout_s
+        return late and isinstance(exc, TimeoutError | redis_errors.TimeoutError)
 
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
         async def fetch() -> list[Any]:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1)] = 1
+    # On SIGTERM each worker stops accepting, finishes the requests in flight, then exits; a
+    # client that never finishes its request may hold it this long at most (uvicorn: forever).
+    shutdown_timeout_s: Annotated[int, Field(ge=1)] = 10
     torch_threads: Annotated[int, Field(ge=1)] = 1  # per worker (see app/__main__.py)
     log_level: LogLevel = "info"
 

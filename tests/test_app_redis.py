@@ -3,9 +3,12 @@ the in-process cache in front of it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -168,3 +171,67 @@ async def test_corrupt_stored_values_degrade_per_user(
         assert response.json()["feature_source"] == "redis"
         ready = await client.get("/health/ready")
         assert ready.json()["redis"] == "ok"
+
+
+class StallingProxy:
+    """A TCP proxy in the test's own event loop that, once armed, holds the loop (a blocking
+    sleep) when Redis's answer arrives: what a reload's `torch.jit.load` does to a worker, since
+    it holds the GIL for the whole load. The call's timer then fires long after its deadline."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.stall_s = 0.0  # armed while > 0: the next answer stalls the loop once
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if self.stall_s:
+                    time.sleep(self.stall_s)  # blocking on purpose: the whole loop stops
+                    self.stall_s = 0.0
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        await asyncio.gather(self._forward(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    @asynccontextmanager
+    async def serve(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield f"redis://127.0.0.1:{port}/0"
+            server.close()
+
+
+async def test_a_worker_stalled_by_its_own_work_does_not_back_off_from_redis(
+    model_dir: Path, own_redis: RedisServer
+) -> None:
+    proxy = StallingProxy(own_redis.port)
+    async with proxy.serve() as url:
+        # A back-off long enough that, if it were taken, the next recall could not reach Redis.
+        settings = make_settings(
+            model_dir, redis_url=url, cache_ttl_s=0, redis_timeout_ms=50,
+            redis_retry_after_ms=60_000,
+        )  # fmt: skip
+        async with serve(settings) as client:
+            assert (await client.put("/v1/users/s1/features", json=FEATURES)).status_code == 200
+            proxy.stall_s = 0.3
+            stalled, _ = await timed_recall(client, "s1")
+            assert stalled.status_code == 200
+            assert stalled.json()["feature_source"] == "default"  # its Redis call timed out
+            assert proxy.stall_s == 0.0
+            # Redis itself answered in time: the next call goes to it, no 60 s back-off.
+            after, _ = await timed_recall(client, "s1")
+            assert after.json()["feature_source"] == "redis"
+            assert (await client.get("/health/ready")).json()["redis"] == "ok"
+            metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_redis_errors_total{operation="fetch"} 1.0' in metrics

@@ -187,6 +187,24 @@ async def test_malformed_json(client: httpx.AsyncClient) -> None:
     assert not_json.status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"\xff\xfe\x00", "not UTF-8"), (b"[" * 20_000 + b"]" * 20_000, "RecursionError")],
+    ids=["not-utf8", "too-deep"],
+)
+async def test_undecodable_bodies_are_422_like_other_json_errors(
+    client: httpx.AsyncClient, body: bytes, reason: str
+) -> None:
+    # FastAPI's own answer would be an undocumented 400 (found by the schemathesis fuzz).
+    response = await client.post("/v1/recall", content=body, headers=JSON)
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": [
+            error("json_invalid", ["body"], "JSON decode error", {}, error=reason),
+        ]
+    }
+
+
 async def test_batch_limits_and_per_item_locations(client: httpx.AsyncClient) -> None:
     too_many = await client.post("/v1/recall/batch", json={"requests": [{"user_id": "a"}] * 4})
     assert too_many.status_code == 422
