@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.cli import add_tower_args, add_train_args, train_config
 from models.evaluation import EvalResult, run_baselines
@@ -58,9 +59,17 @@ def main() -> int:
     parser.add_argument("--splits", default="last-10pct,seed-2003")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (the model is small: more threads mostly synchronise, and "
+        "on a shared 2-core machine they made training several times slower)",
+    )
     add_train_args(parser)
     add_tower_args(parser)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     is_spec = args.data.startswith("synthetic")
     if not is_spec and not Path(args.data).is_dir():
         print(
