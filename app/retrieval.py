@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from app.bundle_loader import ServingBundle
 
@@ -41,12 +42,16 @@ Result = list[tuple[str, float]]
 def _exact_top(bundle: ServingBundle, vector: np.ndarray, query: Query, want: int) -> Result:
     """Brute-force top `want` over the whole catalogue: the fallback when an approximate
     index returns too few results once seen items are removed."""
-    scores = bundle.embeddings @ vector
-    if query.exclude:
-        scores[np.fromiter(query.exclude, dtype=np.int64)] = -np.inf
-    top = np.argpartition(-scores, want - 1)[:want]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(bundle.item_ids[row], float(scores[row])) for row in top]
+    with torch.inference_mode():
+        scores = bundle.matrix @ torch.from_numpy(vector)
+        if query.exclude:
+            scores[torch.tensor(sorted(query.exclude), dtype=torch.int64)] = -torch.inf
+        top = torch.topk(scores, want, sorted=True)
+    ids = bundle.item_ids
+    return [
+        (ids[row], score)
+        for row, score in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    ]
 
 
 def search(bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[Query]) -> list[Result]:

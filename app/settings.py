@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     hnsw_ef_construction: Annotated[int, Field(ge=1)] = 200
     ivf_nlist: Annotated[int, Field(ge=1)] = 1024
     ivf_nprobe: Annotated[int, Field(ge=1)] = 32
+    # OpenMP threads for building an HNSW/IVF index when it is not in the bundle's index cache
+    # (a one-off: start-up or reload); 0 = every core.
+    index_build_threads: Annotated[int, Field(ge=0)] = 0
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""

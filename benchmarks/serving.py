@@ -172,6 +172,7 @@ def run_service(
     try:
         log(f"{name}: starting the service")
         out["startup"] = service.wait_ready(args.startup_timeout)
+        out["startup"]["index_from_cache"] = service.index_from_cache()
         out["memory_ready"] = service.memory()
         out["check"] = sanity_check(service.base_url, args.k)
         users = built.recipe.users

@@ -14,6 +14,7 @@ Import this module only after OMP_NUM_THREADS is set (torch and FAISS read it at
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -37,7 +38,7 @@ from app.retrieval import Query, retrieve
 from app.schemas import RecallRequest, RecallResponse
 from app.services import build_store, configure_threads
 from app.settings import Settings
-from models.bundle import read_latest
+from models.bundle import ITEM_EMBEDDINGS, read_latest
 
 
 class LoadedRepository(ModelRepository):
@@ -65,10 +66,12 @@ def _index_cache_path(bundle: ServingBundle, config: IndexConfig) -> Path:
 def load(settings: Settings) -> tuple[ServingBundle, float, bool]:
     """Load + index + warm up LATEST with every core, as `app.bundle_loader` does.
 
-    An HNSW index is built by the service's own `build_index` and kept beside the benchmark
-    bundle (`index-cache/`, keyed by version and parameters) for later runs; the service
-    itself always builds its own. Returns the bundle, the seconds taken, and whether the
-    index came from that cache.
+    A service that caches its ANN index beside the bundle (`IndexConfig.cache_name`) loads
+    here exactly as it will in the service, so the index built here is the one the service
+    then reads from that cache. For an older tree under `--tree`, an HNSW index is built by
+    its own `build_index` and kept in the benchmark's `<model dir>/index-cache/` for later
+    runs, and that service builds its own. Returns the bundle, the seconds taken, and whether
+    the index came from a cache.
     """
     configure_threads(os.cpu_count() or 1)
     start = time.perf_counter()
@@ -77,6 +80,10 @@ def load(settings: Settings) -> tuple[ServingBundle, float, bool]:
     if config.kind != "hnsw":
         bundle = load_bundle(path, config)
         cached = False
+    elif hasattr(config, "cache_name"):  # the service's own index cache
+        checksum = json.loads((path / "manifest.json").read_text())["sha256"][ITEM_EMBEDDINGS]
+        cached = (path / "index-cache" / f"{config.cache_name(checksum)}.faiss").is_file()
+        bundle = load_bundle(path, config)
     else:
         flat = load_bundle(path, replace(config, kind="flat"))
         cache = _index_cache_path(flat, config)
