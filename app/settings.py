@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     max_batch: Annotated[int, Field(ge=1)] = 256
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
 
+    # -- serving ----------------------------------------------------------------------------
+    # Concurrent /v1/recall requests in one worker are served together (one Redis round trip,
+    # one tower call, one index search): at most this many per batch.
+    recall_batch_size: Annotated[int, Field(ge=1)] = 64
+
     # -- model rollout ----------------------------------------------------------------------
     # Each worker checks LATEST and the fleet's pinned version this often (seconds) and loads
     # the one it should serve; 0 turns the watcher off (reloads only via POST /admin/reload).

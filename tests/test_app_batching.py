@@ -1,0 +1,146 @@
+"""Cross-request micro-batching over HTTP: a request served in a batch with others gets exactly
+what it gets alone; a bad request fails alone; a reload mid-flight never mixes versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from conftest import Bundles
+from helpers_app import Reference, admin_headers, assert_same_recall, make_settings, serve
+
+pytestmark = [pytest.mark.anyio]
+
+STORED = {"age_group": "25-34", "country": "FR", "activity": 3}
+REQUESTS: list[dict[str, Any]] = [
+    {"user_id": "stored", "k": 10},
+    {"user_id": "stored", "k": 25, "exclude_seen": False},
+    {"user_id": "stored", "k": 5, "features": {"country": "US"}},
+    {"user_id": "stored", "k": 7, "history": []},
+    {"user_id": "cold", "k": 10},
+    {"user_id": "cold", "k": 3, "history": ["i5", "i6"], "features": {"age_group": "55+"}},
+    {"user_id": "other", "k": 50, "history": ["i1", "nope", "i2"], "exclude_seen": True},
+    {"user_id": "other", "k": 1},
+]
+
+
+async def gather(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """POST every body to /v1/recall concurrently; responses in body order."""
+    responses: list[httpx.Response | None] = [None] * len(bodies)
+
+    async def post(i: int, body: dict[str, Any]) -> None:
+        responses[i] = await client.post("/v1/recall", json=body)
+
+    async with anyio.create_task_group() as tg:
+        for i, body in enumerate(bodies):
+            tg.start_soon(post, i, body)
+    return [r for r in responses if r is not None]
+
+
+async def batch_sizes(client: httpx.AsyncClient) -> tuple[float, float]:
+    """(batches served, recalls in them) from /metrics."""
+    text = (await client.get("/metrics")).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    return float(values["tower_recall_batch_size_count"]), float(
+        values["tower_recall_batch_size_sum"]
+    )
+
+
+def same_response(got: dict[str, Any], alone: dict[str, Any]) -> None:
+    assert {k: v for k, v in got.items() if k != "items"} == {
+        k: v for k, v in alone.items() if k != "items"
+    }
+    assert_same_recall(got["items"], [(i["item_id"], i["score"]) for i in alone["items"]])
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_batched_responses_equal_responses_alone(
+    model_dir: Path, redis_url: str, redis_prefix: str, store: str
+) -> None:
+    extra = {"redis_url": redis_url, "redis_prefix": redis_prefix} if store == "redis" else {}
+    async with serve(make_settings(model_dir, **extra)) as client:
+        await client.put("/v1/users/stored/features", json={"features": STORED})
+        await client.post("/v1/users/stored/events", json={"item_ids": ["i9", "i8", "i7"]})
+        await client.post("/v1/users/other/events", json={"item_ids": ["i3"]})
+        alone = []
+        for body in REQUESTS:
+            response = await client.post("/v1/recall", json=body)
+            assert response.status_code == 200
+            alone.append(response.json())
+        before = await batch_sizes(client)
+        for _ in range(3):
+            responses = await gather(client, REQUESTS * 3)
+            for response, expected in zip(responses, alone * 3, strict=True):
+                assert response.status_code == 200
+                same_response(response.json(), expected)
+        batches, recalls = (a - b for a, b in zip(await batch_sizes(client), before, strict=True))
+    assert recalls == 3 * 3 * len(REQUESTS)
+    assert batches < recalls  # they were served together, not one by one
+
+
+async def test_invalid_requests_fail_alone_in_a_batch(model_dir: Path) -> None:
+    settings = make_settings(model_dir, max_k=100, max_history=5)
+    bad: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (
+            {"user_id": "b1", "k": 101},
+            {
+                "type": "less_than_equal",
+                "loc": ["body", "k"],
+                "msg": "Input should be less than or equal to 100",
+                "input": 101,
+            },
+        ),
+        (
+            {"user_id": "b2", "features": {"shoe_size": 44}},
+            {"type": "unknown_feature", "loc": ["body", "features", "shoe_size"]},
+        ),
+        (
+            {"user_id": "b3", "history": ["i1"] * 6},
+            {"type": "too_long", "loc": ["body", "history"], "input": 6},
+        ),
+    ]
+    async with serve(settings) as client:
+        alone = [(await client.post("/v1/recall", json=body)).json() for body in REQUESTS]
+        bodies = [body for body, _ in bad] + REQUESTS
+        responses = await gather(client, bodies)
+    for response, (_, error) in zip(responses, bad, strict=False):
+        assert response.status_code == 422
+        (detail,) = response.json()["detail"]
+        assert {k: detail[k] for k in error} == error
+    for response, expected in zip(responses[len(bad) :], alone, strict=True):
+        assert response.status_code == 200
+        same_response(response.json(), expected)
+
+
+async def test_a_reload_mid_flight_never_mixes_versions(model_dir: Path, bundles: Bundles) -> None:
+    references = {b.name: Reference(b) for b in (bundles.v1, bundles.v2)}
+    bodies = [{"user_id": f"r{i}", "k": 10, "history": [f"i{i}"]} for i in range(12)]
+    seen: list[dict[str, Any]] = []
+    async with serve(make_settings(model_dir)) as client:
+
+        async def load() -> None:
+            for _ in range(6):
+                for response in await gather(client, bodies):
+                    assert response.status_code == 200
+                    seen.append(response.json())
+                await anyio.sleep(0)
+
+        async def reload() -> None:
+            await anyio.sleep(0)
+            body = {"version": bundles.v2.name}
+            response = await client.post("/admin/reload", json=body, headers=admin_headers())
+            assert response.status_code == 200
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load)
+            tg.start_soon(reload)
+        after = (await gather(client, bodies))[0].json()
+    assert after["model_version"] == bundles.v2.name
+    # Each response names one version, and its items are exactly that version's answer.
+    for response in seen:
+        reference = references[response["model_version"]]
+        history = [f"i{response['user_id'][1:]}"]
+        assert_same_recall(response["items"], reference.top_k({}, history, 10))
