@@ -70,6 +70,12 @@ class Metrics:
         )
         self.cache_hits = Counter("tower_recall_cache_hits", "Feature cache hits", registry=r)
         self.cache_misses = Counter("tower_recall_cache_misses", "Feature cache misses", registry=r)
+        self.vector_cache = Counter(
+            "tower_recall_vector_cache",
+            "User-vector cache lookups (hit: no tower call for that user)",
+            ["result"],
+            registry=r,
+        )
         self.feature_source = Counter(
             "tower_recall_feature_source", "Recalls by feature source", ["source"], registry=r
         )

@@ -21,6 +21,7 @@ import orjson
 
 from app.batcher import MicroBatcher
 from app.bundle_loader import ServingBundle
+from app.cache import VectorCache
 from app.errors import FeatureStoreUnavailable, InvalidInput, input_error
 from app.feature_store import EMPTY, FeatureStore, UserRecord
 from app.metrics import Metrics
@@ -53,6 +54,7 @@ class RecallService:
     metrics: stage timings, batch sizes and feature-source counts.
     executor: where encode + search run (one thread with the service's thread settings);
         None runs them on the event loop.
+    vectors: encoded user vectors to reuse; None encodes every user.
     """
 
     def __init__(
@@ -62,12 +64,14 @@ class RecallService:
         limits: Limits,
         metrics: Metrics,
         executor: Executor | None = None,
+        vectors: VectorCache | None = None,
     ) -> None:
         self.repository = repository
         self.store = store
         self.limits = limits
         self.metrics = metrics
         self.executor = executor
+        self.vectors = vectors
         self._batcher = MicroBatcher(
             self._serve_micro_batch, limits.micro_batch, metrics.batch_size.observe
         )
@@ -207,36 +211,38 @@ class RecallService:
         if request.exclude_seen:
             index = bundle.item_index
             exclude = frozenset(index[item] for item in history if item in index)
-        return Query(features, history, exclude, request.k), source
+        return Query(features, history, exclude, request.k, request.user_id), source
 
     async def _retrieve(
         self, bundle: ServingBundle, queries: list[Query]
     ) -> list[Result | BaseException]:
         if not queries:
             return []
-        observe = self.metrics.observe_stage
+        args = (bundle, queries, self.metrics.observe_stage, self.vectors)
         if self.executor is None:
-            return _retrieve_isolated(bundle, queries, observe)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, _retrieve_isolated, bundle, queries, observe
+            return _retrieve_isolated(*args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, _retrieve_isolated, *args
         )
 
 
 def _retrieve_isolated(
-    bundle: ServingBundle, queries: list[Query], observe: StageObserver
+    bundle: ServingBundle,
+    queries: list[Query],
+    observe: StageObserver,
+    vectors: VectorCache | None,
 ) -> list[Result | BaseException]:
     """`retrieve` for the whole batch; if it fails, each query alone, so that a query that
     cannot be served fails by itself."""
     try:
-        return list(retrieve(bundle, queries, observe))
+        return list(retrieve(bundle, queries, observe, vectors))
     except Exception as exc:
         if len(queries) == 1:
             return [exc]
     outcomes: list[Result | BaseException] = []
     for query in queries:
         try:
-            outcomes.extend(retrieve(bundle, [query], observe))
+            outcomes.extend(retrieve(bundle, [query], observe, vectors))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes

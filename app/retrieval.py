@@ -1,7 +1,9 @@
 """The CPU-bound step of recall: encode a batch of users, search, exclude seen items.
 
 `retrieve` takes a whole batch of prepared queries so one tower call and one index search
-serve all of them (`/v1/recall/batch` today, cross-request micro-batching later).
+serve all of them (`/v1/recall/batch`, and the micro-batches of concurrent `/v1/recall`
+requests). User vectors already encoded from the same inputs by the same model version come
+from a `VectorCache` instead of the tower.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from app.bundle_loader import ServingBundle
+from app.cache import VectorCache
 
 StageObserver = Callable[[str, float], None]
 
@@ -28,12 +31,14 @@ class Query:
         history: item ids, newest first (the encoder keeps the known ones, up to its length).
         exclude: catalogue rows never to return (the seen items).
         k: results wanted.
+        user_id: whose vector this is (the vector cache's key); None: not cached.
     """
 
     features: Mapping[str, Any]
     history: Sequence[str]
     exclude: frozenset[int]
     k: int
+    user_id: str | None = None
 
 
 Result = list[tuple[str, float]]
@@ -78,13 +83,44 @@ def search(bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[Query])
     return results
 
 
+def encode(
+    bundle: ServingBundle, queries: Sequence[Query], cache: VectorCache | None = None
+) -> np.ndarray:
+    """User vectors float32 `(B, dim)`: the cached ones, and one tower call for the rest."""
+    if cache is None:
+        return bundle.encode([q.features for q in queries], [q.history for q in queries])
+    vectors = np.empty((len(queries), bundle.dim), dtype=np.float32)
+    keys = [cache.key(bundle.version, q.features, q.history) for q in queries]
+    missing = []
+    for i, (query, key) in enumerate(zip(queries, keys, strict=True)):
+        vector = None
+        if query.user_id is not None and key is not None:
+            vector = cache.get(query.user_id, key)
+        if vector is None:
+            missing.append(i)
+        else:
+            vectors[i] = vector
+    if missing:
+        todo = [queries[i] for i in missing]
+        fresh = bundle.encode([q.features for q in todo], [q.history for q in todo])
+        vectors[missing] = fresh
+        for i, vector in zip(missing, fresh, strict=True):
+            user_id, key = queries[i].user_id, keys[i]
+            if user_id is not None and key is not None:
+                cache.put(user_id, key, vector.copy())
+    return vectors
+
+
 def retrieve(
-    bundle: ServingBundle, queries: Sequence[Query], observe: StageObserver | None = None
+    bundle: ServingBundle,
+    queries: Sequence[Query],
+    observe: StageObserver | None = None,
+    cache: VectorCache | None = None,
 ) -> list[Result]:
     """Encode + search a batch of queries on one bundle; `observe(stage, seconds)` gets the
     `encode` and `search` timings."""
     start = time.perf_counter()
-    vectors = bundle.encode([q.features for q in queries], [q.history for q in queries])
+    vectors = encode(bundle, queries, cache)
     encoded = time.perf_counter()
     results = search(bundle, vectors, queries)
     if observe is not None:

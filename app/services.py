@@ -11,7 +11,7 @@ import faiss
 import torch
 
 from app.bundle_loader import IndexConfig
-from app.cache import CachedFeatureStore
+from app.cache import CachedFeatureStore, VectorCache
 from app.feature_store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from app.metrics import Metrics
 from app.model_sync import LocalPin, ModelSync, RedisPin, VersionPin
@@ -89,7 +89,14 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         repository=repository,
         sync=ModelSync(repository, build_pin(settings), settings.reload_poll_s),
         store=store,
-        recall=RecallService(repository, store, limits, metrics, cpu),
+        recall=RecallService(
+            repository,
+            store,
+            limits,
+            metrics,
+            cpu,
+            VectorCache(settings.vector_cache_size, metrics),
+        ),
         users=UserService(store, repository, settings.max_history),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         cpu=cpu,

@@ -144,3 +144,53 @@ async def test_a_reload_mid_flight_never_mixes_versions(model_dir: Path, bundles
         reference = references[response["model_version"]]
         history = [f"i{response['user_id'][1:]}"]
         assert_same_recall(response["items"], reference.top_k({}, history, 10))
+
+
+def vector_cache(text: str) -> dict[str, float]:
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    return {
+        result: float(values.get(f'tower_recall_vector_cache_total{{result="{result}"}}', 0))
+        for result in ("hit", "miss")
+    }
+
+
+async def test_user_vectors_are_reused_until_inputs_or_version_change(
+    model_dir: Path, bundles: Bundles, redis_url: str, redis_prefix: str
+) -> None:
+    references = {b.name: Reference(b) for b in (bundles.v1, bundles.v2)}
+    settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    stored = dict(STORED)
+    seen = {"hit": 0.0, "miss": 0.0}
+    async with serve(settings) as client:
+
+        async def recall(body: dict[str, Any], version: str, history: list[str]) -> str:
+            """Checks the answer against the reference; "hit" if the vector was reused."""
+            response = (await client.post("/v1/recall", json=body)).json()
+            assert response["model_version"] == version
+            features = {**stored, **body.get("features", {})}
+            expected = references[version].top_k(features, history, 10)
+            assert_same_recall(response["items"], expected)
+            counts = vector_cache((await client.get("/metrics")).text)
+            outcome = "hit" if counts["hit"] > seen["hit"] else "miss"
+            seen.update(counts)
+            return outcome
+
+        await client.put("/v1/users/vc/features", json={"features": stored})
+        await client.post("/v1/users/vc/events", json={"item_ids": ["i1"]})
+        plain = {"user_id": "vc", "k": 10}
+        v1, v2 = bundles.v1.name, bundles.v2.name
+        outcomes = [
+            await recall(plain, v1, ["i1"]),
+            await recall(plain, v1, ["i1"]),
+            await recall({**plain, "features": {"country": "US"}}, v1, ["i1"]),
+            await recall(plain, v1, ["i1"]),  # the override replaced the user's entry
+        ]
+        await client.post("/v1/users/vc/events", json={"item_ids": ["i2"]})
+        outcomes.append(await recall(plain, v1, ["i2", "i1"]))
+        stored["activity"] = 9
+        await client.put("/v1/users/vc/features", json={"features": stored})
+        outcomes.append(await recall(plain, v1, ["i2", "i1"]))
+        await client.post("/admin/reload", json={"version": v2}, headers=admin_headers())
+        outcomes.append(await recall(plain, v2, ["i2", "i1"]))
+        outcomes.append(await recall(plain, v2, ["i2", "i1"]))
+    assert outcomes == ["miss", "hit", "miss", "miss", "miss", "miss", "miss", "hit"]
