@@ -31,10 +31,11 @@ class Services:
     recall: RecallService
     users: UserService
     worker: str  # host:pid of this worker process, named in /health/ready
-    cpu: ThreadPoolExecutor  # the one thread that encodes and searches
+    cpu: ThreadPoolExecutor | None  # the one thread that encodes and searches
 
     def close(self) -> None:
-        self.cpu.shutdown(wait=False, cancel_futures=True)
+        if self.cpu is not None:
+            self.cpu.shutdown(wait=False, cancel_futures=True)
 
 
 def configure_threads(threads: int) -> None:
@@ -80,9 +81,11 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         settings.max_k, settings.max_history, settings.max_batch, settings.recall_batch_size
     )
     # FAISS's OpenMP reads its thread count per thread: set it in the thread that searches.
-    cpu = ThreadPoolExecutor(
-        1, "recall-cpu", initializer=configure_threads, initargs=(settings.torch_threads,)
-    )
+    cpu = None
+    if settings.recall_thread:
+        cpu = ThreadPoolExecutor(
+            1, "recall-cpu", initializer=configure_threads, initargs=(settings.torch_threads,)
+        )
     return Services(
         settings=settings,
         metrics=metrics,

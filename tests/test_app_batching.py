@@ -56,11 +56,15 @@ def same_response(got: dict[str, Any], alone: dict[str, Any]) -> None:
     assert_same_recall(got["items"], [(i["item_id"], i["score"]) for i in alone["items"]])
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize(
+    ("store", "recall_thread"), [("memory", True), ("redis", True), ("redis", False)]
+)
 async def test_batched_responses_equal_responses_alone(
-    model_dir: Path, redis_url: str, redis_prefix: str, store: str
+    model_dir: Path, redis_url: str, redis_prefix: str, store: str, recall_thread: bool
 ) -> None:
-    extra = {"redis_url": redis_url, "redis_prefix": redis_prefix} if store == "redis" else {}
+    extra: dict[str, Any] = {"recall_thread": recall_thread}
+    if store == "redis":
+        extra |= {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with serve(make_settings(model_dir, **extra)) as client:
         await client.put("/v1/users/stored/features", json={"features": STORED})
         await client.post("/v1/users/stored/events", json={"item_ids": ["i9", "i8", "i7"]})
@@ -77,6 +81,9 @@ async def test_batched_responses_equal_responses_alone(
                 assert response.status_code == 200
                 same_response(response.json(), expected)
         batches, recalls = (a - b for a, b in zip(await batch_sizes(client), before, strict=True))
+        metrics = (await client.get("/metrics")).text
+    for stage in ("feature_fetch", "encode", "search", "serialise"):
+        assert f'tower_recall_stage_duration_seconds_count{{stage="{stage}"}}' in metrics
     assert recalls == 3 * 3 * len(REQUESTS)
     assert batches < recalls  # they were served together, not one by one
 
