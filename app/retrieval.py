@@ -59,22 +59,45 @@ def _exact_top(bundle: ServingBundle, vector: np.ndarray, query: Query, want: in
     ]
 
 
+def _candidates(
+    bundle: ServingBundle, vectors: np.ndarray, fetches: list[int]
+) -> list[tuple[list[float], list[int]]]:
+    """(scores, rows) of each query's top `fetches[i]` from the index. Exact search and IVF
+    return a prefix of the same ranking at any depth, so one search at the deepest serves
+    all; some FAISS versions widen an HNSW search to max(efSearch, depth), so there each
+    depth gets its own search, and a query's answer never depends on its batch."""
+    if bundle.index_type != "hnsw":
+        depths = {max(fetches): list(range(len(fetches)))}
+    else:
+        depths = {}
+        for i, fetch in enumerate(fetches):
+            depths.setdefault(fetch, []).append(i)
+    out: list[tuple[list[float], list[int]]] = [([], [])] * len(fetches)
+    for depth, members in depths.items():
+        scores, rows = bundle.search(vectors[members], depth)
+        for j, i in enumerate(members):
+            out[i] = (scores[j].tolist(), rows[j].tolist())
+    return out
+
+
 def search(bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[Query]) -> list[Result]:
-    """Top k per query, seen items excluded: one index search over-fetching by the largest
-    exclusion, then an exact search for any row the index could not fill."""
+    """Top k per query, seen items excluded: an index search over-fetching by the query's
+    exclusions, then an exact search for any query the index could not fill."""
     n_items = bundle.n_items
-    fetch = min(n_items, max(q.k + len(q.exclude) for q in queries))
-    scores, rows = bundle.search(vectors, fetch)
+    fetches = [min(n_items, q.k + len(q.exclude)) for q in queries]
+    candidates = _candidates(bundle, vectors, fetches)
+    ids = bundle.item_ids
     results: list[Result] = []
-    for i, query in enumerate(queries):
+    for i, (query, (scores, rows)) in enumerate(zip(queries, candidates, strict=True)):
         want = min(query.k, n_items - len(query.exclude))
         out: Result = []
         if want <= 0:
             results.append(out)
             continue
-        for row, score in zip(rows[i].tolist(), scores[i].tolist(), strict=True):
-            if row >= 0 and row not in query.exclude:
-                out.append((bundle.item_ids[row], score))
+        exclude = query.exclude
+        for row, score in zip(rows, scores, strict=True):
+            if row >= 0 and row not in exclude:
+                out.append((ids[row], score))
                 if len(out) == want:
                     break
         if len(out) < want:

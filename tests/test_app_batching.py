@@ -24,6 +24,8 @@ REQUESTS: list[dict[str, Any]] = [
     {"user_id": "cold", "k": 3, "history": ["i5", "i6"], "features": {"age_group": "55+"}},
     {"user_id": "other", "k": 50, "history": ["i1", "nope", "i2"], "exclude_seen": True},
     {"user_id": "other", "k": 1},
+    # Shallow searches of varied users: on a coarse HNSW graph, depth changes their answer.
+    *({"user_id": f"shallow{i}", "k": 1, "history": [f"i{i}"]} for i in range(0, 200, 25)),
 ]
 
 
@@ -57,12 +59,27 @@ def same_response(got: dict[str, Any], alone: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("store", "recall_thread"), [("memory", True), ("redis", True), ("redis", False)]
+    ("store", "recall_thread", "index"),
+    [
+        ("memory", True, "flat"),
+        ("redis", True, "flat"),
+        ("redis", False, "flat"),
+        # A coarse graph: its answers depend on the search depth, which must be the
+        # request's own, whatever else is in the batch.
+        ("memory", True, "hnsw"),
+    ],
 )
 async def test_batched_responses_equal_responses_alone(
-    model_dir: Path, redis_url: str, redis_prefix: str, store: str, recall_thread: bool
+    model_dir: Path,
+    redis_url: str,
+    redis_prefix: str,
+    store: str,
+    recall_thread: bool,
+    index: str,
 ) -> None:
-    extra: dict[str, Any] = {"recall_thread": recall_thread}
+    extra: dict[str, Any] = {"recall_thread": recall_thread, "index_type": index}
+    if index == "hnsw":
+        extra |= {"hnsw_m": 4, "hnsw_ef_search": 4, "hnsw_ef_construction": 8}
     if store == "redis":
         extra |= {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with serve(make_settings(model_dir, **extra)) as client:
