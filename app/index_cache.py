@@ -40,6 +40,7 @@ def _atomic_write(directory: Path, name: str, write: Callable[[str], object]) ->
     try:
         write(tmp)
         digest = sha256_file(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from workers run as other users
         os.replace(tmp, directory / name)
     except BaseException:
         with contextlib.suppress(OSError):
