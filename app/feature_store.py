@@ -178,8 +178,8 @@ class RedisFeatureStore(FeatureStore):
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             self.metrics.redis_errors.labels(operation).inc()
             self._retry_at = time.monotonic() + self.retry_after_s
-            if not self._down:
-                log.warning("Redis unavailable (%s): %s", operation, exc)
+            if not self._down:  # a timeout's message is empty: name the exception too
+                log.warning("Redis unavailable (%s): %r", operation, exc)
             self._down = True
             raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
         except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up

