@@ -36,6 +36,7 @@ Loc = tuple[str | int, ...]
 # that model for the OpenAPI document and send these serialised by orjson (no second pass
 # through pydantic on the hot path).
 ResponseData = dict[str, Any]
+INLINE_FLAT_ITEMS = 50_000  # a lone query scanning this many items stays on the event loop
 
 
 @dataclass(frozen=True)
@@ -219,11 +220,18 @@ class RecallService:
         if not queries:
             return []
         args = (bundle, queries, self.metrics.observe_stage, self.vectors)
-        if self.executor is None:
+        if self.executor is None or _cheap(bundle, queries):
             return _retrieve_isolated(*args)
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, _retrieve_isolated, *args
         )
+
+
+def _cheap(bundle: ServingBundle, queries: list[Query]) -> bool:
+    """One query on an ANN index or a small flat one takes a fraction of a millisecond:
+    cheaper on the event loop than a hop to the recall thread and back. Batches and big
+    exact scans go to the thread, so the loop keeps reading requests meanwhile."""
+    return len(queries) == 1 and (bundle.index is not None or bundle.n_items <= INLINE_FLAT_ITEMS)
 
 
 def _retrieve_isolated(
