@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from helpers_app import Reference, make_settings, serve
 
 from app.bundle_loader import IndexConfig, ServingBundle, load_bundle
-from app.index_cache import CACHE_DIR
+from app.index_cache import CACHE_DIR, IndexCache
 from models.bundle import read_latest
 
 HNSW = IndexConfig(kind="hnsw", hnsw_m=8, hnsw_ef_search=200, hnsw_ef_construction=40)
@@ -123,3 +125,32 @@ async def test_service_serves_exact_results_from_a_cached_hnsw_index(model_dir: 
         items = (await client.post("/v1/recall", json=body)).json()["items"]
     # 200 items with efSearch 200: the graph search visits them all, so it is exact.
     assert [i["item_id"] for i in items] == [i for i, _ in reference.top_k({}, ["i3"], 10)]
+
+
+def test_concurrent_loaders_build_once(tmp_path: Path) -> None:
+    # Workers starting together: one builds, the others wait for it and read its cache.
+    vectors = np.random.default_rng(0).standard_normal((500, 8), dtype=np.float32)
+    key = {"embeddings_sha256": "x" * 64, "n_items": 500, "dim": 8, "kind": "hnsw"}
+    builds: list[int] = []
+    gate = threading.Event()
+
+    def build() -> faiss.Index:
+        builds.append(1)
+        gate.wait(5)  # hold the lock while the others arrive
+        index = faiss.IndexHNSWFlat(8, 4, faiss.METRIC_INNER_PRODUCT)
+        index.add(vectors)
+        return index
+
+    results: list[bool] = []
+
+    def load() -> None:
+        results.append(IndexCache(tmp_path, "hnsw-test", key).load_or_build(build)[1])
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    threading.Timer(0.5, gate.set).start()
+    for t in threads:
+        t.join(10)
+    assert len(builds) == 1
+    assert sorted(results) == [False, True, True]
