@@ -12,6 +12,8 @@ import pytest
 from conftest import Bundles
 from helpers_app import Reference, admin_headers, assert_same_recall, make_settings, serve
 
+from app.schemas import RecallResponse
+
 pytestmark = [pytest.mark.anyio]
 
 STORED = {"age_group": "25-34", "country": "FR", "activity": 3}
@@ -90,6 +92,10 @@ async def test_batched_responses_equal_responses_alone(
         for body in REQUESTS:
             response = await client.post("/v1/recall", json=body)
             assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            # Serialised by orjson, exactly the declared model: nothing more, nothing less.
+            model = RecallResponse.model_validate_json(response.content, strict=True)
+            assert model.model_dump() == response.json()
             alone.append(response.json())
         before = await batch_sizes(client)
         for _ in range(3):
