@@ -1,12 +1,21 @@
-"""Bundle -> `ServingBundle`: verify, load the TorchScript tower, build the FAISS index, warm up.
+"""Bundle -> `ServingBundle`: verify, load the TorchScript tower, build the index, warm up.
 
 Everything here runs off the event loop (start-up and reload call it in a worker thread), and
 every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
+
+Flat search is one matrix product + top-k in torch over the memory-mapped embeddings (a batch
+of users shares one pass over the matrix: several times faster than FAISS's flat index for
+the small batches a service sees, and the pages are shared by every worker). HNSW and IVF
+are FAISS indexes; a built one is cached beside the bundle (`app.index_cache`), and HNSW's own
+copy of the vectors doubles as the matrix of the exact fallback, so it is held once.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +26,12 @@ import numpy as np
 import torch
 
 from app.errors import BundleRejected
+from app.index_cache import IndexCache
 from app.settings import IndexType, Settings
-from models.bundle import BundleError, verify_bundle
+from models.bundle import ITEM_EMBEDDINGS, BundleError, verify_bundle
 from models.features import FeatureEncoder, FeatureSpecError
+
+log = logging.getLogger(__name__)
 
 # k-means wants ~39 training points per list; fewer lists than that for small catalogues.
 MIN_POINTS_PER_LIST = 39
@@ -33,6 +45,7 @@ class IndexConfig:
     hnsw_ef_construction: int = 200
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
+    build_threads: int = 0  # OpenMP threads for building an ANN index; 0 = every core
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -43,27 +56,54 @@ class IndexConfig:
             s.hnsw_ef_construction,
             s.ivf_nlist,
             s.ivf_nprobe,
+            s.index_build_threads,
         )
+
+    def cache_name(self, checksum: str) -> str:
+        """File stem of the cached index: kind, build parameters, embeddings checksum."""
+        if self.kind == "hnsw":
+            params = f"M{self.hnsw_m}-efc{self.hnsw_ef_construction}"
+        else:
+            params = f"nlist{self.ivf_nlist}"
+        return f"{self.kind}-{params}-{checksum[:16]}"
 
 
 def build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
-    """An inner-product index over `embeddings` float32 `(n_items, dim)`; row i = id i."""
+    """A FAISS inner-product index over `embeddings` float32 `(n_items, dim)`; row i = id i.
+    Search-time parameters (efSearch, nprobe) are set by `set_search_params`."""
     n, dim = embeddings.shape
     index: faiss.Index
     if config.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.hnsw_ef_construction
-        index.hnsw.efSearch = config.hnsw_ef_search
     elif config.kind == "ivf":
         nlist = max(1, min(config.ivf_nlist, n // MIN_POINTS_PER_LIST))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(embeddings)
-        index.nprobe = min(config.ivf_nprobe, nlist)
     else:
         index = faiss.IndexFlatIP(dim)
     index.add(embeddings)
+    set_search_params(index, config)
     return index
+
+
+def set_search_params(index: faiss.Index, config: IndexConfig) -> None:
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif isinstance(index, faiss.IndexIVF):
+        index.nprobe = min(config.ivf_nprobe, index.nlist)
+
+
+def exact_search(
+    matrix: torch.Tensor, vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top `k` of each row of `vectors` float32 `(B, dim)` over `matrix`
+    `(n_items, dim)`: (scores float32 `(B, k)`, rows int64 `(B, k)`), best first."""
+    with torch.inference_mode():
+        scores = torch.from_numpy(vectors) @ matrix.T
+        top = torch.topk(scores, k, dim=1, sorted=True)
+    return top.values.numpy(), top.indices.numpy()
 
 
 @dataclass(frozen=True)
@@ -76,8 +116,11 @@ class ServingBundle:
         manifest: parsed manifest.json.
         tower: TorchScript user tower: `Dict[str, Tensor]` -> float32 `(B, dim)`.
         encoder: the shared feature encoder (spec + item index for history).
-        index: FAISS inner-product index over the item embeddings.
-        embeddings: float32 `(n_items, dim)`, read-only, for the exact fallback.
+        index: FAISS inner-product index over the item embeddings; None for flat (exact
+            search over `matrix`).
+        embeddings: float32 `(n_items, dim)`, never written: memory-mapped from the bundle,
+            or a view of the HNSW index's own vectors.
+        matrix: `embeddings` as a tensor (same memory), for exact search and the fallback.
         item_ids: external id of each row.
         index_type: flat | hnsw | ivf.
         loaded_at: UNIX time the bundle became ready.
@@ -88,8 +131,9 @@ class ServingBundle:
     manifest: Mapping[str, Any]
     tower: torch.jit.ScriptModule
     encoder: FeatureEncoder
-    index: faiss.Index
+    index: faiss.Index | None
     embeddings: np.ndarray
+    matrix: torch.Tensor
     item_ids: Sequence[str]
     index_type: IndexType
     loaded_at: float
@@ -117,15 +161,57 @@ class ServingBundle:
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` per row: (scores float32 `(B, k)`, rows int64 `(B, k)`, -1 = no result)."""
+        if self.index is None:
+            return exact_search(self.matrix, vectors, k)
         scores, rows = self.index.search(vectors, k)
         return scores, rows
 
 
 def _build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
+    # FAISS's OpenMP thread count is per calling thread: this (loader) thread builds with
+    # every core, then goes back to what it had, and the serving thread keeps its own.
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(config.build_threads or os.cpu_count() or 1)
     try:
         return build_index(embeddings, config)
     except RuntimeError as exc:  # FAISS reports its errors as RuntimeError
         raise BundleRejected(f"cannot build the {config.kind} index: {exc}") from exc
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _ann_index(
+    path: Path, embeddings: np.ndarray, checksum: str, config: IndexConfig
+) -> faiss.Index:
+    """The HNSW/IVF index: from the cache beside the bundle when valid, else built (and
+    cached for the next start when the directory is writable)."""
+    n_items, dim = embeddings.shape
+    key = {
+        "embeddings_sha256": checksum,
+        "n_items": n_items,
+        "dim": dim,
+        "kind": config.kind,
+        **(
+            {"hnsw_m": config.hnsw_m, "ef_construction": config.hnsw_ef_construction}
+            if config.kind == "hnsw"
+            else {"ivf_nlist": config.ivf_nlist}
+        ),
+    }
+    cache = IndexCache(path, config.cache_name(checksum), key)
+    start = time.perf_counter()
+    index, cached = cache.load_or_build(lambda: _build_index(embeddings, config))
+    how = "read from the cache" if cached else "built"
+    log.info("%s index %s in %.1f s", config.kind, how, time.perf_counter() - start)
+    set_search_params(index, config)
+    return index
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over `array`'s memory. Read-only (memory-mapped) arrays are fine: nothing
+    writes to the matrix, which torch cannot know, hence its warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def _load_tower(path: Path) -> torch.jit.ScriptModule:
@@ -178,14 +264,27 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
     embeddings.setflags(write=False)
     if embeddings.shape[0] == 0:
         raise BundleRejected("the bundle has no items")
+    index: faiss.Index | None = None
+    if config.kind != "flat":
+        checksum = verified.manifest["sha256"][ITEM_EMBEDDINGS]
+        index = _ann_index(path, embeddings, checksum, config)
+        if isinstance(index, faiss.IndexHNSWFlat):
+            # HNSW keeps its own copy of the vectors: serve the fallback from it, and let the
+            # memory map go, so the matrix is held once.
+            storage: Any = faiss.downcast_index(index.storage)
+            embeddings = faiss.rev_swig_ptr(storage.get_xb(), embeddings.size).reshape(
+                embeddings.shape
+            )
+            embeddings.setflags(write=False)
     bundle = ServingBundle(
         version=verified.version,
         path=path,
         manifest=verified.manifest,
         tower=tower,
         encoder=encoder,
-        index=_build_index(embeddings, config),
+        index=index,
         embeddings=embeddings,
+        matrix=_shared_tensor(embeddings),
         item_ids=tuple(verified.item_ids),
         index_type=config.kind,
         loaded_at=time.time(),

@@ -130,7 +130,7 @@ class MemoryFeatureStore(FeatureStore):
 class RedisFeatureStore(FeatureStore):
     """Redis with bounded time per call and a short back-off after a failure.
 
-    Every call is bounded by `timeout_s` (socket timeouts plus `asyncio.wait_for` around the
+    Every call is bounded by `timeout_s` (socket timeouts plus `asyncio.timeout` around the
     whole call, connection set-up included). After a connection error or timeout, calls fail
     fast for `retry_after_s` instead of each paying the timeout while Redis is down; then the
     next call tries again. redis-py drops a connection whose command failed or was cancelled,
@@ -162,7 +162,7 @@ class RedisFeatureStore(FeatureStore):
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             # One immediate retry: the first command on a connection made stale by a Redis
-            # restart fails, the retry reconnects; wait_for bounds the total anyway.
+            # restart fails, the retry reconnects; the call timeout bounds the total anyway.
             retry=Retry(NoBackoff(), 1),
             decode_responses=True,
             encoding_errors="replace",
@@ -176,15 +176,16 @@ class RedisFeatureStore(FeatureStore):
             raise FeatureStoreUnavailable("Redis is unavailable (retrying shortly)")
         started = time.monotonic()
         try:
-            result = await asyncio.wait_for(fn(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no extra task
+                result = await fn()
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             self.metrics.redis_errors.labels(operation).inc()
             if self._stalled(exc, started):
                 log.warning("Redis %s timed out: this worker was busy, not Redis", operation)
                 raise FeatureStoreUnavailable("Redis call timed out (worker busy)") from exc
             self._retry_at = time.monotonic() + self.retry_after_s
-            if not self._down:
-                log.warning("Redis unavailable (%s): %s", operation, exc)
+            if not self._down:  # a timeout's message is empty: name the exception too
+                log.warning("Redis unavailable (%s): %r", operation, exc)
             self._down = True
             raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
         except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up
@@ -207,18 +208,20 @@ class RedisFeatureStore(FeatureStore):
 
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
         async def fetch() -> list[Any]:
-            # GET + LRANGE per user in one pipeline (no MULTI): one round trip per batch.
+            # One round trip per batch: a pipeline (no MULTI) of one MGET for every user's
+            # features and one LRANGE per history (a list cannot be MGET'd).
             pipe = self.client.pipeline(transaction=False)
+            pipe.mget([user_key(self.prefix, user_id) for user_id in user_ids])
             for user_id in user_ids:
-                pipe.get(user_key(self.prefix, user_id))
                 pipe.lrange(history_key(self.prefix, user_id), 0, self.history_cap - 1)
             return await pipe.execute(raise_on_error=False)
 
         replies = await self._call("fetch", fetch)
+        raws = replies[0] if isinstance(replies[0], list) else [None] * len(user_ids)
         out: dict[str, UserRecord] = {}
-        for i, user_id in enumerate(user_ids):
-            raw, history = replies[2 * i], replies[2 * i + 1]
-            # A key of the wrong type is one user's bad data, not an outage: treat as absent.
+        for user_id, raw, history in zip(user_ids, raws, replies[1:], strict=True):
+            # MGET answers nil for a key of another type; a history key of the wrong type is
+            # one user's bad data, not an outage: both count as absent.
             raw = raw if isinstance(raw, str) else None
             history = tuple(history) if isinstance(history, list) else ()
             found = raw is not None or bool(history)

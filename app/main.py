@@ -30,6 +30,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await services.sync.stop()
         await services.store.aclose()
+        services.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

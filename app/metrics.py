@@ -19,10 +19,14 @@ from prometheus_client import (
 
 # Recall is a few milliseconds; reloads and timeouts reach into seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Stages are per batch and often well under a millisecond.
+STAGE_BUCKETS = (0.0001, 0.0002, 0.0005, *LATENCY_BUCKETS)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """All of the service's metrics. Stage names: `feature_fetch`, `encode`, `search`."""
+    """All of the service's metrics. Stage names: `feature_fetch`, `encode`, `search`,
+    `serialise` (one observation per batch of recalls)."""
 
     def __init__(self) -> None:
         disable_created_metrics()  # `*_created` series double the output and say little here
@@ -44,7 +48,14 @@ class Metrics:
             "tower_recall_stage_duration_seconds",
             "Time per recall stage (one observation per batch)",
             ["stage"],
-            buckets=LATENCY_BUCKETS,
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tower_recall_batch_size",
+            "Recalls served together by one fetch, encode and search (micro-batches of "
+            "concurrent /v1/recall requests)",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.model_info = Gauge(
@@ -59,6 +70,12 @@ class Metrics:
         )
         self.cache_hits = Counter("tower_recall_cache_hits", "Feature cache hits", registry=r)
         self.cache_misses = Counter("tower_recall_cache_misses", "Feature cache misses", registry=r)
+        self.vector_cache = Counter(
+            "tower_recall_vector_cache",
+            "User-vector cache lookups (hit: no tower call for that user)",
+            ["result"],
+            registry=r,
+        )
         self.feature_source = Counter(
             "tower_recall_feature_source", "Recalls by feature source", ["source"], registry=r
         )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
 import torch
 
 from app.bundle_loader import IndexConfig
-from app.cache import CachedFeatureStore
+from app.cache import CachedFeatureStore, VectorCache
 from app.feature_store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
 from app.metrics import Metrics
 from app.model_sync import LocalPin, ModelSync, RedisPin, VersionPin
@@ -30,6 +31,11 @@ class Services:
     recall: RecallService
     users: UserService
     worker: str  # host:pid of this worker process, named in /health/ready
+    cpu: ThreadPoolExecutor | None  # the one thread that encodes and searches
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.shutdown(wait=False, cancel_futures=True)
 
 
 def configure_threads(threads: int) -> None:
@@ -71,14 +77,30 @@ def build_pin(settings: Settings) -> VersionPin:
 def build_services(settings: Settings, metrics: Metrics) -> Services:
     repository = ModelRepository(settings.model_dir, IndexConfig.from_settings(settings), metrics)
     store = build_store(settings, metrics)
-    limits = Limits(settings.max_k, settings.max_history, settings.max_batch)
+    limits = Limits(
+        settings.max_k, settings.max_history, settings.max_batch, settings.recall_batch_size
+    )
+    # FAISS's OpenMP reads its thread count per thread: set it in the thread that searches.
+    cpu = None
+    if settings.recall_thread:
+        cpu = ThreadPoolExecutor(
+            1, "recall-cpu", initializer=configure_threads, initargs=(settings.torch_threads,)
+        )
     return Services(
         settings=settings,
         metrics=metrics,
         repository=repository,
         sync=ModelSync(repository, build_pin(settings), settings.reload_poll_s),
         store=store,
-        recall=RecallService(repository, store, limits, metrics),
+        recall=RecallService(
+            repository,
+            store,
+            limits,
+            metrics,
+            cpu,
+            VectorCache(settings.vector_cache_size, metrics),
+        ),
         users=UserService(store, repository, settings.max_history),
         worker=f"{socket.gethostname()}:{os.getpid()}",
+        cpu=cpu,
     )

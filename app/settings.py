@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     hnsw_ef_construction: Annotated[int, Field(ge=1)] = 200
     ivf_nlist: Annotated[int, Field(ge=1)] = 1024
     ivf_nprobe: Annotated[int, Field(ge=1)] = 32
+    # OpenMP threads for building an HNSW/IVF index when it is not in the bundle's index cache
+    # (a one-off: start-up or reload); 0 = every core.
+    index_build_threads: Annotated[int, Field(ge=0)] = 0
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""
@@ -46,6 +49,17 @@ class Settings(BaseSettings):
     max_history: Annotated[int, Field(ge=1)] = 200  # ids in a request history / events call
     max_batch: Annotated[int, Field(ge=1)] = 256
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+
+    # -- serving ----------------------------------------------------------------------------
+    # Concurrent /v1/recall requests in one worker are served together (one Redis round trip,
+    # one tower call, one index search): at most this many per batch.
+    recall_batch_size: Annotated[int, Field(ge=1)] = 64
+    # Encode + search in one dedicated thread per worker, so the event loop keeps reading
+    # requests (the next batch) while torch/FAISS run without the GIL; false: on the loop.
+    recall_thread: bool = True
+    # Encoded user vectors kept per worker (one per user, reused while the model version and
+    # the user's features and history are unchanged); ~0.5 kB each; 0 turns the cache off.
+    vector_cache_size: Annotated[int, Field(ge=0)] = 20_000
 
     # -- model rollout ----------------------------------------------------------------------
     # Each worker checks LATEST and the fleet's pinned version this often (seconds) and loads

@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def service_metrics(base_url: str) -> dict[str, Any]:
-    """Mean stage times and cache hit rate from /metrics (cumulative, one worker's view)."""
+    """Mean stage times (per batch), mean micro-batch size and cache hit rates from /metrics
+    (cumulative, one worker's view; absent series: None)."""
     import urllib.request
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
@@ -144,6 +145,14 @@ def service_metrics(base_url: str) -> dict[str, Any]:
     hits = sums.get("tower_recall_cache_hits_total", 0.0)
     misses = sums.get("tower_recall_cache_misses_total", 0.0)
     out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
+    batches = sums.get("tower_recall_batch_size_count", 0.0)
+    recalls = sums.get("tower_recall_batch_size_sum", 0.0)
+    out["mean_batch_size"] = round(recalls / batches, 2) if batches else None
+    v_hits = sums.get('tower_recall_vector_cache_total{result="hit"}', 0.0)
+    v_misses = sums.get('tower_recall_vector_cache_total{result="miss"}', 0.0)
+    out["vector_cache_hit_rate"] = (
+        round(v_hits / (v_hits + v_misses), 4) if v_hits + v_misses else None
+    )
     return out
 
 
@@ -172,6 +181,7 @@ def run_service(
     try:
         log(f"{name}: starting the service")
         out["startup"] = service.wait_ready(args.startup_timeout)
+        out["startup"]["index_from_cache"] = service.index_from_cache()
         out["memory_ready"] = service.memory()
         out["check"] = sanity_check(service.base_url, args.k)
         users = built.recipe.users

@@ -22,6 +22,8 @@ import redis
 # uvicorn logs this once per worker when its lifespan start-up (the bundle load) is done.
 STARTUP_LINE = "Application startup complete."
 LOAD_FAILED_LINE = "start-up model load failed"  # app.repository: up, but never ready
+INDEX_CACHED_LINE = "index read from the cache"  # app.bundle_loader, per worker
+INDEX_BUILT_LINE = "index built in"
 # Ready answers in a row (each on a fresh connection, so any worker may answer) once every
 # worker has started: with several workers one 200 proves only one of them.
 READY_STREAK = 10
@@ -222,6 +224,14 @@ class Service:
                 return {"first_ready_s": round(first_ready, 2), "ready_s": round(ready, 2)}
             time.sleep(0.01 if streak else 0.1)
         raise RuntimeError(f"service not ready after {timeout_s:.0f} s:\n{self._log()[-3000:]}")
+
+    def index_from_cache(self) -> bool | None:
+        """Whether every worker read its ANN index from the bundle's index cache (None: the
+        service logged nothing about it: a flat index, or a service without that cache)."""
+        text = self._log()
+        if INDEX_CACHED_LINE not in text and INDEX_BUILT_LINE not in text:
+            return None
+        return INDEX_BUILT_LINE not in text
 
     def worker_pids(self) -> list[int]:
         """The processes that serve requests: the main process with one worker, else the

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from app.api.deps import RecallDep
 from app.schemas import (
@@ -22,16 +23,37 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("", responses=ERRORS, summary="Top-K items for one user")
-async def recall(body: RecallRequest, service: RecallDep) -> RecallResponse:
+class JSONBytes(JSONResponse):
+    """A body the service already serialised (orjson), exactly in the declared model's shape;
+    a JSONResponse, so the OpenAPI document shows that model."""
+
+    def render(self, content: Any) -> bytes:
+        assert isinstance(content, bytes)
+        return content
+
+
+@router.post(
+    "",
+    response_model=RecallResponse,
+    response_class=JSONBytes,
+    responses=ERRORS,
+    summary="Top-K items for one user",
+)
+async def recall(body: RecallRequest, service: RecallDep) -> JSONBytes:
     """Features: request over stored over defaults; history: the request's, else the stored
     list. Seen items (that history) are excluded unless `exclude_seen` is false, and `k`
     items are still returned when the catalogue has them. Unknown users get a cold-start
     recall (`feature_source` = `default`); an unavailable Redis degrades the same way."""
-    return await service.recall(body)
+    return JSONBytes(await service.recall(body))
 
 
-@router.post("/batch", responses=ERRORS, summary="Recall for several users at once")
-async def recall_batch(body: BatchRecallRequest, service: RecallDep) -> BatchRecallResponse:
+@router.post(
+    "/batch",
+    response_model=BatchRecallResponse,
+    response_class=JSONBytes,
+    responses=ERRORS,
+    summary="Recall for several users at once",
+)
+async def recall_batch(body: BatchRecallRequest, service: RecallDep) -> JSONBytes:
     """One encode and one index search for the whole batch; results in request order."""
-    return BatchRecallResponse(results=await service.recall_batch(body.requests))
+    return JSONBytes(await service.recall_batch(body.requests))
