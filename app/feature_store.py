@@ -190,7 +190,10 @@ class RedisFeatureStore(FeatureStore):
             raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
         except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up
             self.metrics.redis_errors.labels(operation).inc()
-            raise FeatureStoreUnavailable(f"Redis error: {exc}") from exc
+            # A pipeline's message names the failed command and its key: keep only Redis's
+            # own reason (e.g. OOM, READONLY) for the client.
+            reason = str(exc).rpartition("caused error: ")[2]
+            raise FeatureStoreUnavailable(f"Redis error: {reason}") from exc
         if self._down:
             log.warning("Redis available again")
         self._down = False

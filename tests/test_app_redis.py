@@ -235,3 +235,22 @@ async def test_a_worker_stalled_by_its_own_work_does_not_back_off_from_redis(
             assert (await client.get("/health/ready")).json()["redis"] == "ok"
             metrics = (await client.get("/metrics")).text
         assert 'tower_recall_redis_errors_total{operation="fetch"} 1.0' in metrics
+
+
+async def test_a_refused_write_gives_redis_reason_without_internal_keys(
+    model_dir: Path, own_redis: RedisServer
+) -> None:
+    admin = redis.Redis.from_url(own_redis.url)
+    settings = make_settings(model_dir, redis_url=own_redis.url)
+    async with serve(settings) as client:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            events = await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
+        finally:
+            admin.config_set("maxmemory", 0)
+        assert events.status_code == 503
+        detail = events.json()["detail"]
+        assert "command not allowed when used memory" in detail
+        assert "tr:" not in detail and "LPUSH" not in detail.upper()
+        assert (await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})).is_success
