@@ -36,7 +36,7 @@ Loc = tuple[str | int, ...]
 # that model for the OpenAPI document and send these serialised by orjson (no second pass
 # through pydantic on the hot path).
 ResponseData = dict[str, Any]
-INLINE_FLAT_ITEMS = 50_000  # a lone query scanning this many items stays on the event loop
+INLINE_FLAT_ITEMS = 50_000  # a lone query scanning up to this many items stays on the loop
 
 
 @dataclass(frozen=True)
@@ -230,10 +230,11 @@ class RecallService:
 
 
 def _cheap(bundle: ServingBundle, queries: list[Query]) -> bool:
-    """One query on an ANN index or a small flat one takes a fraction of a millisecond:
-    cheaper on the event loop than a hop to the recall thread and back. Batches and big
-    exact scans go to the thread, so the loop keeps reading requests meanwhile."""
-    return len(queries) == 1 and (bundle.index is not None or bundle.n_items <= INLINE_FLAT_ITEMS)
+    """An ANN search (~0.2 ms a query), or one query on a small flat index, is cheaper on the
+    event loop than a hop to the recall thread and back (1M HNSW, 2 workers: 1574 -> 1862
+    rps, 1.16 -> 0.99 CPU ms a request). Exact scans of a big catalogue go to the thread, so
+    the loop keeps reading requests (the next batch) meanwhile."""
+    return bundle.index is not None or (len(queries) == 1 and bundle.n_items <= INLINE_FLAT_ITEMS)
 
 
 def _retrieve_isolated(

@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     # Concurrent /v1/recall requests in one worker are served together (one Redis round trip,
     # one tower call, one index search): at most this many per batch.
     recall_batch_size: Annotated[int, Field(ge=1)] = 64
-    # Encode + search in one dedicated thread per worker, so the event loop keeps reading
-    # requests (the next batch) while torch/FAISS run without the GIL; false: on the loop.
+    # Exact scans of a big flat index in one dedicated thread per worker, so the event loop
+    # keeps reading requests (the next batch) meanwhile; ANN searches stay on the loop (the
+    # hop costs more than they do). False: everything on the loop.
     recall_thread: bool = True
     # Encoded user vectors kept per worker (one per user, reused while the model version and
     # the user's features and history are unchanged); ~0.5 kB each; 0 turns the cache off.
