@@ -50,7 +50,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     if shutil.which("redis-server") is None:
         pytest.fail(f"no Redis at {url} and no redis-server binary to start one")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    server = RedisServer().start()
     try:
         yield server.url
     finally:

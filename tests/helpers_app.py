@@ -1,15 +1,11 @@
-"""Helpers for the service tests: a redis-server process, the app over HTTP through its
-lifespan, bundle variants, and the brute-force reference recall."""
+"""Helpers for the service tests: the app over HTTP through its lifespan, bundle variants, and
+the brute-force reference recall; the redis-server launcher is the benchmarks' own
+(`serving_kit.procs.RedisServer`, re-exported here)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,8 +14,8 @@ from typing import Any
 import anyio
 import httpx
 import numpy as np
-import redis
 import torch
+from serving_kit.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 
 from app.main import create_app
 from app.settings import Settings
@@ -27,68 +23,6 @@ from models import bundle as b
 from models.features import FeatureEncoder
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A throw-away redis-server on a fixed port (nothing persisted), for the tests that kill
-    or freeze Redis, or when no Redis is reachable."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.workdir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_timeout=0.2)
-        try:
-            for _ in range(100):
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL: the process dies at once, as in a crash."""
-        self._signal(signal.SIGKILL)
-        assert self.proc is not None
-        self.proc.wait(5)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open but nothing answers (a hung or partitioned Redis)."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.resume()
-            self.proc.terminate()
-            self.proc.wait(5)
-            self.proc = None
 
 
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:

@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 import redis
-from helpers_app import RedisServer, make_settings, serve
+from helpers_app import RedisServer, free_port, make_settings, serve
 
 from models.online_store import history_key, user_key
 
@@ -25,9 +25,9 @@ FEATURES = {"features": {"country": "JP", "age_group": "55+", "activity": 12}}
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, to kill and restart."""
-    server = RedisServer(tmp_path / "redis").start()
+    server = RedisServer().start()
     yield server
     server.stop()
 
@@ -106,9 +106,9 @@ async def test_frozen_redis_costs_at_most_the_timeout(
         assert response.json()["feature_source"] == "redis"
 
 
-async def test_unreachable_redis_at_start_up(model_dir: Path, tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "never-started")  # a free port nobody listens on
-    async with serve(make_settings(model_dir, redis_url=server.url)) as client:
+async def test_unreachable_redis_at_start_up(model_dir: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # a free port nobody listens on
+    async with serve(make_settings(model_dir, redis_url=url)) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200
         assert ready.json()["redis"] == "unavailable"

@@ -118,10 +118,10 @@ async def test_without_redis_a_pin_holds_in_this_process(model_dir: Path, bundle
 
 
 async def test_with_redis_down_a_reload_changes_nothing_and_the_pin_holds(
-    tmp_path: Path, model_dir: Path, bundles: Bundles
+    model_dir: Path, bundles: Bundles
 ) -> None:
     v1, v2 = bundles.v1.name, bundles.v2.name
-    server = RedisServer(tmp_path / "redis").start()
+    server = RedisServer().start()
     try:
         settings = make_settings(model_dir, redis_url=server.url, reload_poll_s=0.05)
         async with serve(settings) as client:

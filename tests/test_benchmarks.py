@@ -12,13 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from conftest import Bundles
+from serving_kit import load, profile
+from serving_kit.bundles import RECIPE_FILE, Recipe
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-from conftest import Bundles  # noqa: E402
-from serving_kit import load, profile  # noqa: E402
-from serving_kit.bundles import RECIPE_FILE, Recipe  # noqa: E402
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
 
 
 def _cache_bundle(cache_dir: Path, trained: Path, recipe: Recipe) -> None:
@@ -39,7 +37,7 @@ def test_serving_benchmark_smoke(tmp_path: Path, bundles: Bundles) -> None:
     recipe = Recipe(items=200, users=300, seed=1, epochs=2, batch_size=256)
     _cache_bundle(tmp_path / "bundles", bundles.v1, recipe)
     out = tmp_path / "serving.json"
-    command = [sys.executable, str(BENCHMARKS / "serving.py"), "--sizes", "200"]
+    command = [sys.executable, str(SCRIPT), "--sizes", "200"]
     command += ["--users", "300", "--seed", "1", "--epochs", "2", "--batch-size", "256"]
     command += ["--indexes", "flat", "--workers", "1", "--duration", "1", "--warmup", "0"]
     command += ["--single-duration", "1", "--floor-iterations", "50"]

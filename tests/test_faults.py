@@ -6,25 +6,20 @@ it broke an expectation. The long runs are documented in benchmarks/README.md.""
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import schemathesis
+from conftest import SOURCE_V1, Bundles
+from fault_kit import hostile, redis_faults, reload, shutdown, soak
+from fault_kit.fuzz import fuzz
+from fault_kit.report import Row, table
+from fault_kit.stack import Stack, Versions, model_dir_with
 from helpers_app import admin_headers, make_settings
 from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-from conftest import SOURCE_V1, Bundles  # noqa: E402
-from fault_kit import hostile, redis_faults, reload, shutdown, soak  # noqa: E402
-from fault_kit.fuzz import fuzz  # noqa: E402
-from fault_kit.report import Row, table  # noqa: E402
-from fault_kit.stack import Stack, Versions, model_dir_with  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from serving_kit.procs import free_port
+from serving_kit.procs import RedisServer, free_port
 
 from fault_kit.client import Periodic, call, wait_for_workers
 from fault_kit.proxy import DelayProxy
 from fault_kit.report import Row
-from fault_kit.stack import RECIPE, FaultyRedis, Stack, Versions, publish
+from fault_kit.stack import RECIPE, Stack, Versions, publish
 from fault_kit.traffic import Stats, Traffic
 from models.bundle import ITEM_IDS
 
@@ -126,7 +126,7 @@ def run(stack: Stack, versions: Versions, opts: RedisOptions) -> list[Row]:
 
 
 def _faults(
-    server: FaultyRedis, proxy: DelayProxy, admin: redis.Redis, opts: RedisOptions
+    server: RedisServer, proxy: DelayProxy, admin: redis.Redis, opts: RedisOptions
 ) -> list[Fault]:
     def nothing() -> None:
         return None

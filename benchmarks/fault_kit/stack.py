@@ -1,14 +1,13 @@
 """The processes one scenario runs, always stopped when it ends (also when it fails): a
-redis-server that can be frozen, killed and restarted on its port, and service replicas
+redis-server (`serving_kit.procs.RedisServer`: it can be frozen, killed and restarted on its
+port), and service replicas
 (`python -m app`) sharing a MODEL_DIR that holds two good versions."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import shutil
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,28 +75,6 @@ def publish(redis_url: str, source: str, history_length: int = 20) -> int:
         client.close()
 
 
-class FaultyRedis(procs.RedisServer):
-    """The benchmark's redis-server, plus the faults: SIGSTOP (hung: connections open,
-    nothing answers), SIGKILL (crash) and a restart on the same port (empty)."""
-
-    def pause(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.resume()  # a stopped process would not act on SIGTERM
-        super().stop()
-
-
 class Stack(contextlib.ExitStack):
     """Starts what a scenario needs and stops all of it on exit, in reverse order."""
 
@@ -106,8 +83,8 @@ class Stack(contextlib.ExitStack):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
 
-    def redis(self) -> FaultyRedis:
-        server = FaultyRedis()
+    def redis(self) -> procs.RedisServer:
+        server = procs.RedisServer()
         self.callback(server.stop)
         server.start()
         return server

@@ -44,10 +44,12 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10.
 
 
 class RedisServer:
-    """A redis-server of the benchmark's own on a free loopback port (nothing persisted)."""
+    """A throw-away redis-server on a loopback port (nothing persisted), for the benchmarks
+    and the tests; it can be frozen (SIGSTOP: connections open, nothing answers), killed
+    (SIGKILL, as in a crash) and started again on the same port, empty."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.workdir = tempfile.TemporaryDirectory(prefix="bench-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -84,8 +86,21 @@ class RedisServer:
         finally:
             client.close()
 
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.resume()  # a stopped process would not act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(10)
