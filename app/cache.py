@@ -137,10 +137,10 @@ class VectorCache:
         with self._lock:
             entry = self._data.get(user_id)
             if entry is None or entry[0] != key:
-                self.metrics.vector_cache.labels("miss").inc()
+                self.metrics.child(self.metrics.vector_cache, "miss").inc()
                 return None
             self._data.move_to_end(user_id)
-        self.metrics.vector_cache.labels("hit").inc()
+        self.metrics.child(self.metrics.vector_cache, "hit").inc()
         return entry[1]
 
     def put(self, user_id: str, key: bytes, vector: np.ndarray) -> None:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.router import api_router, service_routes
+from app.api.router import ROUTERS, service_routes
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodySizeLimitMiddleware, MetricsMiddleware
@@ -47,7 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Outermost, so requests refused by the body limit are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=service_routes())
-    app.include_router(api_router)
+    for router in ROUTERS:
+        app.include_router(router)
     document_limits(app, settings)
     return app
 

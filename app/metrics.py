@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,6 +17,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 # Recall is a few milliseconds; reloads and timeouts reach into seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -80,13 +82,23 @@ class Metrics:
             "tower_recall_feature_source", "Recalls by feature source", ["source"], registry=r
         )
 
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client validates the labels and
+        takes a lock on every call, several times per request on the hot path."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        self.child(self.requests, method, route, str(status)).inc()
+        self.child(self.latency, method, route, str(status)).observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stages.labels(stage).observe(seconds)
+        self.child(self.stages, stage).observe(seconds)
 
     @contextmanager
     def stage(self, stage: str) -> Iterator[None]:

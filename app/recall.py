@@ -145,7 +145,7 @@ class RecallService:
                 "feature_source": source,
             }
         for source, count in sources.items():
-            self.metrics.feature_source.labels(source).inc(count)
+            self.metrics.child(self.metrics.feature_source, source).inc(count)
         return [o for o in outcomes if o is not None]
 
     def _check_limits(self, requests: Sequence[RecallRequest], locs: Sequence[Loc]) -> None:

@@ -33,6 +33,9 @@ INDEX_TYPE, WORKERS, PORT, OMP_NUM_THREADS=1) as a separate process:
   workers' CPU time per request against the floor (the figure least disturbed by other jobs);
 - the service's own /metrics (one worker's view): mean stage times, L1 cache hit rate;
 - with `--profile`, one more recall run under `py-spy record` per worker: where time goes.
+- first, unless `--no-reference`: the issue's bare FastAPI prototype (one route) on this
+  machine, per worker count: its speed against the issue's machine, by which `targets` also
+  scales the throughput and latency targets (`on_this_machine`; `serving_kit.reference`).
 
 Load comes from `wrk` (Lua script; `apt-get install -y wrk`) on loopback. Without wrk a
 Python asyncio generator runs instead, and the report warns that it may be the bottleneck.
@@ -56,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving_kit import load, procs, profile, report
+from serving_kit import load, procs, profile, reference, report
 from serving_kit.bundles import BuiltBundle, Recipe, ensure_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, help="also write the report here")
     o.add_argument("--logs-dir", type=Path, default=RESULTS / "logs", help="service logs")
+    o.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the machine reference (the issue's bare FastAPI prototype, for scaling)",
+    )
     o.add_argument("--profile", action="store_true", help="py-spy record each worker under load")
     o.add_argument("--profile-native", action="store_true", help="include C/C++ frames")
     p.add_argument("--startup-timeout", type=float, default=1800.0)
@@ -367,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": {},
         "results": [],
     }
+    if not args.no_reference:
+        log("machine reference: the issue's bare FastAPI prototype")
+        out["machine_reference"] = [
+            reference.measure(
+                w, args.connections, args.duration, use_wrk=use_wrk, wrk_threads=args.wrk_threads
+            )
+            for w in args.workers
+        ]
     redis = procs.RedisServer().start()
     try:
         for items in args.sizes:
@@ -385,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": defaults.torch_threads,
     }
     recall_at = {k: v["hnsw_recall"] for k, v in out["sizes"].items() if "hnsw_recall" in v}
-    out["targets"] = report.targets(out["results"], recall_at)
+    speed = {r["workers"]: r["speed"] for r in out.get("machine_reference", []) if r["speed"]}
+    out["targets"] = report.targets(out["results"], recall_at, speed)
     out["machine"]["loadavg_after"] = report.loadavg()
     app_module = sys.modules.get("app")
     out["code"]["app_imported_from"] = getattr(app_module, "__file__", None)
@@ -395,6 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(out["results"]), file=sys.stderr)
     failed = [t["target"] for t in out["targets"] if t["ok"] is False]
     print(f"targets missed: {len(failed)} of {len(out['targets'])}", file=sys.stderr)
+    for ref in out.get("machine_reference", []):
+        print(
+            f"machine speed ({ref['workers']} worker(s)): {ref['speed']} of the issue's "
+            f"(prototype bare GET {ref['rps']:.0f} rps here, {ref['issue_rps']} there)",
+            file=sys.stderr,
+        )
+    scaled = [t for t in out["targets"] if "on_this_machine" in t]
+    missed = [t["target"] for t in scaled if t["on_this_machine"]["ok"] is False]
+    if scaled:
+        print(f"speed-scaled targets missed: {len(missed)} of {len(scaled)}", file=sys.stderr)
     return 1 if any("error" in r for r in out["results"]) else 0
 
 

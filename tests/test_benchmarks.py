@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Bundles
-from serving_kit import load, profile
+from serving_kit import load, profile, report
 from serving_kit.bundles import RECIPE_FILE, Recipe
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
@@ -58,6 +58,30 @@ def test_serving_benchmark_smoke(tmp_path: Path, bundles: Bundles) -> None:
     size = report["sizes"]["200"]
     assert size["bundle"]["cached"] and size["bundle"]["n_items"] == 200
     assert size["floors"]["flat"]["feature_sources"] == {"redis": 50}
+    (reference,) = report["machine_reference"]
+    assert reference["workers"] == 1 and reference["rps"] > 0
+    assert reference["speed"] == round(reference["rps"] / 13_400, 3)
+
+
+def test_targets_scale_to_the_machine_speed() -> None:
+    row = {
+        "items": 1_000_000,
+        "index": "hnsw",
+        "workers": 2,
+        "recall": {"rps": 2000.0, "p99_ms": 18.0, "total_errors": 0},
+        "single": {"p50_ms": 1.5},
+        "ratios": {"rps_vs_bare": 0.3},
+        "memory_after_load": [{"rss_mb": 1100.0}],
+        "startup": {"ready_s": 5.0},
+    }
+    checks = {t["target"]: t for t in report.targets([row], {}, {1: 0.4, 2: 0.5})}
+    rps = checks["1000000 hnsw w2 rps >= 3000"]
+    assert rps["ok"] is False and rps["on_this_machine"] == {"target": ">= 1500.0", "ok": True}
+    p99 = checks["1000000 hnsw w2 p99_ms <= 10"]
+    assert p99["ok"] is False and p99["on_this_machine"] == {"target": "<= 20.0", "ok": True}
+    single = checks["1000000 hnsw w2 single p50_ms <= 1.0"]  # one connection: 1-worker speed
+    assert single["on_this_machine"] == {"target": "<= 2.5", "ok": True}
+    assert "on_this_machine" not in checks["1000000 hnsw w2 worker rss_mb <= 1200"]
 
 
 async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

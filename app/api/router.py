@@ -1,13 +1,10 @@
-from fastapi import APIRouter
 from starlette.routing import BaseRoute
 
 from app.api.routes import admin, health, recall, users
 
+# Included one by one into the app, not through a parent router: FastAPI walks nested
+# routers level by level on every request.
 ROUTERS = (recall.router, users.router, health.router, admin.router)
-
-api_router = APIRouter()
-for _router in ROUTERS:
-    api_router.include_router(_router)
 
 
 def service_routes() -> list[BaseRoute]:

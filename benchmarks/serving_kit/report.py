@@ -102,30 +102,55 @@ def ratios(
     }
 
 
-def _check(name: str, value: float | None, target: float, higher_is_better: bool) -> dict[str, Any]:
-    ok = None if value is None else (value >= target if higher_is_better else value <= target)
+def _check(
+    name: str,
+    value: float | None,
+    target: float,
+    higher_is_better: bool,
+    speed: float | None = None,
+) -> dict[str, Any]:
+    """One target. With `speed` (this machine's share of the issue's, `serving_kit.reference`),
+    also the target scaled to this machine: throughput times speed, latency divided by it."""
+
+    def met(threshold: float) -> bool | None:
+        if value is None:
+            return None
+        return value >= threshold if higher_is_better else value <= threshold
+
     op = ">=" if higher_is_better else "<="
-    return {"target": f"{name} {op} {target}", "value": value, "ok": ok}
+    out: dict[str, Any] = {"target": f"{name} {op} {target}", "value": value, "ok": met(target)}
+    if speed:
+        scaled = round(target * speed if higher_is_better else target / speed, 2)
+        out["on_this_machine"] = {"target": f"{op} {scaled}", "ok": met(scaled)}
+    return out
 
 
-def targets(results: list[dict[str, Any]], recall_at: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of issue 6 that this run's matrix covers (16 connections, k = 50)."""
+def targets(
+    results: list[dict[str, Any]],
+    recall_at: dict[str, Any],
+    speed: dict[int, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The targets of issue 6 that this run's matrix covers (16 connections, k = 50); `speed`
+    by worker count scales the throughput and latency ones to this machine."""
+    speed = speed or {}
     out = []
     for r in results:
         if "error" in r:
             continue
         tag = f"{r['items']} {r['index']} w{r['workers']}"
         rps, p99 = r["recall"]["rps"], r["recall"]["p99_ms"]
+        s = speed.get(r["workers"])
         out.append(_check(f"{tag} errors", r["recall"]["total_errors"], 0, False))
         out.append(_check(f"{tag} rps/bare", r["ratios"]["rps_vs_bare"], 0.16, True))
         if r["items"] == 1_000_000 and r["index"] == "hnsw":
-            out.append(_check(f"{tag} rps", rps, 3000 if r["workers"] == 2 else 1800, True))
+            out.append(_check(f"{tag} rps", rps, 3000 if r["workers"] == 2 else 1800, True, s))
             if r["workers"] == 2:
-                out.append(_check(f"{tag} p99_ms", p99, 10, False))
-            out.append(_check(f"{tag} single p50_ms", r["single"]["p50_ms"], 1.0, False))
+                out.append(_check(f"{tag} p99_ms", p99, 10, False, s))
+            single = r["single"]["p50_ms"]
+            out.append(_check(f"{tag} single p50_ms", single, 1.0, False, speed.get(1)))
         if r["items"] == 100_000 and r["index"] == "flat" and r["workers"] == 2:
-            out.append(_check(f"{tag} rps", rps, 2000, True))
-            out.append(_check(f"{tag} p99_ms", p99, 15, False))
+            out.append(_check(f"{tag} rps", rps, 2000, True, s))
+            out.append(_check(f"{tag} p99_ms", p99, 15, False, s))
         if r["items"] == 1_000_000:
             rss = max((w["rss_mb"] for w in r["memory_after_load"]), default=None)
             out.append(_check(f"{tag} worker rss_mb", rss, 1200, False))
