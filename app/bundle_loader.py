@@ -3,9 +3,9 @@
 Everything here runs off the event loop (start-up and reload call it in a worker thread), and
 every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
 
-Flat search runs over the memory-mapped embeddings (the pages are shared by every worker):
-FAISS's SIMD scan for one to three users, else one matrix product + top-k in torch (a batch
-of users shares one pass over the matrix: several times faster than FAISS's flat index). HNSW and IVF
+Flat search runs over the memory-mapped embeddings (pages shared by every worker): FAISS's
+SIMD scan for one to three users, else one matrix product + top-k in torch (a batch of users
+shares one pass over the matrix: several times faster than FAISS's flat index). HNSW and IVF
 are FAISS indexes; a built one is cached beside the bundle (`app.index_cache`), and HNSW's own
 copy of the vectors doubles as the matrix of the exact fallback, so it is held once.
 """
