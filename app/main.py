@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from app.api.router import ROUTERS, service_routes
 from app.errors import install_error_handlers
+from app.fast_path import RecallFastPath
 from app.metrics import Metrics
 from app.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from app.openapi import document_limits
@@ -44,6 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    # Innermost: sees bodies the limit below already bounded; hands all but good answers on.
+    app.add_middleware(RecallFastPath, routes=service_routes())
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Outermost, so requests refused by the body limit are counted too.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=service_routes())

@@ -1,0 +1,114 @@
+"""`POST /v1/recall`'s fast path answers exactly as the FastAPI route does, and hands it every
+request it does not answer with a 200."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from helpers_app import lifespan, make_settings
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.fast_path import RecallFastPath
+from app.main import create_app
+
+pytestmark = [pytest.mark.anyio]
+
+JSON = "application/json"
+# (body bytes, content type): good requests, and every kind of bad one.
+CASES: list[tuple[bytes, str | None]] = [
+    (b'{"user_id": "u1", "k": 5}', JSON),
+    (b'{"user_id": "x", "k": 30, "features": {"country": "DE"}, "history": ["i3", "i17"]}', JSON),
+    (b'{"user_id": "x", "history": ["i3", "nope"], "exclude_seen": false}', JSON),
+    (b'{"user_id": "x", "features": {"country": null}, "history": []}', JSON),
+    (b'{"user_id": "u1", "k": 5}', "application/json; charset=utf-8"),
+    (b'{"user_id": "u1", "k": 5}', "Application/JSON"),
+    (b'{"user_id": "u1", "k": 5, "k": 7}', JSON),  # duplicate keys: the last one
+    (b'{"user_id": "u1", "k": 5}', "text/plain"),
+    (b'{"user_id": "u1", "k": 5}', None),
+    (b'{"user_id": "u1", "k": 0}', JSON),
+    (b'{"user_id": "u1", "k": 501}', JSON),  # over MAX_K: the service's own limit
+    (b'{"user_id": "u1", "k": 5.0}', JSON),
+    (b'{"user_id": "u1", "k": "5"}', JSON),
+    (b'{"user_id": "u1", "k": NaN}', JSON),
+    (b'{"user_id": "u1", "k": 1e400}', JSON),
+    (b'{"user_id": "u1", "extra": 1}', JSON),
+    (b'{"user_id": "u1", "features": {"unknown_feature": 1}}', JSON),
+    (b'{"user_id": "\\ud800"}', JSON),  # a lone surrogate
+    (b'{"user_id": "a\\nb"}', JSON),
+    (b'{"k": 5}', JSON),
+    (b"[]", JSON),
+    (b"null", JSON),
+    (b"", JSON),
+    (b'{"user_id": ', JSON),
+    (b"\xff\xfe{}", JSON),
+    (b"[" * 5000 + b"]" * 5000, JSON),
+]
+
+
+def _without_fast_path(app: FastAPI) -> FastAPI:
+    assert any(m.cls is RecallFastPath for m in app.user_middleware)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
+    return app
+
+
+@asynccontextmanager
+async def client_of(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            yield client
+
+
+def _answer(response: httpx.Response) -> tuple[int, str, Any]:
+    return response.status_code, response.headers.get("content-type", ""), response.json()
+
+
+async def test_fast_path_answers_as_the_route_does(model_dir: Path) -> None:
+    settings = make_settings(model_dir)
+    async with (
+        client_of(create_app(settings)) as fast,
+        client_of(_without_fast_path(create_app(settings))) as route,
+    ):
+        statuses = set()
+        for body, content_type in CASES:
+            headers = {"content-type": content_type} if content_type else {}
+            got = await fast.post("/v1/recall", content=body, headers=headers)
+            want = await route.post("/v1/recall", content=body, headers=headers)
+            assert _answer(got) == _answer(want), body[:80]
+            statuses.add(got.status_code)
+        assert statuses == {200, 422}
+        # Requests it answered are labelled with the route they stand for.
+        metrics = (await fast.get("/metrics")).text
+        assert 'route="/v1/recall",status="200"' in metrics
+        assert 'route="unmatched"' not in metrics
+
+
+async def test_route_answers_only_what_the_fast_path_does_not(model_dir: Path) -> None:
+    reached: list[bytes] = []
+
+    class Recorder:  # innermost: sees what the fast path handed on
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                reached.append(scope["path"].encode())
+            await self.app(scope, receive, send)
+
+    app = create_app(make_settings(model_dir))
+    app.user_middleware.append(Middleware(Recorder))
+    async with client_of(app) as client:
+        good = await client.post("/v1/recall", json={"user_id": "u1", "k": 3})
+        assert good.status_code == 200 and len(good.json()["items"]) == 3
+        assert reached == []
+        assert (await client.post("/v1/recall", json={"user_id": "u1", "k": 0})).status_code == 422
+        plain = await client.post("/v1/recall", content=b'{"user_id": "u1"}')  # no JSON type
+        assert plain.status_code == 422  # FastAPI's answer to a body it is not told is JSON
+        assert reached == [b"/v1/recall", b"/v1/recall"]
