@@ -36,7 +36,8 @@ async def live() -> dict[str, str]:
 def measure(
     workers: int, connections: int, seconds: float, *, use_wrk: bool, wrk_threads: int
 ) -> dict[str, Any]:
-    """The prototype's bare GET with `workers` uvicorn workers: requests/s, latency, speed."""
+    """The prototype's bare GET with `workers` uvicorn workers (the faster of two runs):
+    requests/s, latency, speed."""
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         Path(tmp, "prototype.py").write_text(PROTOTYPE)
         port = procs.free_port()
@@ -49,9 +50,15 @@ def measure(
             _wait_up(url, proc)
             target = load.Target(url)
             load.run_load(target, connections, 2.0, use_wrk=use_wrk, wrk_threads=wrk_threads)
-            result = load.run_load(
-                target, connections, seconds, use_wrk=use_wrk, wrk_threads=wrk_threads
-            ).to_json()
+            # Other jobs only ever slow a run down: the faster of two is the machine's speed
+            # (a slow reference would make the scaled targets too easy).
+            runs = [
+                load.run_load(
+                    target, connections, seconds, use_wrk=use_wrk, wrk_threads=wrk_threads
+                ).to_json()
+                for _ in range(2)
+            ]
+            result = max(runs, key=lambda run: run["rps"])
         finally:
             procs.stop_group(proc)
     issue = ISSUE_BARE_RPS.get(workers)
@@ -60,6 +67,7 @@ def measure(
         "rps": result["rps"],
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
+        "rps_of_each_run": [run["rps"] for run in runs],
         "issue_rps": issue,
         "speed": round(result["rps"] / issue, 3) if issue else None,
     }
