@@ -94,6 +94,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    g.add_argument(
+        "--validation-metric",
+        choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@50"],
+        default=d.validation_metric,
+        help="what early stopping and the prior's search maximise on the validation slice "
+        "(recall: mean over users; pooled: total hits / total relevant items)",
+    )
+    g.add_argument(
+        "--validation-min-gap",
+        type=float,
+        default=d.validation_min_gap_days,
+        help="days: validate only on returning users, whose first validation interaction comes "
+        "at least this long after their last earlier one (0: every user)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda:0...")
 
@@ -128,6 +142,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         prior_half_life_days=args.prior_half_life,
         patience=args.patience,
         validation_fraction=args.validation_fraction,
+        validation_min_gap_days=args.validation_min_gap,
+        validation_metric=args.validation_metric,
         seed=args.seed,
         device=args.device,
     )

@@ -41,6 +41,7 @@ class TrainingRun:
     results: dict[str, EvalResult]
     report: dict[str, Any] | None
     bundle: Path | None
+    validation: dict[str, float] | None = None
 
 
 def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -62,7 +63,7 @@ def make_validator(
         rec = TwoTowerRecommender(trained, dataset.users)
         rec.fit(fit_part, item_index)
         result = evaluate_recommender(rec, fit_part, sample, item_index, ks=(10, 50))
-        return dict(result.means)
+        return dict(result.means) | {"pooled_recall@50": result.pooled_recall(50)}
 
     return validate
 
@@ -136,13 +137,16 @@ def run_training(
     validate = None
     fit_part = train
     if config.patience > 0 and config.validation_fraction > 0:
-        carve = validation_split(train, config.validation_fraction)
+        carve = validation_split(train, config.validation_fraction, config.validation_min_gap_days)
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()
     prior_search = None
-    if config.popularity_prior is None and validate is not None:
-        prior_search = choose_prior_weight(trained, validate, config.validation_metric)
+    validation = None
+    if validate is not None:
+        if config.popularity_prior is None:
+            prior_search = choose_prior_weight(trained, validate, config.validation_metric)
+        validation = validate(trained)
     if config.refit and validate is not None:
         trained = refit(dataset, train, trained)
 
@@ -168,6 +172,7 @@ def run_training(
                 "popularity_prior_chosen": trained.prior_weight,
                 "prior_half_life_days_chosen": trained.prior_half_life_days,
                 "popularity_prior_search": prior_search,
+                "validation": validation,
                 "history": trained.history,
             },
             "data": dataset.summary() | (split.summary() if split else {"split": "none"}),
@@ -177,4 +182,4 @@ def run_training(
         bundle = export_bundle(
             trained, out, rec.item_matrix, rec.user_inputs(sample_users), metadata
         )
-    return TrainingRun(trained, split, results, report, bundle)
+    return TrainingRun(trained, split, results, report, bundle, validation)

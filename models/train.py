@@ -74,6 +74,12 @@ class TrainConfig:
         refit: after early stopping (and the prior's choice), train again from scratch on the
             whole training period, validation slice included, for the best epoch count.
         validation_fraction: share of the training period's end used for early stopping.
+        validation_metric: what early stopping and the prior's search maximise: a key of the
+            validator's metrics (`recall@10`, `recall@50`, `ndcg@10`, `ndcg@50`, ...) or
+            `pooled_recall@50` (total hits / total relevant: heavy users weigh more).
+        validation_min_gap_days: the validation slice keeps only returning users, whose first
+            interaction in it comes at least this many days after their last earlier one
+            (`models.splits.validation_split`); 0 keeps every user.
     """
 
     epochs: int = 20
@@ -96,6 +102,7 @@ class TrainConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
+    validation_min_gap_days: float = 0.0
     validation_metric: str = "recall@50"
     seed: int = 0
     device: str = "auto"

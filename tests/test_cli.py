@@ -158,6 +158,13 @@ def test_options_map_onto_the_config() -> None:
     assert (config.history_mode, config.history_dropout) == ("before", 0.2)
     assert not config.mask_seen_negatives and config.prior_half_life_days == 30.0
     assert config.negatives == "all"
+    more = [
+        *("train", "--data", "synthetic", "--validation-min-gap", "3.5"),
+        *("--validation-metric", "pooled_recall@50"),
+    ]
+    config = train_config(parser().parse_args(more))
+    assert config.validation_min_gap_days == 3.5
+    assert config.validation_metric == "pooled_recall@50"
 
 
 @pytest.fixture

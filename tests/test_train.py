@@ -247,3 +247,22 @@ def test_refit_trains_again_on_the_whole_training_period() -> None:
     assert (again.prior_weight, again.prior_half_life_days) == (0.5, 30.0)
     assert not np.allclose(again.item_embeddings(), validated.item_embeddings())
     assert refitted.results["two_tower"].means["recall@50"] > 0
+
+
+def test_validation_min_gap_validates_on_returning_users_only() -> None:
+    dataset = small_dataset()
+    config = fast_config(epochs=1, patience=1, popularity_prior=0.0, refit=False)
+    everyone = run_training(dataset, "last-10pct", config, None)
+    returning = run_training(
+        dataset, "last-10pct", dataclasses.replace(config, validation_min_gap_days=20.0), None
+    )
+    # Same training (the fit part is never filtered), another validation population.
+    np.testing.assert_array_equal(
+        everyone.trained.item_embeddings(), returning.trained.item_embeddings()
+    )
+    assert everyone.validation is not None and returning.validation is not None
+    assert everyone.validation != returning.validation
+    train = make_split(dataset.interactions, "last-10pct").train
+    carve = validation_split(train, 0.1, min_gap_days=20.0)
+    validate = make_validator(dataset, carve.train, carve.test, seed=0)
+    assert validate(returning.trained) == returning.validation
