@@ -92,6 +92,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.refit,
         help="after early stopping, retrain on the whole training period for the best epochs",
     )
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=d.distill_weight,
+        help="weight of distillation from an EASE teacher fitted on the training log (0: off; "
+        "small catalogues: the student scores the whole catalogue every step)",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d.distill_temperature,
+        help="softmax temperature of the teacher's standardised scores",
+    )
+    g.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=d.distill_top_k,
+        help="teacher items kept as soft targets per user",
+    )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     g.add_argument(
@@ -139,6 +158,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         history_dropout=args.history_dropout,
         mask_seen_negatives=args.mask_seen_negatives,
         refit=args.refit,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        distill_top_k=args.distill_top_k,
         prior_half_life_days=args.prior_half_life,
         patience=args.patience,
         validation_fraction=args.validation_fraction,

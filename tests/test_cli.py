@@ -161,10 +161,16 @@ def test_options_map_onto_the_config() -> None:
     more = [
         *("train", "--data", "synthetic", "--validation-min-gap", "3.5"),
         *("--validation-metric", "pooled_recall@50"),
+        *("--distill-weight", "0.7", "--distill-temperature", "1.5", "--distill-top-k", "20"),
     ]
     config = train_config(parser().parse_args(more))
     assert config.validation_min_gap_days == 3.5
     assert config.validation_metric == "pooled_recall@50"
+    assert (config.distill_weight, config.distill_temperature, config.distill_top_k) == (
+        0.7,
+        1.5,
+        20,
+    )
 
 
 @pytest.fixture
