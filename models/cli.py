@@ -111,6 +111,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.distill_top_k,
         help="teacher items kept as soft targets per user",
     )
+    g.add_argument(
+        "--user-balance",
+        type=float,
+        default=d.user_balance,
+        help="draw examples with probability ~ (user's interaction count)^-B: 0 every "
+        "interaction alike (heavy users dominate), 1 every user alike",
+    )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     g.add_argument(
@@ -161,6 +168,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
         distill_top_k=args.distill_top_k,
+        user_balance=args.user_balance,
         prior_half_life_days=args.prior_half_life,
         patience=args.patience,
         validation_fraction=args.validation_fraction,

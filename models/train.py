@@ -77,6 +77,10 @@ class TrainConfig:
         distill_temperature: the teacher's softmax temperature (on per-user standardised
             scores): lower concentrates the targets on the teacher's very best items.
         distill_top_k: teacher items kept as soft targets per user.
+        user_balance: each epoch draws as many examples as there are interactions, with
+            probability proportional to (the user's interaction count) ** -user_balance:
+            0 (every interaction once, in random order: heavy users dominate), 1 (every user
+            alike, with replacement). logQ follows the positives' resulting frequencies.
         patience: epochs without validation improvement before stopping (0 = never stop).
         refit: after early stopping (and the prior's choice), train again from scratch on the
             whole training period, validation slice included, for the best epoch count.
@@ -109,6 +113,7 @@ class TrainConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
     distill_top_k: int = 100
+    user_balance: float = 0.0
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
@@ -122,6 +127,8 @@ class TrainConfig:
             raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError("history_dropout must be in [0, 1)")
+        if self.user_balance < 0:
+            raise ValueError("user_balance must be >= 0")
         if self.distill_weight < 0 or self.distill_temperature <= 0 or self.distill_top_k < 1:
             raise ValueError("distillation needs weight >= 0, temperature > 0 and top_k >= 1")
 
@@ -235,7 +242,16 @@ class Trainer:
         self.user_table = encode_table(self.user_encoder, dataset.users, self.log.user_ids)
         self.item_table = encode_table(self.item_encoder, dataset.items, self.item_ids)
         counts = self.log.item_counts(len(self.item_ids))
-        self.in_batch_logq = in_batch_log_q(counts).to(self.device)
+        self.example_probs = None
+        positive_counts = counts
+        if config.user_balance:
+            self.example_probs = self.log.example_probabilities(config.user_balance)
+            positive_counts = np.bincount(
+                self.log.items,
+                weights=self.example_probs * len(self.log.items),
+                minlength=len(self.item_ids),
+            )
+        self.in_batch_logq = in_batch_log_q(positive_counts).to(self.device)
         # Sorted user x item keys of the log, for masking the users' own items as negatives.
         self.user_items = np.unique(self.log.users * len(self.item_ids) + self.log.items)
         self.sampler = _sampler(config.negatives, counts, self.generator)
@@ -388,7 +404,10 @@ class Trainer:
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):
             self.model.train()
-            order = rng.permutation(n)
+            if self.example_probs is None:
+                order = rng.permutation(n)
+            else:
+                order = rng.choice(n, size=n, p=self.example_probs)
             total = 0.0
             steps = range(0, n, cfg.batch_size)
             bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)

@@ -266,3 +266,27 @@ def test_validation_min_gap_validates_on_returning_users_only() -> None:
     carve = validation_split(train, 0.1, min_gap_days=20.0)
     validate = make_validator(dataset, carve.train, carve.test, seed=0)
     assert validate(returning.trained) == returning.validation
+
+
+def test_user_balance_weighs_users_instead_of_interactions() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    plain = Trainer(dataset, dataset.interactions, fast_config(epochs=1))
+    log = plain.log
+    sizes = np.bincount(log.users)
+    np.testing.assert_allclose(log.example_probabilities(0.0), 1 / len(log.items))
+    per_user = np.bincount(log.users, weights=log.example_probabilities(1.0))
+    np.testing.assert_allclose(per_user, 1 / len(sizes))  # every user alike
+    half = np.bincount(log.users, weights=log.example_probabilities(0.5))
+    np.testing.assert_allclose(half / half.sum(), np.sqrt(sizes) / np.sqrt(sizes).sum())
+    balanced = Trainer(dataset, dataset.interactions, fast_config(epochs=1, user_balance=1.0))
+    assert plain.example_probs is None and balanced.example_probs is not None
+    # logQ follows the positives as drawn: each item's share of the balanced draw.
+    share = np.bincount(log.items, weights=balanced.example_probs, minlength=30)
+    clamped = np.maximum(share * len(log.items), 1)  # as for raw counts: unseen items count 1
+    expected = np.log(clamped / clamped.sum())
+    np.testing.assert_allclose(balanced.in_batch_logq.cpu().numpy(), expected, rtol=1e-5)
+    assert not np.allclose(balanced.in_batch_logq.cpu().numpy(), plain.in_batch_logq.cpu().numpy())
+    trained = balanced.fit()
+    assert np.isfinite(trained.history[0]["loss"])
+    with pytest.raises(ValueError, match="user_balance"):
+        TrainConfig(user_balance=-0.5)
