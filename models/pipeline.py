@@ -16,7 +16,7 @@ from models.dataset import Dataset
 from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
-from models.splits import Split, make_split, validation_split
+from models.splits import NoReturningUsersError, Split, make_split, validation_split
 from models.train import (
     PRIOR_GRID,
     PRIOR_HALF_LIVES,
@@ -50,6 +50,16 @@ def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         return test
     keep = np.random.default_rng(seed).choice(users, size=n, replace=False)
     return test[test["user_id"].isin(keep)]
+
+
+def carve_validation(train: pd.DataFrame, config: TrainConfig) -> Split:
+    """The validation slice of `config`; every user of it when none is a returning user
+    (logged: short or compressed logs), rather than no validation at all."""
+    try:
+        return validation_split(train, config.validation_fraction, config.validation_min_gap_days)
+    except NoReturningUsersError as exc:
+        log.warning("%s: validating on every user of the slice instead", exc)
+        return validation_split(train, config.validation_fraction)
 
 
 def make_validator(

@@ -36,6 +36,10 @@ _LEAVE_LAST_N = re.compile(r"leave-last-n:(\d+)")
 _COLUMNS = ("user_id", "item_id", "timestamp")
 
 
+class NoReturningUsersError(ValueError):
+    """A validation slice restricted to returning users would be empty."""
+
+
 @dataclass(frozen=True)
 class Split:
     """A named train/test partition of an interaction log.
@@ -112,7 +116,8 @@ def validation_split(
         with `min_gap_days`, to returning users). `train` is never filtered.
 
     Raises:
-        ValueError: bad fraction or gap, or no returning user left in the slice.
+        ValueError: bad fraction or gap; `NoReturningUsersError` when no returning user is
+            left in the slice.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
@@ -128,7 +133,7 @@ def validation_split(
     returning = gap.index[gap >= min_gap_days * 86400.0]
     test = carve.test[carve.test["user_id"].isin(returning)].reset_index(drop=True)
     if test.empty:
-        raise ValueError(
+        raise NoReturningUsersError(
             f"validation: no user returns {min_gap_days:g} days or more after the cut's "
             "earlier interactions; lower the validation min gap"
         )

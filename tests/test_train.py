@@ -3,14 +3,15 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from trainer_helpers import fast_config, small_dataset
 
 from models.features import HISTORY
-from models.pipeline import choose_prior_weight, make_validator, run_training
+from models.pipeline import carve_validation, choose_prior_weight, make_validator, run_training
 from models.recommender import TwoTowerRecommender
-from models.splits import make_split, validation_split
+from models.splits import NoReturningUsersError, make_split, validation_split
 from models.towers import TowerConfig
 from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainConfig, TrainedModel, Trainer
 
@@ -66,7 +67,8 @@ class ScriptedValidation:
 
     def __call__(self, trained: TrainedModel) -> dict[str, float]:
         self.snapshots.append(trained.item_embeddings())
-        return {"recall@50": self.scores[len(self.snapshots) - 1]}
+        score = self.scores[len(self.snapshots) - 1]
+        return {"recall@50": score, "pooled_recall@50": score}
 
 
 def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:
@@ -290,3 +292,15 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
     assert np.isfinite(trained.history[0]["loss"])
     with pytest.raises(ValueError, match="user_balance"):
         TrainConfig(user_balance=-0.5)
+
+
+def test_validation_falls_back_to_every_user_when_none_returns() -> None:
+    dataset = small_dataset()
+    train = make_split(dataset.interactions, "last-10pct").train
+    config = fast_config(validation_min_gap_days=10_000.0)
+    with pytest.raises(NoReturningUsersError):
+        validation_split(train, 0.1, min_gap_days=10_000.0)
+    carve = carve_validation(train, config)
+    pd.testing.assert_frame_equal(carve.test, validation_split(train, 0.1).test)
+    returning = carve_validation(train, dataclasses.replace(config, validation_min_gap_days=5.0))
+    assert returning.test["user_id"].nunique() < carve.test["user_id"].nunique()
