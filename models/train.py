@@ -117,8 +117,8 @@ class TrainConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
-    validation_min_gap_days: float = 0.0
-    validation_metric: str = "recall@50"
+    validation_min_gap_days: float = 14.0
+    validation_metric: str = "pooled_recall@50"
     seed: int = 0
     device: str = "auto"
 

@@ -113,7 +113,9 @@ def test_trained_model_beats_most_popular_on_planted_data() -> None:
     # Early stopping ran on a validation slice carved off the training part.
     history = run.trained.history
     assert all("recall@50" in record and "ndcg@10" in record for record in history)
-    best = max(history, key=lambda r: r["recall@50"])
+    # By default on pooled recall (total hits / total relevant) of the validation slice.
+    assert config.validation_metric == "pooled_recall@50"
+    best = max(history, key=lambda r: r["pooled_recall@50"])
     assert run.trained.best_epoch == int(best["epoch"])
     assert run.report is not None
     assert run.report["split"] == "last-10pct"
