@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -60,6 +61,9 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--json", type=Path, help="also write the table here")
     parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log each epoch's validation figures"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -69,6 +73,10 @@ def main() -> int:
     add_train_args(parser)
     add_tower_args(parser)
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     torch.set_num_threads(args.threads)
     is_spec = args.data.startswith("synthetic")
     if not is_spec and not Path(args.data).is_dir():
@@ -91,6 +99,8 @@ def main() -> int:
         runs: list[EvalResult] = []
         seconds: list[float] = []
         epochs: list[int] = []
+        validation: list[dict[str, float] | None] = []
+        priors: list[list[float]] = []
         for seed in seeds:
             config = replace(train_config(args), seed=seed)
             start = time.perf_counter()
@@ -98,6 +108,8 @@ def main() -> int:
             seconds.append(time.perf_counter() - start)
             epochs.append(run.trained.best_epoch)
             runs.append(run.results["two_tower"])
+            validation.append(run.validation)
+            priors.append([run.trained.prior_weight, run.trained.prior_half_life_days])
             print(
                 f"{split} seed {seed}: recall@50 {runs[-1].means['recall@50']:.4f} "
                 f"({seconds[-1]:.0f} s)",
@@ -117,6 +129,8 @@ def main() -> int:
             "methods": methods,
             "two_tower_train_seconds": seconds,
             "two_tower_best_epochs": epochs,
+            "two_tower_validation": validation,
+            "two_tower_prior_weight_and_half_life": priors,
             "two_tower_vs_best_baseline_recall@50": methods["two_tower"]["recall@50"] / best,
             "two_tower_vs_best_baseline_pooled_recall@50": (
                 methods["two_tower"]["pooled_recall@50"] / best_pooled

@@ -92,8 +92,48 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.refit,
         help="after early stopping, retrain on the whole training period for the best epochs",
     )
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=d.distill_weight,
+        help="weight of distillation from an EASE teacher fitted on the training log (0: off; "
+        "small catalogues: the student scores the whole catalogue every step)",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d.distill_temperature,
+        help="softmax temperature of the teacher's standardised scores",
+    )
+    g.add_argument(
+        "--distill-top-k",
+        type=int,
+        default=d.distill_top_k,
+        help="teacher items kept as soft targets per user",
+    )
+    g.add_argument(
+        "--user-balance",
+        type=float,
+        default=d.user_balance,
+        help="draw examples with probability ~ (user's interaction count)^-B: 0 every "
+        "interaction alike (heavy users dominate), 1 every user alike",
+    )
     g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    g.add_argument(
+        "--validation-metric",
+        choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@50"],
+        default=d.validation_metric,
+        help="what early stopping and the prior's search maximise on the validation slice "
+        "(recall: mean over users; pooled: total hits / total relevant items)",
+    )
+    g.add_argument(
+        "--validation-min-gap",
+        type=float,
+        default=d.validation_min_gap_days,
+        help="days: validate only on returning users, whose first validation interaction comes "
+        "at least this long after their last earlier one (0: every user)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda:0...")
 
@@ -125,9 +165,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         history_dropout=args.history_dropout,
         mask_seen_negatives=args.mask_seen_negatives,
         refit=args.refit,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        distill_top_k=args.distill_top_k,
+        user_balance=args.user_balance,
         prior_half_life_days=args.prior_half_life,
         patience=args.patience,
         validation_fraction=args.validation_fraction,
+        validation_min_gap_days=args.validation_min_gap,
+        validation_metric=args.validation_metric,
         seed=args.seed,
         device=args.device,
     )

@@ -90,6 +90,14 @@ class InteractionLog:
         first = self.user_start[self.user_end - 1] if len(self.user_end) else self.user_end
         return self.histories(self.user_end, first, length)
 
+    def example_probabilities(self, user_balance: float) -> np.ndarray:
+        """`(N,)` probability of drawing each event as a training example: proportional to
+        `(events of its user) ** -user_balance` (0: every event alike, so heavy users dominate;
+        1: every user alike)."""
+        sizes = (self.user_end - self.user_start[self.user_end - 1])[self.users]
+        weights = sizes.astype(np.float64) ** -user_balance
+        return weights / weights.sum()
+
     def item_counts(self, n_items: int, half_life_days: float = 0.0) -> np.ndarray:
         """Interactions per catalogue row; with a half-life, each counts `0.5 ** (age /
         half_life)`, its age measured from the log's last event (recent popularity)."""

@@ -16,7 +16,7 @@ from models.dataset import Dataset
 from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
-from models.splits import Split, make_split, validation_split
+from models.splits import NoReturningUsersError, Split, make_split, validation_split
 from models.train import (
     PRIOR_GRID,
     PRIOR_HALF_LIVES,
@@ -41,6 +41,7 @@ class TrainingRun:
     results: dict[str, EvalResult]
     report: dict[str, Any] | None
     bundle: Path | None
+    validation: dict[str, float] | None = None
 
 
 def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -49,6 +50,16 @@ def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         return test
     keep = np.random.default_rng(seed).choice(users, size=n, replace=False)
     return test[test["user_id"].isin(keep)]
+
+
+def carve_validation(train: pd.DataFrame, config: TrainConfig) -> Split:
+    """The validation slice of `config`; every user of it when none is a returning user
+    (logged: short or compressed logs), rather than no validation at all."""
+    try:
+        return validation_split(train, config.validation_fraction, config.validation_min_gap_days)
+    except NoReturningUsersError as exc:
+        log.warning("%s: validating on every user of the slice instead", exc)
+        return validation_split(train, config.validation_fraction)
 
 
 def make_validator(
@@ -62,7 +73,7 @@ def make_validator(
         rec = TwoTowerRecommender(trained, dataset.users)
         rec.fit(fit_part, item_index)
         result = evaluate_recommender(rec, fit_part, sample, item_index, ks=(10, 50))
-        return dict(result.means)
+        return dict(result.means) | {"pooled_recall@50": result.pooled_recall(50)}
 
     return validate
 
@@ -136,13 +147,16 @@ def run_training(
     validate = None
     fit_part = train
     if config.patience > 0 and config.validation_fraction > 0:
-        carve = validation_split(train, config.validation_fraction)
+        carve = validation_split(train, config.validation_fraction, config.validation_min_gap_days)
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()
     prior_search = None
-    if config.popularity_prior is None and validate is not None:
-        prior_search = choose_prior_weight(trained, validate, config.validation_metric)
+    validation = None
+    if validate is not None:
+        if config.popularity_prior is None:
+            prior_search = choose_prior_weight(trained, validate, config.validation_metric)
+        validation = validate(trained)
     if config.refit and validate is not None:
         trained = refit(dataset, train, trained)
 
@@ -168,6 +182,7 @@ def run_training(
                 "popularity_prior_chosen": trained.prior_weight,
                 "prior_half_life_days_chosen": trained.prior_half_life_days,
                 "popularity_prior_search": prior_search,
+                "validation": validation,
                 "history": trained.history,
             },
             "data": dataset.summary() | (split.summary() if split else {"split": "none"}),
@@ -177,4 +192,4 @@ def run_training(
         bundle = export_bundle(
             trained, out, rec.item_matrix, rec.user_inputs(sample_users), metadata
         )
-    return TrainingRun(trained, split, results, report, bundle)
+    return TrainingRun(trained, split, results, report, bundle, validation)

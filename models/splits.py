@@ -15,7 +15,11 @@ Every split returns frames in the `Dataset.interactions` layout (`user_id`, `ite
   go to test; users with N or fewer interactions stay wholly in train.
 
 `validation_split` carves a validation slice off the end of a training frame with the same
-rule as `last-10pct`, so early stopping never looks at the test split.
+rule as `last-10pct`, so early stopping never looks at the test split. With `min_gap_days`,
+it keeps only *returning* users: those whose first held-out interaction comes at least that
+long after their last earlier one. A time split's test period is mostly such users (on
+ML-1M `last-10pct`, 90 % come back after 14 days or more); users who merely continue the
+session they were in at the cut reward what is popular that week instead.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ SEED_2003_CUTOFF = int(datetime(2003, 1, 1, tzinfo=UTC).timestamp())
 VALID_FORMS = "'seed-2003', 'last-10pct' or 'leave-last-n:N' (N >= 1)"
 _LEAVE_LAST_N = re.compile(r"leave-last-n:(\d+)")
 _COLUMNS = ("user_id", "item_id", "timestamp")
+
+
+class NoReturningUsersError(ValueError):
+    """A validation slice restricted to returning users would be empty."""
 
 
 @dataclass(frozen=True)
@@ -90,21 +98,46 @@ def make_split(interactions: pd.DataFrame, spec: str) -> Split:
     raise ValueError(f"unknown split {spec!r}; expected {VALID_FORMS}")
 
 
-def validation_split(train: pd.DataFrame, fraction: float = 0.1) -> Split:
+def validation_split(
+    train: pd.DataFrame, fraction: float = 0.1, min_gap_days: float = 0.0
+) -> Split:
     """Hold out the end of a training period for early stopping.
 
     Args:
         train: the training part of a split, `Dataset.interactions` layout.
         fraction: share of interactions (by time, from the end) to hold out, in (0, 1).
+        min_gap_days: keep only the held-out interactions of users whose first held-out
+            interaction comes at least this many days after their last earlier one
+            (returning users); 0 keeps every user seen earlier.
 
     Returns:
         `Split` named "validation" whose `train` is the earlier part and whose `test` is the
-        held-out slice (same cut rule as `last-10pct`, restricted to users seen earlier).
+        held-out slice (same cut rule as `last-10pct`, restricted to users seen earlier and,
+        with `min_gap_days`, to returning users). `train` is never filtered.
+
+    Raises:
+        ValueError: bad fraction or gap; `NoReturningUsersError` when no returning user is
+            left in the slice.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    if min_gap_days < 0:
+        raise ValueError(f"validation min gap must be >= 0 days, got {min_gap_days}")
     _check_columns(train)
-    return _last_fraction(_time_sorted(train), fraction, "validation")
+    carve = _last_fraction(_time_sorted(train), fraction, "validation")
+    if min_gap_days == 0:
+        return carve
+    last_before = carve.train.groupby("user_id")["timestamp"].max()
+    first_after = carve.test.groupby("user_id")["timestamp"].min()
+    gap = first_after - last_before.reindex(first_after.index)
+    returning = gap.index[gap >= min_gap_days * 86400.0]
+    test = carve.test[carve.test["user_id"].isin(returning)].reset_index(drop=True)
+    if test.empty:
+        raise NoReturningUsersError(
+            f"validation: no user returns {min_gap_days:g} days or more after the cut's "
+            "earlier interactions; lower the validation min gap"
+        )
+    return Split(name=carve.name, train=carve.train, test=test)
 
 
 def _check_columns(interactions: pd.DataFrame) -> None:

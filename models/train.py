@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.dataset import Dataset
+from models.distill import DistillationLoss, TeacherTargets, ease_targets
 from models.examples import InteractionLog, encode_table, fit_encoders, gather
 from models.features import HISTORY, FeatureEncoder
 from models.losses import (
@@ -70,10 +71,26 @@ class TrainConfig:
         mask_seen_negatives: softmax only: a candidate the user interacted with anywhere in
             the training log is not used as that user's negative (it is a false negative:
             retrieval is asked to find such items, not to rank them low).
+        distill_weight: weight of a distillation term (`models.distill`): the student's
+            softmax over the whole catalogue is also trained towards an EASE teacher fitted
+            on the same training log (0 disables it; small catalogues only).
+        distill_temperature: the teacher's softmax temperature (on per-user standardised
+            scores): lower concentrates the targets on the teacher's very best items.
+        distill_top_k: teacher items kept as soft targets per user.
+        user_balance: each epoch draws as many examples as there are interactions, with
+            probability proportional to (the user's interaction count) ** -user_balance:
+            0 (every interaction once, in random order: heavy users dominate), 1 (every user
+            alike, with replacement). logQ follows the positives' resulting frequencies.
         patience: epochs without validation improvement before stopping (0 = never stop).
         refit: after early stopping (and the prior's choice), train again from scratch on the
             whole training period, validation slice included, for the best epoch count.
         validation_fraction: share of the training period's end used for early stopping.
+        validation_metric: what early stopping and the prior's search maximise: a key of the
+            validator's metrics (`recall@10`, `recall@50`, `ndcg@10`, `ndcg@50`, ...) or
+            `pooled_recall@50` (total hits / total relevant: heavy users weigh more).
+        validation_min_gap_days: the validation slice keeps only returning users, whose first
+            interaction in it comes at least this many days after their last earlier one
+            (`models.splits.validation_split`); 0 keeps every user.
     """
 
     epochs: int = 20
@@ -93,10 +110,15 @@ class TrainConfig:
     history_dropout: float = 0.3
     mask_seen_negatives: bool = False
     refit: bool = True
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    distill_top_k: int = 100
+    user_balance: float = 0.0
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
-    validation_metric: str = "recall@50"
+    validation_min_gap_days: float = 14.0
+    validation_metric: str = "pooled_recall@50"
     seed: int = 0
     device: str = "auto"
 
@@ -105,6 +127,10 @@ class TrainConfig:
             raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError("history_dropout must be in [0, 1)")
+        if self.user_balance < 0:
+            raise ValueError("user_balance must be >= 0")
+        if self.distill_weight < 0 or self.distill_temperature <= 0 or self.distill_top_k < 1:
+            raise ValueError("distillation needs weight >= 0, temperature > 0 and top_k >= 1")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -216,7 +242,16 @@ class Trainer:
         self.user_table = encode_table(self.user_encoder, dataset.users, self.log.user_ids)
         self.item_table = encode_table(self.item_encoder, dataset.items, self.item_ids)
         counts = self.log.item_counts(len(self.item_ids))
-        self.in_batch_logq = in_batch_log_q(counts).to(self.device)
+        self.example_probs = None
+        positive_counts = counts
+        if config.user_balance:
+            self.example_probs = self.log.example_probabilities(config.user_balance)
+            positive_counts = np.bincount(
+                self.log.items,
+                weights=self.example_probs * len(self.log.items),
+                minlength=len(self.item_ids),
+            )
+        self.in_batch_logq = in_batch_log_q(positive_counts).to(self.device)
         # Sorted user x item keys of the log, for masking the users' own items as negatives.
         self.user_items = np.unique(self.log.users * len(self.item_ids) + self.log.items)
         self.sampler = _sampler(config.negatives, counts, self.generator)
@@ -233,6 +268,12 @@ class Trainer:
             "hinge": TripletHingeLoss(),
             "logistic": PairwiseLogisticLoss(config.temperature),
         }.get(config.loss)
+        self.teacher: TeacherTargets | None = None
+        if config.distill_weight > 0:
+            self.teacher = ease_targets(
+                self.log, len(self.item_ids), config.distill_top_k, config.distill_temperature
+            )
+        self.distillation = DistillationLoss()
 
     def _items(self, rows: Tensor) -> Tensor:
         feats = {k: v.to(self.device) for k, v in gather(self.item_table, rows).items()}
@@ -295,6 +336,26 @@ class Trainer:
         """Loss of one batch of example indices into the interaction log."""
         targets = self._targets(batch)
         users = self.model.user_tower(self._user_features(batch, targets))
+        loss = self._objective(batch, targets, users)
+        if self.teacher is None:
+            return loss
+        return loss + self.config.distill_weight * self._distill(batch, users)
+
+    def _distill(self, batch: np.ndarray, users: Tensor) -> Tensor:
+        """The distillation term: the student's catalogue softmax vs the teacher's targets."""
+        assert self.teacher is not None
+        logits = users @ self._items(torch.arange(len(self.item_ids))).T / self.config.temperature
+        seen = self.teacher.seen_mask(self.log.users[batch]).to(self.device)
+        logits = logits.masked_fill(seen, torch.finfo(logits.dtype).min)
+        rows = torch.from_numpy(self.log.users[batch])
+        return self.distillation(
+            logits,
+            self.teacher.items[rows].to(self.device),
+            self.teacher.probs[rows].to(self.device),
+        )
+
+    def _objective(self, batch: np.ndarray, targets: np.ndarray, users: Tensor) -> Tensor:
+        """The configured loss of one batch whose user vectors are `users` `(B, D)`."""
         pos_rows = torch.from_numpy(self.log.items[targets])
         positives = self._items(pos_rows)
         pos_ids = pos_rows.to(self.device)
@@ -343,7 +404,10 @@ class Trainer:
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):
             self.model.train()
-            order = rng.permutation(n)
+            if self.example_probs is None:
+                order = rng.permutation(n)
+            else:
+                order = rng.choice(n, size=n, p=self.example_probs)
             total = 0.0
             steps = range(0, n, cfg.batch_size)
             bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)

@@ -158,6 +158,19 @@ def test_options_map_onto_the_config() -> None:
     assert (config.history_mode, config.history_dropout) == ("before", 0.2)
     assert not config.mask_seen_negatives and config.prior_half_life_days == 30.0
     assert config.negatives == "all"
+    more = [
+        *("train", "--data", "synthetic", "--validation-min-gap", "3.5"),
+        *("--validation-metric", "pooled_recall@50", "--user-balance", "0.5"),
+        *("--distill-weight", "0.7", "--distill-temperature", "1.5", "--distill-top-k", "20"),
+    ]
+    config = train_config(parser().parse_args(more))
+    assert config.validation_min_gap_days == 3.5
+    assert config.validation_metric == "pooled_recall@50" and config.user_balance == 0.5
+    assert (config.distill_weight, config.distill_temperature, config.distill_top_k) == (
+        0.7,
+        1.5,
+        20,
+    )
 
 
 @pytest.fixture

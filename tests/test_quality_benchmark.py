@@ -44,6 +44,10 @@ def test_quality_table_every_method_with_intervals_and_ratios(tmp_path: Path) ->
     assert split["two_tower_vs_best_baseline_recall@50"] == pytest.approx(
         methods["two_tower"]["recall@50"] / best
     )
+    # Each seed's validation figures (chosen prior included) are reported beside the test's.
+    for figures in split["two_tower_validation"]:
+        assert 0 <= figures["recall@50"] <= 1 and 0 <= figures["pooled_recall@50"] <= 1
+    assert len(split["two_tower_prior_weight_and_half_life"]) == 2
     # On planted structure the model learns something real: well above most-popular.
     assert methods["two_tower"]["recall@50"] > methods["most_popular"]["recall@50"]
 

@@ -111,3 +111,26 @@ def test_validation_split_uses_the_last_10pct_rule_on_train() -> None:
     assert len(validation_split(train, fraction=0.5).test) > len(val.test)
     with pytest.raises(ValueError, match="fraction"):
         validation_split(train, fraction=1.0)
+
+
+def test_validation_min_gap_keeps_only_returning_users() -> None:
+    day = 86400
+    rows = [(u, f"{u}{i}", i) for u in ("a", "b", "c") for i in range(6)]  # the earlier part
+    rows += [
+        ("a", "a-next", 10 * day),  # returns 10 days later
+        ("a", "a-more", 11 * day),
+        ("b", "b-next", 2 * day),  # goes on 2 days later
+        ("b", "b-late", 30 * day),  # a later return does not make b a returning user
+        ("c", "c-next", 7 * day + 5),  # exactly 7 days after its last (t = 5): kept
+    ]
+    train = log(rows)
+    everyone = validation_split(train, fraction=0.2)
+    returning = validation_split(train, fraction=0.2, min_gap_days=7)
+    assert set(everyone.test["user_id"]) == {"a", "b", "c"}
+    pd.testing.assert_frame_equal(returning.train, everyone.train)
+    assert sorted(returning.test["item_id"]) == ["a-more", "a-next", "c-next"]
+    assert list(returning.test.index) == [0, 1, 2]
+    with pytest.raises(ValueError, match="no user returns 40 days"):
+        validation_split(train, fraction=0.2, min_gap_days=40)
+    with pytest.raises(ValueError, match="min gap"):
+        validation_split(train, min_gap_days=-1)

@@ -3,14 +3,15 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from trainer_helpers import fast_config, small_dataset
 
 from models.features import HISTORY
-from models.pipeline import choose_prior_weight, make_validator, run_training
+from models.pipeline import carve_validation, choose_prior_weight, make_validator, run_training
 from models.recommender import TwoTowerRecommender
-from models.splits import make_split, validation_split
+from models.splits import NoReturningUsersError, make_split, validation_split
 from models.towers import TowerConfig
 from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainConfig, TrainedModel, Trainer
 
@@ -66,7 +67,8 @@ class ScriptedValidation:
 
     def __call__(self, trained: TrainedModel) -> dict[str, float]:
         self.snapshots.append(trained.item_embeddings())
-        return {"recall@50": self.scores[len(self.snapshots) - 1]}
+        score = self.scores[len(self.snapshots) - 1]
+        return {"recall@50": score, "pooled_recall@50": score}
 
 
 def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:
@@ -111,7 +113,9 @@ def test_trained_model_beats_most_popular_on_planted_data() -> None:
     # Early stopping ran on a validation slice carved off the training part.
     history = run.trained.history
     assert all("recall@50" in record and "ndcg@10" in record for record in history)
-    best = max(history, key=lambda r: r["recall@50"])
+    # By default on pooled recall (total hits / total relevant) of the validation slice.
+    assert config.validation_metric == "pooled_recall@50"
+    best = max(history, key=lambda r: r["pooled_recall@50"])
     assert run.trained.best_epoch == int(best["epoch"])
     assert run.report is not None
     assert run.report["split"] == "last-10pct"
@@ -247,3 +251,58 @@ def test_refit_trains_again_on_the_whole_training_period() -> None:
     assert (again.prior_weight, again.prior_half_life_days) == (0.5, 30.0)
     assert not np.allclose(again.item_embeddings(), validated.item_embeddings())
     assert refitted.results["two_tower"].means["recall@50"] > 0
+
+
+def test_validation_min_gap_validates_on_returning_users_only() -> None:
+    dataset = small_dataset()
+    config = fast_config(epochs=1, patience=1, popularity_prior=0.0, refit=False)
+    everyone = run_training(dataset, "last-10pct", config, None)
+    returning = run_training(
+        dataset, "last-10pct", dataclasses.replace(config, validation_min_gap_days=20.0), None
+    )
+    # Same training (the fit part is never filtered), another validation population.
+    np.testing.assert_array_equal(
+        everyone.trained.item_embeddings(), returning.trained.item_embeddings()
+    )
+    assert everyone.validation is not None and returning.validation is not None
+    assert everyone.validation != returning.validation
+    train = make_split(dataset.interactions, "last-10pct").train
+    carve = validation_split(train, 0.1, min_gap_days=20.0)
+    validate = make_validator(dataset, carve.train, carve.test, seed=0)
+    assert validate(returning.trained) == returning.validation
+
+
+def test_user_balance_weighs_users_instead_of_interactions() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    plain = Trainer(dataset, dataset.interactions, fast_config(epochs=1))
+    log = plain.log
+    sizes = np.bincount(log.users)
+    np.testing.assert_allclose(log.example_probabilities(0.0), 1 / len(log.items))
+    per_user = np.bincount(log.users, weights=log.example_probabilities(1.0))
+    np.testing.assert_allclose(per_user, 1 / len(sizes))  # every user alike
+    half = np.bincount(log.users, weights=log.example_probabilities(0.5))
+    np.testing.assert_allclose(half / half.sum(), np.sqrt(sizes) / np.sqrt(sizes).sum())
+    balanced = Trainer(dataset, dataset.interactions, fast_config(epochs=1, user_balance=1.0))
+    assert plain.example_probs is None and balanced.example_probs is not None
+    # logQ follows the positives as drawn: each item's share of the balanced draw.
+    share = np.bincount(log.items, weights=balanced.example_probs, minlength=30)
+    clamped = np.maximum(share * len(log.items), 1)  # as for raw counts: unseen items count 1
+    expected = np.log(clamped / clamped.sum())
+    np.testing.assert_allclose(balanced.in_batch_logq.cpu().numpy(), expected, rtol=1e-5)
+    assert not np.allclose(balanced.in_batch_logq.cpu().numpy(), plain.in_batch_logq.cpu().numpy())
+    trained = balanced.fit()
+    assert np.isfinite(trained.history[0]["loss"])
+    with pytest.raises(ValueError, match="user_balance"):
+        TrainConfig(user_balance=-0.5)
+
+
+def test_validation_falls_back_to_every_user_when_none_returns() -> None:
+    dataset = small_dataset()
+    train = make_split(dataset.interactions, "last-10pct").train
+    config = fast_config(validation_min_gap_days=10_000.0)
+    with pytest.raises(NoReturningUsersError):
+        validation_split(train, 0.1, min_gap_days=10_000.0)
+    carve = carve_validation(train, config)
+    pd.testing.assert_frame_equal(carve.test, validation_split(train, 0.1).test)
+    returning = carve_validation(train, dataclasses.replace(config, validation_min_gap_days=5.0))
+    assert returning.test["user_id"].nunique() < carve.test["user_id"].nunique()
