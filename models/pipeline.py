@@ -147,7 +147,7 @@ def run_training(
     validate = None
     fit_part = train
     if config.patience > 0 and config.validation_fraction > 0:
-        carve = validation_split(train, config.validation_fraction, config.validation_min_gap_days)
+        carve = carve_validation(train, config)
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()

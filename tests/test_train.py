@@ -299,10 +299,14 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
 def test_validation_falls_back_to_every_user_when_none_returns() -> None:
     dataset = small_dataset()
     train = make_split(dataset.interactions, "last-10pct").train
-    config = fast_config(validation_min_gap_days=10_000.0)
+    gap = {"validation_min_gap_days": 10_000.0}
+    config = fast_config(**gap)
     with pytest.raises(NoReturningUsersError):
         validation_split(train, 0.1, min_gap_days=10_000.0)
     carve = carve_validation(train, config)
     pd.testing.assert_frame_equal(carve.test, validation_split(train, 0.1).test)
     returning = carve_validation(train, dataclasses.replace(config, validation_min_gap_days=5.0))
     assert returning.test["user_id"].nunique() < carve.test["user_id"].nunique()
+    # The training pipeline takes the same fallback instead of failing.
+    run = run_training(dataset, "last-10pct", fast_config(epochs=1, patience=1, **gap), None)
+    assert run.validation is not None and "pooled_recall@50" in run.validation
