@@ -11,7 +11,7 @@ from typing import get_args
 
 from models.dataset import DataError
 from models.towers import HISTORY_ENCODERS, TowerConfig
-from models.train import HistoryMode, NegativesName, TrainConfig
+from models.train_config import HistoryMode, NegativesName, TrainConfig
 
 log = logging.getLogger("models")
 

@@ -20,11 +20,11 @@ from models.splits import NoReturningUsersError, Split, make_split, validation_s
 from models.train import (
     PRIOR_GRID,
     PRIOR_HALF_LIVES,
-    TrainConfig,
     TrainedModel,
     Trainer,
     ValidateFn,
 )
+from models.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from models.bundle import write_latest
 from models.dataset import Dataset
 from models.pipeline import run_training
 from models.sources import load_dataset
-from models.train import TrainConfig
+from models.train_config import TrainConfig
 
 # Two small synthetic worlds; the second gives a different version for reload tests.
 SOURCE_V1 = "synthetic:seed=1,users=300,items=200"

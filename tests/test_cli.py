@@ -14,7 +14,7 @@ from trainer_helpers import REDIS_URL, SMALL_SOURCE, redis_namespace, stored_jso
 from models import bundle as b
 from models.cli import main, parser, train_config
 from models.sources import load_dataset
-from models.train import TrainConfig
+from models.train_config import TrainConfig
 
 FAST = [
     "--epochs", "1", "--batch-size", "256", "--history-length", "20",

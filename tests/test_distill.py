@@ -10,7 +10,8 @@ from trainer_helpers import fast_config, small_dataset
 
 from models.baselines import EASE
 from models.distill import DistillationLoss, ease_targets
-from models.train import TrainConfig, Trainer
+from models.train import Trainer
+from models.train_config import TrainConfig
 
 
 def test_teacher_targets_are_eases_best_unseen_items() -> None:

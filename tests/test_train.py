@@ -13,7 +13,8 @@ from models.pipeline import carve_validation, choose_prior_weight, make_validato
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, make_split, validation_split
 from models.towers import TowerConfig
-from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainConfig, TrainedModel, Trainer
+from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainedModel, Trainer
+from models.train_config import TrainConfig
 
 
 def test_device_auto_is_cuda_only_when_present() -> None:

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from models.dataset import Dataset
 from models.sources import load_dataset
 from models.towers import TowerConfig
-from models.train import TrainConfig
+from models.train_config import TrainConfig
 
 # The models here are tiny: extra intra-op threads only add synchronisation, and on a busy
 # 2-core machine they made training ten times slower. Applies to the whole test process.
