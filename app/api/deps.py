@@ -37,10 +37,7 @@ async def get_repository(services: ServicesDep) -> ModelRepository:
     return services.repository
 
 
-async def get_recall(request: Request) -> RecallService:
-    # From the request, not through ServicesDep: every level of dependency FastAPI solves
-    # costs the hot route (/v1/recall) CPU on each request.
-    services: Services = request.app.state.services
+async def get_recall(services: ServicesDep) -> RecallService:
     return services.recall
 
 
