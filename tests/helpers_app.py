@@ -15,6 +15,7 @@ import anyio
 import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI
 from serving_kit.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 
 from app.main import create_app
@@ -68,9 +69,12 @@ async def lifespan(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app, started through its lifespan, with an HTTP client bound to it."""
-    app = create_app(settings)
+async def serve(app_or_settings: FastAPI | Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app (one already built, or made from settings), started through its
+    lifespan, with an HTTP client bound to it."""
+    app = app_or_settings
+    if not isinstance(app, FastAPI):
+        app = create_app(app)
     async with lifespan(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:

@@ -3,27 +3,31 @@ request it does not answer with a 200."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
+from conftest import Bundles
 from fastapi import FastAPI
-from helpers_app import lifespan, make_settings
+from helpers_app import make_settings, serve
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.fast_path import RecallFastPath
 from app.main import create_app
+from app.settings import Settings
+from models.online_store import publish
 
 pytestmark = [pytest.mark.anyio]
 
 JSON = "application/json"
 # (body bytes, content type): good requests, and every kind of bad one.
 CASES: list[tuple[bytes, str | None]] = [
-    (b'{"user_id": "u1", "k": 5}', JSON),
+    (b'{"user_id": "u1", "k": 5}', JSON),  # stored in Redis
+    (b'{"user_id": "u7", "k": 50, "features": {"country": "DE"}}', JSON),  # stored, overridden
+    (b'{"user_id": "nobody", "k": 5}', JSON),  # cold start
     (b'{"user_id": "x", "k": 30, "features": {"country": "DE"}, "history": ["i3", "i17"]}', JSON),
     (b'{"user_id": "x", "history": ["i3", "nope"], "exclude_seen": false}', JSON),
     (b'{"user_id": "x", "features": {"country": null}, "history": []}', JSON),
@@ -58,39 +62,46 @@ def _without_fast_path(app: FastAPI) -> FastAPI:
     return app
 
 
-@asynccontextmanager
-async def client_of(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with lifespan(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
-            yield client
-
-
 def _answer(response: httpx.Response) -> tuple[int, str, Any]:
     return response.status_code, response.headers.get("content-type", ""), response.json()
 
 
-async def test_fast_path_answers_as_the_route_does(model_dir: Path) -> None:
-    settings = make_settings(model_dir)
+@pytest.fixture
+def settings(
+    model_dir: Path,
+    bundles: Bundles,
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
+) -> Settings:
+    """Users published to a real Redis, as the trainer side does."""
+    publish(redis_client, bundles.dataset_v1, prefix=redis_prefix, history_length=100)
+    return make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+
+
+async def test_fast_path_answers_as_the_route_does(settings: Settings) -> None:
     async with (
-        client_of(create_app(settings)) as fast,
-        client_of(_without_fast_path(create_app(settings))) as route,
+        serve(settings) as fast,
+        serve(_without_fast_path(create_app(settings))) as route,
     ):
-        statuses = set()
+        statuses, sources = set(), set()
         for body, content_type in CASES:
             headers = {"content-type": content_type} if content_type else {}
             got = await fast.post("/v1/recall", content=body, headers=headers)
             want = await route.post("/v1/recall", content=body, headers=headers)
             assert _answer(got) == _answer(want), body[:80]
             statuses.add(got.status_code)
+            if got.status_code == 200:
+                sources.add(got.json()["feature_source"])
         assert statuses == {200, 422}
+        assert sources == {"redis", "request", "default"}
         # Requests it answered are labelled with the route they stand for.
         metrics = (await fast.get("/metrics")).text
         assert 'route="/v1/recall",status="200"' in metrics
         assert 'route="unmatched"' not in metrics
 
 
-async def test_route_answers_only_what_the_fast_path_does_not(model_dir: Path) -> None:
+async def test_route_answers_only_what_the_fast_path_does_not(settings: Settings) -> None:
     reached: list[bytes] = []
 
     class Recorder:  # innermost: sees what the fast path handed on
@@ -102,11 +113,12 @@ async def test_route_answers_only_what_the_fast_path_does_not(model_dir: Path) -
                 reached.append(scope["path"].encode())
             await self.app(scope, receive, send)
 
-    app = create_app(make_settings(model_dir))
+    app = create_app(settings)
     app.user_middleware.append(Middleware(Recorder))
-    async with client_of(app) as client:
+    async with serve(app) as client:
         good = await client.post("/v1/recall", json={"user_id": "u1", "k": 3})
         assert good.status_code == 200 and len(good.json()["items"]) == 3
+        assert good.json()["feature_source"] == "redis"
         assert reached == []
         assert (await client.post("/v1/recall", json={"user_id": "u1", "k": 0})).status_code == 422
         plain = await client.post("/v1/recall", content=b'{"user_id": "u1"}')  # no JSON type
