@@ -3,9 +3,8 @@
 Everything here runs off the event loop (start-up and reload call it in a worker thread), and
 every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
 
-Flat search runs over the memory-mapped embeddings (pages shared by every worker): FAISS's
-SIMD scan for one to three users, else one matrix product + top-k in torch (a batch of users
-shares one pass over the matrix: several times faster than FAISS's flat index). HNSW and IVF
+Flat search runs over the memory-mapped embeddings (pages shared by every worker): exact,
+see `app.exact_search`. HNSW and IVF
 are FAISS indexes; a built one is cached beside the bundle (`app.index_cache`), and HNSW's own
 copy of the vectors doubles as the matrix of the exact fallback, so it is held once.
 """
@@ -26,8 +25,9 @@ import numpy as np
 import torch
 
 from app.errors import BundleRejected
+from app.exact_search import ExactSearch
 from app.index_cache import IndexCache
-from app.settings import IndexType, Settings
+from app.settings import IndexType, ScreenMode, Settings
 from models.bundle import ITEM_EMBEDDINGS, BundleError, verify_bundle
 from models.features import FeatureEncoder, FeatureSpecError
 
@@ -46,6 +46,7 @@ class IndexConfig:
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
     build_threads: int = 0  # OpenMP threads for building an ANN index; 0 = every core
+    exact_screen: ScreenMode = "auto"  # flat only: see `app.exact_search`
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -57,6 +58,7 @@ class IndexConfig:
             s.ivf_nlist,
             s.ivf_nprobe,
             s.index_build_threads,
+            s.exact_screen,
         )
 
     def cache_name(self, checksum: str) -> str:
@@ -95,24 +97,6 @@ def set_search_params(index: faiss.Index, config: IndexConfig) -> None:
         index.nprobe = min(config.ivf_nprobe, index.nlist)
 
 
-# Below this many queries FAISS's SIMD scan beats a matmul + top-k (100k items, one thread:
-# 1 query 1.15 vs 2.44 ms, 2: 2.2 vs 3.1, 4: even, 8: 8.5 vs 5.7, 32: 35 vs 15 ms).
-SIMD_SCAN_MAX_BATCH = 3
-
-
-def exact_search(
-    matrix: torch.Tensor, vectors: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top `k` of each row of `vectors` float32 `(B, dim)` over `matrix`
-    `(n_items, dim)`: (scores float32 `(B, k)`, rows int64 `(B, k)`), best first."""
-    if len(vectors) <= SIMD_SCAN_MAX_BATCH:
-        return faiss.knn(vectors, matrix.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
-    with torch.inference_mode():
-        scores = torch.from_numpy(vectors) @ matrix.T
-        top = torch.topk(scores, k, dim=1, sorted=True)
-    return top.values.numpy(), top.indices.numpy()
-
-
 @dataclass(frozen=True)
 class ServingBundle:
     """One loaded, warmed-up model version; never mutated after construction.
@@ -123,11 +107,10 @@ class ServingBundle:
         manifest: parsed manifest.json.
         tower: TorchScript user tower: `Dict[str, Tensor]` -> float32 `(B, dim)`.
         encoder: the shared feature encoder (spec + item index for history).
-        index: FAISS inner-product index over the item embeddings; None for flat (exact
-            search over `matrix`).
+        index: FAISS inner-product index over the item embeddings; None for flat (`exact`).
         embeddings: float32 `(n_items, dim)`, never written: memory-mapped from the bundle,
             or a view of the HNSW index's own vectors.
-        matrix: `embeddings` as a tensor (same memory), for exact search and the fallback.
+        exact: exact search over `embeddings` (same memory), for flat and the fallback.
         item_ids: external id of each row.
         index_type: flat | hnsw | ivf.
         loaded_at: UNIX time the bundle became ready.
@@ -140,7 +123,7 @@ class ServingBundle:
     encoder: FeatureEncoder
     index: faiss.Index | None
     embeddings: np.ndarray
-    matrix: torch.Tensor
+    exact: ExactSearch
     item_ids: Sequence[str]
     index_type: IndexType
     loaded_at: float
@@ -152,6 +135,10 @@ class ServingBundle:
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.exact.matrix
 
     @property
     def item_index(self) -> Mapping[str, int]:
@@ -169,7 +156,7 @@ class ServingBundle:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` per row: (scores float32 `(B, k)`, rows int64 `(B, k)`, -1 = no result)."""
         if self.index is None:
-            return exact_search(self.matrix, vectors, k)
+            return self.exact.search(vectors, k)
         scores, rows = self.index.search(vectors, k)
         return scores, rows
 
@@ -291,7 +278,9 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
         encoder=encoder,
         index=index,
         embeddings=embeddings,
-        matrix=_shared_tensor(embeddings),
+        exact=ExactSearch(
+            _shared_tensor(embeddings), config.exact_screen if index is None else "off"
+        ),
         item_ids=tuple(verified.item_ids),
         index_type=config.kind,
         loaded_at=time.time(),

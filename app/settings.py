@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IndexType = Literal["flat", "hnsw", "ivf"]
+ScreenMode = Literal["auto", "on", "off"]
 LogLevel = Annotated[
     Literal["critical", "error", "warning", "info", "debug"],
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
@@ -32,6 +33,9 @@ class Settings(BaseSettings):
     # OpenMP threads for building an HNSW/IVF index when it is not in the bundle's index cache
     # (a one-off: start-up or reload); 0 = every core.
     index_build_threads: Annotated[int, Field(ge=0)] = 0
+    # Flat index: screen batched scans with a bfloat16 copy of the matrix, still exact
+    # (`app.exact_search`); auto: when that measures faster on this CPU at load.
+    exact_screen: ScreenMode = "auto"
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""

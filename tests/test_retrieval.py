@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from app.bundle_loader import IndexConfig, build_index, load_bundle
+from app.exact_search import ExactSearch
 from app.retrieval import Query, search
 from models.bundle import read_latest
 
@@ -25,7 +26,7 @@ def test_hnsw_answers_do_not_depend_on_the_batch(model_dir: Path) -> None:
         bundle,
         index=build_index(items, config),
         embeddings=items,
-        matrix=torch.from_numpy(items),
+        exact=ExactSearch(torch.from_numpy(items), "off"),
         item_ids=tuple(f"x{i}" for i in range(len(items))),
         index_type="hnsw",
     )

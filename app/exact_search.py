@@ -1,0 +1,144 @@
+"""Exact inner-product top-k over the item matrix, for the flat index and ANN fallbacks.
+
+A lone query runs FAISS's SIMD scan. A batch shares one pass over the matrix, and that pass
+is bound by memory bandwidth (100k x 65 float32 is 26 MB, past the caches), so it reads a
+bfloat16 copy of the matrix — half the bytes, native dot products on CPUs that have them —
+to *screen* candidates, then scores those exactly in float32. The answer stays exact: the
+bfloat16 score of any item is within a known bound of its true score, so once the k-th best
+exact score beats the best that any item left out could truly reach, no item left out can
+belong to the top k; a query where that does not hold is rescanned in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faiss
+import numpy as np
+import torch
+
+from app.settings import ScreenMode
+
+log = logging.getLogger(__name__)
+
+# Below this many queries FAISS's SIMD scan beats a matmul + top-k (100k items, one thread:
+# 1 query 1.15 vs 2.44 ms, 2: 2.2 vs 3.1, 4: even, 8: 8.5 vs 5.7, 32: 35 vs 15 ms).
+SIMD_SCAN_MAX_BATCH = 3
+
+# |bf16 score - true score| <= SCREEN_ERROR * |q| * |m|: rounding q and m to bfloat16
+# (unit roundoff u = 2^-8) costs at most (2u + u^2)|q||m| by Cauchy-Schwarz, rounding the
+# bfloat16 result u|score| more; float32 accumulation adds d * 2^-24 relative (< 0.1 u for
+# d < 1600). 3.25 u covers the sum with room to spare.
+SCREEN_ERROR = 3.25 * 2.0**-8
+
+
+def screen_depth(k: int) -> int:
+    """Candidates screened for a top k: enough margin for the bound to be met (benchmark
+    bundle, 100k items, 512 users, k = 180: none rescanned; with k + 64, 6 were)."""
+    return k + k // 2 + 64
+
+
+# Top-k over a score row goes through the maximum of each block of this many columns.
+BLOCK = 64
+
+
+def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `c` largest values of each row of `scores` float32 `(B, n)`, unsorted: (values,
+    columns). torch.topk reads a 100k-column row at ~0.3 ms; the maxima of blocks of 32
+    columns take one vectorised pass, and only the c blocks with the highest maxima can hold
+    any of the c largest values (c blocks have a value at least that high), so topk runs
+    over those c * 64 columns instead."""
+    rows, n = scores.shape
+    blocks = n // BLOCK
+    if blocks < 4 * c:
+        top = torch.topk(scores, c, dim=1, sorted=False)
+        return top.values, top.indices
+    full = blocks * BLOCK
+    maxima = scores[:, :full].view(rows, blocks, BLOCK).amax(dim=2)
+    best = torch.topk(maxima, c, dim=1, sorted=False).indices
+    columns = (best.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).flatten(1)
+    if full < n:  # the last, partial block is always a candidate
+        columns = torch.cat([columns, torch.arange(full, n).expand(rows, -1)], dim=1)
+    top = torch.topk(scores.gather(1, columns), c, dim=1, sorted=False)
+    return top.values, columns.gather(1, top.indices)
+
+
+class ExactSearch:
+    """Exact top-k over `matrix` float32 `(n_items, dim)` (not copied; never written).
+
+    Args:
+        matrix: the item vectors.
+        screen: `on` keeps a bfloat16 copy (half the matrix's size) to screen batches with,
+            `off` scans float32 only, `auto` screens when that measures faster here.
+    """
+
+    def __init__(self, matrix: torch.Tensor, screen: ScreenMode = "auto") -> None:
+        self.matrix = matrix
+        self.screen: torch.Tensor | None = None
+        self.slack = 0.0  # SCREEN_ERROR * the largest item norm; times |q| per query
+        if screen != "off" and len(matrix) > screen_depth(1):
+            self.screen = matrix.to(torch.bfloat16)
+            self.slack = SCREEN_ERROR * float(matrix.norm(dim=1).max())
+            if screen == "auto" and not self._screening_pays():
+                self.screen = None
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top `k` inner products of each row of `vectors` float32 `(B, dim)`: (scores
+        float32 `(B, k)`, rows int64 `(B, k)`), best first."""
+        if len(vectors) <= SIMD_SCAN_MAX_BATCH:
+            return faiss.knn(vectors, self.matrix.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
+        queries = torch.from_numpy(vectors)
+        with torch.inference_mode():
+            if self.screen is None or screen_depth(k) >= len(self.matrix):
+                scores, rows = self._scan(queries, k)
+            else:
+                scores, rows = self._screened(queries, k)
+        return scores.numpy(), rows.numpy()
+
+    def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, columns = top_candidates(queries @ self.matrix.T, k)
+        scores, order = values.sort(dim=1, descending=True)
+        return scores, columns.gather(1, order)
+
+    def _screened(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.screen is not None
+        # Reductions over bfloat16 are slow in torch: select on float32 copies of the scores.
+        screened = (queries.to(torch.bfloat16) @ self.screen.T).float()
+        approx, candidates = top_candidates(screened, screen_depth(k))
+        exact = torch.bmm(self.matrix[candidates], queries.unsqueeze(2)).squeeze(2)
+        top = torch.topk(exact, k, dim=1, sorted=True)
+        scores, rows = top.values, candidates.gather(1, top.indices)
+        # An item left out screened at most the last candidate's score, so its true score is
+        # at most that plus the bound: the k-th best must reach it for the answer to be exact.
+        reach = approx.amin(dim=1) + self.slack * queries.norm(dim=1)
+        unsure = (scores[:, -1] < reach).nonzero().flatten()
+        if len(unsure):
+            scores[unsure], rows[unsure] = self._scan(queries[unsure], k)
+        return scores, rows
+
+    def _screening_pays(self, batch: int = 8, repeats: int = 5) -> bool:
+        """Time one pass over the matrix both ways: CPUs without native bfloat16 arithmetic
+        can be slower reading the half-size copy than the float32 matrix."""
+        assert self.screen is not None
+        queries = torch.randn(
+            batch, self.matrix.shape[1], generator=torch.Generator().manual_seed(0)
+        )
+        passes = {"float32": (queries, self.matrix), "bfloat16": (queries.bfloat16(), self.screen)}
+        timings = {}
+        with torch.inference_mode():
+            for name, (q, m) in passes.items():
+                q @ m.T
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    q @ m.T
+                timings[name] = (time.perf_counter() - start) / repeats * 1e3
+        pays = timings["bfloat16"] < timings["float32"]
+        log.info(
+            "exact search %s: one pass for %d queries takes %.2f ms in float32, %.2f in bfloat16",
+            "screens in bfloat16" if pays else "scans in float32",
+            batch,
+            timings["float32"],
+            timings["bfloat16"],
+        )
+        return pays

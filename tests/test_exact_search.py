@@ -1,0 +1,105 @@
+"""`ExactSearch`: screening batches in bfloat16 never changes the answer of a float32 scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.bundle_loader import IndexConfig, load_bundle
+from app.exact_search import ExactSearch, top_candidates
+from models.bundle import read_latest
+
+
+def assert_exact(search: ExactSearch, queries: np.ndarray, k: int) -> None:
+    """The answer is a top k: distinct rows, each with its true score, best first, and those
+    scores are the k best there are (rows may differ from a reference only among ties)."""
+    scores, rows = search.search(queries, k)
+    true = queries.astype(np.float64) @ search.matrix.numpy().T.astype(np.float64)
+    best = -np.sort(-true, axis=1)[:, :k]
+    for i in range(len(queries)):
+        assert len(set(rows[i].tolist())) == k
+        np.testing.assert_allclose(scores[i], true[i, rows[i]], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(true[i, rows[i]], best[i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("k", [1, 10, 50, 150])
+def test_screened_search_is_exact_on_trained_embeddings(
+    model_dir: Path, batch: int, k: int
+) -> None:
+    bundle = load_bundle(model_dir / read_latest(model_dir), IndexConfig(exact_screen="on"))
+    assert bundle.exact.screen is not None
+    rng = np.random.default_rng(batch * 1000 + k)
+    # Users around the cold-start vector, at the tower's own scale.
+    queries = bundle.encode([{}] * batch, [[]] * batch)
+    queries = queries + 0.3 * rng.standard_normal(queries.shape).astype(np.float32)
+    assert_exact(bundle.exact, queries, k)
+
+
+def test_top_candidates_through_block_maxima_are_the_top_values() -> None:
+    rng = np.random.default_rng(0)
+    n = 100_003  # a partial last block, which holds some of the best values
+    scores = torch.from_numpy(rng.standard_normal((5, n), dtype=np.float32))
+    scores[:, -3:] = 10.0
+    scores[1, :5000] = 0.5  # many ties
+    values, columns = top_candidates(scores, 60)
+    want = torch.topk(scores, 60, dim=1).values
+    assert torch.equal(values.sort(dim=1, descending=True).values, want)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(row.tolist())) == 60 for row in columns)
+
+
+def test_screened_search_is_exact_on_a_large_catalogue() -> None:
+    rng = np.random.default_rng(1)
+    factors = rng.standard_normal((8, 32), dtype=np.float32)
+    matrix = rng.standard_normal((60_000, 8), dtype=np.float32) @ factors
+    matrix += 0.3 * rng.standard_normal(matrix.shape, dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    search = ExactSearch(torch.from_numpy(matrix), "on")
+    queries = matrix[rng.integers(0, len(matrix), 12)] + 0.1
+    for k in (5, 50):
+        assert_exact(search, queries, k)
+
+
+def test_items_bfloat16_cannot_tell_apart_are_rescanned_in_float32() -> None:
+    # Scores 1 + i * 1e-6: identical once rounded to bfloat16, so the screen's candidates are
+    # arbitrary and the bound cannot certify them; the answer must still be the exact one.
+    n = 5000
+    matrix = np.zeros((n, 8), dtype=np.float32)
+    matrix[:, 0] = 1.0 + np.arange(n, dtype=np.float32) * 1e-6
+    search = ExactSearch(torch.from_numpy(matrix), "on")
+    queries = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
+    _, rows = search.search(queries, 20)
+    assert (rows == np.arange(n - 1, n - 21, -1)).all()
+    assert_exact(search, queries, 20)
+
+
+@pytest.mark.parametrize("dim", [16, 65, 256])
+def test_screened_scores_stay_within_the_bound_the_answer_relies_on(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    matrix = rng.standard_normal((20_000, dim), dtype=np.float32)
+    matrix[:, -1] *= 20  # a large coordinate, like a folded popularity prior
+    search = ExactSearch(torch.from_numpy(matrix), "on")
+    assert search.screen is not None
+    queries = torch.from_numpy(rng.standard_normal((16, dim), dtype=np.float32))
+    screened = (queries.to(torch.bfloat16) @ search.screen.T).double()
+    true = queries.double() @ torch.from_numpy(matrix).double().T
+    error = (screened - true).abs().amax(dim=1)
+    assert (error <= search.slack * queries.norm(dim=1).double()).all()
+
+
+def test_screening_is_on_off_or_measured() -> None:
+    rng = np.random.default_rng(0)
+    matrix = torch.from_numpy(rng.standard_normal((4000, 16), dtype=np.float32))
+    assert ExactSearch(matrix, "off").screen is None
+    on = ExactSearch(matrix, "on")
+    assert on.screen is not None and on.screen.dtype == torch.bfloat16
+    # auto keeps the copy only when screening measured faster than scanning here.
+    auto = ExactSearch(matrix, "auto")
+    assert auto.screen is None or auto.screen.dtype == torch.bfloat16
+    queries = rng.standard_normal((8, 16), dtype=np.float32)
+    for search in (on, auto):
+        assert_exact(search, queries, 30)
