@@ -3,10 +3,11 @@
 Everything here runs off the event loop (start-up and reload call it in a worker thread), and
 every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
 
-Flat search runs over the memory-mapped embeddings (pages shared by every worker): exact,
-see `app.exact_search`. HNSW and IVF
-are FAISS indexes; a built one is cached beside the bundle (`app.index_cache`), and HNSW's own
-copy of the vectors doubles as the matrix of the exact fallback, so it is held once.
+Flat search runs over the memory-mapped embeddings (pages shared by every worker), exactly
+(`app.exact_search`; its bfloat16 screen is a private copy per worker, half the matrix's
+size). HNSW and IVF are FAISS indexes; a built one is cached beside the bundle
+(`app.index_cache`), and HNSW's own copy of the vectors doubles as the matrix of the exact
+fallback, so it is held once.
 """
 
 from __future__ import annotations

@@ -26,11 +26,23 @@ log = logging.getLogger(__name__)
 # 1 query 1.15 vs 2.44 ms, 2: 2.2 vs 3.1, 4: even, 8: 8.5 vs 5.7, 32: 35 vs 15 ms).
 SIMD_SCAN_MAX_BATCH = 3
 
-# |bf16 score - true score| <= SCREEN_ERROR * |q| * |m|: rounding q and m to bfloat16
-# (unit roundoff u = 2^-8) costs at most (2u + u^2)|q||m| by Cauchy-Schwarz, rounding the
-# bfloat16 result u|score| more; float32 accumulation adds d * 2^-24 relative (< 0.1 u for
-# d < 1600). 3.25 u covers the sum with room to spare.
+# |bf16 score - true score| <= SCREEN_ERROR * |q| * |m| + d * SCREEN_FLOOR. Relative part
+# (unit roundoff u = 2^-8; the bfloat16 product accumulates in float32 and is rounded once):
+# rounding q and m costs at most (2u + u^2)|q||m| by Cauchy-Schwarz, rounding the result
+# u|score| more, float32 accumulation d * 2^-24 relative (< 0.25 u below d = 4000): 3.25 u
+# covers the sum (rounding errors lined up on purpose reach 2.8-2.95 u; tested). Absolute
+# part: products under float32's normal range (2^-126) are flushed to zero.
 SCREEN_ERROR = 3.25 * 2.0**-8
+SCREEN_FLOOR = 2.0**-120
+
+# A catalogue smaller than this is scanned (a copy would save nothing), as is a top k that
+# would screen nearly every item.
+MIN_SCREENED_ITEMS = 128
+
+# A screen that must rescan this share of queries (after enough of them) costs more than it
+# saves, e.g. with a heavy popularity prior folded in: the bound grows with the item norms.
+MAX_RESCAN_SHARE = 0.2
+RESCAN_SAMPLE = 512
 
 
 def screen_depth(k: int) -> int:
@@ -45,10 +57,11 @@ BLOCK = 64
 
 def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `c` largest values of each row of `scores` float32 `(B, n)`, unsorted: (values,
-    columns). torch.topk reads a 100k-column row at ~0.3 ms; the maxima of blocks of 32
-    columns take one vectorised pass, and only the c blocks with the highest maxima can hold
-    any of the c largest values (c blocks have a value at least that high), so topk runs
-    over those c * 64 columns instead."""
+    columns). The maxima of blocks of `BLOCK` columns take one vectorised pass, and only the
+    c blocks with the highest maxima can hold any of the c largest values (c blocks have a
+    value at least that high), so topk runs over those c blocks instead of the whole row
+    (100k columns, c = 334, 8 rows: 0.6 vs 1.0 ms). Not worth it unless the blocks are many
+    times c."""
     rows, n = scores.shape
     blocks = n // BLOCK
     if blocks < 4 * c:
@@ -77,7 +90,9 @@ class ExactSearch:
         self.matrix = matrix
         self.screen: torch.Tensor | None = None
         self.slack = 0.0  # SCREEN_ERROR * the largest item norm; times |q| per query
-        if screen != "off" and len(matrix) > screen_depth(1):
+        self.floor = matrix.shape[1] * SCREEN_FLOOR
+        self.screened = self.rescanned = 0  # queries, since load
+        if screen != "off" and len(matrix) >= MIN_SCREENED_ITEMS:
             self.screen = matrix.to(torch.bfloat16)
             self.slack = SCREEN_ERROR * float(matrix.norm(dim=1).max())
             if screen == "auto" and not self._screening_pays():
@@ -102,20 +117,34 @@ class ExactSearch:
         return scores, columns.gather(1, order)
 
     def _screened(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.screen is not None
+        screen = self.screen
+        assert screen is not None
         # Reductions over bfloat16 are slow in torch: select on float32 copies of the scores.
-        screened = (queries.to(torch.bfloat16) @ self.screen.T).float()
+        screened = (queries.to(torch.bfloat16) @ screen.T).float()
         approx, candidates = top_candidates(screened, screen_depth(k))
         exact = torch.bmm(self.matrix[candidates], queries.unsqueeze(2)).squeeze(2)
         top = torch.topk(exact, k, dim=1, sorted=True)
         scores, rows = top.values, candidates.gather(1, top.indices)
         # An item left out screened at most the last candidate's score, so its true score is
         # at most that plus the bound: the k-th best must reach it for the answer to be exact.
-        reach = approx.amin(dim=1) + self.slack * queries.norm(dim=1)
+        reach = approx.amin(dim=1) + self.slack * queries.norm(dim=1) + self.floor
         unsure = (scores[:, -1] < reach).nonzero().flatten()
         if len(unsure):
             scores[unsure], rows[unsure] = self._scan(queries[unsure], k)
+        self._count(len(queries), len(unsure))
         return scores, rows
+
+    def _count(self, screened: int, rescanned: int) -> None:
+        self.screened += screened
+        self.rescanned += rescanned
+        if self.screened >= RESCAN_SAMPLE and self.rescanned > MAX_RESCAN_SHARE * self.screened:
+            log.warning(
+                "exact search rescanned %d of %d screened queries: scanning in float32 from now "
+                "on (the bound is too wide for these vectors)",
+                self.rescanned,
+                self.screened,
+            )
+            self.screen = None
 
     def _screening_pays(self, batch: int = 8, repeats: int = 5) -> bool:
         """Time one pass over the matrix both ways: CPUs without native bfloat16 arithmetic

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from app import exact_search
 from app.bundle_loader import IndexConfig, load_bundle
 from app.exact_search import ExactSearch, top_candidates
 from models.bundle import read_latest
@@ -19,10 +21,11 @@ def assert_exact(search: ExactSearch, queries: np.ndarray, k: int) -> None:
     scores, rows = search.search(queries, k)
     true = queries.astype(np.float64) @ search.matrix.numpy().T.astype(np.float64)
     best = -np.sort(-true, axis=1)[:, :k]
+    tolerance = 1e-5 * np.abs(true).max()  # float32 rounding, at the scores' own scale
     for i in range(len(queries)):
         assert len(set(rows[i].tolist())) == k
-        np.testing.assert_allclose(scores[i], true[i, rows[i]], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(true[i, rows[i]], best[i], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scores[i], true[i, rows[i]], rtol=0, atol=tolerance)
+        np.testing.assert_allclose(true[i, rows[i]], best[i], rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
@@ -62,6 +65,8 @@ def test_screened_search_is_exact_on_a_large_catalogue() -> None:
     queries = matrix[rng.integers(0, len(matrix), 12)] + 0.1
     for k in (5, 50):
         assert_exact(search, queries, k)
+    # Well-separated scores: every answer certified by the screen alone.
+    assert search.screened == 24 and search.rescanned == 0
 
 
 def test_items_bfloat16_cannot_tell_apart_are_rescanned_in_float32() -> None:
@@ -74,6 +79,30 @@ def test_items_bfloat16_cannot_tell_apart_are_rescanned_in_float32() -> None:
     queries = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
     _, rows = search.search(queries, 20)
     assert (rows == np.arange(n - 1, n - 21, -1)).all()
+    assert search.rescanned == 6
+    assert_exact(search, queries, 20)
+
+
+def test_products_too_small_for_bfloat16_are_rescanned() -> None:
+    # Coordinates ~1e-19: products under float32's normal range, flushed to zero when
+    # screened, so every screened score is 0 while the true ones (~1e-38) differ.
+    rng = np.random.default_rng(2)
+    matrix = (rng.random((5000, 16), dtype=np.float32) * 1e-19).astype(np.float32)
+    search = ExactSearch(torch.from_numpy(matrix), "on")
+    queries = (rng.random((8, 16), dtype=np.float32) * 1e-19).astype(np.float32)
+    assert_exact(search, queries, 10)
+
+
+def test_a_screen_that_keeps_rescanning_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_search, "RESCAN_SAMPLE", 12)
+    matrix = np.zeros((5000, 8), dtype=np.float32)
+    matrix[:, 0] = 1.0 + np.arange(5000, dtype=np.float32) * 1e-6
+    search = ExactSearch(torch.from_numpy(matrix), "on")
+    queries = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
+    search.search(queries, 20)
+    assert search.screen is not None  # 6 queries: too few to judge
+    search.search(queries, 20)
+    assert search.screen is None
     assert_exact(search, queries, 20)
 
 
@@ -91,15 +120,36 @@ def test_screened_scores_stay_within_the_bound_the_answer_relies_on(dim: int) ->
     assert (error <= search.slack * queries.norm(dim=1).double()).all()
 
 
-def test_screening_is_on_off_or_measured() -> None:
+def test_the_bound_holds_when_every_rounding_error_lines_up() -> None:
+    # 1 + 2^-8 - 2^-20 rounds down to 1 in bfloat16 (an error of nearly u = 2^-8): 15 such
+    # products lose ~2u each, and the last coordinate puts the float32 sum 16.0546875 just
+    # under a bfloat16 rounding midpoint (16.0625), so the result rounds down once more.
+    down = 1.0 + 2.0**-8 - 2.0**-20
+    query = np.full((1, 16), down, dtype=np.float32)
+    items = np.full((300, 16), down, dtype=np.float32)
+    items[:, -1] = 1.0546875
+    search = ExactSearch(torch.from_numpy(items), "on")
+    assert search.screen is not None
+    q = torch.from_numpy(query)
+    screened = float((q.to(torch.bfloat16) @ search.screen[:1].T).double())
+    true = float(q.double() @ torch.from_numpy(items[:1]).double().T)
+    norms = float(np.linalg.norm(query)) * float(np.linalg.norm(items[0]))
+    error = true - screened
+    assert error > 2.7 * 2.0**-8 * norms  # most of the bound is used...
+    assert error <= search.slack * float(np.linalg.norm(query))  # ...and it holds
+
+
+def test_screening_is_on_off_or_measured(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     matrix = torch.from_numpy(rng.standard_normal((4000, 16), dtype=np.float32))
     assert ExactSearch(matrix, "off").screen is None
     on = ExactSearch(matrix, "on")
     assert on.screen is not None and on.screen.dtype == torch.bfloat16
-    # auto keeps the copy only when screening measured faster than scanning here.
-    auto = ExactSearch(matrix, "auto")
-    assert auto.screen is None or auto.screen.dtype == torch.bfloat16
+    # auto keeps the copy only when screening measured faster than scanning here, and says so.
+    with caplog.at_level(logging.INFO, logger="app.exact_search"):
+        auto = ExactSearch(matrix, "auto")
+    kept = "screens in bfloat16" if auto.screen is not None else "scans in float32"
+    assert kept in caplog.text
     queries = rng.standard_normal((8, 16), dtype=np.float32)
     for search in (on, auto):
         assert_exact(search, queries, 30)
