@@ -61,14 +61,16 @@ def same_response(got: dict[str, Any], alone: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("store", "recall_thread", "index"),
+    ("store", "recall_thread", "index", "screen"),
     [
-        ("memory", True, "flat"),
-        ("redis", True, "flat"),
-        ("redis", False, "flat"),
+        # Alone, a request is scanned by FAISS; in a batch, screened in bfloat16 ("on") or
+        # scanned in float32 ("off"): the answers must not differ.
+        ("memory", True, "flat", "on"),
+        ("redis", True, "flat", "off"),
+        ("redis", False, "flat", "on"),
         # A coarse graph: its answers depend on the search depth, which must be the
         # request's own, whatever else is in the batch.
-        ("memory", True, "hnsw"),
+        ("memory", True, "hnsw", "auto"),
     ],
 )
 async def test_batched_responses_equal_responses_alone(
@@ -78,8 +80,13 @@ async def test_batched_responses_equal_responses_alone(
     store: str,
     recall_thread: bool,
     index: str,
+    screen: str,
 ) -> None:
-    extra: dict[str, Any] = {"recall_thread": recall_thread, "index_type": index}
+    extra: dict[str, Any] = {
+        "recall_thread": recall_thread,
+        "index_type": index,
+        "exact_screen": screen,
+    }
     if index == "hnsw":
         extra |= {"hnsw_m": 4, "hnsw_ef_search": 4, "hnsw_ef_construction": 8}
     if store == "redis":

@@ -24,6 +24,7 @@ def assert_exact(search: ExactSearch, queries: np.ndarray, k: int) -> None:
     tolerance = 1e-5 * np.abs(true).max()  # float32 rounding, at the scores' own scale
     for i in range(len(queries)):
         assert len(set(rows[i].tolist())) == k
+        assert (np.diff(scores[i]) <= 0).all()  # best first
         np.testing.assert_allclose(scores[i], true[i, rows[i]], rtol=0, atol=tolerance)
         np.testing.assert_allclose(true[i, rows[i]], best[i], rtol=0, atol=tolerance)
 
