@@ -3,11 +3,11 @@
 Everything here runs off the event loop (start-up and reload call it in a worker thread), and
 every failure becomes `BundleRejected` with the reason, so a bad bundle never replaces a good one.
 
-Flat search runs over the memory-mapped embeddings (pages shared by every worker), exactly
-(`app.exact_search`; its bfloat16 screen is a private copy per worker, half the matrix's
-size). HNSW and IVF are FAISS indexes; a built one is cached beside the bundle
-(`app.index_cache`), and HNSW's own copy of the vectors doubles as the matrix of the exact
-fallback, so it is held once.
+Flat search is exact (`app.exact_search`) over the memory-mapped embeddings (pages shared by
+every worker) and a column-major copy of them that each worker scans (private, the matrix's
+size again; its bfloat16 screen, where used, is half that). HNSW and IVF are FAISS indexes; a
+built one is cached beside the bundle (`app.index_cache`), and HNSW's own copy of the vectors
+doubles as the matrix of the exact fallback, which scans it in place, so it is held once.
 """
 
 from __future__ import annotations
@@ -280,7 +280,9 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
         index=index,
         embeddings=embeddings,
         exact=ExactSearch(
-            _shared_tensor(embeddings), config.exact_screen if index is None else "off"
+            _shared_tensor(embeddings),
+            config.exact_screen if index is None else "off",
+            column_copy=index is None,
         ),
         item_ids=tuple(verified.item_ids),
         index_type=config.kind,

@@ -1,9 +1,10 @@
 """Exact inner-product top-k over the item matrix, for the flat index and ANN fallbacks.
 
-A lone query runs FAISS's SIMD scan. A batch shares one pass over the matrix, and that pass
-is bound by memory bandwidth (100k x 65 float32 is 26 MB, past the caches), so it reads a
-bfloat16 copy of the matrix — half the bytes, native dot products on CPUs that have them —
-to *screen* candidates, then scores those exactly in float32. The answer stays exact: the
+The float32 scan is one matrix product over a column-major copy of the matrix (dim x items,
+contiguous): the product then streams whole rows of items, where the row-major matrix makes
+it take one short dot product per item. A batch can instead read a bfloat16 copy of the
+matrix — half the bytes, native dot products on CPUs that have them — to *screen*
+candidates, then score those exactly in float32. The answer stays exact: the
 bfloat16 score of any item is within a known bound of its true score, so once the k-th best
 exact score beats the best that any item left out could truly reach, no item left out can
 belong to the top k; a query where that does not hold is rescanned in float32.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 
-import faiss
 import numpy as np
 import torch
 
@@ -22,10 +22,9 @@ from app.settings import ScreenMode
 
 log = logging.getLogger(__name__)
 
-# Up to this many queries FAISS's SIMD scan is as fast as the bfloat16 screen and faster than
-# a float32 product + top-k (100k items, k = 180, one thread, best of 7: 1 query 0.78 vs 1.19
-# vs 0.98 ms; 2: 1.43 vs 1.76 vs 2.18; 3: 2.12 vs 2.05 vs 2.84; 4: 2.91 vs 2.45 vs 5.34).
-SIMD_SCAN_MAX_BATCH = 3
+# Fewer queries than this are scanned in float32 even where the screen pays for batches: a
+# bfloat16 screen of 1-3 queries measured no cheaper (100k items, k = 180, one thread).
+SCREEN_MIN_BATCH = 4
 
 # |bf16 score - true score| <= SCREEN_ERROR * |q| * |m| + d * SCREEN_FLOOR. Relative part
 # (unit roundoff u = 2^-8; the bfloat16 product accumulates in float32 and is rounded once):
@@ -85,10 +84,15 @@ class ExactSearch:
         matrix: the item vectors.
         screen: `on` keeps a bfloat16 copy (half the matrix's size) to screen batches with,
             `off` scans float32 only, `auto` screens when that measures faster here.
+        column_copy: keep a column-major float32 copy (the matrix's size again, private to
+            the process) for a faster scan; without it, the product runs over `matrix`.
     """
 
-    def __init__(self, matrix: torch.Tensor, screen: ScreenMode = "auto") -> None:
+    def __init__(
+        self, matrix: torch.Tensor, screen: ScreenMode = "auto", column_copy: bool = True
+    ) -> None:
         self.matrix = matrix
+        self.columns = matrix.T.contiguous() if column_copy else matrix.T  # (dim, n_items)
         self.screen: torch.Tensor | None = None
         self.slack = 0.0  # SCREEN_ERROR * the largest item norm; times |q| per query
         self.floor = matrix.shape[1] * SCREEN_FLOOR
@@ -102,18 +106,20 @@ class ExactSearch:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` inner products of each row of `vectors` float32 `(B, dim)`: (scores
         float32 `(B, k)`, rows int64 `(B, k)`), best first."""
-        if len(vectors) <= SIMD_SCAN_MAX_BATCH:
-            return faiss.knn(vectors, self.matrix.numpy(), k, metric=faiss.METRIC_INNER_PRODUCT)
         queries = torch.from_numpy(vectors)
         with torch.inference_mode():
-            if self.screen is None or screen_depth(k) >= len(self.matrix):
+            if (
+                self.screen is None
+                or len(queries) < SCREEN_MIN_BATCH
+                or screen_depth(k) >= len(self.matrix)
+            ):
                 scores, rows = self._scan(queries, k)
             else:
                 scores, rows = self._screened(queries, k)
         return scores.numpy(), rows.numpy()
 
     def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values, columns = top_candidates(queries @ self.matrix.T, k)
+        values, columns = top_candidates(queries @ self.columns, k)
         scores, order = values.sort(dim=1, descending=True)
         return scores, columns.gather(1, order)
 
@@ -154,14 +160,17 @@ class ExactSearch:
         queries = torch.randn(
             batch, self.matrix.shape[1], generator=torch.Generator().manual_seed(0)
         )
-        passes = {"float32": (queries, self.matrix), "bfloat16": (queries.bfloat16(), self.screen)}
+        passes = {
+            "float32": (queries, self.columns),
+            "bfloat16": (queries.bfloat16(), self.screen.T),
+        }
         timings = {}
         with torch.inference_mode():
             for name, (q, m) in passes.items():
-                q @ m.T
+                q @ m
                 start = time.perf_counter()
                 for _ in range(repeats):
-                    q @ m.T
+                    q @ m
                 timings[name] = (time.perf_counter() - start) / repeats * 1e3
         pays = timings["bfloat16"] < timings["float32"]
         log.info(

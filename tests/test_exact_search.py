@@ -43,6 +43,20 @@ def test_screened_search_is_exact_on_trained_embeddings(
     assert_exact(bundle.exact, queries, k)
 
 
+@pytest.mark.parametrize("column_copy", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_float32_scan_is_exact_over_either_layout(column_copy: bool, batch: int) -> None:
+    # The flat index scans a column-major copy; ANN fallbacks scan the matrix in place.
+    rng = np.random.default_rng(batch)
+    matrix = rng.standard_normal((20_000, 65), dtype=np.float32)
+    search = ExactSearch(torch.from_numpy(matrix), "off", column_copy=column_copy)
+    assert search.columns.is_contiguous() == column_copy
+    assert search.columns.data_ptr() != search.matrix.data_ptr() or not column_copy
+    queries = rng.standard_normal((batch, 65), dtype=np.float32)
+    for k in (1, 180):
+        assert_exact(search, queries, k)
+
+
 def test_top_candidates_through_block_maxima_are_the_top_values() -> None:
     rng = np.random.default_rng(0)
     n = 100_003  # a partial last block, which holds some of the best values
