@@ -94,9 +94,12 @@ class RedisPin(VersionPin):
             encoding_errors="replace",
         )
 
+    # asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
+    # that lands as the call completes, and the watcher's cancellation must never be lost.
     async def get(self) -> str | None:
         try:
-            value = await asyncio.wait_for(self.client.get(self.key), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                value = await self.client.get(self.key)
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if value is None or not isinstance(value, str) or not is_version_name(value):
@@ -104,9 +107,12 @@ class RedisPin(VersionPin):
         return value
 
     async def set(self, version: str | None) -> None:
-        op = self.client.delete(self.key) if version is None else self.client.set(self.key, version)
         try:
-            await asyncio.wait_for(op, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                if version is None:
+                    await self.client.delete(self.key)
+                else:
+                    await self.client.set(self.key, version)
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -140,6 +146,7 @@ class ModelSync:
         self._failure: LoadFailure | None = None
         self._lock = asyncio.Lock()  # one load at a time: they are heavy and the last must win
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._started = False  # start-up failures are logged by start() itself
 
     @property
@@ -162,6 +169,8 @@ class ModelSync:
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The event ends the watcher even if code it awaits swallows the cancellation.
+            self._stopping.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -169,7 +178,7 @@ class ModelSync:
         await self.pin.aclose()
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(self.poll_s)
             try:
                 await self.sync()

@@ -5,6 +5,7 @@ is in tests/test_smoke.py (WORKERS=2)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,10 @@ from helpers_app import (
     serve,
 )
 
+from app.bundle_loader import IndexConfig
+from app.metrics import Metrics
+from app.model_sync import LocalPin, ModelSync
+from app.repository import ModelRepository
 from models import bundle as b
 from models.bundle import write_latest
 
@@ -143,3 +148,32 @@ async def test_with_redis_down_a_reload_changes_nothing_and_the_pin_holds(
             assert (await ready(client))["model_version"] == v2
     finally:
         server.stop()
+
+
+class CancellationSwallowingPin(LocalPin):
+    """Swallows every cancellation that lands while it is read, as Python 3.11's
+    `asyncio.wait_for` does when the awaited call completes at that very moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swallowed = 0
+
+    async def get(self) -> str | None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return await super().get()
+
+
+async def test_shutdown_ends_the_watcher_even_when_its_cancellation_is_swallowed(
+    model_dir: Path,
+) -> None:
+    repository = ModelRepository(model_dir, IndexConfig(), Metrics())
+    pin = CancellationSwallowingPin()
+    sync = ModelSync(repository, pin, poll_s=0.001)
+    await sync.start()
+    await anyio.sleep(0.02)  # the watcher is reading the pin most of the time
+    with anyio.fail_after(5):
+        await sync.stop()
+    assert pin.swallowed == 1
