@@ -5,6 +5,12 @@ next batch, up to a bounded size. Nothing ever waits on a timer: a request that 
 batcher idle starts a batch at once (a fixed wait made both throughput and latency worse),
 so under light load every batch holds one request and under heavy load batches grow by
 themselves, amortising the Redis round trip, the tower call and the index search.
+
+Between batches the batcher gives the event loop a few turns: encoding and searching hold
+the loop, so the finished batch's responses are still unsent and the requests that arrived
+meanwhile unread. One turn sends and reads, the next runs the new requests' handlers up to
+`submit`, the third finds them queued for the next batch (100k flat, 1 worker: 575 -> 804
+requests/s, worker CPU 1.75 -> 1.23 ms per request; README).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
+
+# Event-loop turns between batches: see the module docstring.
+ARRIVAL_TURNS = 3
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -73,6 +82,8 @@ class MicroBatcher(Generic[T, R]):
                 if batch:
                     await self._serve(batch)
                 batch = []
+                for _ in range(ARRIVAL_TURNS):
+                    await asyncio.sleep(0)
         except BaseException:  # cancelled (shutdown): nobody may wait forever
             for _, future in [*batch, *self._pending]:
                 future.cancel()

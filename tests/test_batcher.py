@@ -55,6 +55,39 @@ async def test_requests_waiting_while_a_batch_runs_form_the_next_batch() -> None
     assert sizes == [1, 3, 2]
 
 
+@pytest.mark.parametrize("turns, batches", [(3, [[0], [1, 2, 3]]), (0, [[0], [1], [2, 3]])])
+async def test_requests_read_while_a_batch_held_the_loop_join_the_next_batch(
+    monkeypatch: pytest.MonkeyPatch, turns: int, batches: list[list[int]]
+) -> None:
+    # As in the service: request 1 is submitted while batch [0] awaits Redis; requests 2 and
+    # 3 arrive while it computes (holding the loop), so the loop reads them only afterwards,
+    # and their handlers then submit them. The turns between batches let them join 1.
+    monkeypatch.setattr("app.batcher.ARRIVAL_TURNS", turns)
+    loop = asyncio.get_running_loop()
+    batcher: MicroBatcher[int, int]
+    submitted: list[asyncio.Future[int]] = []
+
+    def read_arrivals() -> None:  # an I/O callback: starts one handler task per request
+        submitted.extend(asyncio.ensure_future(batcher.submit(i)) for i in (2, 3))
+
+    class Service(Recorder):
+        async def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
+            await asyncio.sleep(0)  # the Redis round trip
+            if items == [0]:
+                submitted.append(asyncio.ensure_future(batcher.submit(1)))
+                await asyncio.sleep(0)
+                loop.call_soon(read_arrivals)  # what arrived during the computation
+            return await super().__call__(items)
+
+    serve = Service()
+    batcher = MicroBatcher(serve, max_size=8)
+    assert await batcher.submit(0) == 0
+    while len(submitted) < 3:
+        await asyncio.sleep(0)
+    assert await asyncio.gather(*submitted) == [10, 20, 30]
+    assert serve.batches == batches
+
+
 async def test_a_failing_item_fails_alone() -> None:
     batcher = MicroBatcher(Recorder(), max_size=8)
     results = await asyncio.gather(
