@@ -141,3 +141,16 @@ def test_profile_summary_shares(tmp_path: Path) -> None:
         "encode: torch tower": 0.3,
         "app: other": 0.1,
     }
+
+
+def test_exact_scan_benchmark_times_three_ways_to_the_same_answer() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import exact_scan
+
+    report = exact_scan.main(["--items", "3000", "--batches", "1,5", "--repeats", "2"])
+    assert report["k"] == 180
+    timings = report["ms"]
+    assert isinstance(timings, dict) and set(timings) == {"1", "5"}
+    for ways in timings.values():
+        assert set(ways) == {"faiss_knn", "row_major", "column_major"}
+        assert all(ms > 0 for ms in ways.values())
