@@ -155,7 +155,8 @@ class ServingBundle:
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top `k` per row: (scores float32 `(B, k)`, rows int64 `(B, k)`, -1 = no result)."""
+        """Top `k` (at most `n_items`) per row: (scores float32 `(B, k)`, rows int64
+        `(B, k)`; an ANN index may return -1 = no result)."""
         if self.index is None:
             return self.exact.search(vectors, k)
         scores, rows = self.index.search(vectors, k)

@@ -1,4 +1,4 @@
-"""Exact inner-product top-k over the item matrix, for the flat index and ANN fallbacks.
+"""Exact inner-product top-k over the item matrix, for the flat index.
 
 The float32 scan is one matrix product over a column-major copy of the matrix (dim x items,
 contiguous): the product then streams whole rows of items, where the row-major matrix makes
@@ -22,8 +22,9 @@ from app.settings import ScreenMode
 
 log = logging.getLogger(__name__)
 
-# Fewer queries than this are scanned in float32 even where the screen pays for batches: a
-# bfloat16 screen of 1-3 queries measured no cheaper (100k items, k = 180, one thread).
+# Fewer queries than this are scanned in float32 even where the screen pays for batches. The
+# cut-off dates from when FAISS scanned 1-3 queries (a bfloat16 screen measured no cheaper than
+# it); the screen has not been measured against the column-major scan for so few queries.
 SCREEN_MIN_BATCH = 4
 
 # |bf16 score - true score| <= SCREEN_ERROR * |q| * |m| + d * SCREEN_FLOOR. Relative part
@@ -104,9 +105,9 @@ class ExactSearch:
                 self.screen = None
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top `k` inner products of each row of `vectors` float32 `(B, dim)`: (scores
-        float32 `(B, k)`, rows int64 `(B, k)`), best first."""
-        queries = torch.from_numpy(vectors)
+        """Top `k` (at most the number of items) inner products of each row of `vectors`
+        `(B, dim)`: (scores float32 `(B, k)`, rows int64 `(B, k)`), best first."""
+        queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         with torch.inference_mode():
             if (
                 self.screen is None

@@ -12,7 +12,6 @@ a pub/sub message, cannot be missed by a worker that was restarting or not yet s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -165,6 +164,7 @@ class ModelSync:
         if self.repository.current is None:
             log.error("start-up model load failed: %s", self.error)
         if self.poll_s > 0:
+            self._stopping.clear()
             self._task = asyncio.create_task(self._watch(), name="model-sync")
 
     async def stop(self) -> None:
@@ -172,8 +172,12 @@ class ModelSync:
             # The event ends the watcher even if code it awaits swallows the cancellation.
             self._stopping.set()
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                caller = asyncio.current_task()
+                if caller is not None and caller.cancelling():  # aimed at stop() itself
+                    raise
             self._task = None
         await self.pin.aclose()
 

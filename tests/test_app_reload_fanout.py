@@ -173,7 +173,10 @@ async def test_shutdown_ends_the_watcher_even_when_its_cancellation_is_swallowed
     pin = CancellationSwallowingPin()
     sync = ModelSync(repository, pin, poll_s=0.001)
     await sync.start()
+    watcher = sync._task
+    assert watcher is not None
     await anyio.sleep(0.02)  # the watcher is reading the pin most of the time
-    with anyio.fail_after(5):
+    with anyio.fail_after(2):
         await sync.stop()
+    assert watcher.done()
     assert pin.swallowed == 1

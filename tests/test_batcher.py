@@ -55,20 +55,27 @@ async def test_requests_waiting_while_a_batch_runs_form_the_next_batch() -> None
     assert sizes == [1, 3, 2]
 
 
-@pytest.mark.parametrize("turns, batches", [(3, [[0], [1, 2, 3]]), (0, [[0], [1], [2, 3]])])
+@pytest.mark.parametrize(
+    "turns, batches", [(3, [[0], [1, 2, 3]]), (2, [[0], [1], [2, 3]]), (0, [[0], [1], [2, 3]])]
+)
 async def test_requests_read_while_a_batch_held_the_loop_join_the_next_batch(
     monkeypatch: pytest.MonkeyPatch, turns: int, batches: list[list[int]]
 ) -> None:
     # As in the service: request 1 is submitted while batch [0] awaits Redis; requests 2 and
     # 3 arrive while it computes (holding the loop), so the loop reads them only afterwards,
-    # and their handlers then submit them. The turns between batches let them join 1.
+    # in a turn of its own, and their handlers then submit them. Three turns between batches
+    # let them join 1.
     monkeypatch.setattr("app.batcher.ARRIVAL_TURNS", turns)
     loop = asyncio.get_running_loop()
     batcher: MicroBatcher[int, int]
     submitted: list[asyncio.Future[int]] = []
 
+    async def handler(i: int) -> int:
+        await asyncio.sleep(0)  # the loop reads sockets after the turn's ready callbacks
+        return await batcher.submit(i)
+
     def read_arrivals() -> None:  # an I/O callback: starts one handler task per request
-        submitted.extend(asyncio.ensure_future(batcher.submit(i)) for i in (2, 3))
+        submitted.extend(asyncio.ensure_future(handler(i)) for i in (2, 3))
 
     class Service(Recorder):
         async def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
