@@ -7,7 +7,7 @@ Flat search is exact (`app.exact_search`) over the memory-mapped embeddings (pag
 every worker) and a column-major copy of them that each worker scans (private, the matrix's
 size again; its bfloat16 screen, where used, is half that). HNSW and IVF are FAISS indexes; a
 built one is cached beside the bundle (`app.index_cache`), and HNSW's own copy of the vectors
-doubles as the matrix of the exact fallback, which scans it in place, so it is held once.
+doubles as the matrix of the exact fallback (`app.retrieval`), so it is held once.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class ServingBundle:
         index: FAISS inner-product index over the item embeddings; None for flat (`exact`).
         embeddings: float32 `(n_items, dim)`, never written: memory-mapped from the bundle,
             or a view of the HNSW index's own vectors.
-        exact: exact search over `embeddings` (same memory), for flat and the fallback.
+        exact: exact search over `embeddings` for flat; for an ANN index it only holds
+            `matrix`, which the exact fallback (`app.retrieval`) reads.
         item_ids: external id of each row.
         index_type: flat | hnsw | ivf.
         loaded_at: UNIX time the bundle became ready.

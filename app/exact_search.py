@@ -3,11 +3,11 @@
 The float32 scan is one matrix product over a column-major copy of the matrix (dim x items,
 contiguous): the product then streams whole rows of items, where the row-major matrix makes
 it take one short dot product per item. A batch can instead read a bfloat16 copy of the
-matrix — half the bytes, native dot products on CPUs that have them — to *screen*
-candidates, then score those exactly in float32. The answer stays exact: the
-bfloat16 score of any item is within a known bound of its true score, so once the k-th best
-exact score beats the best that any item left out could truly reach, no item left out can
-belong to the top k; a query where that does not hold is rescanned in float32.
+matrix — half the bytes, native dot products on CPUs that have them — to *screen* candidates,
+then score those exactly in float32. The answer stays exact: the bfloat16 score of any item is
+within a known bound of its true score, so once the k-th best exact score beats the best that
+any item left out could truly reach, no item left out can belong to the top k; a query where
+that does not hold is rescanned in float32.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def same_response(got: dict[str, Any], alone: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("store", "recall_thread", "index", "screen"),
     [
-        # Alone, a request is scanned by FAISS; in a batch, screened in bfloat16 ("on") or
+        # Alone, a request is scanned in float32; in a batch, screened in bfloat16 ("on") or
         # scanned in float32 ("off"): the answers must not differ.
         ("memory", True, "flat", "on"),
         ("redis", True, "flat", "off"),

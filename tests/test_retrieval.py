@@ -26,7 +26,7 @@ def test_hnsw_answers_do_not_depend_on_the_batch(model_dir: Path) -> None:
         bundle,
         index=build_index(items, config),
         embeddings=items,
-        exact=ExactSearch(torch.from_numpy(items), "off"),
+        exact=ExactSearch(torch.from_numpy(items), "off", column_copy=False),
         item_ids=tuple(f"x{i}" for i in range(len(items))),
         index_type="hnsw",
     )
