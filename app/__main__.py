@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from typing import Any
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from app import workers
 from app.settings import get_settings
+
+APP = "app.main:app"
 
 
 def main() -> None:
@@ -28,8 +33,7 @@ def main() -> None:
         "level": settings.log_level.upper(),
         "propagate": False,
     }
-    uvicorn.run(
-        "app.main:app",
+    options: dict[str, Any] = dict(
         log_config=log_config,
         host=settings.host,
         port=settings.port,
@@ -38,6 +42,10 @@ def main() -> None:
         log_level=settings.log_level,
         access_log=False,  # per-request logs cost more than recall itself; see /metrics
     )
+    if settings.workers > 1 and workers.SUPPORTED:
+        # A listening socket per worker, so connections spread evenly (app/workers.py).
+        sys.exit(workers.Supervisor(uvicorn.Config(APP, **options), settings.workers).run())
+    uvicorn.run(APP, **options)
 
 
 if __name__ == "__main__":
