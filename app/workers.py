@@ -8,8 +8,10 @@ runs (671 requests/s against 931-1103). With a socket per worker the kernel spre
 connections over the workers by a hash of each connection's addresses.
 
 The supervisor is deliberately small: start the workers, replace one that dies (stop if one
-fails during start-up: it would fail again), and on SIGINT/SIGTERM pass SIGTERM on, so each
-worker drains its requests (uvicorn's graceful shutdown) before the parent exits.
+fails during start-up: it would fail again), and on SIGINT, SIGTERM, SIGHUP or SIGQUIT pass
+SIGTERM on, so each worker drains its requests (uvicorn's graceful shutdown) before the parent
+exits. (uvicorn's supervisor restarts its workers on SIGHUP; a new bundle needs no restart
+here: the workers load it themselves.)
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ class Supervisor:
         except OSError as exc:
             log.error("Cannot listen on %s:%s: %s", self.config.host, self.config.port, exc)
             return STARTUP_FAILURE
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP and SIGQUIT too: their default would end the parent alone, leaving the
+        # workers serving as orphans.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, lambda *_: self.stopping.set())
         log.info("Started parent process; %d workers, one SO_REUSEPORT socket each", self.workers)
         processes = [self._start() for _ in range(self.workers)]

@@ -1,6 +1,6 @@
 """`python -m app` with WORKERS=2 (app/workers.py): a listening socket per worker, so a burst
-of connections reaches both workers; a worker that dies is replaced; SIGTERM stops them all;
-a port in use is refused. Real processes on real sockets."""
+of connections reaches both workers; a worker that dies is replaced; SIGTERM (or SIGHUP)
+stops them all; a port in use is refused. Real processes on real sockets."""
 
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def test_a_burst_of_connections_reaches_every_worker(procs: Processes, model_dir
         assert len(spread) == 2 and sum(spread.values()) == 16, spread
 
 
-def test_a_dead_worker_is_replaced_and_sigterm_stops_every_worker(
-    procs: Processes, model_dir: Path
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
+def test_a_dead_worker_is_replaced_and_a_stop_signal_stops_every_worker(
+    procs: Processes, model_dir: Path, stop_signal: signal.Signals
 ) -> None:
     port = free_port()
     app = start(procs, model_dir, port)
@@ -125,7 +126,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_every_worker(
     assert len(after & before) == 1
     pids = [int(worker.rsplit(":", 1)[1]) for worker in after]
 
-    os.kill(app.popen.pid, signal.SIGTERM)  # the parent only, as an orchestrator does
+    os.kill(app.popen.pid, stop_signal)  # the parent only, as an orchestrator does
     assert app.popen.wait(30) == 0, app.tail()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
