@@ -11,17 +11,19 @@ The supervisor is deliberately small: start the workers, replace one that dies (
 fails during start-up: it would fail again), and on SIGINT, SIGTERM, SIGHUP or SIGQUIT pass
 SIGTERM on, so each worker drains its requests (uvicorn's graceful shutdown) before the parent
 exits. (uvicorn's supervisor restarts its workers on SIGHUP; a new bundle needs no restart
-here: the workers load it themselves.)
+here: the workers load it themselves.) Unlike uvicorn's, it does not ping its workers: a
+worker that hangs without dying keeps its share of new connections until it is killed, and
+one killed with connections still queued on its socket resets them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
 import socket
 import sys
-import threading
 import time
 from multiprocessing.process import BaseProcess
 
@@ -37,47 +39,69 @@ POLL_S = 0.5
 KILL_GRACE_S = 5.0  # beyond the graceful shutdown timeout, before a worker is killed
 
 
+def _tcp_socket(host: str, *, reuse_addr: bool, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    if reuse_addr:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
 def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` with `SO_REUSEPORT`, not yet listening."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    """A worker's TCP socket bound to `host:port` with `SO_REUSEPORT`, not yet listening."""
+    sock = _tcp_socket(host, reuse_addr=True, reuse_port=True)
     sock.bind((host, port))
     return sock
 
 
 def claim_port(host: str, port: int) -> socket.socket:
-    """Fail if anything listens on `host:port`, then hold it with a bound `SO_REUSEPORT` socket.
+    """Refuse a port in use, then hold it for this service's workers alone.
 
     Sockets that all set `SO_REUSEPORT` share a port silently, so a second copy of the service
-    would take half of the first one's connections: a plain bind first refuses a port in use.
-    The claim is bound but never listens, so it takes no connections itself.
+    would take half the first one's connections. A plain bind first refuses a port something
+    listens on. The claim sets `SO_REUSEPORT` but not `SO_REUSEADDR`, so while it is held no
+    other socket can bind the port except through `SO_REUSEPORT` (our workers), and a second
+    copy's plain bind fails even before our workers listen. Bound but never listening, the
+    claim takes no connections itself.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+    with _tcp_socket(host, reuse_addr=True, reuse_port=False) as probe:  # TIME_WAIT: no conflict
         probe.bind((host, port))
-    return reuse_port_socket(host, port)
+    claim = _tcp_socket(host, reuse_addr=False, reuse_port=True)
+    try:
+        claim.bind((host, port))
+    except OSError:
+        claim.close()
+        raise
+    return claim
 
 
 def serve_worker(config: uvicorn.Config) -> None:
     """One worker process: its own socket (uvicorn listens on it), then uvicorn's server."""
     config.configure_logging()  # a spawned process starts with Python's defaults
+    try:
+        sock = reuse_port_socket(config.host, config.port)
+    except OSError as exc:  # would fail the same way on every restart
+        log.error("Worker cannot bind %s:%s: %s", config.host, config.port, exc)
+        sys.exit(STARTUP_FAILURE)
     server = uvicorn.Server(config)
-    server.run(sockets=[reuse_port_socket(config.host, config.port)])
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches the workers too
+        server.run(sockets=[sock])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 
 
 class Supervisor:
-    """Runs `workers` processes of `serve_worker(config)` until SIGINT or SIGTERM."""
+    """Runs `workers` processes of `serve_worker(config)` until a stop signal."""
 
     def __init__(self, config: uvicorn.Config, workers: int) -> None:
         self.config = config
         self.workers = workers
         self.context = multiprocessing.get_context("spawn")  # as uvicorn: no forked state
-        self.stopping = threading.Event()
+        # Set by the signal handler: a plain attribute, since a handler that takes a lock
+        # (threading.Event.set) can deadlock against the same lock held by the code it
+        # interrupted.
+        self.stop_reason: str | None = None
         self.exit_code = 0
 
     def run(self) -> int:
@@ -89,18 +113,23 @@ class Supervisor:
         # SIGHUP and SIGQUIT too: their default would end the parent alone, leaving the
         # workers serving as orphans.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, self._on_signal)
         log.info("Started parent process; %d workers, one SO_REUSEPORT socket each", self.workers)
         processes = [self._start() for _ in range(self.workers)]
         try:
-            while not self.stopping.wait(POLL_S):
+            while self.stop_reason is None:
+                time.sleep(POLL_S)
                 for i, process in enumerate(processes):
-                    if not process.is_alive():
+                    if self.stop_reason is None and not process.is_alive():
                         processes[i] = self._replace(process)
         finally:
+            log.info("Stopping the workers (%s)", self.stop_reason)
             self._stop(processes)
             claim.close()
         return self.exit_code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_reason = signal.Signals(signum).name
 
     def _start(self) -> BaseProcess:
         process = self.context.Process(target=serve_worker, args=(self.config,))
@@ -111,7 +140,7 @@ class Supervisor:
         if process.exitcode == STARTUP_FAILURE:
             log.error("Worker [%s] failed to start; stopping", process.pid)
             self.exit_code = STARTUP_FAILURE
-            self.stopping.set()
+            self.stop_reason = "a worker failed to start"
             return process
         log.warning(
             "Worker [%s] died (exit code %s); starting another", process.pid, process.exitcode

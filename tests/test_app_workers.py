@@ -97,6 +97,27 @@ def all_workers(port: int, count: int) -> set[str]:
     return wait_for(probe, 90, f"{count} workers ready")
 
 
+def test_the_claim_admits_the_workers_sockets_and_no_other() -> None:
+    port = free_port()
+    claim = workers.claim_port("127.0.0.1", port)
+    try:
+        with workers.reuse_port_socket("127.0.0.1", port) as worker:
+            worker.listen()
+            with pytest.raises(OSError):
+                workers.claim_port("127.0.0.1", port)  # a second copy, workers listening
+        with pytest.raises(OSError):
+            workers.claim_port("127.0.0.1", port)  # ... or before they listen
+        with socket.socket() as other, pytest.raises(OSError):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers
+            other.bind(("127.0.0.1", port))
+            other.listen()
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))  # the claim itself never takes a connection
+    finally:
+        claim.close()
+    workers.claim_port("127.0.0.1", port).close()  # released
+
+
 def test_a_burst_of_connections_reaches_every_worker(procs: Processes, model_dir: Path) -> None:
     port = free_port()
     start(procs, model_dir, port)
