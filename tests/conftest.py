@@ -14,6 +14,7 @@ import pytest
 import redis
 import torch
 from helpers_app import RedisServer
+from helpers_process import Processes
 
 from models.bundle import write_latest
 from models.dataset import Dataset
@@ -113,3 +114,11 @@ def model_dir(tmp_path: Path, bundles: Bundles) -> Path:
         shutil.copytree(source, root / source.name)
     write_latest(root, bundles.v1.name)
     return root
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Real processes a test starts (`helpers_process`), all stopped when it ends."""
+    group = Processes(tmp_path / "logs")
+    yield group
+    group.stop_all()

@@ -12,26 +12,17 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers_app import free_port
 from helpers_process import Proc, Processes, wait_for
+from helpers_stack import ROOT
 from uvicorn.config import STARTUP_FAILURE
 
 from app import workers
 
-ROOT = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.skipif(not workers.SUPPORTED, reason="SO_REUSEPORT balancing: Linux")
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    group = Processes(tmp_path / "logs")
-    yield group
-    group.stop_all()
 
 
 def start(procs: Processes, model_dir: Path, port: int) -> Proc:

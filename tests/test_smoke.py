@@ -39,13 +39,6 @@ VARIABLES = {
 SERVICE_VARIABLES = {"REDIS_URL", "REDIS_PREFIX", "MODEL_DIR", "ADMIN_TOKEN", "WORKERS", "PORT"}
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    group = Processes(tmp_path / "logs")
-    yield group
-    group.stop_all()
-
-
 @dataclass(frozen=True)
 class MakeRun:
     proc: Proc
