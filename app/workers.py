@@ -11,16 +11,20 @@ The supervisor is deliberately small: start the workers, replace one that dies (
 fails during start-up: it would fail again), and on SIGINT, SIGTERM, SIGHUP or SIGQUIT pass
 SIGTERM on, so each worker drains its requests (uvicorn's graceful shutdown) before the parent
 exits. (uvicorn's supervisor restarts its workers on SIGHUP; a new bundle needs no restart
-here: the workers load it themselves.) Unlike uvicorn's, it does not ping its workers: a
-worker that hangs without dying keeps its share of new connections until it is killed, and
-one killed with connections still queued on its socket resets them.
+here: the workers load it themselves.) Each worker asks the kernel for SIGTERM when the
+supervisor dies, so killing the supervisor outright (SIGKILL, the OOM killer) leaves no worker
+serving as an orphan (uvicorn's supervisor leaves them). Unlike uvicorn's, it does not ping
+its workers: a worker that hangs without dying keeps its share of new connections until it is
+killed, and one killed with connections still queued on its socket resets them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -37,6 +41,7 @@ log = logging.getLogger("uvicorn.error")
 SUPPORTED = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
 POLL_S = 0.5
 KILL_GRACE_S = 5.0  # beyond the graceful shutdown timeout, before a worker is killed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _tcp_socket(host: str, *, reuse_addr: bool, reuse_port: bool) -> socket.socket:
@@ -76,9 +81,22 @@ def claim_port(host: str, port: int) -> socket.socket:
     return claim
 
 
-def serve_worker(config: uvicorn.Config) -> None:
+def stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this process SIGTERM (a graceful stop) when its parent dies, however
+    it dies; exit now if the parent is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "Worker cannot follow its supervisor: prctl: %s", os.strerror(ctypes.get_errno())
+        )
+    if os.getppid() != parent_pid:  # died before the request took effect
+        sys.exit(0)
+
+
+def serve_worker(config: uvicorn.Config, parent_pid: int) -> None:
     """One worker process: its own socket (uvicorn listens on it), then uvicorn's server."""
     config.configure_logging()  # a spawned process starts with Python's defaults
+    stop_with_parent(parent_pid)
     try:
         sock = reuse_port_socket(config.host, config.port)
     except OSError as exc:  # would fail the same way on every restart
@@ -132,7 +150,7 @@ class Supervisor:
         self.stop_reason = signal.Signals(signum).name
 
     def _start(self) -> BaseProcess:
-        process = self.context.Process(target=serve_worker, args=(self.config,))
+        process = self.context.Process(target=serve_worker, args=(self.config, os.getpid()))
         process.start()
         return process
 

@@ -1,6 +1,7 @@
 """`python -m app` with WORKERS=2 (app/workers.py): a listening socket per worker, so a burst
 of connections reaches both workers; a worker that dies is replaced; SIGTERM (or SIGHUP)
-stops them all; a port in use is refused. Real processes on real sockets."""
+stops them all, and a supervisor killed outright takes its workers with it; a port in use is
+refused. Real processes on real sockets."""
 
 from __future__ import annotations
 
@@ -143,6 +144,25 @@ def test_a_dead_worker_is_replaced_and_a_stop_signal_stops_every_worker(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone, not orphaned
+
+
+def test_workers_stop_when_the_supervisor_is_killed(procs: Processes, model_dir: Path) -> None:
+    port = free_port()
+    app = start(procs, model_dir, port)
+    pids = [int(worker.rsplit(":", 1)[1]) for worker in all_workers(port, 2)]
+    os.kill(app.popen.pid, signal.SIGKILL)  # no chance to stop them itself
+    app.popen.wait(10)
+
+    def gone(pid: int) -> bool:
+        """Exited: no process, or a zombie (whoever adopted it may never reap it)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_for(lambda: all(gone(pid) for pid in pids) or None, 30, "orphaned workers to stop")
+    workers.claim_port("127.0.0.1", port).close()  # the port is free again
 
 
 def test_a_port_in_use_is_refused_at_once(procs: Processes, model_dir: Path) -> None:
