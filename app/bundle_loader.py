@@ -28,7 +28,7 @@ import torch
 from app.errors import BundleRejected
 from app.exact_search import ExactSearch
 from app.index_cache import IndexCache
-from app.settings import IndexType, ScreenMode, Settings
+from app.settings import BlasMode, IndexType, ScreenMode, Settings
 from models.bundle import ITEM_EMBEDDINGS, BundleError, verify_bundle
 from models.features import FeatureEncoder, FeatureSpecError
 
@@ -48,6 +48,7 @@ class IndexConfig:
     ivf_nprobe: int = 32
     build_threads: int = 0  # OpenMP threads for building an ANN index; 0 = every core
     exact_screen: ScreenMode = "auto"  # flat only: see `app.exact_search`
+    exact_blas: BlasMode = "auto"  # flat only: see `app.exact_search`
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -60,6 +61,7 @@ class IndexConfig:
             s.ivf_nprobe,
             s.index_build_threads,
             s.exact_screen,
+            s.exact_blas,
         )
 
     def cache_name(self, checksum: str) -> str:
@@ -285,6 +287,7 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
             _shared_tensor(embeddings),
             config.exact_screen if index is None else "off",
             column_copy=index is None,
+            blas=config.exact_blas if index is None else "torch",
         ),
         item_ids=tuple(verified.item_ids),
         index_type=config.kind,

@@ -2,23 +2,29 @@
 
 The float32 scan is one matrix product over a column-major copy of the matrix (dim x items,
 contiguous): the product then streams whole rows of items, where the row-major matrix makes
-it take one short dot product per item. A batch can instead read a bfloat16 copy of the
-matrix — half the bytes, native dot products on CPUs that have them — to *screen* candidates,
-then score those exactly in float32. The answer stays exact: the bfloat16 score of any item is
-within a known bound of its true score, so once the k-th best exact score beats the best that
-any item left out could truly reach, no item left out can belong to the top k; a query where
-that does not hold is rescanned in float32.
+it take one short dot product per item. Which BLAS computes that product fastest depends on
+the CPU and the number of queries (on an AVX2 EPYC, numpy's OpenBLAS beat torch's MKL ~1.4x
+for 4-16 queries and lost ~1.6x at 2), so both are timed at load, per batch size.
+
+A batch can instead read a bfloat16 copy of the matrix — half the bytes, native dot products
+on CPUs that have them — to *screen* candidates, then score those exactly in float32. The
+answer stays exact: the bfloat16 score of any item is within a known bound of its true score,
+so once the k-th best exact score beats the best that any item left out could truly reach, no
+item left out can belong to the top k; a query where that does not hold is rescanned in
+float32.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 
-from app.settings import ScreenMode
+from app.settings import BlasMode, ScreenMode
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +58,55 @@ def screen_depth(k: int) -> int:
     return k + k // 2 + 64
 
 
+# Batch sizes at which both BLAS libraries are timed at load; a batch takes the faster at the
+# largest of these not above its size.
+TIMED_BATCHES = (1, 2, 3, 4, 8, 16)
+
+
+def _best_ms(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3  # the least disturbed by other work
+
+
 # Top-k over a score row goes through the maximum of each block of this many columns.
-BLOCK = 64
+BLOCK = 32
+
+
+def _largest(array: np.ndarray, c: int) -> np.ndarray:
+    """Columns of the `c` largest values of each row of `array`, unordered. numpy's
+    introselect: 2-4x faster than `torch.topk` for 180 of 5,760 or of 3,125."""
+    n = array.shape[1]
+    return np.argpartition(array, n - c, axis=1)[:, n - c :]
 
 
 def top_candidates(scores: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `c` largest values of each row of `scores` float32 `(B, n)`, unsorted: (values,
     columns). The maxima of blocks of `BLOCK` columns take one vectorised pass, and only the
     c blocks with the highest maxima can hold any of the c largest values (c blocks have a
-    value at least that high), so topk runs over those c blocks instead of the whole row
-    (100k columns, c = 334, 8 rows: 0.6 vs 1.0 ms). Not worth it unless the blocks are many
-    times c."""
+    value at least that high), so the selection runs over those c blocks instead of the whole
+    row (100k columns, c = 180, 8 rows: 0.78 ms, against 1.17 with torch.topk and blocks of
+    64). Not worth it unless the blocks are many times c."""
     rows, n = scores.shape
+    array = scores.numpy()
     blocks = n // BLOCK
     if blocks < 4 * c:
-        top = torch.topk(scores, c, dim=1, sorted=False)
-        return top.values, top.indices
-    full = blocks * BLOCK
-    maxima = scores[:, :full].view(rows, blocks, BLOCK).amax(dim=2)
-    best = torch.topk(maxima, c, dim=1, sorted=False).indices
-    columns = (best.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).flatten(1)
-    if full < n:  # the last, partial block is always a candidate
-        columns = torch.cat([columns, torch.arange(full, n).expand(rows, -1)], dim=1)
-    top = torch.topk(scores.gather(1, columns), c, dim=1, sorted=False)
-    return top.values, columns.gather(1, top.indices)
+        columns = _largest(array, c)
+    else:
+        full = blocks * BLOCK
+        # torch's reduction: numpy's max over a short last axis is ~7x slower.
+        maxima = scores[:, :full].view(rows, blocks, BLOCK).amax(dim=2).numpy()
+        columns = (_largest(maxima, c)[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(rows, -1)
+        if full < n:  # the last, partial block is always a candidate
+            tail = np.broadcast_to(np.arange(full, n), (rows, n - full))
+            columns = np.concatenate([columns, tail], axis=1)
+        candidates = np.take_along_axis(array, columns, axis=1)
+        columns = np.take_along_axis(columns, _largest(candidates, c), axis=1)
+    return torch.from_numpy(np.take_along_axis(array, columns, axis=1)), torch.from_numpy(columns)
 
 
 class ExactSearch:
@@ -87,13 +118,24 @@ class ExactSearch:
             `off` scans float32 only, `auto` screens when that measures faster here.
         column_copy: keep a column-major float32 copy (the matrix's size again, private to
             the process) for a faster scan; without it, the product runs over `matrix`.
+        blas: the library computing the float32 product, `torch` or `numpy`, or `auto`: the
+            faster at each batch size, timed here.
     """
 
     def __init__(
-        self, matrix: torch.Tensor, screen: ScreenMode = "auto", column_copy: bool = True
+        self,
+        matrix: torch.Tensor,
+        screen: ScreenMode = "auto",
+        column_copy: bool = True,
+        blas: BlasMode = "auto",
     ) -> None:
         self.matrix = matrix
         self.columns = matrix.T.contiguous() if column_copy else matrix.T  # (dim, n_items)
+        self.numpy_columns = self.columns.numpy()  # the same memory
+        # The library for a batch of each size in TIMED_BATCHES.
+        self.blas: dict[int, str] = (
+            self._time_blas() if blas == "auto" else dict.fromkeys(TIMED_BATCHES, blas)
+        )
         self.screen: torch.Tensor | None = None
         self.slack = 0.0  # SCREEN_ERROR * the largest item norm; times |q| per query
         self.floor = matrix.shape[1] * SCREEN_FLOOR
@@ -119,8 +161,15 @@ class ExactSearch:
                 scores, rows = self._screened(queries, k)
         return scores.numpy(), rows.numpy()
 
+    def _product(self, queries: torch.Tensor) -> torch.Tensor:
+        """Float32 scores `(B, n_items)` of `queries` `(B, dim)` against every item."""
+        size = max(b for b in TIMED_BATCHES if b <= len(queries))
+        if self.blas[size] == "numpy":
+            return torch.from_numpy(queries.numpy() @ self.numpy_columns)
+        return queries @ self.columns
+
     def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values, columns = top_candidates(queries @ self.columns, k)
+        values, columns = top_candidates(self._product(queries), k)
         scores, order = values.sort(dim=1, descending=True)
         return scores, columns.gather(1, order)
 
@@ -154,25 +203,41 @@ class ExactSearch:
             )
             self.screen = None
 
+    def _time_blas(self, repeats: int = 3) -> dict[int, str]:
+        """Time one product per library at each of TIMED_BATCHES (best of `repeats`): the
+        faster library per batch size."""
+        generator = torch.Generator().manual_seed(0)
+        choice, timings = {}, {}
+        with torch.inference_mode():
+            for batch in TIMED_BATCHES:
+                q = torch.randn(batch, self.matrix.shape[1], generator=generator)
+                ms = {
+                    "torch": _best_ms(partial(torch.matmul, q, self.columns), repeats),
+                    "numpy": _best_ms(partial(np.matmul, q.numpy(), self.numpy_columns), repeats),
+                }
+                choice[batch] = min(ms, key=ms.__getitem__)
+                timings[batch] = f"{ms['torch']:.2f}/{ms['numpy']:.2f}"
+        log.info(
+            "exact search products by batch size, torch/numpy ms: %s; numpy's BLAS for %s",
+            timings,
+            [b for b in TIMED_BATCHES if choice[b] == "numpy"] or "none",
+        )
+        return choice
+
     def _screening_pays(self, batch: int = 8, repeats: int = 5) -> bool:
         """Time one pass over the matrix both ways: CPUs without native bfloat16 arithmetic
         can be slower reading the half-size copy than the float32 matrix."""
-        assert self.screen is not None
+        screen = self.screen
+        assert screen is not None
         queries = torch.randn(
             batch, self.matrix.shape[1], generator=torch.Generator().manual_seed(0)
         )
-        passes = {
-            "float32": (queries, self.columns),
-            "bfloat16": (queries.bfloat16(), self.screen.T),
-        }
-        timings = {}
+        half = queries.bfloat16()
         with torch.inference_mode():
-            for name, (q, m) in passes.items():
-                q @ m
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    q @ m
-                timings[name] = (time.perf_counter() - start) / repeats * 1e3
+            timings = {
+                "float32": _best_ms(lambda: self._product(queries), repeats),
+                "bfloat16": _best_ms(lambda: half @ screen.T, repeats),
+            }
         pays = timings["bfloat16"] < timings["float32"]
         log.info(
             "exact search %s: one pass for %d queries takes %.2f ms in float32, %.2f in bfloat16",

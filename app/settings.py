@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
+BlasMode = Literal["auto", "torch", "numpy"]
 LogLevel = Annotated[
     Literal["critical", "error", "warning", "info", "debug"],
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
@@ -36,6 +37,10 @@ class Settings(BaseSettings):
     # Flat index: screen batched scans with a bfloat16 copy of the matrix, still exact
     # (`app.exact_search`); auto: when that measures faster on this CPU at load.
     exact_screen: ScreenMode = "auto"
+    # Flat index: the library whose matrix product scans it, torch's BLAS (MKL on x86) or
+    # numpy's (OpenBLAS); auto: the faster at each batch size, timed at load (the better one
+    # depends on the CPU and the batch size).
+    exact_blas: BlasMode = "auto"
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""

@@ -143,7 +143,7 @@ def test_profile_summary_shares(tmp_path: Path) -> None:
     }
 
 
-def test_exact_scan_benchmark_times_three_ways_to_the_same_answer(tmp_path: Path) -> None:
+def test_exact_scan_benchmark_times_four_ways_to_the_same_answer(tmp_path: Path) -> None:
     # A process of its own: the benchmark pins torch and FAISS to one thread.
     out = tmp_path / "scan.json"
     script = SCRIPT.parent / "exact_scan.py"
@@ -153,5 +153,5 @@ def test_exact_scan_benchmark_times_three_ways_to_the_same_answer(tmp_path: Path
     assert report["k"] == 180
     assert set(report["ms"]) == {"1", "5"}
     for ways in report["ms"].values():
-        assert set(ways) == {"faiss_knn", "row_major", "column_major"}
+        assert set(ways) == {"faiss_knn", "row_major", "column_major", "column_major_numpy"}
         assert all(ms > 0 for ms in ways.values())

@@ -12,6 +12,7 @@ import torch
 from app import exact_search
 from app.bundle_loader import IndexConfig, load_bundle
 from app.exact_search import ExactSearch, top_candidates
+from app.settings import BlasMode
 from models.bundle import read_latest
 
 
@@ -43,18 +44,35 @@ def test_screened_search_is_exact_on_trained_embeddings(
     assert_exact(bundle.exact, queries, k)
 
 
+@pytest.mark.parametrize("blas", ["torch", "numpy"])
 @pytest.mark.parametrize("column_copy", [True, False])
 @pytest.mark.parametrize("batch", [1, 3, 9])
-def test_float32_scan_is_exact_over_either_layout(column_copy: bool, batch: int) -> None:
+def test_float32_scan_is_exact_over_either_layout_and_library(
+    column_copy: bool, batch: int, blas: BlasMode
+) -> None:
     # The flat index scans a column-major copy; ANN fallbacks scan the matrix in place.
     rng = np.random.default_rng(batch)
     matrix = rng.standard_normal((20_000, 65), dtype=np.float32)
-    search = ExactSearch(torch.from_numpy(matrix), "off", column_copy=column_copy)
+    search = ExactSearch(torch.from_numpy(matrix), "off", column_copy=column_copy, blas=blas)
+    assert set(search.blas.values()) == {blas}
     assert search.columns.is_contiguous() == column_copy
     assert search.columns.data_ptr() != search.matrix.data_ptr() or not column_copy
     queries = rng.standard_normal((batch, 65), dtype=np.float32)
     for k in (1, 180):
         assert_exact(search, queries, k)
+
+
+def test_auto_times_both_libraries_at_every_batch_size(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(2)
+    matrix = rng.standard_normal((30_000, 33), dtype=np.float32)
+    with caplog.at_level(logging.INFO, logger="app.exact_search"):
+        search = ExactSearch(torch.from_numpy(matrix), "off")
+    assert sorted(search.blas) == list(exact_search.TIMED_BATCHES)
+    assert set(search.blas.values()) <= {"torch", "numpy"}
+    assert "torch/numpy ms" in caplog.text
+    # Whatever was chosen, batches between and beyond the timed sizes are exact.
+    for batch in (5, 17):
+        assert_exact(search, rng.standard_normal((batch, 33), dtype=np.float32), 40)
 
 
 def test_top_candidates_through_block_maxima_are_the_top_values() -> None:
