@@ -31,7 +31,8 @@ INDEX_TYPE, WORKERS, PORT, OMP_NUM_THREADS=1) as a separate process:
   where they were accepted) is flagged in `warnings`;
 - ratios: recall rps / bare rps, p50 / floor, rps / (min(workers, cores) / floor), and the
   workers' CPU time per request against the floor (the figure least disturbed by other jobs);
-- the service's own /metrics (one worker's view): mean stage times, L1 cache hit rate;
+- the service's own /metrics (one worker's view, read right after the recall run: its
+  warm-up and the run itself): mean stage times, batch size, cache hit rates;
 - with `--profile`, one more recall run under `py-spy record` per worker: where time goes.
 - first, unless `--no-reference`: the issue's bare FastAPI prototype (one route) on this
   machine, per worker count: its speed against the issue's machine, by which `targets` also
@@ -133,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def service_metrics(base_url: str) -> dict[str, Any]:
     """Mean stage times (per batch), mean micro-batch size and cache hit rates from /metrics
-    (cumulative, one worker's view; absent series: None)."""
+    (cumulative since start, one worker's view; absent series: None)."""
     import urllib.request
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
@@ -226,6 +227,9 @@ def run_service(
         if args.warmup > 0:
             run(recall, c, args.warmup)
         out["recall"] = run(recall, c, args.duration)
+        # Read before the one-connection run, whose batches of one would otherwise dilute the
+        # batch size and stage means of whichever worker served it.
+        out["service_metrics"] = service_metrics(service.base_url)
         shares = out["recall"]["worker_cores"]
         if len(shares) > 1 and sum(shares) and max(shares) / sum(shares) > 0.75:
             out["warnings"] = [
@@ -240,7 +244,6 @@ def run_service(
         out["bare"] = run(bare, c, args.duration)
         out["bare_single"] = run(bare, 1, args.single_duration)
         out["memory_after_load"] = service.memory()
-        out["service_metrics"] = service_metrics(service.base_url)
         out["loadavg_after"] = report.loadavg()
         if args.profile or args.profile_native:
             log(f"{name}: profiling under load")
