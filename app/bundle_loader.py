@@ -5,7 +5,9 @@ every failure becomes `BundleRejected` with the reason, so a bad bundle never re
 
 Flat search is exact (`app.exact_search`) over the memory-mapped embeddings (pages shared by
 every worker) and a column-major copy of them that each worker scans (private, the matrix's
-size again; its bfloat16 screen, where used, is half that). HNSW and IVF are FAISS indexes; a
+size again; its bfloat16 screen, where used, is half that); from 20,000 items it reads only
+the k-means clusters that can hold a query's top k (`app.pruned_search`: an IVF index, the
+matrix's size again, cached like the ANN indexes). HNSW and IVF are FAISS indexes; a
 built one is cached beside the bundle (`app.index_cache`), and HNSW's own copy of the vectors
 doubles as the matrix of the exact fallback (`app.retrieval`), so it is held once.
 """
@@ -17,7 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ import torch
 from app.errors import BundleRejected
 from app.exact_search import ExactSearch
 from app.index_cache import IndexCache
-from app.settings import BlasMode, IndexType, ScreenMode, Settings
+from app.pruned_search import ClusterPruning
+from app.settings import BlasMode, IndexType, PruneMode, ScreenMode, Settings
 from models.bundle import ITEM_EMBEDDINGS, BundleError, verify_bundle
 from models.features import FeatureEncoder, FeatureSpecError
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # k-means wants ~39 training points per list; fewer lists than that for small catalogues.
 MIN_POINTS_PER_LIST = 39
+# EXACT_PRUNE=auto prunes flat scans by clusters from this many items up.
+PRUNE_MIN_ITEMS = 20_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class IndexConfig:
     build_threads: int = 0  # OpenMP threads for building an ANN index; 0 = every core
     exact_screen: ScreenMode = "auto"  # flat only: see `app.exact_search`
     exact_blas: BlasMode = "auto"  # flat only: see `app.exact_search`
+    exact_prune: PruneMode = "auto"  # flat only: see `app.pruned_search`
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -62,6 +68,7 @@ class IndexConfig:
             s.index_build_threads,
             s.exact_screen,
             s.exact_blas,
+            s.exact_prune,
         )
 
     def cache_name(self, checksum: str) -> str:
@@ -205,6 +212,12 @@ def _ann_index(
     return index
 
 
+def _prunes(mode: PruneMode, n_items: int) -> bool:
+    """Whether a flat index prunes by clusters: below PRUNE_MIN_ITEMS a scan is cheap and the
+    clusters few."""
+    return mode == "on" or (mode == "auto" and n_items >= PRUNE_MIN_ITEMS)
+
+
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over `array`'s memory. Read-only (memory-mapped) arrays are fine: nothing
     writes to the matrix, which torch cannot know, hence its warning is silenced."""
@@ -264,8 +277,9 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
     if embeddings.shape[0] == 0:
         raise BundleRejected("the bundle has no items")
     index: faiss.Index | None = None
+    pruning: ClusterPruning | None = None
+    checksum = verified.manifest["sha256"][ITEM_EMBEDDINGS]
     if config.kind != "flat":
-        checksum = verified.manifest["sha256"][ITEM_EMBEDDINGS]
         index = _ann_index(path, embeddings, checksum, config)
         if isinstance(index, faiss.IndexHNSWFlat):
             # HNSW keeps its own copy of the vectors: serve the fallback from it, and let the
@@ -275,6 +289,9 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
                 embeddings.shape
             )
             embeddings.setflags(write=False)
+    elif _prunes(config.exact_prune, len(embeddings)):
+        ivf = _ann_index(path, embeddings, checksum, replace(config, kind="ivf"))
+        pruning = ClusterPruning(ivf, embeddings)
     bundle = ServingBundle(
         version=verified.version,
         path=path,
@@ -288,6 +305,7 @@ def load_bundle(path: Path, config: IndexConfig) -> ServingBundle:
             config.exact_screen if index is None else "off",
             column_copy=index is None,
             blas=config.exact_blas if index is None else "torch",
+            pruning=pruning,
         ),
         item_ids=tuple(verified.item_ids),
         index_type=config.kind,

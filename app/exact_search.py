@@ -24,6 +24,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from app.pruned_search import ClusterPruning
 from app.settings import BlasMode, ScreenMode
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,13 @@ MIN_SCREENED_ITEMS = 128
 
 # A screen that must rescan this share of queries (after enough of them) costs more than it
 # saves, e.g. with a heavy popularity prior folded in: the bound grows with the item norms.
+# The same for pruning by clusters whose bounds send queries to a full scan.
 MAX_RESCAN_SHARE = 0.2
 RESCAN_SAMPLE = 512
+
+# Pruning reads at least ~4k items per query: a top k of more than a tenth of the catalogue
+# is scanned.
+PRUNE_MAX_K_SHARE = 10
 
 
 def screen_depth(k: int) -> int:
@@ -122,6 +128,8 @@ class ExactSearch:
             the process) for a faster scan; without it, the product runs over `matrix`.
         blas: the library computing the float32 product, `torch` or `numpy`, or `auto`: the
             faster at each batch size, timed here.
+        pruning: clusters of the same items; when given, each query reads only those that
+            can hold its top k, and is scanned only when they are too many.
     """
 
     def __init__(
@@ -130,8 +138,11 @@ class ExactSearch:
         screen: ScreenMode = "auto",
         column_copy: bool = True,
         blas: BlasMode = "auto",
+        pruning: ClusterPruning | None = None,
     ) -> None:
         self.matrix = matrix
+        self.pruning = pruning
+        self.pruned = self.unpruned = 0  # queries, since load
         self.columns = matrix.T.contiguous() if column_copy else matrix.T  # (dim, n_items)
         self.numpy_columns = self.columns.numpy()  # the same memory
         # The library for a batch of each size in TIMED_BATCHES.
@@ -151,7 +162,17 @@ class ExactSearch:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` (at most the number of items) inner products of each row of `vectors`
         `(B, dim)`: (scores float32 `(B, k)`, rows int64 `(B, k)`), best first."""
-        queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.pruning is not None and k * PRUNE_MAX_K_SHARE <= len(self.matrix):
+            scores, rows, done = self.pruning.search(vectors, k)
+            self._count_pruned(int(done.sum()), int((~done).sum()))
+            if not done.all():
+                scores[~done], rows[~done] = self._search(vectors[~done], k)
+            return scores, rows
+        return self._search(vectors, k)
+
+    def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = torch.from_numpy(vectors)
         with torch.inference_mode():
             if (
                 self.screen is None
@@ -204,6 +225,19 @@ class ExactSearch:
                 self.screened,
             )
             self.screen = None
+
+    def _count_pruned(self, pruned: int, unpruned: int) -> None:
+        self.pruned += pruned
+        self.unpruned += unpruned
+        seen = self.pruned + self.unpruned
+        if seen >= RESCAN_SAMPLE and self.unpruned > MAX_RESCAN_SHARE * seen:
+            log.warning(
+                "exact search scanned %d of %d queries in full: their clusters' bounds were "
+                "too loose to prune; scanning every query from now on",
+                self.unpruned,
+                seen,
+            )
+            self.pruning = None
 
     def _time_blas(self, repeats: int = 3) -> dict[int, str]:
         """Time one product per library at each of TIMED_BATCHES over the first TIMED_ITEMS

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
 BlasMode = Literal["auto", "torch", "numpy"]
+PruneMode = Literal["auto", "on", "off"]
 LogLevel = Annotated[
     Literal["critical", "error", "warning", "info", "debug"],
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
@@ -41,6 +42,10 @@ class Settings(BaseSettings):
     # numpy's (OpenBLAS); auto: the faster at each batch size, timed at load (the better one
     # depends on the CPU and the batch size).
     exact_blas: BlasMode = "auto"
+    # Flat index: read only the k-means clusters of items whose bound can reach a query's top
+    # k (`app.pruned_search`; still exact); auto: for catalogues of 20,000 items or more.
+    # The clusters are an IVF index of IVF_NLIST lists, cached beside the bundle.
+    exact_prune: PruneMode = "auto"
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""

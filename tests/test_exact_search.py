@@ -1,4 +1,5 @@
-"""`ExactSearch`: screening batches in bfloat16 never changes the answer of a float32 scan."""
+"""`ExactSearch`: screening batches in bfloat16, choosing a BLAS, or pruning by clusters never
+changes the answer of a float32 scan."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from app import exact_search
-from app.bundle_loader import IndexConfig, load_bundle
+from app.bundle_loader import IndexConfig, build_index, load_bundle
 from app.exact_search import ExactSearch, top_candidates
+from app.pruned_search import ClusterPruning
 from app.settings import BlasMode
 from models.bundle import read_latest
 
@@ -186,3 +188,70 @@ def test_screening_is_on_off_or_measured(caplog: pytest.LogCaptureFixture) -> No
     queries = rng.standard_normal((8, 16), dtype=np.float32)
     for search in (on, auto):
         assert_exact(search, queries, 30)
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 64 "genres", and a popularity column: the shape of trained item
+    vectors with a folded prior."""
+    rng = np.random.default_rng(seed)
+    genres = rng.standard_normal((64, dim - 1))
+    genres /= np.linalg.norm(genres, axis=1, keepdims=True)
+    x = genres[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, dim - 1)) / dim**0.5
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    prior = 0.05 * np.log1p(rng.zipf(1.5, n).clip(max=10_000))
+    return np.ascontiguousarray(np.column_stack([x, prior]), dtype=np.float32)
+
+
+def pruned(matrix: np.ndarray, nlist: int) -> ExactSearch:
+    ivf = build_index(matrix, IndexConfig(kind="ivf", ivf_nlist=nlist))
+    return ExactSearch(torch.from_numpy(matrix), "off", pruning=ClusterPruning(ivf, matrix))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_pruning_by_clusters_is_exact_and_reads_a_fraction(batch: int) -> None:
+    matrix = clustered(30_000, 33, seed=batch)
+    search = pruned(matrix, 256)
+    assert search.pruning is not None
+    # Users near the items, as a trained tower puts them, with the prior's constant 1.
+    rng = np.random.default_rng(batch)
+    queries = matrix[rng.integers(0, len(matrix), batch), :-1] * 10
+    queries += rng.standard_normal(queries.shape).astype(np.float32)
+    queries = np.column_stack([queries, np.ones(batch)]).astype(np.float32)
+    for k in (1, 50, 180):
+        assert_exact(search, queries, k)
+    pruning = search.pruning
+    assert search.pruned == 3 * batch and search.unpruned == 0
+    assert pruning.probed / pruning.queries < 0.1 * pruning.nlist  # it did prune
+
+
+def test_queries_the_bounds_cannot_prune_are_scanned_and_pruning_that_never_pays_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(exact_search, "RESCAN_SAMPLE", 8)
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((20_000, 32), dtype=np.float32)  # no clusters to speak of
+    search = pruned(matrix, 128)
+    queries = rng.standard_normal((6, 32), dtype=np.float32)
+    assert_exact(search, queries, 50)  # every query scanned in full, still exact
+    assert search.unpruned == 6 and search.pruning is not None  # 6 queries: too few to judge
+    assert_exact(search, queries, 50)
+    assert search.pruning is None  # 12 of 12 scanned: pruning is dropped
+
+
+def test_a_loaded_flat_bundle_prunes_from_its_cached_clusters(model_dir: Path) -> None:
+    path = model_dir / read_latest(model_dir)
+    config = IndexConfig(exact_prune="on", ivf_nlist=8)
+    first = load_bundle(path, config)
+    assert first.exact.pruning is not None and first.index is None
+    assert any(p.name.startswith("ivf-nlist8-") for p in (path / "index-cache").iterdir())
+    again = load_bundle(path, config)  # the clusters read back from the cache
+    plain = load_bundle(path, IndexConfig(exact_prune="off"))
+    assert plain.exact.pruning is None
+    rng = np.random.default_rng(0)
+    queries = plain.encode([{}] * 4, [[]] * 4)
+    queries = queries + 0.3 * rng.standard_normal(queries.shape).astype(np.float32)
+    for bundle in (first, again):
+        assert_exact(bundle.exact, queries, 10)
+        np.testing.assert_array_equal(
+            bundle.search(queries, 10)[1][:, :3], plain.search(queries, 10)[1][:, :3]
+        )
