@@ -15,6 +15,7 @@ handed back for a full scan.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import faiss
@@ -62,11 +63,18 @@ class ClusterPruning:
         self.radii = self.radii.astype(np.float32)
         self.slack = ROUNDING_MARGIN * (np.linalg.norm(self.centroids, axis=1) + self.radii)
         self.probed = self.queries = 0  # clusters read and queries served, since load
+        # Each pass sets the index's nprobe: one search at a time (with RECALL_THREAD, the
+        # event loop and the recall thread could otherwise both search).
+        self.lock = threading.Lock()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top `k` of each row of `queries` float32 `(B, dim)`: (scores `(B, k)`, rows
         `(B, k)`, best first, and `done` bool `(B,)`); rows where `done` is False were not
         searched (their bounds admitted too many clusters) and need a full scan."""
+        with self.lock:
+            return self._search(queries, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         bounds = queries @ self.centroids.T + norms * (self.radii + self.slack)
         order = np.argsort(-bounds, axis=1)
