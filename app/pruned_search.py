@@ -14,7 +14,6 @@ handed back for a full scan.
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 # Bounds are inflated by this share of |q| (|c| + R) to cover float32 rounding in the bounds
 # and in the scores compared with them (each within ~d * 2^-24 relative).
 ROUNDING_MARGIN = 1e-5
-# The first pass reads enough clusters to hold about this many times k items.
+# The first pass reads clusters until they hold this many times k items.
 FIRST_PASS_ITEMS_PER_K = 4
 # A query whose bounds admit more than this share of the clusters is scanned in full instead.
 MAX_PROBED_SHARE = 0.5
@@ -78,24 +77,24 @@ class ClusterPruning:
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         bounds = queries @ self.centroids.T + norms * (self.radii + self.slack)
         order = np.argsort(-bounds, axis=1)
-        first = min(
-            self.nlist, math.ceil(FIRST_PASS_ITEMS_PER_K * k * self.nlist / self.ivf.ntotal)
-        )
-        scores, rows = self._read(queries, k, order[:, :first])
+        # First pass: the best-bounded clusters until they hold FIRST_PASS_ITEMS_PER_K * k
+        # items (clusters differ in size; this cluster count is per query).
+        held = np.cumsum(self.sizes[order], axis=1)
+        first = np.minimum((held < FIRST_PASS_ITEMS_PER_K * k).sum(axis=1) + 1, self.nlist)
+        scores, rows = self._read(queries, k, _columns(order, 0, first))
         # The clusters to read are a prefix of `order`: those whose bound reaches the k-th
-        # best score found so far (an empty slot, fewer than k items read, scores -FLT_MAX:
+        # best score found so far (an empty slot, fewer than k items read, scores -inf:
         # every cluster then).
         needed = (bounds >= scores[:, -1:]).sum(axis=1)
         done = needed <= MAX_PROBED_SHARE * self.nlist
         more = np.flatnonzero(done & (needed > first))
         if len(more):
-            probes = order[more, first : needed[more].max()].copy()
-            probes[first + np.arange(probes.shape[1]) >= needed[more, None]] = -1  # skipped
+            probes = _columns(order[more], first[more], needed[more])
             extra_scores, extra_rows = self._read(queries[more], k, probes)
             scores[more], rows[more] = _merge(
                 (scores[more], extra_scores), (rows[more], extra_rows), k
             )
-        self.probed += int(np.maximum(needed[done], first).sum())
+        self.probed += int(np.maximum(needed, first)[done].sum())
         self.queries += int(done.sum())
         return scores, rows, done
 
@@ -106,6 +105,17 @@ class ClusterPruning:
         self.ivf.nprobe = probes.shape[1]
         distances = np.zeros(probes.shape, dtype=np.float32)  # unused by a flat IVF scan
         return self.ivf.search_preassigned(queries, k, probes, distances)
+
+
+def _columns(order: np.ndarray, start: np.ndarray | int, stop: np.ndarray) -> np.ndarray:
+    """Columns [start, stop) of each row of `order`, left-aligned and padded with -1 (a
+    cluster FAISS skips) to the widest row."""
+    start = np.broadcast_to(start, stop.shape)
+    width = int((stop - start).max())
+    columns = start[:, None] + np.arange(width)
+    picked = np.take_along_axis(order, np.minimum(columns, order.shape[1] - 1), axis=1)
+    picked[columns >= stop[:, None]] = -1
+    return picked
 
 
 def _merge(
