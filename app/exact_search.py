@@ -71,14 +71,19 @@ TIMED_BATCHES = (1, 2, 3, 4, 8, 16)
 TIMED_ITEMS = 100_000
 
 
-def _best_ms(call: Callable[[], object], repeats: int) -> float:
+def timings_ms(call: Callable[[], object], repeats: int) -> list[float]:
+    """Wall time of `repeats` calls of `call`, in ms, after one call to warm up."""
     call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3  # the least disturbed by other work
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _best_ms(call: Callable[[], object], repeats: int) -> float:
+    return min(timings_ms(call, repeats))  # the least disturbed by other work
 
 
 # Top-k over a score row goes through the maximum of each block of this many columns.
