@@ -103,8 +103,7 @@ class ClusterPruning:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top k over the clusters listed per query (-1: none), best first."""
         self.ivf.nprobe = probes.shape[1]
-        distances = np.zeros(probes.shape, dtype=np.float32)  # unused by a flat IVF scan
-        return self.ivf.search_preassigned(queries, k, probes, distances)
+        return self.ivf.search_preassigned(queries, k, probes, None)  # no coarse distances
 
 
 def _columns(order: np.ndarray, start: np.ndarray | int, stop: np.ndarray) -> np.ndarray:
