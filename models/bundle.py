@@ -102,6 +102,7 @@ def write_latest(root: Path, version: str) -> None:
         f.write(version + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a service run as another user
     os.replace(tmp, root / LATEST)
 
 
@@ -154,8 +155,12 @@ def verify_bundle(path: Path) -> VerifiedBundle:
             f"{ITEM_EMBEDDINGS} is {embeddings.dtype} {embeddings.shape}, "
             f"manifest says float32 ({n_items}, {dim})"
         )
-    if not isinstance(item_ids, list) or len(item_ids) != n_items:
-        raise BundleError(f"{ITEM_IDS} must be a list of {n_items} ids")
+    if (
+        not isinstance(item_ids, list)
+        or len(item_ids) != n_items
+        or not all(isinstance(i, str) for i in item_ids)
+    ):
+        raise BundleError(f"{ITEM_IDS} must be a list of {n_items} string ids")
     if len(set(item_ids)) != len(item_ids):
         raise BundleError(f"{ITEM_IDS} holds duplicate ids")
     return VerifiedBundle(

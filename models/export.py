@@ -95,6 +95,7 @@ def export_bundle(
         target = b.version_dir(root, version)
         if target.exists():
             raise b.BundleError(f"version {version} already exists; refusing to overwrite it")
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a service run as another user
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

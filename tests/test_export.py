@@ -60,6 +60,15 @@ def test_bundle_layout_and_latest(bundle: Path) -> None:
     assert verified.user_tower_path == bundle / "user_tower.pt"
 
 
+def test_a_service_run_as_another_user_can_read_the_bundle(bundle: Path) -> None:
+    # The trainer and the service often run as different users over one volume: LATEST and
+    # the version directory must not keep mkstemp's 0600 / mkdtemp's 0700.
+    assert (bundle.parent / "LATEST").stat().st_mode & 0o044 == 0o044
+    assert bundle.stat().st_mode & 0o055 == 0o055
+    for path in bundle.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path.name
+
+
 def test_manifest_has_the_design_fields(run: TrainingRun, bundle: Path) -> None:
     manifest = manifest_of(bundle)
     dataset = small_dataset()
@@ -274,8 +283,8 @@ def test_pickled_embeddings_are_refused_even_with_matching_checksums(
             "(32, 200)",
         ),
         (lambda p: (p / "item_ids.json").write_text(json.dumps(["a"] * 200)), "duplicate ids"),
-        (lambda p: (p / "item_ids.json").write_text(json.dumps(["a", "b"])), "list of 200 ids"),
-        (lambda p: (p / "item_ids.json").write_text('{"a": 1}'), "list of 200 ids"),
+        (lambda p: (p / "item_ids.json").write_text(json.dumps(["a", "b"])), "of 200 string ids"),
+        (lambda p: (p / "item_ids.json").write_text('{"a": 1}'), "list of 200 string ids"),
         (lambda p: (p / "item_ids.json").write_text("[1, 2"), "item_ids.json is not valid JSON"),
     ],
 )
