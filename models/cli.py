@@ -6,12 +6,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from models.dataset import DataError
 from models.towers import HISTORY_ENCODERS, TowerConfig
 from models.train_config import HistoryMode, NegativesName, TrainConfig
+
+if TYPE_CHECKING:
+    from models.splits import Split
 
 log = logging.getLogger("models")
 
@@ -118,8 +122,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="draw examples with probability ~ (user's interaction count)^-B: 0 every "
         "interaction alike (heavy users dominate), 1 every user alike",
     )
-    g.add_argument("--patience", type=int, default=d.patience, help="0 disables early stopping")
-    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    g.add_argument("--patience", type=int, default=d.patience, help="0: every epoch, keep the best")
+    g.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=d.validation_fraction,
+        help="0: no validation (no early stopping, no prior search, no refit)",
+    )
     g.add_argument(
         "--validation-metric",
         choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@50"],
@@ -203,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--bundle", type=Path, help="a bundle version directory")
     e.add_argument("--baselines", action="store_true")
     e.add_argument("--include-seen", action="store_true", help="do not exclude seen items")
+    e.add_argument(
+        "--any-split",
+        action="store_true",
+        help="evaluate the bundle even on a split other than the one it was trained on",
+    )
     e.add_argument("--json", type=Path)
 
     p = sub.add_parser("publish-features", help="write user features and histories to Redis")
@@ -252,6 +266,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = {}
     if args.bundle is not None:
         rec = BundleRecommender(args.bundle, dataset.users, item_index)
+        if not args.any_split:
+            _check_trained_on(rec.manifest, split)
         rec.fit(split.train, item_index)
         results["two_tower"] = evaluate_recommender(
             rec, split.train, split.test, item_index, exclude_seen=exclude_seen
@@ -260,6 +276,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results |= run_baselines(split.train, split.test, item_index, exclude_seen)
     _write_report(report_json(split.name, split.test, results), args.json)
     return 0
+
+
+def _check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
+    """A bundle is only measured fairly on the split it was trained on: another split's test
+    period may lie inside its training data (and its prior's counts)."""
+    data = manifest.get("data") or {}
+    trained_on, n_train = data.get("split"), data.get("n_train_interactions")
+    if trained_on == split.name and n_train == len(split.train):
+        return
+    raise DataError(
+        f"the bundle was trained on split {trained_on!r} of {data.get('source')!r} "
+        f"({n_train} training interactions), not on split {split.name!r} of this data "
+        f"({len(split.train)}): the test period may be in its training data; evaluate it on "
+        "its own split, or pass --any-split"
+    )
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -146,7 +146,7 @@ def run_training(
     train = dataset.interactions if split is None else split.train
     validate = None
     fit_part = train
-    if config.patience > 0 and config.validation_fraction > 0:
+    if config.validation_fraction > 0:
         carve = carve_validation(train, config)
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)

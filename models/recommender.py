@@ -95,6 +95,7 @@ class BundleRecommender:
 
     def __init__(self, path: Path, users: pd.DataFrame, item_index: Mapping[str, int]):
         verified = verify_bundle(path)
+        self.manifest = verified.manifest
         self.tower = torch.jit.load(str(verified.user_tower_path))
         self.encoder = FeatureEncoder.from_json(
             verified.feature_spec, {item: i for i, item in enumerate(verified.item_ids)}
@@ -108,9 +109,13 @@ class BundleRecommender:
 
     def fit(self, train: pd.DataFrame, item_index: Mapping[str, int]) -> None:
         ordered = train.sort_values("timestamp", kind="stable")
-        length = self.encoder.history_length
+        length, known = self.encoder.history_length, self.encoder.item_index
         grouped = ordered.groupby("user_id", sort=False)["item_id"]
-        self._history = {str(u): list(s.iloc[::-1][:length]) for u, s in grouped}
+        # Items the bundle does not know are dropped before the history is cut to length, as
+        # the encoder does and training did.
+        self._history = {
+            str(u): [i for i in s.iloc[::-1] if i in known][:length] for u, s in grouped
+        }
 
     @torch.no_grad()
     def score(self, user_ids: Sequence[str]) -> np.ndarray:

@@ -43,6 +43,8 @@ def popularity_sampler(
 
 
 def in_batch_log_q(counts: np.ndarray) -> Tensor:
-    """log q of an item appearing as an in-batch negative: its share of training positives."""
-    freq = np.maximum(counts, 1).astype(np.float64)
+    """log q of an item appearing as an in-batch negative: its share of training positives.
+    `counts` may be fractional (expected draws under user balancing); items never drawn never
+    appear in a batch, and count 1 only to keep the log finite."""
+    freq = np.where(counts > 0, counts, 1.0).astype(np.float64)
     return torch.as_tensor(np.log(freq / freq.sum()), dtype=torch.float32)

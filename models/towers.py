@@ -41,11 +41,17 @@ class TowerConfig:
 
 
 class CategoricalField(nn.Module):
-    """`(B,)` int64 index -> `(B, D)` embedding; also used for numeric buckets."""
+    """`(B,)` int64 index -> `(B, D)` embedding; also used for numeric buckets.
+
+    Row 0 (unknown or missing) starts at zero: when training never sees it (no missing
+    values), an unseen value at serving time adds nothing rather than a random vector.
+    """
 
     def __init__(self, cardinality: int, dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(cardinality, dim)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding(x)

@@ -186,6 +186,9 @@ class Trainer:
                 hist = log_.histories(log_.history_end[batch], starts, length)
             if self.config.history_dropout > 0:
                 hist = np.where(self.rng.random(hist.shape) < self.config.history_dropout, 0, hist)
+                # Close the gaps, newest first, as serving encodes a shorter history (encoders
+                # that read positions, like the transformer's newest slot, see no holes).
+                hist = np.take_along_axis(hist, np.argsort(hist == 0, axis=1, kind="stable"), 1)
             feats[HISTORY] = torch.from_numpy(hist)
         return {k: v.to(self.device) for k, v in feats.items()}
 

@@ -59,10 +59,14 @@ class TrainConfig:
             probability proportional to (the user's interaction count) ** -user_balance:
             0 (every interaction once, in random order: heavy users dominate), 1 (every user
             alike, with replacement). logQ follows the positives' resulting frequencies.
-        patience: epochs without validation improvement before stopping (0 = never stop).
+        patience: epochs without validation improvement before stopping (0 = never stop
+            early: every epoch runs, and the best on validation is kept).
         refit: after early stopping (and the prior's choice), train again from scratch on the
             whole training period, validation slice included, for the best epoch count.
-        validation_fraction: share of the training period's end used for early stopping.
+        validation_fraction: share of the training period's end used for early stopping and
+            the prior's choice. 0: no validation: every epoch trains on the whole training
+            period and the last is kept, the prior is `popularity_prior` (or its default), no
+            refit.
         validation_metric: what early stopping and the prior's search maximise: a key of the
             validator's metrics (`recall@10`, `recall@50`, `ndcg@10`, `ndcg@50`, ...) or
             `pooled_recall@50` (total hits / total relevant: heavy users weigh more).

@@ -94,7 +94,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     # cores); the service runs with one thread per worker too (TORCH_THREADS).
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trained")
-    config = TrainConfig(epochs=2, patience=0, batch_size=256)
+    config = TrainConfig(epochs=2, validation_fraction=0.0, batch_size=256)
     dataset_v1 = load_dataset(SOURCE_V1)
     with warnings.catch_warnings():
         # torch 2.13 deprecates torch.jit, and TorchScript is the bundle format (DESIGN.md).

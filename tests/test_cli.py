@@ -18,7 +18,7 @@ from models.train_config import TrainConfig
 
 FAST = [
     "--epochs", "1", "--batch-size", "256", "--history-length", "20",
-    "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--patience", "0",
+    "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--validation-fraction", "0",
 ]  # fmt: skip
 METRICS = {f"{m}@{k}" for m in ("recall", "hit_rate", "ndcg") for k in (10, 20, 50, 100)}
 
@@ -79,6 +79,21 @@ def test_evaluate_writes_the_design_json(trained: tuple[Path, Path], tmp_path: P
     # The exported bundle, read back through raw features, scores as the trainer measured.
     assert report["results"]["two_tower"] == manifest["evaluation"]["results"]["two_tower"]
     assert "two_tower" in done.stderr and "recall" not in done.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_split_the_bundle_was_not_trained_on(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, bundle = trained
+    args = ["evaluate", "--data", SMALL_SOURCE, "--split", "leave-last-n:1"]
+    args += ["--bundle", str(bundle)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: the bundle was trained on split 'last-10pct' of ")
+    assert "pass --any-split" in error
+    # Asked for explicitly, it is measured anyway.
+    assert main([*args, "--any-split"]) == 0
 
 
 @pytest.mark.slow

@@ -139,6 +139,25 @@ def test_padding_rows_never_change_the_output(history_encoder: str, senet: bool)
     torch.testing.assert_close(m.item_tower(items, item_feats), before_items, rtol=0, atol=0)
 
 
+def test_an_unseen_value_adds_nothing_when_training_never_saw_one() -> None:
+    m = model("mean", False).train()
+    fields = m.user_tower.body.fields
+    tables = [fields["gender"].embedding, fields["age"].embedding]
+    assert all(t.weight[0].abs().sum() == 0 for t in tables)
+    # Training on known values only (no index 0) leaves the unknown rows at zero.
+    known = USER_ENCODER.encode(
+        [{"gender": "F", "genres": "x", "income": 1.0, "age": 25}] * 2, [["a"], ["b"]]
+    )
+    users = {name: torch.from_numpy(values) for name, values in known.items()}
+    optimiser = torch.optim.Adam(m.parameters(), lr=0.1)
+    for _ in range(3):
+        optimiser.zero_grad()
+        m.user_tower(users).sum().backward()
+        optimiser.step()
+    assert all(t.weight[0].abs().sum() == 0 for t in tables)
+    assert fields["gender"].embedding.weight[1].abs().sum() > 0
+
+
 def test_item_embedding_is_shared_and_offset_by_one() -> None:
     m = model("mean", False)
     history = m.user_tower.body.fields[HISTORY]

@@ -104,7 +104,7 @@ def test_no_known_items_is_an_error() -> None:
 
 def test_trained_model_beats_most_popular_on_planted_data() -> None:
     dataset = small_dataset()
-    config = fast_config(epochs=6, patience=2)
+    config = fast_config(epochs=6, patience=2, validation_fraction=0.1)
     run = run_training(dataset, "last-10pct", config, None, baselines=True)
     assert run.bundle is None and run.split is not None
     assert set(run.results) == {"two_tower", "most_popular", "itemcf", "itemcf_iuf", "ease"}
@@ -174,7 +174,7 @@ def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> No
         assert hist[e].tolist() == expected
 
 
-def test_history_dropout_hides_a_share_of_the_training_history() -> None:
+def test_history_dropout_hides_a_share_of_the_training_history_and_closes_the_gaps() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
     plain = fast_config(epochs=1, history_length=8, history_dropout=0.0)
     full = Trainer(dataset, dataset.interactions, plain)
@@ -184,7 +184,13 @@ def test_history_dropout_hides_a_share_of_the_training_history() -> None:
     batch = np.arange(len(full.log.items))
     before = full._user_features(batch, batch)[HISTORY].numpy()
     after = dropped._user_features(batch, batch)[HISTORY].numpy()
-    assert ((after == before) | (after == 0)).all()
+    for kept, full_row in zip(after, before, strict=True):
+        n = int((kept > 0).sum())
+        # Packed newest first like a shorter served history: no gap before the last item...
+        assert (kept[:n] > 0).all() and (kept[n:] == 0).all()
+        # ...and an in-order subsequence of the full history.
+        rest = iter(full_row[full_row > 0].tolist())
+        assert all(item in rest for item in kept[:n].tolist())
     share = 1 - (after > 0).sum() / (before > 0).sum()
     assert 0.4 < share < 0.6
 
@@ -212,7 +218,8 @@ def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
 
 def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
     dataset = small_dataset()
-    run = run_training(dataset, "last-10pct", fast_config(epochs=2, patience=2), None)
+    config = fast_config(epochs=2, patience=2, validation_fraction=0.1)
+    run = run_training(dataset, "last-10pct", config, None)
     train = make_split(dataset.interactions, "last-10pct").train
     carve = validation_split(train, 0.1)
     validate = make_validator(dataset, carve.train, carve.test, seed=0)
@@ -238,7 +245,12 @@ def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
 def test_refit_trains_again_on_the_whole_training_period() -> None:
     dataset = small_dataset()
     config = fast_config(
-        epochs=2, patience=2, popularity_prior=0.5, prior_half_life_days=30.0, refit=False
+        epochs=2,
+        patience=2,
+        validation_fraction=0.1,
+        popularity_prior=0.5,
+        prior_half_life_days=30.0,
+        refit=False,
     )
     validated = run_training(dataset, "last-10pct", config, None).trained
     refitted = run_training(dataset, "last-10pct", dataclasses.replace(config, refit=True), None)
@@ -256,7 +268,9 @@ def test_refit_trains_again_on_the_whole_training_period() -> None:
 
 def test_validation_min_gap_validates_on_returning_users_only() -> None:
     dataset = small_dataset()
-    config = fast_config(epochs=1, patience=1, popularity_prior=0.0, refit=False)
+    config = fast_config(
+        epochs=1, patience=1, validation_fraction=0.1, popularity_prior=0.0, refit=False
+    )
     everyone = run_training(dataset, "last-10pct", config, None)
     returning = run_training(
         dataset, "last-10pct", dataclasses.replace(config, validation_min_gap_days=20.0), None
@@ -287,8 +301,12 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
     assert plain.example_probs is None and balanced.example_probs is not None
     # logQ follows the positives as drawn: each item's share of the balanced draw.
     share = np.bincount(log.items, weights=balanced.example_probs, minlength=30)
-    clamped = np.maximum(share * len(log.items), 1)  # as for raw counts: unseen items count 1
-    expected = np.log(clamped / clamped.sum())
+    # Fractional counts stay as they are (an item drawn 0.2 times is rarer than one drawn
+    # once); only items never drawn, which never appear in a batch, count 1.
+    counts = share * len(log.items)
+    assert 0 < counts[counts > 0].min() < 1
+    freq = np.where(counts > 0, counts, 1.0)
+    expected = np.log(freq / freq.sum())
     np.testing.assert_allclose(balanced.in_batch_logq.cpu().numpy(), expected, rtol=1e-5)
     assert not np.allclose(balanced.in_batch_logq.cpu().numpy(), plain.in_batch_logq.cpu().numpy())
     trained = balanced.fit()
@@ -301,7 +319,7 @@ def test_validation_falls_back_to_every_user_when_none_returns() -> None:
     dataset = small_dataset()
     train = make_split(dataset.interactions, "last-10pct").train
     gap = {"validation_min_gap_days": 10_000.0}
-    config = fast_config(**gap)
+    config = fast_config(validation_fraction=0.1, **gap)
     with pytest.raises(NoReturningUsersError):
         validation_split(train, 0.1, min_gap_days=10_000.0)
     carve = carve_validation(train, config)
@@ -309,5 +327,6 @@ def test_validation_falls_back_to_every_user_when_none_returns() -> None:
     returning = carve_validation(train, dataclasses.replace(config, validation_min_gap_days=5.0))
     assert returning.test["user_id"].nunique() < carve.test["user_id"].nunique()
     # The training pipeline takes the same fallback instead of failing.
-    run = run_training(dataset, "last-10pct", fast_config(epochs=1, patience=1, **gap), None)
+    config = dataclasses.replace(config, epochs=1, patience=1)
+    run = run_training(dataset, "last-10pct", config, None)
     assert run.validation is not None and "pooled_recall@50" in run.validation

@@ -37,6 +37,7 @@ def fast_config(**overrides: Any) -> TrainConfig:
         history_length=20,
         tower=TowerConfig(field_dim=16, hidden=(64,), out_dim=32),
         patience=0,
+        validation_fraction=0.0,  # no validation slice unless a test asks for one
         seed=0,
         device="auto",
     )

@@ -78,7 +78,7 @@ class Recipe:
             str(self.seed),
             "--epochs",
             str(self.epochs),
-            "--patience",
+            "--validation-fraction",
             "0",
             "--batch-size",
             str(self.batch_size),
