@@ -235,11 +235,15 @@ def _load_tower(path: Path) -> torch.jit.ScriptModule:
 
 
 def _warm_up(bundle: ServingBundle) -> None:
-    """Encode a cold-start user and search with it; TorchScript's profiling executor
+    """Encode a cold-start user and one with every feature's largest index and the last item
+    as history (a tower whose tables are smaller than the spec and the catalogue fails here,
+    not on a user's request), and search with them; TorchScript's profiling executor
     optimises on the first calls, so run a few before declaring the bundle ready."""
+    rows = [{}, bundle.encoder.largest_row()]
+    histories = [[], [bundle.item_ids[-1], bundle.item_ids[0]]]
     try:
         for batch in (1, 2, 1):
-            vectors = bundle.encode([{}] * batch, [[]] * batch)
+            vectors = bundle.encode(rows[:batch], histories[:batch])
             if vectors.shape != (batch, bundle.dim):
                 raise BundleRejected(
                     f"user tower returns shape {tuple(vectors.shape)}, item embeddings have "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.errors import FeatureStoreUnavailable
 from app.feature_store import FeatureStore, StoreStatus, UserRecord
 from app.metrics import Metrics
 
@@ -53,7 +54,9 @@ class CachedFeatureStore(FeatureStore):
 
     Other processes' writes are seen after at most `ttl_s`. A read that overlaps one of our
     writes is not cached (the write counter moved while it was in flight), so a slow read can
-    never put back what a write just replaced. Failed reads are never cached.
+    never put back what a write just replaced. Failed reads are never cached; when the store
+    fails, the users found in the cache are still returned (the others are left out, as
+    users the store does not hold), and only a read with no hit at all raises.
     """
 
     def __init__(self, inner: FeatureStore, size: int, ttl_s: float, metrics: Metrics) -> None:
@@ -76,7 +79,14 @@ class CachedFeatureStore(FeatureStore):
         if misses:
             self.metrics.cache_misses.inc(len(misses))
             writes = self._writes
-            fetched = await self.inner.fetch_many(misses)
+            try:
+                fetched = await self.inner.fetch_many(misses)
+            except FeatureStoreUnavailable:
+                if not out:
+                    raise
+                # The hits are still good: only the misses degrade, as in any outage (one
+                # request's miss must not change the answers of those batched with it).
+                return out
             if writes == self._writes:
                 now = time.monotonic()
                 for user_id, record in fetched.items():

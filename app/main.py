@@ -22,10 +22,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_threads(settings.torch_threads)
     services = build_services(settings, app.state.metrics)
-    # Ready only after load + warm-up; a missing or bad bundle leaves the process up, not ready.
-    # Then a watcher keeps this worker on the fleet's version (app/model_sync.py).
-    await services.sync.start()
     app.state.services = services
+    # Listening at once, ready only after load + warm-up (in the background); a missing or bad
+    # bundle leaves the process up, not ready. Then a watcher keeps this worker on the fleet's
+    # version (app/model_sync.py).
+    services.sync.start()
     try:
         yield
     finally:

@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
 
+CLIENT_CLOSED = 499
+
 
 class BodySizeLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413, by Content-Length when declared, else by
@@ -99,7 +101,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -109,7 +111,13 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_status)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
+            # Returned without a response: the client went away before its body arrived
+            # (nginx's 499), not a server error.
+            status = status or CLIENT_CLOSED
             elapsed = time.perf_counter() - start
             route = route_template(scope, self.routes)
             self.metrics.observe_request(scope["method"], route, status, elapsed)

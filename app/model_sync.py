@@ -146,7 +146,7 @@ class ModelSync:
         self._lock = asyncio.Lock()  # one load at a time: they are heavy and the last must win
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._started = False  # start-up failures are logged by start() itself
+        self._first_load_done = asyncio.Event()  # the start-up load succeeded or failed
 
     @property
     def pinned(self) -> str | None:
@@ -157,15 +157,28 @@ class ModelSync:
         """Why the desired version is not serving (None when it is)."""
         return self._failure.reason if self._failure else None
 
-    async def start(self) -> None:
-        """Load the desired version (a failure leaves the process up, not ready), then watch."""
-        await self.sync()
-        self._started = True
-        if self.repository.current is None:
-            log.error("start-up model load failed: %s", self.error)
+    def start(self) -> None:
+        """Load the desired version, then watch, in the background: the server listens
+        meanwhile (live, not ready), so probes and /metrics answer during a long index build,
+        and a failed load leaves the process up, not ready."""
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="model-sync")
+
+    async def first_load(self) -> None:
+        """Wait for the start-up load to succeed or fail."""
+        await self._first_load_done.wait()
+
+    async def _run(self) -> None:
+        try:
+            await self.sync()
+            if self.repository.current is None:
+                log.error("start-up model load failed: %s", self.error)
+        except Exception:  # as in _watch: a bug must not leave the worker without a watcher
+            log.exception("start-up model load failed")
+        finally:
+            self._first_load_done.set()
         if self.poll_s > 0:
-            self._stopping.clear()
-            self._task = asyncio.create_task(self._watch(), name="model-sync")
+            await self._watch()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -238,7 +251,8 @@ class ModelSync:
         self._failure = LoadFailure(version, reason, attempts, time.monotonic() + delay)
         if self.repository.current is None:
             self.repository.mark_not_ready(f"no model loaded: {reason}")
-        if self._started and (previous is None or previous.reason != reason):
+        # The start-up load's failure is logged by _run, once.
+        if self._first_load_done.is_set() and (previous is None or previous.reason != reason):
             log.error("cannot serve the desired model version: %s", reason)
 
     async def reload(self, version: str | None) -> Swap:

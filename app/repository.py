@@ -61,7 +61,11 @@ class ModelRepository:
         except BundleError as exc:
             loc = ("body", "version")
             raise InvalidInput([input_error(loc, str(exc), version, "invalid_version")]) from exc
-        if not path.is_dir():
+        try:
+            found = path.is_dir()
+        except OSError as exc:  # e.g. MODEL_DIR not searchable by this user
+            raise VersionNotFound(f"cannot look up {version!r} in MODEL_DIR: {exc}") from exc
+        if not found:
             raise VersionNotFound(f"no bundle version {version!r} in MODEL_DIR")
         return path
 
@@ -70,11 +74,14 @@ class ModelRepository:
         self._not_ready_reason = reason
 
     def read_latest(self) -> str:
-        """What LATEST names. Raises VersionNotFound when it is missing or invalid."""
+        """What LATEST names. Raises VersionNotFound when it is missing, unreadable or
+        invalid."""
         try:
             return read_latest(self.root)
         except BundleError as exc:
             raise VersionNotFound(str(exc)) from exc
+        except (OSError, ValueError) as exc:  # not ours to read, not text, a failing volume
+            raise VersionNotFound(f"cannot read LATEST: {type(exc).__name__}: {exc}") from exc
 
     async def load(self, version: str) -> ServingBundle:
         """Verify, load, index and warm up `version` in a worker thread; nothing is swapped.
@@ -82,15 +89,21 @@ class ModelRepository:
         Raises:
             InvalidInput: `version` is not a version name.
             VersionNotFound: no such version directory.
-            BundleRejected: verification, loading or warm-up failed.
+            BundleRejected: verification, loading or warm-up failed, or anything else went
+                wrong while loading.
         """
         path = self.resolve(version)
         try:
             return await anyio.to_thread.run_sync(load_bundle, path, self.index_config)
-        except BundleRejected as exc:
+        except Exception as exc:
+            if isinstance(exc, BundleRejected):
+                reason = str(exc.detail)
+                log.warning("bundle %s rejected: %s", path.name, reason)
+            else:  # what the loader did not foresee (out of memory, a failing volume...)
+                reason = f"{type(exc).__name__}: {exc}"
+                log.exception("bundle %s failed to load", path.name)
             self.metrics.reloads.labels("rejected").inc()
-            log.warning("bundle %s rejected: %s", path.name, exc.detail)
-            raise BundleRejected(f"bundle {path.name} rejected: {exc.detail}") from exc
+            raise BundleRejected(f"bundle {path.name} rejected: {reason}") from exc
 
     def swap(self, bundle: ServingBundle) -> Swap:
         """Serve `bundle` from now on: one reference assignment on the event loop."""
@@ -108,10 +121,14 @@ class ModelRepository:
         return Swap(bundle, previous)
 
     def versions(self) -> list[str]:
-        return list_versions(self.root)
+        try:
+            return list_versions(self.root)
+        except OSError as exc:  # MODEL_DIR unreadable: nothing to list, not a server error
+            log.warning("cannot list MODEL_DIR: %s", exc)
+            return []
 
     def latest(self) -> str | None:
         try:
-            return read_latest(self.root)
-        except BundleError:
+            return self.read_latest()
+        except VersionNotFound:
             return None

@@ -239,6 +239,17 @@ class FeatureEncoder:
         index = {item: i for i, item in enumerate(item_ids)} if item_ids is not None else None
         return cls.from_json(json.loads(path.read_text()), index)
 
+    def largest_row(self) -> dict[str, Any]:
+        """Raw attributes that encode to each feature's largest index: a probe on which a
+        model whose tables are smaller than this spec fails at once."""
+        row: dict[str, Any] = {}
+        for f in self.features:
+            if f.kind in ("categorical", "multi_hot") and f.vocabulary:
+                row[f.name] = max(f.vocabulary, key=f.vocabulary.__getitem__)
+            elif f.kind == "numeric":
+                row[f.name] = f.boundaries[-1] + 1.0 if f.boundaries else f.mean
+        return row
+
     # -- encoding ------------------------------------------------------------------------
     def encode_column(self, feature: Feature, values: Sequence[Any]) -> np.ndarray:
         """Encode one feature over a batch of raw values (see the module doc for layouts)."""

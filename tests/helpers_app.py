@@ -49,8 +49,10 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def lifespan(app: Any) -> AsyncIterator[None]:
-    """Drive the app's ASGI lifespan protocol (startup, then shutdown), as a server does."""
+async def lifespan(app: Any, wait_for_model: bool = True) -> AsyncIterator[None]:
+    """Drive the app's ASGI lifespan protocol (startup, then shutdown), as a server does; the
+    model loads in the background, and with `wait_for_model` the body starts once that load
+    succeeded or failed, as a client waiting for readiness would."""
     to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
     app_outbox, from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
@@ -61,6 +63,8 @@ async def lifespan(app: Any) -> AsyncIterator[None]:
         if message["type"] != "lifespan.startup.complete":
             raise RuntimeError(f"startup failed: {message}")
         try:
+            if wait_for_model:
+                await app.state.services.sync.first_load()
             yield
         finally:
             await to_app.send({"type": "lifespan.shutdown"})
@@ -75,10 +79,13 @@ async def serve(app_or_settings: FastAPI | Settings) -> AsyncIterator[httpx.Asyn
     app = app_or_settings
     if not isinstance(app, FastAPI):
         app = create_app(app)
-    async with lifespan(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
-            yield client
+    async with lifespan(app), client_of(app) as client:
+        yield client
+
+
+def client_of(app: FastAPI) -> httpx.AsyncClient:
+    """An HTTP client bound to `app` (already started)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service")
 
 
 def admin_headers(token: str = ADMIN_TOKEN) -> dict[str, str]:

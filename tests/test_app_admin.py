@@ -22,6 +22,8 @@ from helpers_app import (
     serve,
 )
 
+from app import repository
+from app.bundle_loader import IndexConfig, ServingBundle
 from app.main import create_app
 from models import bundle as b
 
@@ -160,6 +162,23 @@ def garble_tower(path: Path) -> None:
     (path / b.USER_TOWER).write_bytes(b"not a torchscript archive")
 
 
+def nest_item_ids(path: Path) -> None:
+    ids = json.loads((path / b.ITEM_IDS).read_text())
+    (path / b.ITEM_IDS).write_text(json.dumps([[i] for i in ids]))
+
+
+def grow_catalogue(path: Path) -> None:
+    """Consistent files and manifest, but one item more than the tower's history table knows:
+    only a user whose history holds that item would reach the missing row."""
+    emb = np.load(path / b.ITEM_EMBEDDINGS)
+    np.save(path / b.ITEM_EMBEDDINGS, np.vstack([emb, emb[:1]]))
+    ids = json.loads((path / b.ITEM_IDS).read_text())
+    (path / b.ITEM_IDS).write_text(json.dumps([*ids, "brand-new-item"]))
+    manifest = json.loads((path / b.MANIFEST).read_text())
+    manifest["n_items"] = len(ids) + 1
+    (path / b.MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("mutate", "rehash", "reason"),
     [
@@ -167,8 +186,10 @@ def garble_tower(path: Path) -> None:
         (drop_manifest, False, "missing manifest.json"),
         (widen_embeddings, True, "user tower returns shape (1, {dim}), item embeddings have dim"),
         (garble_tower, True, "user_tower.pt cannot be loaded"),
+        (nest_item_ids, True, "item_ids.json must be a list of 200 string ids"),
+        (grow_catalogue, True, "warm-up failed: "),
     ],
-    ids=["tampered", "no-manifest", "wrong-dim", "garbled-tower"],
+    ids=["tampered", "no-manifest", "wrong-dim", "garbled-tower", "nested-ids", "grown-catalogue"],
 )
 async def test_bad_bundle_is_refused_and_old_keeps_serving(
     model_dir: Path,
@@ -189,6 +210,24 @@ async def test_bad_bundle_is_refused_and_old_keeps_serving(
         assert await active_version(client) == bundles.v1.name
         metrics = (await client.get("/metrics")).text
         assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
+
+
+async def test_an_unforeseen_load_failure_is_refused_and_old_keeps_serving(
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(path: Path, config: IndexConfig) -> ServingBundle:
+        raise MemoryError("cannot allocate the search copies")
+
+    async with serve(make_settings(model_dir)) as client:
+        monkeypatch.setattr(repository, "load_bundle", out_of_memory)
+        body = {"version": bundles.v2.name}
+        response = await client.post("/admin/reload", json=body, headers=admin_headers())
+        assert response.status_code == 409
+        assert response.json() == {
+            "detail": f"bundle {bundles.v2.name} rejected: "
+            "MemoryError: cannot allocate the search copies"
+        }
+        assert await active_version(client) == bundles.v1.name
 
 
 async def test_unknown_version_is_404(model_dir: Path) -> None:

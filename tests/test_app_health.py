@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import Bundles
-from helpers_app import admin_headers, make_settings, serve
+from helpers_app import admin_headers, client_of, lifespan, make_settings, serve
+
+from app import repository
+from app.bundle_loader import IndexConfig, ServingBundle, load_bundle
+from app.main import create_app
 
 pytestmark = [pytest.mark.anyio]
 
@@ -65,6 +71,82 @@ async def test_bad_bundle_at_start_up_is_not_served(model_dir: Path, bundles: Bu
             "detail": f"no model loaded: bundle {bundles.v1.name} rejected: "
             "checksum mismatch for item_embeddings.npy"
         }
+
+
+async def test_probes_answer_while_the_first_bundle_loads(
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A big index takes minutes to build: meanwhile the worker must answer its probes (an
+    # orchestrator would otherwise restart it mid-build, again and again).
+    gate = threading.Event()
+
+    def held_load(path: Path, config: IndexConfig) -> ServingBundle:
+        gate.wait(10)
+        return load_bundle(path, config)
+
+    monkeypatch.setattr(repository, "load_bundle", held_load)
+    app = create_app(make_settings(model_dir))
+    async with lifespan(app, wait_for_model=False), client_of(app) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {"detail": "no model loaded yet"}
+        assert (await client.post("/v1/recall", json={"user_id": "u1"})).status_code == 503
+        assert (await client.get("/metrics")).status_code == 200
+        gate.set()
+        with anyio.fail_after(10):
+            await app.state.services.sync.first_load()
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["model_version"] == bundles.v1.name
+
+
+async def test_unreadable_latest_leaves_the_process_up_not_ready(tmp_path: Path) -> None:
+    (tmp_path / "LATEST").mkdir()  # reading it fails with an OSError, even as root
+    async with serve(make_settings(tmp_path)) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["detail"].startswith("no model loaded: cannot read LATEST: ")
+        models = await client.get("/admin/models", headers=admin_headers())
+        assert models.status_code == 200 and models.json()["latest"] is None
+        reload = await client.post("/admin/reload", headers=admin_headers())
+        assert reload.status_code == 404
+        assert reload.json()["detail"].startswith("cannot read LATEST: IsADirectoryError")
+
+
+async def test_a_client_gone_before_its_body_is_no_server_error(model_dir: Path) -> None:
+    app = create_app(make_settings(model_dir))
+    async with lifespan(app):
+        sent: list[dict[str, object]] = []
+
+        async def disconnect() -> dict[str, object]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/recall",
+            "raw_path": b"/v1/recall",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"20")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("service", 80),
+            "app": app,
+        }
+        await app(scope, disconnect, send)
+        assert sent == []  # nobody to answer
+        async with client_of(app) as client:
+            metrics = (await client.get("/metrics")).text
+        counted = 'tower_recall_http_requests_total{method="POST",route="/v1/recall",status='
+        assert counted + '"499"} 1.0' in metrics
+        assert counted + '"500"}' not in metrics
 
 
 async def test_metrics_expose_routes_stages_model_and_cache(

@@ -172,7 +172,8 @@ async def test_shutdown_ends_the_watcher_even_when_its_cancellation_is_swallowed
     repository = ModelRepository(model_dir, IndexConfig(), Metrics())
     pin = CancellationSwallowingPin()
     sync = ModelSync(repository, pin, poll_s=0.001)
-    await sync.start()
+    sync.start()
+    await sync.first_load()
     watcher = sync._task
     assert watcher is not None
     await anyio.sleep(0.02)  # the watcher is reading the pin most of the time
