@@ -156,10 +156,15 @@ class ServingBundle:
         return self.encoder.item_index
 
     def encode(
-        self, rows: Sequence[Mapping[str, Any]], histories: Sequence[Sequence[str]]
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        histories: Sequence[Sequence[str]] | None = None,
+        *,
+        history_rows: Sequence[Sequence[int]] | None = None,
     ) -> np.ndarray:
-        """Raw features + histories (newest first) -> float32 `(B, dim)` user vectors."""
-        arrays = self.encoder.encode(rows, histories)
+        """Raw features + histories (item ids newest first, or their catalogue rows as
+        `encoder.history_rows` maps them) -> float32 `(B, dim)` user vectors."""
+        arrays = self.encoder.encode(rows, histories, history_rows=history_rows)
         with torch.inference_mode():
             out = self.tower({name: torch.from_numpy(a) for name, a in arrays.items()})
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)

@@ -208,13 +208,15 @@ class RecallService:
             source = "request"
         elif record.found:
             source = "redis"
-        exclude: frozenset[int] = frozenset()
-        if request.exclude_seen:
-            # map(dict.get) runs in C: 3x faster than a generator over ~100 history ids.
-            rows = set(map(bundle.item_index.get, history))
-            rows.discard(None)
-            exclude = frozenset(rows)  # type: ignore[arg-type]  # None removed above
-        return Query(features, history, exclude, request.k, request.user_id), source
+        query = Query.prepare(
+            bundle,
+            features,
+            history,
+            request.k,
+            exclude_seen=request.exclude_seen,
+            user_id=request.user_id,
+        )
+        return query, source
 
     async def _retrieve(
         self, bundle: ServingBundle, queries: list[Query]

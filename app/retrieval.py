@@ -28,7 +28,8 @@ class Query:
 
     Attributes:
         features: raw features after merging (request over stored); missing = default.
-        history: item ids, newest first (the encoder keeps the known ones, up to its length).
+        history: item ids, newest first (the vector cache's key).
+        history_rows: the catalogue rows of its known items, in order (the tower's input).
         exclude: catalogue rows never to return (the seen items).
         k: results wanted.
         user_id: whose vector this is (the vector cache's key); None: not cached.
@@ -36,9 +37,27 @@ class Query:
 
     features: Mapping[str, Any]
     history: Sequence[str]
+    history_rows: Sequence[int]
     exclude: frozenset[int]
     k: int
     user_id: str | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        bundle: ServingBundle,
+        features: Mapping[str, Any],
+        history: Sequence[str],
+        k: int,
+        *,
+        exclude_seen: bool = True,
+        user_id: str | None = None,
+    ) -> Query:
+        """The query for `bundle`: the history is mapped to catalogue rows once, for the tower
+        and the exclusion both."""
+        rows = bundle.encoder.history_rows(history)
+        exclude = frozenset(rows) if exclude_seen else frozenset()
+        return cls(features, history, rows, exclude, k, user_id)
 
 
 Result = list[tuple[str, float]]
@@ -111,7 +130,7 @@ def encode(
 ) -> np.ndarray:
     """User vectors float32 `(B, dim)`: the cached ones, and one tower call for the rest."""
     if cache is None:
-        return bundle.encode([q.features for q in queries], [q.history for q in queries])
+        return _encode(bundle, queries)
     vectors = np.empty((len(queries), bundle.dim), dtype=np.float32)
     keys = [cache.key(bundle.version, q.features, q.history) for q in queries]
     missing = []
@@ -124,14 +143,18 @@ def encode(
         else:
             vectors[i] = vector
     if missing:
-        todo = [queries[i] for i in missing]
-        fresh = bundle.encode([q.features for q in todo], [q.history for q in todo])
+        fresh = _encode(bundle, [queries[i] for i in missing])
         vectors[missing] = fresh
         for i, vector in zip(missing, fresh, strict=True):
             user_id, key = queries[i].user_id, keys[i]
             if user_id is not None and key is not None:
                 cache.put(user_id, key, vector.copy())
     return vectors
+
+
+def _encode(bundle: ServingBundle, queries: Sequence[Query]) -> np.ndarray:
+    features = [q.features for q in queries]
+    return bundle.encode(features, history_rows=[q.history_rows for q in queries])
 
 
 def retrieve(

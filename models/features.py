@@ -16,6 +16,7 @@ Encoded layout, one array per feature, batch first:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -277,23 +278,42 @@ class FeatureEncoder:
         z = (x - feature.mean) / feature.std
         return np.where(missing, 0.0, z).astype(np.float32)
 
+    def history_rows(self, items: Iterable[str]) -> list[int]:
+        """Catalogue rows of the known items, in order (unknown ids are skipped). One dict
+        lookup an item, which over a large catalogue is a cache miss or two: serving maps a
+        history once, for the encoder and the seen-item exclusion both."""
+        return [row for row in map(self.item_index.get, items) if row is not None]
+
     def encode_history(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """Item ids (newest first) -> int64 `(B, history_length)`; unknown ids are skipped."""
-        out = np.zeros((len(histories), self.history_length), dtype=np.int64)
-        index = self.item_index
-        for row, items in enumerate(histories):
-            ids = [index[i] + 1 for i in items if i in index][: self.history_length]
-            out[row, : len(ids)] = ids
+        return self.encode_history_rows([self.history_rows(items) for items in histories])
+
+    def encode_history_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Catalogue rows (newest first, as `history_rows` gives them) -> int64
+        `(B, history_length)`: row + 1, the newest `history_length`, 0-padded."""
+        length = self.history_length
+        kept = [min(len(r), length) for r in rows]
+        out = np.zeros((len(rows), length), dtype=np.int64)
+        filled = np.arange(length) < np.asarray(kept, dtype=np.int64)[:, None]
+        out[filled] = np.fromiter(
+            itertools.chain.from_iterable(r[:length] for r in rows), np.int64, sum(kept)
+        )
+        out[filled] += 1
         return out
 
     def encode(
         self,
         rows: Sequence[Mapping[str, Any]],
         histories: Sequence[Sequence[str]] | None = None,
+        *,
+        history_rows: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Encode a batch of raw attribute dicts (missing keys = missing values)."""
+        """Encode a batch of raw attribute dicts (missing keys = missing values) and item-id
+        histories (or the same already mapped by `history_rows`)."""
         columns = {f.name: [row.get(f.name) for row in rows] for f in self.features}
-        return self.encode_columns(columns, histories, batch_size=len(rows))
+        return self.encode_columns(
+            columns, histories, batch_size=len(rows), history_rows=history_rows
+        )
 
     def encode_columns(
         self,
@@ -301,6 +321,7 @@ class FeatureEncoder:
         histories: Sequence[Sequence[str]] | None = None,
         *,
         batch_size: int,
+        history_rows: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Encode column-wise raw values (a missing column = all values missing)."""
         out = {
@@ -308,7 +329,9 @@ class FeatureEncoder:
             for f in self.features
         }
         if self.history_length:
-            out[HISTORY] = self.encode_history(histories or [[]] * batch_size)
+            if history_rows is None:
+                history_rows = [self.history_rows(h) for h in histories or [[]] * batch_size]
+            out[HISTORY] = self.encode_history_rows(history_rows)
         return out
 
     def unknown_names(self, names: Iterable[str]) -> list[str]:

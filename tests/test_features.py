@@ -119,6 +119,16 @@ def test_history_newest_first_truncation_unknown_skipped_padding() -> None:
     assert out.tolist() == [[3, 1, 2], [2, 0, 0], [0, 0, 0], [0, 0, 0]]
 
 
+def test_a_history_mapped_once_encodes_as_its_item_ids() -> None:
+    enc = encoder(length=3)
+    histories = [["c", "zz", "a", "b", "d"], ["b"], [], ["zz", "yy"]]
+    rows = [enc.history_rows(h) for h in histories]
+    assert rows == [[2, 0, 1, 3], [1], [], []]  # catalogue rows, unknown ids skipped
+    by_rows = enc.encode([{}] * 4, history_rows=rows)
+    np.testing.assert_array_equal(by_rows[HISTORY], enc.encode_history(histories))
+    np.testing.assert_array_equal(by_rows[HISTORY], enc.encode([{}] * 4, histories)[HISTORY])
+
+
 def test_encode_rows_layout_and_missing_keys() -> None:
     enc = encoder(length=2)
     batch = enc.encode(

@@ -30,7 +30,7 @@ def test_hnsw_answers_do_not_depend_on_the_batch(model_dir: Path) -> None:
         item_ids=tuple(f"x{i}" for i in range(len(items))),
         index_type="hnsw",
     )
-    queries = [Query({}, [], frozenset(), k) for k in (1, 2, 3, 60) for _ in range(10)]
+    queries = [Query({}, [], [], frozenset(), k) for k in (1, 2, 3, 60) for _ in range(10)]
     vectors = rng.standard_normal((len(queries), bundle.dim), dtype=np.float32)
     batched = search(hnsw, vectors, queries)
     alone = [search(hnsw, vectors[i : i + 1], [q])[0] for i, q in enumerate(queries)]

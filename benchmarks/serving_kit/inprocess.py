@@ -124,9 +124,7 @@ def _pcts(samples: Sequence[float]) -> dict[str, float]:
 
 def _query(bundle: ServingBundle, record: UserRecord, k: int) -> Query:
     """What the service prepares for a stored user with no request features (exclude seen)."""
-    index = bundle.item_index
-    exclude = frozenset(index[item] for item in record.history if item in index)
-    return Query(record.features, record.history, exclude, k)
+    return Query.prepare(bundle, record.features, record.history, k)
 
 
 CONCURRENCY = 16  # the load runs' connection count
