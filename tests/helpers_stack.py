@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# `$$`, `${NAME}`, `${NAME:-default}`; any other `$` is a form these tests do not understand.
-_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}|\$")
+# `$$`, `${NAME}`, `${NAME:-default}` (unset or empty), `${NAME-default}` (unset only); any
+# other `$` is a form these tests do not understand.
+_INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}|\$")
 
 
 def compose() -> dict[str, Any]:
@@ -29,10 +30,13 @@ def interpolate(text: str, variables: Mapping[str, str]) -> str:
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
-        name, default = match.group(1), match.group(2)
+        name, form, default = match.group(1), match.group(2), match.group(3) or ""
         if name is None:
             raise ValueError(f"unsupported interpolation in {text!r}")
-        return variables.get(name) or default or ""
+        value = variables.get(name)
+        if form == "-":
+            return default if value is None else value
+        return value or default
 
     return _INTERPOLATION.sub(replace, text)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers_stack import compose, interpolate
+from helpers_stack import compose, interpolate, service_environment
 
 from app.settings import Settings
 
@@ -59,6 +59,22 @@ def test_compose_orders_the_stack() -> None:
     assert services["trainer"]["restart"] == "no"
     assert services["api"]["environment"]["MODEL_DIR"] == "/artifacts"
     assert services["trainer"]["environment"]["MODEL_DIR"] == "/artifacts"
+
+
+def test_api_environment_keeps_what_the_stack_relies_on() -> None:
+    api = service_environment("api", {})
+    assert api["ADMIN_TOKEN"] == "change-me"  # unset: the documented default
+    # Set but empty turns the admin API off (README), rather than falling back to the default.
+    assert service_environment("api", {"ADMIN_TOKEN": ""})["ADMIN_TOKEN"] == ""
+    # lb proxies to api:8000: a PORT or HOST in .env (read through env_file, which the
+    # environment block overrides) must not move the replicas.
+    assert (api["PORT"], api["HOST"]) == ("8000", "0.0.0.0")
+    assert {"path": ".env", "required": False} in compose()["services"]["api"]["env_file"]
+
+
+def test_the_training_job_has_no_service_healthcheck() -> None:
+    # The image's HEALTHCHECK probes /health/ready, which a training job never serves.
+    assert compose()["services"]["trainer"]["healthcheck"] == {"disable": True}
 
 
 def test_movielens_mount_works_when_the_directory_is_absent() -> None:
