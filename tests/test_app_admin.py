@@ -12,6 +12,7 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import Bundles
 from helpers_app import (
     ADMIN_TOKEN,
@@ -21,6 +22,7 @@ from helpers_app import (
     make_settings,
     serve,
 )
+from torch import nn
 
 from app import repository
 from app.bundle_loader import IndexConfig, ServingBundle
@@ -122,20 +124,30 @@ async def test_requests_during_reload_never_fail(model_dir: Path, bundles: Bundl
             assert response.status_code == 200
             versions.append(response.json()["model_version"])
 
+        reloaded = anyio.Event()
+
         async def reload() -> None:
             body = {"version": bundles.v2.name}
             response = await client.post("/admin/reload", json=body, headers=admin_headers())
             assert response.status_code == 200
+            reloaded.set()
 
         async with anyio.create_task_group() as tg:
-            for n in range(40):
+            n = 0
+            # Requests keep coming until the reload is done, and a few after: the swap lands
+            # in the middle of the traffic, however long the load takes.
+            while n < 40 or not reloaded.is_set():
                 tg.start_soon(recall, n)
                 if n == 10:
                     tg.start_soon(reload)
+                n += 1
                 await anyio.sleep(0.001)
+            for _ in range(5):
+                tg.start_soon(recall, n)
+                n += 1
         assert await active_version(client) == bundles.v2.name
-    assert len(versions) == 40
-    assert set(versions) <= {bundles.v1.name, bundles.v2.name}
+    assert len(versions) == n
+    assert set(versions) == {bundles.v1.name, bundles.v2.name}
 
 
 def tamper_embeddings(path: Path) -> None:
@@ -162,6 +174,23 @@ def garble_tower(path: Path) -> None:
     (path / b.USER_TOWER).write_bytes(b"not a torchscript archive")
 
 
+class NaNTower(nn.Module):
+    """Right inputs, right shape, no numbers."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = inputs["history"].shape[0]
+        return torch.full((batch, self.dim), float("nan"))
+
+
+def nan_tower(path: Path) -> None:
+    dim = json.loads((path / b.MANIFEST).read_text())["embedding_dim"]
+    torch.jit.save(torch.jit.script(NaNTower(dim)), str(path / b.USER_TOWER))
+
+
 def nest_item_ids(path: Path) -> None:
     ids = json.loads((path / b.ITEM_IDS).read_text())
     (path / b.ITEM_IDS).write_text(json.dumps([[i] for i in ids]))
@@ -186,10 +215,19 @@ def grow_catalogue(path: Path) -> None:
         (drop_manifest, False, "missing manifest.json"),
         (widen_embeddings, True, "user tower returns shape (1, {dim}), item embeddings have dim"),
         (garble_tower, True, "user_tower.pt cannot be loaded"),
+        (nan_tower, True, "user tower returns non-finite values on warm-up"),
         (nest_item_ids, True, "item_ids.json must be a list of 200 string ids"),
         (grow_catalogue, True, "warm-up failed: "),
     ],
-    ids=["tampered", "no-manifest", "wrong-dim", "garbled-tower", "nested-ids", "grown-catalogue"],
+    ids=[
+        "tampered",
+        "no-manifest",
+        "wrong-dim",
+        "garbled-tower",
+        "nan-tower",
+        "nested-ids",
+        "grown-catalogue",
+    ],
 )
 async def test_bad_bundle_is_refused_and_old_keeps_serving(
     model_dir: Path,

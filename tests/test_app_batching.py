@@ -157,9 +157,14 @@ async def test_a_reload_mid_flight_never_mixes_versions(model_dir: Path, bundles
     bodies = [{"user_id": f"r{i}", "k": 10, "history": [f"i{i}"]} for i in range(12)]
     seen: list[dict[str, Any]] = []
     async with serve(make_settings(model_dir)) as client:
+        reloaded = anyio.Event()
 
         async def load() -> None:
-            for _ in range(6):
+            # Rounds of concurrent requests until the reload is done, and one more: the swap
+            # lands among them, however long the load takes.
+            done_before = False
+            while not done_before:
+                done_before = reloaded.is_set()
                 for response in await gather(client, bodies):
                     assert response.status_code == 200
                     seen.append(response.json())
@@ -170,12 +175,14 @@ async def test_a_reload_mid_flight_never_mixes_versions(model_dir: Path, bundles
             body = {"version": bundles.v2.name}
             response = await client.post("/admin/reload", json=body, headers=admin_headers())
             assert response.status_code == 200
+            reloaded.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(load)
             tg.start_soon(reload)
         after = (await gather(client, bodies))[0].json()
     assert after["model_version"] == bundles.v2.name
+    assert {r["model_version"] for r in seen} == {bundles.v1.name, bundles.v2.name}
     # Each response names one version, and its items are exactly that version's answer.
     for response in seen:
         reference = references[response["model_version"]]

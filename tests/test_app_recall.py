@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 import redis
 from conftest import Bundles
@@ -153,6 +154,21 @@ async def test_history_is_capped_newest_first(
     # Exactly what the kept history (newest first) gives; i1, i2 fell off and may come back.
     kept = ["i7", "i6", "i5", "i4", "i3"]
     assert_same_recall(recall["items"], reference.top_k({}, kept, 10))
+
+
+async def test_stored_state_expires_after_its_ttl(model_dir: Path, store: dict[str, str]) -> None:
+    settings = make_settings(model_dir, **store, feature_ttl_s=1, cache_ttl_s=0)
+    async with serve(settings) as client:
+        put = await client.put("/v1/users/t1/features", json={"features": {"country": "JP"}})
+        assert put.status_code == 200
+        await client.post("/v1/users/t1/events", json={"item_ids": ["i1", "i2"]})
+        before = await client.post("/v1/recall", json={"user_id": "t1", "k": 5})
+        assert before.json()["feature_source"] == "redis"
+        await anyio.sleep(1.3)
+        after = await client.post("/v1/recall", json={"user_id": "t1", "k": 5})
+        assert after.json()["feature_source"] == "default"  # features and history both gone
+        events = await client.post("/v1/users/t1/events", json={"item_ids": ["i3"]})
+        assert events.json() == {"user_id": "t1", "history_length": 1}
 
 
 async def test_batch_equals_single_requests_in_order(model_dir: Path) -> None:

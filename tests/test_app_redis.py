@@ -15,7 +15,15 @@ import anyio
 import httpx
 import pytest
 import redis
-from helpers_app import RedisServer, free_port, make_settings, serve
+from conftest import Bundles
+from helpers_app import (
+    RedisServer,
+    Reference,
+    assert_same_recall,
+    free_port,
+    make_settings,
+    serve,
+)
 
 from models.online_store import history_key, user_key
 
@@ -182,15 +190,29 @@ async def test_writes_use_the_shared_key_layout(
 
 
 async def test_corrupt_stored_values_degrade_per_user(
-    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+    model_dir: Path,
+    bundles: Bundles,
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
 ) -> None:
     redis_client.set(f"{redis_prefix}:user:bad", "{not json")
     redis_client.set(f"{redis_prefix}:hist:bad", "a string, not a list")
+    good_features, good_history = FEATURES["features"], ["i3", "i7"]
+    redis_client.set(f"{redis_prefix}:user:good", json.dumps(good_features))
+    redis_client.rpush(f"{redis_prefix}:hist:good", *good_history)
     settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    reference = Reference(bundles.v1)
     async with serve(settings) as client:
-        response, _ = await timed_recall(client, "bad")
+        # Batched together: the bad user's values fall back to defaults, the good user's
+        # are read as stored.
+        body = {"requests": [{"user_id": "bad", "k": 10}, {"user_id": "good", "k": 10}]}
+        response = await client.post("/v1/recall/batch", json=body)
         assert response.status_code == 200
-        assert response.json()["feature_source"] == "redis"
+        bad, good = response.json()["results"]
+        assert bad["feature_source"] == good["feature_source"] == "redis"
+        assert_same_recall(bad["items"], reference.top_k({}, [], 10))
+        assert_same_recall(good["items"], reference.top_k(good_features, good_history, 10))
         ready = await client.get("/health/ready")
         assert ready.json()["redis"] == "ok"
 

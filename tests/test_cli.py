@@ -4,12 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
-from trainer_helpers import REDIS_URL, SMALL_SOURCE, redis_namespace, stored_json, stored_list
+from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
 
 from models import bundle as b
 from models.cli import main, parser, train_config
@@ -189,22 +188,24 @@ def test_options_map_onto_the_config() -> None:
 
 
 @pytest.fixture
-def store() -> Iterator[tuple[Redis, str]]:
-    """A real Redis and a key prefix of this test alone (deleted afterwards)."""
-    with redis_namespace() as namespace:
-        yield namespace
+def store(redis_client: Redis, redis_prefix: str) -> tuple[Redis, str]:
+    """A real Redis (conftest: the local one, or a redis-server of the tests' own) and a key
+    prefix of this test alone (deleted afterwards)."""
+    return redis_client, redis_prefix
 
 
 @pytest.mark.slow
-def test_publish_features_writes_the_service_layout(store: tuple[Redis, str]) -> None:
+def test_publish_features_writes_the_service_layout(
+    store: tuple[Redis, str], redis_url: str
+) -> None:
     client, prefix = store
     source = "synthetic:seed=4,users=30,items=40"
     done = models_cli(
-        "publish-features", "--data", source, "--redis-url", REDIS_URL,
+        "publish-features", "--data", source, "--redis-url", redis_url,
         "--prefix", prefix, "--history-length", "5",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"published features and histories of 30 users to {REDIS_URL}"
+    assert done.stdout.strip() == f"published features and histories of 30 users to {redis_url}"
     dataset = load_dataset(source)
     newest_first = dataset.interactions.sort_values("timestamp", kind="stable").iloc[::-1]
     keys = {str(k) for k in client.scan_iter(match=f"{prefix}:*")}

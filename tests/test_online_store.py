@@ -1,23 +1,22 @@
 """publish-features against a real Redis: key layout, values, replacement, TTLs."""
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import pytest
 from redis import Redis
-from trainer_helpers import redis_namespace, stored_json, stored_list
+from trainer_helpers import stored_json, stored_list
 
 from models.dataset import ColumnSpec, Dataset
 from models.online_store import DEFAULT_PREFIX, history_key, publish, user_key, user_records
 
 
 @pytest.fixture
-def store() -> Iterator[tuple[Redis, str]]:
-    """A real Redis and a key prefix of this test alone (deleted afterwards)."""
-    with redis_namespace() as namespace:
-        yield namespace
+def store(redis_client: Redis, redis_prefix: str) -> tuple[Redis, str]:
+    """A real Redis (conftest: the local one, or a redis-server of the tests' own) and a key
+    prefix of this test alone (deleted afterwards)."""
+    return redis_client, redis_prefix
 
 
 def hand_dataset() -> Dataset:

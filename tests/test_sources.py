@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +128,12 @@ def test_synthetic_has_planted_structure() -> None:
 
 
 @pytest.mark.slow
-def test_synthetic_million_items_is_fast() -> None:
-    start = time.perf_counter()
+def test_synthetic_million_item_catalogue() -> None:
+    # The serving benchmark's 1M catalogue (its generation time is the benchmark's business).
     ds = load_dataset("synthetic:seed=0,users=2000,items=1000000,per_user=10")
     assert len(ds.items) == 1_000_000
-    assert time.perf_counter() - start < 15
+    assert ds.items.index.is_unique
+    assert ds.interactions["item_id"].isin(ds.items.index).all()
 
 
 # --- MovieLens-1M -------------------------------------------------------------------------
@@ -197,15 +197,12 @@ def test_ml_1m_missing_files(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not ML_1M_HALF.is_dir(), reason=f"ML-1M (users 1-2999) not at {ML_1M_HALF}")
 def test_ml_1m_half_real_data() -> None:
-    start = time.perf_counter()
     ds = load_dataset(f"ml-1m:{ML_1M_HALF}")
-    elapsed = time.perf_counter() - start
     check_contract(ds)
     assert ds.summary()["n_interactions"] == 487_650
     assert len(ds.users) == 2999 and len(ds.items) == 3883
     assert not ds.users.isna().any().any()
     assert ds.items["year"].between(1919, 2000).all()
-    assert elapsed < 5
 
 
 # --- MovieLens-100K -----------------------------------------------------------------------

@@ -2,16 +2,10 @@
 
 import dataclasses
 import json
-import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import pytest
 import torch
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from models.dataset import Dataset
 from models.sources import load_dataset
@@ -42,28 +36,6 @@ def fast_config(**overrides: Any) -> TrainConfig:
         device="auto",
     )
     return dataclasses.replace(base, **overrides)
-
-
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@contextmanager
-def redis_namespace() -> Iterator[tuple[Redis, str]]:
-    """A real Redis client and a key prefix of the caller's alone; its keys are deleted after."""
-    client = Redis.from_url(REDIS_URL, socket_timeout=5, decode_responses=True)
-    try:
-        client.ping()
-    except RedisConnectionError:
-        client.close()
-        pytest.skip(f"no Redis reachable at {REDIS_URL} (set TEST_REDIS_URL)")
-    prefix = f"test-{uuid.uuid4().hex}"
-    try:
-        yield client, prefix
-    finally:
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def stored_json(client: Redis, key: str) -> Any:
