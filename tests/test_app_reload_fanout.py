@@ -20,6 +20,7 @@ from helpers_app import (
     serve,
 )
 
+from app import model_sync
 from app.bundle_loader import IndexConfig
 from app.metrics import Metrics
 from app.model_sync import LocalPin, ModelSync
@@ -93,6 +94,27 @@ async def test_a_bad_new_version_is_tried_once_and_the_old_one_serves_on(
         write_latest(model_dir, bundles.v2.name)
         body = await eventually(client, "model_version", bundles.v2.name)
         assert body["reload_error"] is None
+
+
+async def test_a_failed_version_is_tried_again_after_the_back_off(
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A version whose files are still being copied when LATEST names it: the retry, once the
+    # back-off has passed, serves it without anyone calling /admin/reload.
+    monkeypatch.setattr(model_sync, "RETRY_FIRST_S", 0.3)
+    target = copy_version(model_dir, bundles.v2, BAD_VERSION)
+    manifest = (target / b.MANIFEST).read_bytes()
+    (target / b.MANIFEST).unlink()
+    async with serve(make_settings(model_dir, reload_poll_s=0.05)) as client:
+        write_latest(model_dir, BAD_VERSION)
+        await eventually(
+            client, "reload_error", f"bundle {BAD_VERSION} rejected: missing manifest.json"
+        )
+        (target / b.MANIFEST).write_bytes(manifest)  # the copy completes
+        body = await eventually(client, "model_version", BAD_VERSION)
+        assert body["reload_error"] is None
+        metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
 
 
 async def test_the_watcher_loads_the_first_bundle_without_a_call(

@@ -1,10 +1,16 @@
-"""`VectorCache`: keyed by exactly what was encoded, one entry per user, bounded."""
+"""`VectorCache`: keyed by exactly what was encoded, one entry per user, bounded; the feature
+cache never keeps a read that a write overtook."""
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+from collections.abc import Sequence
 
-from app.cache import VectorCache
+import numpy as np
+import pytest
+
+from app.cache import CachedFeatureStore, VectorCache
+from app.feature_store import MemoryFeatureStore, UserRecord
 from app.metrics import Metrics
 
 
@@ -44,3 +50,33 @@ def test_size_zero_caches_nothing() -> None:
     assert key is not None
     cache.put("u", key, np.ones(2, dtype=np.float32))
     assert len(cache) == 0 and cache.get("u", key) is None
+
+
+class HeldStore(MemoryFeatureStore):
+    """The embedded store, whose reads can be held after they have read (a slow reply)."""
+
+    def __init__(self) -> None:
+        super().__init__(history_cap=10)
+        self.hold: asyncio.Event | None = None
+
+    async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        records = await super().fetch_many(user_ids)
+        if self.hold is not None:
+            await self.hold.wait()
+        return records
+
+
+@pytest.mark.anyio
+async def test_a_read_overlapping_a_write_is_not_cached() -> None:
+    inner = HeldStore()
+    store = CachedFeatureStore(inner, size=10, ttl_s=60.0, metrics=Metrics())
+    await store.append_events("u1", ["i1"])
+    inner.hold = asyncio.Event()
+    slow = asyncio.create_task(store.fetch_many(["u1"]))  # reads ["i1"], then waits
+    await asyncio.sleep(0)
+    await store.append_events("u1", ["i2"])  # lands while the read is in flight
+    inner.hold.set()
+    assert (await slow)["u1"].history == ("i1",)  # what it read, before the write
+    inner.hold = None
+    # Had the stale read been cached, this would still be ("i1",) for the TTL's 60 s.
+    assert (await store.fetch_many(["u1"]))["u1"].history == ("i2", "i1")

@@ -12,7 +12,7 @@ import torch
 
 from app import exact_search
 from app.bundle_loader import IndexConfig, build_index, load_bundle
-from app.exact_search import ExactSearch, top_candidates
+from app.exact_search import SCREEN_MIN_BATCH, ExactSearch, screen_depth, top_candidates
 from app.pruned_search import ClusterPruning
 from app.settings import BlasMode
 from models.bundle import read_latest
@@ -44,6 +44,10 @@ def test_screened_search_is_exact_on_trained_embeddings(
     queries = bundle.encode([{}] * batch, [[]] * batch)
     queries = queries + 0.3 * rng.standard_normal(queries.shape).astype(np.float32)
     assert_exact(bundle.exact, queries, k)
+    # The screen serves batches from SCREEN_MIN_BATCH up whose candidate depth leaves some
+    # items out; the other cases take the float32 scan, which must be exact as well.
+    screens = batch >= SCREEN_MIN_BATCH and screen_depth(k) < bundle.n_items
+    assert bundle.exact.screened == (batch if screens else 0)
 
 
 @pytest.mark.parametrize("blas", ["torch", "numpy"])

@@ -15,8 +15,9 @@ import torch
 from trainer_helpers import fast_config, small_dataset
 
 from models import bundle as b
+from models import export
 from models.evaluation import evaluate_recommender
-from models.export import export_bundle
+from models.export import export_bundle, script_user_tower
 from models.features import FeatureEncoder
 from models.pipeline import TrainingRun, run_training
 from models.recommender import BundleRecommender, TwoTowerRecommender
@@ -340,6 +341,30 @@ def test_exporting_the_same_model_twice_never_overwrites(run: TrainingRun, tmp_p
         second / "item_embeddings.npy"
     ).read_bytes()
     assert b.read_latest(tmp_path) == second.name
+
+
+def test_a_scripted_tower_that_disagrees_is_never_exported(
+    run: TrainingRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = small_dataset()
+    rec = TwoTowerRecommender(run.trained, dataset.users)
+    inputs, matrix = rec.user_inputs(["u0", "nobody"]), rec.item_matrix
+    good = export_bundle(run.trained, tmp_path, matrix, inputs, {})
+
+    def drifted(trained: Any) -> torch.jit.ScriptModule:
+        scripted = script_user_tower(trained)
+        with torch.no_grad():
+            for parameter in scripted.parameters():
+                parameter.add_(0.1)
+        return scripted
+
+    monkeypatch.setattr(export, "script_user_tower", drifted)
+    with pytest.raises(b.BundleError, match="TorchScript parity check failed"):
+        export_bundle(run.trained, tmp_path, matrix, inputs, {})
+    # Nothing half-written is left, and LATEST still names the good bundle.
+    assert b.list_versions(tmp_path) == [good.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["LATEST", good.name])
+    assert b.read_latest(tmp_path) == good.name
 
 
 @pytest.mark.parametrize(
