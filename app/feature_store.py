@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 StoreStatus = Literal["ok", "unavailable", "disabled"]
 # A call timeout noticed this many times its bound late means the event loop was blocked.
 STALL_FACTOR = 2.0
+# Share of the call timeout a call may wait for a free pooled connection: less than all of it,
+# so that a full pool (this worker's own burst) tells itself apart from a slow Redis.
+POOL_WAIT_SHARE = 0.5
 T = TypeVar("T")
 
 
@@ -158,7 +161,7 @@ class RedisFeatureStore(FeatureStore):
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection is bounded too
+            timeout=timeout_s * POOL_WAIT_SHARE,  # waiting for a free connection is bounded too
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             # One immediate retry: the first command on a connection made stale by a Redis
@@ -180,6 +183,8 @@ class RedisFeatureStore(FeatureStore):
                 result = await fn()
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             self.metrics.redis_errors.labels(operation).inc()
+            if _pool_exhausted(exc):  # every connection busy with this worker's own calls
+                raise FeatureStoreUnavailable("Redis connections all busy (worker busy)") from exc
             if self._stalled(exc, started):
                 log.warning("Redis %s timed out: this worker was busy, not Redis", operation)
                 raise FeatureStoreUnavailable("Redis call timed out (worker busy)") from exc
@@ -263,3 +268,9 @@ class RedisFeatureStore(FeatureStore):
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """redis-py's pool gave up waiting for a free connection: Redis may be perfectly well, so
+    no back-off (it would cost every call of the next RETRY_AFTER its Redis data)."""
+    return isinstance(exc, redis_errors.ConnectionError) and isinstance(exc.__cause__, TimeoutError)

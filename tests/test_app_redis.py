@@ -20,11 +20,14 @@ from helpers_app import (
     RedisServer,
     Reference,
     assert_same_recall,
+    client_of,
     free_port,
+    lifespan,
     make_settings,
     serve,
 )
 
+from app.main import create_app
 from models.online_store import history_key, user_key
 
 pytestmark = [pytest.mark.anyio]
@@ -109,6 +112,33 @@ async def test_cached_users_keep_their_features_when_others_miss_during_an_outag
         ids = [[item["item_id"] for item in r["items"]] for r in (cached, before.json())]
         assert ids[0] == ids[1]
         assert missed["feature_source"] == "default"
+
+
+async def test_a_full_connection_pool_is_not_a_redis_outage(
+    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    redis_client.set(f"{redis_prefix}:user:p1", json.dumps(FEATURES["features"]))
+    settings = make_settings(
+        model_dir,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        cache_ttl_s=0,
+        redis_max_connections=1,
+        redis_retry_after_ms=60_000,  # an outage would make every later call fail fast
+    )
+    app = create_app(settings)
+    async with lifespan(app), client_of(app) as client:
+        pool = app.state.services.store.client.connection_pool
+        held = await pool.get_connection()  # this worker's own calls hold every connection
+        try:
+            busy, _ = await timed_recall(client, "p1")
+            assert busy.status_code == 200
+            assert busy.json()["feature_source"] == "default"
+        finally:
+            await pool.release(held)
+        # No back-off followed: the next recall reads Redis again.
+        again, _ = await timed_recall(client, "p1")
+        assert again.json()["feature_source"] == "redis"
 
 
 async def test_frozen_redis_costs_at_most_the_timeout(
