@@ -58,6 +58,21 @@ RESCAN_SAMPLE = 512
 PRUNE_MAX_K_SHARE = 10
 
 
+class Fallbacks:
+    """Queries a shortcut served (the bfloat16 screen, pruning by clusters) and how many of
+    them it had to hand to the full float32 scan, since load."""
+
+    def __init__(self) -> None:
+        self.queries = self.scanned = 0
+
+    def add(self, queries: int, scanned: int) -> bool:
+        """Count a batch; True once the shortcut no longer pays: past RESCAN_SAMPLE queries,
+        more than MAX_RESCAN_SHARE of them needed the full scan anyway."""
+        self.queries += queries
+        self.scanned += scanned
+        return self.queries >= RESCAN_SAMPLE and self.scanned > MAX_RESCAN_SHARE * self.queries
+
+
 def screen_depth(k: int) -> int:
     """Candidates screened for a top k: enough margin for the bound to be met (benchmark
     bundle, 100k items, 512 users, k = 180: none rescanned; with k + 64, 6 were)."""
@@ -147,7 +162,7 @@ class ExactSearch:
     ) -> None:
         self.matrix = matrix
         self.pruning = pruning
-        self.pruned = self.unpruned = 0  # queries, since load
+        self.prune_fallbacks = Fallbacks()
         self.columns = matrix.T.contiguous() if column_copy else matrix.T  # (dim, n_items)
         self.numpy_columns = self.columns.numpy()  # the same memory
         # The library for a batch of each size in TIMED_BATCHES.
@@ -157,7 +172,7 @@ class ExactSearch:
         self.screen: torch.Tensor | None = None
         self.slack = 0.0  # SCREEN_ERROR * the largest item norm; times |q| per query
         self.floor = matrix.shape[1] * SCREEN_FLOOR
-        self.screened = self.rescanned = 0  # queries, since load
+        self.screen_fallbacks = Fallbacks()
         if screen != "off" and len(matrix) >= MIN_SCREENED_ITEMS:
             self.screen = matrix.to(torch.bfloat16)
             self.slack = SCREEN_ERROR * float(matrix.norm(dim=1).max())
@@ -170,7 +185,14 @@ class ExactSearch:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.pruning is not None and k * PRUNE_MAX_K_SHARE <= len(self.matrix):
             scores, rows, done = self.pruning.search(vectors, k)
-            self._count_pruned(int(done.sum()), int((~done).sum()))
+            if self.prune_fallbacks.add(len(done), int((~done).sum())):
+                log.warning(
+                    "exact search scanned %d of %d queries in full: their clusters' bounds "
+                    "were too loose to prune; scanning every query from now on",
+                    self.prune_fallbacks.scanned,
+                    self.prune_fallbacks.queries,
+                )
+                self.pruning = None
             if not done.all():
                 scores[~done], rows[~done] = self._search(vectors[~done], k)
             return scores, rows
@@ -216,33 +238,15 @@ class ExactSearch:
         unsure = (scores[:, -1] < reach).nonzero().flatten()
         if len(unsure):
             scores[unsure], rows[unsure] = self._scan(queries[unsure], k)
-        self._count(len(queries), len(unsure))
-        return scores, rows
-
-    def _count(self, screened: int, rescanned: int) -> None:
-        self.screened += screened
-        self.rescanned += rescanned
-        if self.screened >= RESCAN_SAMPLE and self.rescanned > MAX_RESCAN_SHARE * self.screened:
+        if self.screen_fallbacks.add(len(queries), len(unsure)):
             log.warning(
                 "exact search rescanned %d of %d screened queries: scanning in float32 from now "
                 "on (the bound is too wide for these vectors)",
-                self.rescanned,
-                self.screened,
+                self.screen_fallbacks.scanned,
+                self.screen_fallbacks.queries,
             )
             self.screen = None
-
-    def _count_pruned(self, pruned: int, unpruned: int) -> None:
-        self.pruned += pruned
-        self.unpruned += unpruned
-        seen = self.pruned + self.unpruned
-        if seen >= RESCAN_SAMPLE and self.unpruned > MAX_RESCAN_SHARE * seen:
-            log.warning(
-                "exact search scanned %d of %d queries in full: their clusters' bounds were "
-                "too loose to prune; scanning every query from now on",
-                self.unpruned,
-                seen,
-            )
-            self.pruning = None
+        return scores, rows
 
     def _time_blas(self, repeats: int = 3) -> dict[int, str]:
         """Time one product per library at each of TIMED_BATCHES over the first TIMED_ITEMS

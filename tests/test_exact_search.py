@@ -47,7 +47,7 @@ def test_screened_search_is_exact_on_trained_embeddings(
     # The screen serves batches from SCREEN_MIN_BATCH up whose candidate depth leaves some
     # items out; the other cases take the float32 scan, which must be exact as well.
     screens = batch >= SCREEN_MIN_BATCH and screen_depth(k) < bundle.n_items
-    assert bundle.exact.screened == (batch if screens else 0)
+    assert bundle.exact.screen_fallbacks.queries == (batch if screens else 0)
 
 
 @pytest.mark.parametrize("blas", ["torch", "numpy"])
@@ -105,7 +105,7 @@ def test_screened_search_is_exact_on_a_large_catalogue() -> None:
     for k in (5, 50):
         assert_exact(search, queries, k)
     # Well-separated scores: every answer certified by the screen alone.
-    assert search.screened == 24 and search.rescanned == 0
+    assert (search.screen_fallbacks.queries, search.screen_fallbacks.scanned) == (24, 0)
 
 
 def test_items_bfloat16_cannot_tell_apart_are_rescanned_in_float32() -> None:
@@ -118,7 +118,7 @@ def test_items_bfloat16_cannot_tell_apart_are_rescanned_in_float32() -> None:
     queries = np.tile(np.eye(8, dtype=np.float32)[:1], (6, 1))
     _, rows = search.search(queries, 20)
     assert (rows == np.arange(n - 1, n - 21, -1)).all()
-    assert search.rescanned == 6
+    assert search.screen_fallbacks.scanned == 6
     assert_exact(search, queries, 20)
 
 
@@ -224,7 +224,7 @@ def test_pruning_by_clusters_is_exact_and_reads_a_fraction(batch: int) -> None:
     for k in (1, 50, 180):
         assert_exact(search, queries, k)
     pruning = search.pruning
-    assert search.pruned == 3 * batch and search.unpruned == 0
+    assert (search.prune_fallbacks.queries, search.prune_fallbacks.scanned) == (3 * batch, 0)
     assert pruning.probed / pruning.queries < 0.1 * pruning.nlist  # it did prune
 
 
@@ -237,7 +237,8 @@ def test_queries_the_bounds_cannot_prune_are_scanned_and_pruning_that_never_pays
     search = pruned(matrix, 128)
     queries = rng.standard_normal((6, 32), dtype=np.float32)
     assert_exact(search, queries, 50)  # every query scanned in full, still exact
-    assert search.unpruned == 6 and search.pruning is not None  # 6 queries: too few to judge
+    assert search.prune_fallbacks.scanned == 6  # every query scanned in full
+    assert search.pruning is not None  # 6 queries: too few to judge
     assert_exact(search, queries, 50)
     assert search.pruning is None  # 12 of 12 scanned: pruning is dropped
 
