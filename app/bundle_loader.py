@@ -151,10 +151,6 @@ class ServingBundle:
     def matrix(self) -> torch.Tensor:
         return self.exact.matrix
 
-    @property
-    def item_index(self) -> Mapping[str, int]:
-        return self.encoder.item_index
-
     def encode(
         self,
         rows: Sequence[Mapping[str, Any]],
