@@ -184,6 +184,13 @@ def test_a_second_copy_cannot_share_the_port(procs: Processes, model_dir: Path) 
     second = start(procs, model_dir, port)
     assert second.popen.wait(30) == STARTUP_FAILURE
     assert "Cannot listen on" in second.tail()
+    # Every answer still comes from the first copy's workers, and both keep answering. (Not
+    # both in every burst: over the ~200 bursts of 2 s, one burst of 16 hashed wholly onto
+    # one worker, at 2 ** -15 per burst, failed a CI run.)
+    reached: set[str] = set()
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
-        assert set(burst(port)) == first
+        spread = set(burst(port))
+        assert spread <= first, spread
+        reached |= spread
+    assert reached == first
