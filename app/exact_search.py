@@ -48,7 +48,7 @@ SCREEN_FLOOR = 2.0**-120
 MIN_SCREENED_ITEMS = 128
 
 # A screen that must rescan this share of queries (after enough of them) costs more than it
-# saves, e.g. with a heavy popularity prior folded in: the bound grows with the item norms.
+# saves, e.g. with a heavy popularity prior folded in, which packs the scores closer together.
 # The same for pruning by clusters whose bounds send queries to a full scan.
 MAX_RESCAN_SHARE = 0.2
 RESCAN_SAMPLE = 512

@@ -80,8 +80,8 @@ def export_bundle(
             "embedding_dim": int(embeddings.shape[1]),
             "n_items": int(embeddings.shape[0]),
             "metric": "inner_product",
-            # With a popularity prior the last coordinate carries it: vectors are not unit norm.
-            "normalized": trained.prior_weight == 0,
+            # Unit vectors on both sides, a popularity prior folded in or not (PriorUserTower).
+            "normalized": True,
             "popularity_prior": trained.prior_weight,
             "popularity_prior_half_life_days": trained.prior_half_life_days,
             "parity_max_abs_diff": max_diff,

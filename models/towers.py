@@ -310,9 +310,11 @@ class TwoTower(nn.Module):
 class PriorUserTower(nn.Module):
     """The exported user tower when a popularity prior is folded into the item vectors.
 
-    Appends a constant 1 to the L2-normalised user vector, so that the inner product with an
-    item vector `[v, b]` is `u.v + b`: the item's prior is added by the search itself and the
-    index stays a plain inner-product top-K.
+    Returns `[u, 1, 0] / sqrt(2)` for the L2-normalised user vector u: a unit vector whose
+    inner product with an item's `[v, b, r] / M` (`TrainedModel.serving_item_matrix`) is
+    `(u.v + b) / (M sqrt(2))`, the cosine plus the item's prior up to a scale common to all
+    items. The prior is added by the search itself, which stays a plain inner-product top-K
+    over unit vectors.
     """
 
     def __init__(self, tower: UserTower) -> None:
@@ -321,4 +323,5 @@ class PriorUserTower(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         user = self.tower(features)
-        return torch.cat([user, torch.ones_like(user[:, :1])], dim=1)
+        one = torch.ones_like(user[:, :1])
+        return torch.cat([user, one, torch.zeros_like(one)], dim=1) * (0.5**0.5)

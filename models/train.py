@@ -60,7 +60,12 @@ class TrainedModel:
         return torch.cat(out).numpy().astype(np.float32)
 
     def serving_item_matrix(self, counts: np.ndarray) -> np.ndarray:
-        """The vectors to index: item embeddings, plus the prior column when one is set.
+        """The unit vectors to index: the item embeddings, or with a prior `[v, b, r] / M`.
+
+        b is the item's prior in cosine units (`temperature * W * log1p(count)`), M the
+        largest `|[v, b]|` and `r = sqrt(M^2 - 1 - b^2)` pads each vector to length M, so
+        every vector has unit norm (the bundle contract) while the inner product with
+        `PriorUserTower`'s `[u, 1, 0] / sqrt(2)` ranks by `u.v + b` exactly.
 
         Args:
             counts: `(n_items,)` interactions per item known at serving time, counted with
@@ -71,10 +76,13 @@ class TrainedModel:
         if beta == 0:
             return items
         prior = self.config.temperature * beta * np.log1p(counts.astype(np.float64))
-        return np.hstack([items, prior[:, None].astype(np.float32)])
+        norm = np.sqrt(1.0 + prior.max(initial=0.0) ** 2)
+        pad = np.sqrt(np.maximum(norm**2 - 1.0 - prior**2, 0.0))
+        folded = np.hstack([items.astype(np.float64), prior[:, None], pad[:, None]]) / norm
+        return folded.astype(np.float32)
 
     def serving_user_tower(self) -> torch.nn.Module:
-        """The user tower as exported: the L2-normalised tower, or with the prior's 1 appended."""
+        """The user tower as exported: the L2-normalised tower, or `PriorUserTower` over it."""
         tower = self.model.user_tower
         return PriorUserTower(tower) if self.prior_weight else tower
 

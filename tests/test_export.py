@@ -79,10 +79,12 @@ def test_manifest_has_the_design_fields(run: TrainingRun, bundle: Path) -> None:
     created = datetime.fromisoformat(manifest["created_at"])
     assert created.utcoffset() == timedelta(0)
     assert bundle.name.startswith(created.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ-"))
-    # out_dim 32 plus the popularity prior's column.
-    assert (manifest["embedding_dim"], manifest["n_items"]) == (33, 200)
+    # out_dim 32 plus the popularity prior's two columns (its value and the unit-norm pad).
+    assert (manifest["embedding_dim"], manifest["n_items"]) == (34, 200)
     assert manifest["metric"] == "inner_product"
-    assert manifest["normalized"] is False
+    assert manifest["normalized"] is True
+    embeddings = np.load(bundle / "item_embeddings.npy")
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert 0.0 <= manifest["parity_max_abs_diff"] <= 1e-4
     assert manifest["model"] == {"class": "TwoTower", **dataclasses.asdict(config.tower)} | {
         "hidden": [64]
@@ -106,16 +108,20 @@ def test_manifest_has_the_design_fields(run: TrainingRun, bundle: Path) -> None:
 
 def test_files_hold_the_trained_model(run: TrainingRun, bundle: Path) -> None:
     embeddings = np.load(bundle / "item_embeddings.npy", allow_pickle=False)
-    assert embeddings.dtype == np.float32 and embeddings.shape == (200, 33)
-    np.testing.assert_allclose(np.linalg.norm(embeddings[:, :32], axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(embeddings[:, :32], run.trained.item_embeddings())
-    # The last column is the prior: temperature * weight * log1p(training count).
+    assert embeddings.dtype == np.float32 and embeddings.shape == (200, 34)
+    # [v, b, r] / M: the item tower's vector, the prior, the pad to a common length M.
+    scale = 1.0 / np.linalg.norm(embeddings[:, :32], axis=1)
+    np.testing.assert_allclose(scale, scale[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        embeddings[:, :32] * scale[:, None], run.trained.item_embeddings(), atol=1e-6
+    )
+    # The prior: temperature * weight * log1p(training count).
     assert run.split is not None
     index = {item: row for row, item in enumerate(small_dataset().items.index)}
     counts = np.bincount(run.split.train["item_id"].map(index), minlength=200)
     config = run.trained.config
     expected = config.temperature * run.trained.prior_weight * np.log1p(counts)
-    np.testing.assert_allclose(embeddings[:, 32], expected, rtol=1e-6)
+    np.testing.assert_allclose(embeddings[:, 32] * scale, expected, rtol=1e-5)
     item_ids = json.loads((bundle / "item_ids.json").read_text())
     assert item_ids == [str(i) for i in small_dataset().items.index]
     spec = json.loads((bundle / "feature_spec.json").read_text())
@@ -144,11 +150,12 @@ def test_torchscript_tower_reproduces_the_eager_tower(run: TrainingRun, bundle: 
     eager = run.trained.model.user_tower.eval()
     with torch.no_grad():
         expected, got = eager(inputs), scripted(inputs)
-    # The exported tower appends the constant 1 that picks up the items' prior column.
-    assert got.shape == (4, 33) and got.dtype == torch.float32
-    torch.testing.assert_close(got[:, :32], expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[:, 32], torch.ones(4))
-    torch.testing.assert_close(got[:, :32].norm(dim=1), torch.ones(4))
+    # The exported tower returns the unit vector [u, 1, 0] / sqrt(2): its 1 picks up the items'
+    # prior column.
+    assert got.shape == (4, 34) and got.dtype == torch.float32
+    torch.testing.assert_close(got[:, :32] * 2**0.5, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[:, 32:], torch.tensor([[0.5**0.5, 0.0]] * 4))
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(4))
 
 
 def test_bundle_recommender_has_no_training_serving_skew(run: TrainingRun, bundle: Path) -> None:

@@ -202,18 +202,27 @@ def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
     assert plain.serving_item_matrix(counts).shape == (200, 32)
     prior = Trainer(dataset, dataset.interactions, fast_config(popularity_prior=0.5)).fit()
     items = prior.serving_item_matrix(counts)
-    np.testing.assert_allclose(items[:, 32], 0.05 * 0.5 * np.log1p(counts), rtol=1e-6)
-    # The served score is the scaled cosine plus the prior, up to the temperature factor.
+    # Unit vectors [v, b, r] / M: the prior b in cosine units, r pads each to length M.
+    assert items.shape == (200, 34)
+    np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-6)
+    scale = 1.0 / np.linalg.norm(items[:, :32], axis=1)  # M, the same for every item
+    np.testing.assert_allclose(scale, scale[0], rtol=1e-5)
+    np.testing.assert_allclose(items[:, 32] * scale, 0.05 * 0.5 * np.log1p(counts), rtol=1e-5)
+    assert abs(items[-1, 33]) < 1e-6  # the largest prior needs no padding
+    # The served score is the scaled cosine plus the prior, up to one positive factor.
     rec = TwoTowerRecommender(prior, dataset.users)
     rec.fit(dataset.interactions, prior.user_encoder.item_index)
     users = rec.user_embeddings(["u0", "u1"])
-    assert users.shape == (2, 33)
-    np.testing.assert_allclose(users[:, 32], 1.0)
-    cosine = users[:, :32] @ prior.item_embeddings().T
+    assert users.shape == (2, 34)
+    np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(users[:, 32:], [[0.5**0.5, 0.0]] * 2, rtol=1e-6)
+    cosine = users[:, :32] * 2**0.5 @ prior.item_embeddings().T
     rows = dataset.interactions["item_id"].map(prior.user_encoder.item_index)
     log_counts = np.log1p(np.bincount(rows, minlength=200))
     expected = cosine / 0.05 + 0.5 * log_counts
-    np.testing.assert_allclose(rec.score(["u0", "u1"]) / 0.05, expected, rtol=1e-4, atol=1e-3)
+    served_scale = 1.0 / np.linalg.norm(rec.item_matrix[0, :32])  # M of these counts
+    served = rec.score(["u0", "u1"]) * served_scale * 2**0.5 / 0.05
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
