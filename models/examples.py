@@ -98,6 +98,30 @@ class InteractionLog:
         weights = sizes.astype(np.float64) ** -user_balance
         return weights / weights.sum()
 
+    def draw_targets(self, events: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
+        """The event whose item is each example's positive: the example's own (`window` 1:
+        next-item prediction) or one drawn uniformly from the user's next `window` events
+        from it on, the user's last event standing in for those past the end of the log."""
+        if window <= 1:
+            return events
+        last = self.user_end[self.users[events]] - 1
+        return np.minimum(events + rng.integers(0, window, size=len(events)), last)
+
+    def target_counts(
+        self, n_items: int, window: int, example_weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Expected times each catalogue row is a positive when every event is an example
+        `example_weights` times (default once) and `draw_targets` picks its positive: the
+        frequencies logQ correction needs (with a window, a user's last items are drawn more
+        often than they occur)."""
+        events = np.arange(len(self.items))
+        last = self.user_end[self.users] - 1
+        counts = np.zeros(n_items)
+        for offset in range(max(window, 1)):
+            targets = np.minimum(events + offset, last)
+            counts += np.bincount(self.items[targets], weights=example_weights, minlength=n_items)
+        return counts / max(window, 1)
+
     def item_counts(self, n_items: int, half_life_days: float = 0.0) -> np.ndarray:
         """Interactions per catalogue row; with a half-life, each counts `0.5 ** (age /
         half_life)`, its age measured from the log's last event (recent popularity)."""

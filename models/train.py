@@ -145,14 +145,11 @@ class Trainer:
         self.item_table = encode_table(self.item_encoder, dataset.items, self.item_ids)
         counts = self.log.item_counts(len(self.item_ids))
         self.example_probs = None
-        positive_counts = counts
+        draws = None  # times each event is drawn as an example per epoch (expected)
         if config.user_balance:
             self.example_probs = self.log.example_probabilities(config.user_balance)
-            positive_counts = np.bincount(
-                self.log.items,
-                weights=self.example_probs * len(self.log.items),
-                minlength=len(self.item_ids),
-            )
+            draws = self.example_probs * len(self.log.items)
+        positive_counts = self.log.target_counts(len(self.item_ids), config.target_window, draws)
         self.in_batch_logq = in_batch_log_q(positive_counts).to(self.device)
         # Sorted user x item keys of the log, for masking the users' own items as negatives.
         self.user_items = np.unique(self.log.users * len(self.item_ids) + self.log.items)
@@ -201,18 +198,10 @@ class Trainer:
         return {k: v.to(self.device) for k, v in feats.items()}
 
     def _targets(self, batch: np.ndarray) -> np.ndarray:
-        """Event indices whose items are the batch's positives.
-
-        With `target_window` 1 that is the example's own event (next-item prediction); with W
-        it is drawn uniformly from the user's next W events from it on, so the user vector
-        learns to retrieve what the user does over a horizon, not only next.
-        """
-        window = self.config.target_window
-        if window <= 1:
-            return batch
-        last = self.log.user_end[self.log.users[batch]] - 1
-        offsets = self.rng.integers(0, window, size=len(batch))
-        return np.minimum(batch + offsets, last)
+        """Event indices whose items are the batch's positives (`InteractionLog.draw_targets`:
+        with a `target_window` W > 1 the user vector learns to retrieve what the user does
+        over a horizon, not only next)."""
+        return self.log.draw_targets(batch, self.config.target_window, self.rng)
 
     def _negative_rows(self, n: int, positives: Tensor) -> tuple[Tensor, Tensor]:
         """`n` negative rows and log q for the per-example losses and softmax extras."""

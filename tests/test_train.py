@@ -155,6 +155,24 @@ def test_target_window_draws_positives_from_the_users_next_events() -> None:
     np.testing.assert_array_equal(next_item._targets(batch), batch)
 
 
+def test_logq_follows_the_positives_a_target_window_draws() -> None:
+    """With a window, a user's last events stand in for the draws past the log's end, so the
+    positives' frequencies are not the items' counts; logQ must follow the draws."""
+    dataset = small_dataset("synthetic:seed=2,users=200,items=30")
+    trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, target_window=20))
+    log, rng = trainer.log, np.random.default_rng(0)
+    events = np.arange(len(log.items))
+    drawn = sum(
+        np.bincount(log.items[log.draw_targets(events, 20, rng)], minlength=30) for _ in range(500)
+    )
+    empirical = drawn / drawn.sum()
+    q = np.exp(trainer.in_batch_logq.cpu().numpy())
+    assert (empirical > 0).all()
+    np.testing.assert_allclose(q, empirical, rtol=0.05)
+    counts = np.bincount(log.items, minlength=30)
+    assert not np.allclose(counts / counts.sum(), empirical, rtol=0.05)
+
+
 def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
     config = fast_config(epochs=1, history_mode="latest", history_length=8, history_dropout=0.0)
