@@ -243,6 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = run_training(
         load_dataset(args.data), args.split, train_config(args), args.out, baselines=args.baselines
     )
+    if not run.main:  # a data-parallel process other than rank 0: it only trained
+        return 0
     if run.report is not None:
         _write_report(run.report, args.json)
     elif args.json is not None:
@@ -327,3 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from models.distributed import leave_world
+
+        leave_world()

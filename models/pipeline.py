@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from models.dataset import Dataset
+from models.distributed import join_world
 from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
@@ -42,6 +44,7 @@ class TrainingRun:
     report: dict[str, Any] | None
     bundle: Path | None
     validation: dict[str, float] | None = None
+    main: bool = True  # False: a data-parallel process other than rank 0, which only trained
 
 
 def _sample_users(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -104,6 +107,17 @@ def choose_prior_weight(
     return scores
 
 
+def _validated(
+    trained: TrainedModel, validate: ValidateFn
+) -> tuple[dict[str, float] | None, dict[str, float], float, float]:
+    """The prior's search (unless the config fixes the weight), the final validation metrics
+    and the chosen (weight, half-life)."""
+    search = None
+    if trained.config.popularity_prior is None:
+        search = choose_prior_weight(trained, validate, trained.config.validation_metric)
+    return search, validate(trained), trained.prior_weight, trained.prior_half_life_days
+
+
 def refit(dataset: Dataset, train: pd.DataFrame, trained: TrainedModel) -> TrainedModel:
     """Train again from scratch on the whole training period (validation slice included),
     for the epochs and with the prior that validation chose: the model also learns from the
@@ -141,6 +155,9 @@ def run_training(
         config: training settings.
         out: artifacts directory; None skips the export (benchmarks).
         baselines: also evaluate the classic baselines on the same split.
+
+    Under `torchrun` every process trains (`models.distributed`); only rank 0 chooses the
+    prior, evaluates and exports, and the others return with no report and no bundle.
     """
     split = None if split_spec == "none" else make_split(dataset.interactions, split_spec)
     train = dataset.interactions if split is None else split.train
@@ -151,14 +168,17 @@ def run_training(
         fit_part = carve.train
         validate = make_validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()
+    world = join_world(config.resolved_device())
     prior_search = None
     validation = None
     if validate is not None:
-        if config.popularity_prior is None:
-            prior_search = choose_prior_weight(trained, validate, config.validation_metric)
-        validation = validate(trained)
+        # Rank 0 chooses; every process refits with its choice (the same everywhere).
+        prior_search, validation, *prior = world.from_main(partial(_validated, trained, validate))
+        trained.prior_weight, trained.prior_half_life_days = prior
     if config.refit and validate is not None:
         trained = refit(dataset, train, trained)
+    if not world.is_main:
+        return TrainingRun(trained, split, {}, None, None, main=False)
 
     item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
     rec = TwoTowerRecommender(trained, dataset.users)

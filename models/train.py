@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from models.dataset import Dataset
 from models.distill import DistillationLoss, TeacherTargets, ease_targets
+from models.distributed import BatchLoss, data_parallel, join_world
 from models.examples import InteractionLog, encode_table, fit_encoders, gather
 from models.features import HISTORY, FeatureEncoder
 from models.losses import (
@@ -137,7 +139,9 @@ class Trainer:
         self.validate = validate
         self.generator = seed_everything(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        self.device = config.resolved_device()
+        device = config.resolved_device()
+        self.world = join_world(device)
+        self.device = self.world.place(device)
         self.item_ids = [str(i) for i in dataset.items.index]
         self.user_encoder, self.item_encoder = fit_encoders(dataset, train, config.history_length)
         self.log = InteractionLog.build(train, self.user_encoder.item_index)
@@ -173,6 +177,12 @@ class Trainer:
                 self.log, len(self.item_ids), config.distill_top_k, config.distill_temperature
             )
         self.distillation = DistillationLoss()
+        # With torchrun, DDP wraps the loss; it starts every process from rank 0's parameters.
+        self.step = data_parallel(BatchLoss(self.model, self.loss), self.world)
+        if self.world.rank:  # other processes draw other dropout masks and negatives
+            self.rng = np.random.default_rng((config.seed, self.world.rank))
+            self.generator.manual_seed(config.seed + self.world.rank)
+            torch.manual_seed(config.seed + self.world.rank)
 
     def _items(self, rows: Tensor) -> Tensor:
         feats = {k: v.to(self.device) for k, v in gather(self.item_table, rows).items()}
@@ -293,7 +303,9 @@ class Trainer:
         n = len(self.log.items)
         if n == 0:
             raise ValueError("no training interactions with a known item")
-        rng = self.rng
+        rng, world, validate = self.rng, self.world, self.validate
+        if n < world.size:
+            raise ValueError(f"{n} training interactions for {world.size} processes")
         history: list[dict[str, float]] = []
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):
@@ -302,21 +314,27 @@ class Trainer:
                 order = rng.permutation(n)
             else:
                 order = rng.choice(n, size=n, p=self.example_probs)
+            order = world.shard(order)
+            if world.size > 1:
+                log.info("epoch %d: rank %d trains on %d examples", epoch, world.rank, len(order))
             total = 0.0
-            steps = range(0, n, cfg.batch_size)
-            bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+            steps = range(0, len(order), cfg.batch_size)
+            quiet = None if world.is_main else True  # one progress bar, not one per process
+            bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=quiet)
             for start in bar:
-                loss = self.loss(order[start : start + cfg.batch_size])
+                loss = self.step(order[start : start + cfg.batch_size])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 total += loss.item()
-            record = {"epoch": float(epoch), "loss": total / len(steps)}
-            if self.validate is not None:
-                record |= self.validate(self.result(history, epoch))
+            total, count = world.sum([total, len(steps)])
+            record = {"epoch": float(epoch), "loss": total / count}
+            if validate is not None:
+                record |= world.from_main(partial(validate, self.result(history, epoch)))
             history.append(record)
-            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
-            if self.validate is None:
+            if world.is_main:
+                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
+            if validate is None:
                 continue
             score = record[cfg.validation_metric]
             if score > best_score:
@@ -328,6 +346,7 @@ class Trainer:
                     break
         if best_state is not None:
             self.model.load_state_dict(best_state)
+        world.check_in_sync(self.model)
         return self.result(history, best_epoch)
 
     def result(self, history: list[dict[str, float]], best_epoch: int) -> TrainedModel:
