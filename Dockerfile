@@ -20,8 +20,8 @@ RUN pip install .
 
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 recall \
-    && mkdir -p /artifacts \
-    && chown recall:recall /artifacts
+    && mkdir -p /artifacts /index-cache \
+    && chown recall:recall /artifacts /index-cache
 COPY --from=build /opt/venv /opt/venv
 # One math thread per process: on a busy box, OpenMP threads spin-waiting for each other make
 # small models many times slower. `python -m app` sets its own (TORCH_THREADS); give the

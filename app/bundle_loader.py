@@ -29,7 +29,7 @@ import torch
 
 from app.errors import BundleRejected
 from app.exact_search import ExactSearch
-from app.index_cache import IndexCache
+from app.index_cache import IndexCache, cache_dir
 from app.pruned_search import ClusterPruning
 from app.settings import BlasMode, IndexType, PruneMode, ScreenMode, Settings
 from models.bundle import ITEM_EMBEDDINGS, BundleError, verify_bundle
@@ -55,6 +55,7 @@ class IndexConfig:
     exact_screen: ScreenMode = "auto"  # flat only: see `app.exact_search`
     exact_blas: BlasMode = "auto"  # flat only: see `app.exact_search`
     exact_prune: PruneMode = "auto"  # flat only: see `app.pruned_search`
+    cache_root: Path | None = None  # INDEX_CACHE_DIR (`app.index_cache.cache_dir`)
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -69,6 +70,7 @@ class IndexConfig:
             s.exact_screen,
             s.exact_blas,
             s.exact_prune,
+            s.index_cache_dir,
         )
 
     def cache_name(self, checksum: str) -> str:
@@ -190,8 +192,8 @@ def _build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
 def _ann_index(
     path: Path, embeddings: np.ndarray, checksum: str, config: IndexConfig
 ) -> faiss.Index:
-    """The HNSW/IVF index: from the cache beside the bundle when valid, else built (and
-    cached for the next start when the directory is writable)."""
+    """The HNSW/IVF index: from the bundle's cache when valid, else built (and cached for the
+    next start when the cache directory is writable)."""
     n_items, dim = embeddings.shape
     key = {
         "embeddings_sha256": checksum,
@@ -204,7 +206,7 @@ def _ann_index(
             else {"ivf_nlist": config.ivf_nlist}
         ),
     }
-    cache = IndexCache(path, config.cache_name(checksum), key)
+    cache = IndexCache(cache_dir(path, config.cache_root), config.cache_name(checksum), key)
     start = time.perf_counter()
     index, cached = cache.load_or_build(lambda: _build_index(embeddings, config))
     how = "read from the cache" if cached else "built"

@@ -1,12 +1,13 @@
 """A built ANN index cached beside its bundle, so a worker starts in seconds, not minutes.
 
 Building HNSW over 1M vectors takes minutes per worker; reading the built index takes about a
-second. The cache lives in `<bundle>/index-cache/`, one file per (embeddings checksum, index
-kind and build parameters), e.g. `hnsw-M32-efc200-3f9a1c0d2e4b5a69.faiss`, with a sidecar
+second. The cache lives in `<bundle>/index-cache/` (or `$INDEX_CACHE_DIR/<version>/` when the
+bundle sits on a read-only volume), one file per (embeddings checksum, index kind and build
+parameters), e.g. `hnsw-M32-efc200-3f9a1c0d2e4b5a69.faiss`, with a sidecar
 `.json` holding the key and the file's sha256. It is verified like the bundle itself: a
 cached file whose sidecar, checksum, key or shape does not match is ignored and rebuilt, never
-trusted. Writes are atomic (temp file + os.replace), and the cache is never required: a
-read-only bundle directory just builds the index, as before.
+trusted. Writes are atomic (temp file + os.replace), and the cache is never required: an
+unwritable directory just builds the index at every start.
 
 Concurrent workers take an exclusive lock per cache file while they check and build, so on a
 cold start one worker builds and the others wait for it and then read its result.
@@ -31,6 +32,12 @@ from models.bundle import sha256_file
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "index-cache"
+
+
+def cache_dir(bundle_dir: Path, root: Path | None) -> Path:
+    """Where a bundle's indexes are cached: `root/<version>/` when a cache root is set (the
+    bundle volume may be read-only), else `<bundle>/index-cache/`."""
+    return root / bundle_dir.name if root is not None else bundle_dir / CACHE_DIR
 
 
 def _atomic_write(directory: Path, name: str, write: Callable[[str], object]) -> str:
@@ -68,13 +75,13 @@ class IndexCache:
     """The cached index for one bundle and one index configuration.
 
     Args:
-        bundle_dir: the bundle's version directory.
+        directory: the bundle's cache directory (`cache_dir`), created when missing.
         name: file stem naming the index kind, its parameters and the embeddings checksum.
         key: everything the index is a function of; must equal the sidecar's.
     """
 
-    def __init__(self, bundle_dir: Path, name: str, key: dict[str, Any]) -> None:
-        self.dir = bundle_dir / CACHE_DIR
+    def __init__(self, directory: Path, name: str, key: dict[str, Any]) -> None:
+        self.dir = directory
         self.index_path = self.dir / f"{name}.faiss"
         self.sidecar_path = self.dir / f"{name}.json"
         self.key = key
@@ -100,7 +107,7 @@ class IndexCache:
     def store(self, index: faiss.Index) -> bool:
         """Write `index` and its sidecar; False (logged) when the directory is not writable."""
         try:
-            self.dir.mkdir(exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
             digest = _atomic_write(
                 self.dir, self.index_path.name, lambda tmp: faiss.write_index(index, tmp)
             )
@@ -119,7 +126,7 @@ class IndexCache:
             return index, True
         lock = self.dir / f".{self.index_path.stem}.lock"
         with contextlib.suppress(OSError):
-            self.dir.mkdir(exist_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
         with _locked(lock):
             index = self.load()  # another worker may have built it while we waited
             if index is not None:

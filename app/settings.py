@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # OpenMP threads for building an HNSW/IVF index when it is not in the bundle's index cache
     # (a one-off: start-up or reload); 0 = every core.
     index_build_threads: Annotated[int, Field(ge=0)] = 0
+    # Where built HNSW/IVF indexes are cached (one subdirectory per version); unset: in the
+    # bundle's own `index-cache/`. Set it when MODEL_DIR is read-only, or every start builds.
+    index_cache_dir: Annotated[Path | None, BeforeValidator(lambda v: v or None)] = None
     # Flat index: screen batched scans with a bfloat16 copy of the matrix, still exact
     # (`app.exact_search`); auto: when that measures faster on this CPU at load.
     exact_screen: ScreenMode = "auto"

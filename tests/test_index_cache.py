@@ -3,6 +3,7 @@ never required (an unwritable bundle directory still serves)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -125,6 +126,32 @@ async def test_service_serves_exact_results_from_a_cached_hnsw_index(model_dir: 
         items = (await client.post("/v1/recall", json=body)).json()["items"]
     # 200 items with efSearch 200: the graph search visits them all, so it is exact.
     assert [i["item_id"] for i in items] == [i for i, _ in reference.top_k({}, ["i3"], 10)]
+
+
+@pytest.mark.anyio
+async def test_index_cache_dir_caches_beside_a_read_only_bundle(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A read-only artifacts volume (the compose stack's) keeps its indexes in INDEX_CACHE_DIR.
+    path = bundle_dir(model_dir)
+    reference = Reference(path)
+    root = tmp_path / "index-cache"
+    hnsw = {"hnsw_m": 8, "hnsw_ef_search": 200, "hnsw_ef_construction": 40}
+    settings = make_settings(model_dir, index_type="hnsw", index_cache_dir=root, **hnsw)
+    path.chmod(0o555)
+    try:
+        async with serve(settings) as client:
+            body = {"user_id": "x", "k": 10, "history": ["i3"]}
+            items = (await client.post("/v1/recall", json=body)).json()["items"]
+        with caplog.at_level(logging.INFO, logger="app"):
+            load_bundle(path, dataclasses.replace(HNSW, cache_root=root))
+    finally:
+        path.chmod(0o755)
+    assert [i["item_id"] for i in items] == [i for i, _ in reference.top_k({}, ["i3"], 10)]
+    assert any("read from the cache" in r.getMessage() for r in caplog.records)
+    cached = sorted(p.name for p in (root / path.name).iterdir() if not p.name.startswith("."))
+    assert len(cached) == 2 and cached[0].startswith("hnsw-M8-efc40-")
+    assert not (path / CACHE_DIR).exists()
 
 
 def test_concurrent_loaders_build_once(tmp_path: Path) -> None:

@@ -36,7 +36,15 @@ VARIABLES = {
     "WORKERS": "2",  # a reload must reach every worker process, not only the one called
 }
 # Settings the developer's shell may hold; each process here gets only what the stack gives.
-SERVICE_VARIABLES = {"REDIS_URL", "REDIS_PREFIX", "MODEL_DIR", "ADMIN_TOKEN", "WORKERS", "PORT"}
+SERVICE_VARIABLES = {
+    "REDIS_URL",
+    "REDIS_PREFIX",
+    "MODEL_DIR",
+    "INDEX_CACHE_DIR",
+    "ADMIN_TOKEN",
+    "WORKERS",
+    "PORT",
+}
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,11 @@ def base_env() -> dict[str, str]:
 
 def container_env(service: str, redis_port: int, artifacts: Path) -> dict[str, str]:
     env = base_env() | service_environment(service, VARIABLES)
-    # What Docker supplies: the volume's mount point, and the `redis` service's address.
+    # What Docker supplies: the volumes' mount points, and the `redis` service's address.
     assert env["MODEL_DIR"] == "/artifacts"
     env["MODEL_DIR"] = str(artifacts)
+    if "INDEX_CACHE_DIR" in env:
+        env["INDEX_CACHE_DIR"] = str(artifacts.parent / "index-cache")
     assert env["REDIS_URL"].startswith("redis://redis:6379/")
     env["REDIS_URL"] = env["REDIS_URL"].replace("redis:6379", f"127.0.0.1:{redis_port}")
     return env

@@ -59,6 +59,13 @@ def test_compose_orders_the_stack() -> None:
     assert services["trainer"]["restart"] == "no"
     assert services["api"]["environment"]["MODEL_DIR"] == "/artifacts"
     assert services["trainer"]["environment"]["MODEL_DIR"] == "/artifacts"
+    # Read-only artifacts: the replicas cache built indexes on a writable volume they share,
+    # a directory the image creates for its non-root user (a new volume copies its owner).
+    cache = services["api"]["environment"]["INDEX_CACHE_DIR"]
+    assert f"index-cache:{cache}" in services["api"]["volumes"]
+    assert "index-cache" in compose()["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"chown recall:recall .*{cache}\b", dockerfile)
 
 
 def test_api_environment_keeps_what_the_stack_relies_on() -> None:
