@@ -19,8 +19,9 @@ from typing import Any
 
 import redis
 
-# uvicorn logs this once per worker when its lifespan start-up (the bundle load) is done.
-STARTUP_LINE = "Application startup complete."
+# app.repository logs this once per worker when its first bundle serves (uvicorn's "startup
+# complete" comes before: a worker listens while its first bundle loads).
+STARTUP_LINE = "serving bundle "
 LOAD_FAILED_LINE = "start-up model load failed"  # app.repository: up, but never ready
 INDEX_CACHED_LINE = "index read from the cache"  # app.bundle_loader, per worker
 INDEX_BUILT_LINE = "index built in"
