@@ -74,9 +74,18 @@ def settings(
     redis_prefix: str,
     redis_client: redis.Redis,
 ) -> Settings:
-    """Users published to a real Redis, as the trainer side does."""
+    """Users published to a real Redis, as the trainer side does. How the scan runs is
+    pinned: with `auto`, each app times torch against numpy and the bfloat16 screen against
+    none at load and may pick otherwise, whose float32 sums differ in the last bit, and the
+    two apps' scores are compared exactly."""
     publish(redis_client, bundles.dataset_v1, prefix=redis_prefix, history_length=100)
-    return make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    return make_settings(
+        model_dir,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        exact_blas="torch",
+        exact_screen="off",
+    )
 
 
 async def test_fast_path_answers_as_the_route_does(settings: Settings) -> None:
