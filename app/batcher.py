@@ -10,7 +10,7 @@ Between batches the batcher gives the event loop a few turns: encoding and searc
 the loop, so the finished batch's responses are still unsent and the requests that arrived
 meanwhile unread. One turn sends and reads, the next runs the new requests' handlers up to
 `submit`, the third finds them queued for the next batch (100k flat, 1 worker: 575 -> 804
-requests/s, worker CPU 1.75 -> 1.23 ms per request; README).
+requests/s, worker CPU 1.75 -> 1.23 ms per request; docs/performance.md).
 """
 
 from __future__ import annotations
