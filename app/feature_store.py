@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -195,10 +196,7 @@ class RedisFeatureStore(FeatureStore):
             raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
         except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up
             self.metrics.redis_errors.labels(operation).inc()
-            # A pipeline's message names the failed command and its key: keep only Redis's
-            # own reason (e.g. OOM, READONLY) for the client.
-            reason = str(exc).rpartition("caused error: ")[2]
-            raise FeatureStoreUnavailable(f"Redis error: {reason}") from exc
+            raise FeatureStoreUnavailable(f"Redis error: {_reason(exc)}") from exc
         if self._down:
             log.warning("Redis available again")
         self._down = False
@@ -222,14 +220,20 @@ class RedisFeatureStore(FeatureStore):
             pipe.mget([user_key(self.prefix, user_id) for user_id in user_ids])
             for user_id in user_ids:
                 pipe.lrange(history_key(self.prefix, user_id), 0, self.history_cap - 1)
-            return await pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
+            # A history key of the wrong type is one user's bad data, not an outage: read as
+            # absent below. Any other error (NOPERM, LOADING, MASTERDOWN...) fails the call,
+            # so it is counted and not cached as "this user holds nothing".
+            for reply in replies:
+                if isinstance(reply, redis_errors.RedisError) and not _wrong_type(reply):
+                    raise reply
+            return replies
 
         replies = await self._call("fetch", fetch)
         raws = replies[0] if isinstance(replies[0], list) else [None] * len(user_ids)
         out: dict[str, UserRecord] = {}
         for user_id, raw, history in zip(user_ids, raws, replies[1:], strict=True):
-            # MGET answers nil for a key of another type; a history key of the wrong type is
-            # one user's bad data, not an outage: both count as absent.
+            # MGET answers nil for a key of another type: absent too.
             raw = raw if isinstance(raw, str) else None
             history = tuple(history) if isinstance(history, list) else ()
             found = raw is not None or bool(history)
@@ -239,7 +243,7 @@ class RedisFeatureStore(FeatureStore):
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = history_key(self.prefix, user_id)
 
-        async def append() -> list[Any]:
+        async def push() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(key, *item_ids)
             pipe.ltrim(key, 0, self.history_cap - 1)
@@ -247,6 +251,18 @@ class RedisFeatureStore(FeatureStore):
                 pipe.expire(key, self.ttl_s)
             pipe.llen(key)
             return await pipe.execute()
+
+        async def append() -> list[Any]:
+            try:
+                return await push()
+            except redis_errors.ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+            # Reads already ignore a history key of another type; replace it, as SET replaces
+            # a features key whatever it held, rather than refuse this user's events for good.
+            log.warning("Redis key %s held another type than a list; replaced", key)
+            await self.client.delete(key)
+            return await push()
 
         replies = await self._call("append_events", append)
         return int(replies[-1])
@@ -268,6 +284,19 @@ class RedisFeatureStore(FeatureStore):
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return "WRONGTYPE" in str(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """Redis's own reason (e.g. OOM, READONLY) for the client, without redis-py's framing:
+    a pipeline's message names the failed command and its key, and a transaction's shows the
+    reason as a tuple's repr."""
+    reason = str(exc).rpartition("caused error: ")[2]
+    framed = re.fullmatch(r"\(['\"](.*)['\"],\)", reason)
+    return framed.group(1) if framed else reason
 
 
 def _pool_exhausted(exc: BaseException) -> bool:

@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from conftest import Bundles
 from helpers_app import (
     RedisServer,
@@ -27,6 +28,7 @@ from helpers_app import (
     serve,
 )
 
+from app.feature_store import _reason
 from app.main import create_app
 from models.online_store import history_key, user_key
 
@@ -245,6 +247,32 @@ async def test_corrupt_stored_values_degrade_per_user(
         assert_same_recall(good["items"], reference.top_k(good_features, good_history, 10))
         ready = await client.get("/health/ready")
         assert ready.json()["redis"] == "ok"
+        # The bad user's events replace the history key of the wrong type, as a features write
+        # replaces whatever its key held: events are never refused for good.
+        events = await client.post("/v1/users/bad/events", json={"item_ids": ["i5"]})
+        assert events.status_code == 200, events.text
+        assert redis_client.lrange(f"{redis_prefix}:hist:bad", 0, -1) == ["i5"]
+
+
+async def test_a_redis_error_reply_on_read_is_an_error_not_an_empty_user(
+    model_dir: Path, own_redis: RedisServer
+) -> None:
+    """Redis up but refusing the reads (here an ACL without LRANGE; in production LOADING,
+    MASTERDOWN, a replica's stale-data refusal): the recall degrades to defaults as in an
+    outage, the error is counted, and nothing is cached as "this user holds nothing"."""
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.execute_command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "+@all", "-lrange")
+    admin.set(user_key("tr", "a1"), json.dumps(FEATURES["features"]))
+    url = f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"
+    async with serve(make_settings(model_dir, redis_url=url)) as client:  # the cache is on
+        refused, _ = await timed_recall(client, "a1")
+        assert refused.status_code == 200
+        assert refused.json()["feature_source"] == "default"
+        metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_redis_errors_total{operation="fetch"} 1.0' in metrics
+        admin.execute_command("ACL", "SETUSER", "svc", "+lrange")
+        allowed, _ = await timed_recall(client, "a1")
+        assert allowed.json()["feature_source"] == "redis"
 
 
 class StallingProxy:
@@ -327,4 +355,26 @@ async def test_a_refused_write_gives_redis_reason_without_internal_keys(
         detail = events.json()["detail"]
         assert "command not allowed when used memory" in detail
         assert "tr:" not in detail and "LPUSH" not in detail.upper()
+        assert detail.startswith("Redis error: command not allowed"), detail
         assert (await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})).is_success
+
+
+async def test_a_transaction_error_reads_as_redis_own_reason(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """redis-py's asyncio client frames an error inside MULTI/EXEC with the command, its key
+    and a tuple's repr; a client is told Redis's reason alone."""
+    key = f"{redis_prefix}:hist:framed"
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.set(key, "a string")
+        pipe = client.pipeline(transaction=True)
+        pipe.lpush(key, "i1")
+        with pytest.raises(redis.ResponseError) as raised:
+            await pipe.execute()
+        await client.delete(key)
+    finally:
+        await client.aclose()
+    assert "('WRONGTYPE" in str(raised.value)  # the framing, as redis-py writes it
+    reason = "WRONGTYPE Operation against a key holding the wrong kind of value"
+    assert _reason(raised.value) == reason
