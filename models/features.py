@@ -8,7 +8,8 @@ library only, so the service can import it without pulling in the trainer.
 Encoded layout, one array per feature, batch first:
 - categorical: int64 `(B,)`, vocabulary index, 0 = unknown or missing
 - multi_hot: int64 `(B, max_values)`, vocabulary indices, 0-padded
-- numeric `standard` / `log`: float32 `(B,)`, standardised, missing = 0 (the mean)
+- numeric `standard` / `log`: float32 `(B,)`, standardised and clipped to +-Z_CLIP, missing
+  = 0 (the mean)
 - numeric `bucket`: int64 `(B,)`, bucket index 1..n, 0 = missing
 - history: int64 `(B, length)`, item index + 1 (row of `item_ids.json` + 1), newest first,
   0-padded; unknown items are dropped before truncation.
@@ -28,6 +29,10 @@ from typing import Any, Literal
 import numpy as np
 
 FORMAT_VERSION = 1
+# Standardised values are clipped to this many standard deviations: the model has seen next
+# to nothing beyond, and a wild value (1e300 in a request) would overflow float32 and turn the
+# user's vector, and every score, into NaN.
+Z_CLIP = 10.0
 FeatureKind = Literal["categorical", "multi_hot", "numeric", "history"]
 HISTORY = "history"
 
@@ -71,6 +76,26 @@ class Feature:
         if self.kind == "numeric" and self.transform == "bucket":
             return len(self.boundaries) + 2
         return 0
+
+    def check(self) -> None:
+        """Raise FeatureSpecError for a spec this encoder would turn into out-of-range
+        indices or non-finite values (a hand-edited or corrupt `feature_spec.json`)."""
+        indices = list(self.vocabulary.values())
+        if sorted(indices) != list(range(1, len(indices) + 1)):
+            raise FeatureSpecError(f"feature {self.name!r}: vocabulary indices must be 1..n")
+        if self.kind == "multi_hot" and self.max_values < 1:
+            raise FeatureSpecError(f"feature {self.name!r}: max_values must be at least 1")
+        if self.kind != "numeric":
+            return
+        if self.transform not in ("standard", "log", "bucket"):
+            raise FeatureSpecError(f"feature {self.name!r}: unknown transform {self.transform!r}")
+        edges = np.asarray(self.boundaries, dtype=np.float64)
+        finite = math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0
+        if not finite or not np.isfinite(edges).all() or (np.diff(edges) <= 0).any():
+            raise FeatureSpecError(
+                f"feature {self.name!r}: needs a finite mean, a positive std and increasing "
+                "finite bucket boundaries"
+            )
 
     @property
     def is_dense(self) -> bool:
@@ -223,11 +248,14 @@ class FeatureEncoder:
             for raw in data["features"]:
                 if raw["kind"] == HISTORY:
                     history_length = int(raw["length"])
+                    if history_length < 0:
+                        raise FeatureSpecError("history length must not be negative")
                     continue
                 kwargs = {k: v for k, v in raw.items() if k in Feature.__dataclass_fields__}
                 feature = Feature(**kwargs)
                 if feature.kind not in ("categorical", "multi_hot", "numeric"):
                     raise FeatureSpecError(f"unknown feature kind {feature.kind!r}")
+                feature.check()
                 features.append(feature)
         except FeatureSpecError:
             raise
@@ -275,7 +303,7 @@ class FeatureEncoder:
             return np.where(missing, 0, idx).astype(np.int64)
         if feature.transform == "log":
             x = np.log1p(np.maximum(x, 0.0))
-        z = (x - feature.mean) / feature.std
+        z = np.clip((x - feature.mean) / feature.std, -Z_CLIP, Z_CLIP)
         return np.where(missing, 0.0, z).astype(np.float32)
 
     def history_rows(self, items: Iterable[str]) -> list[int]:

@@ -10,6 +10,7 @@ import pytest
 
 from models.features import (
     HISTORY,
+    Z_CLIP,
     Feature,
     FeatureEncoder,
     FeatureSpecError,
@@ -101,6 +102,15 @@ def test_numeric_standard_and_log_missing_is_zero() -> None:
     assert log.dtype == np.float32
     # log1p(e - 1) = 1 -> (1 - 1) / 2; negatives clip to log1p(0) = 0 -> (0 - 1) / 2.
     np.testing.assert_allclose(log, [0.0, -0.5, 0.0], atol=1e-7)
+
+
+def test_numeric_values_far_outside_training_are_clipped() -> None:
+    """A wild value (1e300 in a request) would overflow float32: inf in the user vector,
+    NaN in every score. Standardised values stop at +-Z_CLIP, training and serving alike."""
+    enc = encoder()
+    standard = enc.encode_column(INCOME, [1e300, -1e300, 10.0 + 4.0 * 9.5])
+    assert standard.tolist() == [Z_CLIP, -Z_CLIP, 9.5]
+    assert enc.encode_column(VISITS, [1e300]).tolist() == [Z_CLIP]
 
 
 def test_numeric_bucket_edges_go_up() -> None:
@@ -260,6 +270,18 @@ CAT = {"name": "g", "kind": "categorical", "vocabulary": {"F": 1}}
         (_spec(CAT, CAT), "unique"),
         (_spec({"name": HISTORY, "kind": "categorical", "vocabulary": {}}), "unique"),
         (_spec({"name": HISTORY, "kind": "history", "length": 3}), "item index"),
+        (_spec({"name": HISTORY, "kind": "history", "length": -1}), "negative"),
+        # Indices past the model's tables, or negative ones, fail on a user's request only.
+        (_spec(CAT | {"vocabulary": {"F": 1, "M": -3}}), "indices must be 1..n"),
+        (_spec(CAT | {"vocabulary": {"F": 1, "M": 1}}), "indices must be 1..n"),
+        (_spec(CAT | {"vocabulary": {"F": 2}}), "indices must be 1..n"),
+        (_spec(CAT | {"vocabulary": {"F": "1"}}), "malformed|1..n"),
+        (_spec(CAT | {"kind": "multi_hot", "max_values": 0}), "max_values"),
+        (_spec({"name": "x", "kind": "numeric", "transform": "sqrt"}), "unknown transform"),
+        (_spec({"name": "x", "kind": "numeric", "std": 0.0}), "positive std"),
+        (_spec({"name": "x", "kind": "numeric", "mean": math.nan}), "finite mean"),
+        (_spec({"name": "x", "kind": "numeric", "boundaries": [3.0, 1.0]}), "increasing"),
+        (_spec({"name": "x", "kind": "numeric", "boundaries": [1.0, math.inf]}), "finite"),
     ],
 )
 def test_malformed_spec_is_refused(spec: dict[str, Any], message: str) -> None:
