@@ -26,9 +26,12 @@ def history_key(prefix: str, user_id: str) -> str:
 
 
 def _clean(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A JSON-ready value; missing (None) for NaN and infinities, which the encoder treats as
+    missing and strict JSON (the service's parser) cannot carry."""
+    value = value.item() if hasattr(value, "item") else value
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
-    return value.item() if hasattr(value, "item") else value
+    return value
 
 
 def user_records(
@@ -64,7 +67,7 @@ def publish(
     records = user_records(dataset, history_length)
     for user_id, features, items in tqdm(records, total=len(dataset.users), disable=None):
         ukey, hkey = user_key(prefix, user_id), history_key(prefix, user_id)
-        pipe.set(ukey, json.dumps(features), ex=ttl_seconds)
+        pipe.set(ukey, json.dumps(features, allow_nan=False), ex=ttl_seconds)
         pipe.delete(hkey)
         if items:
             pipe.rpush(hkey, *items)

@@ -64,6 +64,18 @@ def test_user_records_drop_missing_values_and_order_newest_first() -> None:
     assert type(records[0][1]["activity"]) is float  # plain JSON-able values
 
 
+def test_infinite_values_are_dropped_like_nan(store: tuple[Redis, str]) -> None:
+    """The encoder reads inf as missing; strict JSON (the service's parser) has no Infinity,
+    and a value it cannot parse would cost the user every other feature too."""
+    client, prefix = store
+    dataset = hand_dataset()
+    dataset.users.loc["u1", "activity"] = np.inf
+    records = {user: features for user, features, _ in user_records(dataset, history_length=2)}
+    assert records["u1"] == {"age_group": "25-34"}
+    publish(client, dataset, prefix=prefix)
+    assert stored_json(client, user_key(prefix, "u1")) == {"age_group": "25-34"}
+
+
 @pytest.mark.parametrize("chunk", [1, 1000])
 def test_publish_writes_and_replaces_keys(store: tuple[Redis, str], chunk: int) -> None:
     client, prefix = store
