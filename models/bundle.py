@@ -29,6 +29,8 @@ ITEM_IDS = "item_ids.json"
 FEATURE_SPEC = "feature_spec.json"
 BUNDLE_FILES = (USER_TOWER, ITEM_EMBEDDINGS, ITEM_IDS, FEATURE_SPEC)
 LATEST = "LATEST"
+# |squared norm - 1| allowed of a unit vector stored in float32 (rounding leaves ~1e-7).
+UNIT_TOLERANCE = 1e-3
 # 20261122T113000Z-3f9a1c: UTC time + short content hash; nothing else is a version.
 VERSION_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6,64}$")
 
@@ -122,6 +124,24 @@ def _load_json(path: Path) -> Any:
         raise BundleError(f"{path.name} is not valid JSON: {exc}") from exc
 
 
+def _check_vectors(embeddings: np.ndarray, *, unit: bool, chunk: int = 65536) -> None:
+    """Every item vector finite, and of length 1 where the manifest says so: one NaN or huge
+    row would top every user's list. In chunks, so a memory-mapped matrix is read once
+    without a copy of it."""
+    for start in range(0, len(embeddings), chunk):
+        rows = np.asarray(embeddings[start : start + chunk], dtype=np.float64)
+        squared = np.einsum("ij,ij->i", rows, rows)
+        bad = ~np.isfinite(squared)
+        if unit:
+            bad |= np.abs(squared - 1.0) > UNIT_TOLERANCE
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            what = "unit-length" if unit else "finite"
+            raise BundleError(
+                f"{ITEM_EMBEDDINGS}: row {row} is not {what} (squared norm {squared[row - start]})"
+            )
+
+
 def verify_bundle(path: Path) -> VerifiedBundle:
     """Check every file's sha256 against the manifest, then shapes and dtypes.
 
@@ -155,6 +175,7 @@ def verify_bundle(path: Path) -> VerifiedBundle:
             f"{ITEM_EMBEDDINGS} is {embeddings.dtype} {embeddings.shape}, "
             f"manifest says float32 ({n_items}, {dim})"
         )
+    _check_vectors(embeddings, unit=manifest.get("normalized") is True)
     if (
         not isinstance(item_ids, list)
         or len(item_ids) != n_items

@@ -306,6 +306,45 @@ def test_inconsistent_content_is_refused_even_with_matching_checksums(
         b.verify_bundle(copy)
 
 
+def _set_row(path: Path, row: int, value: float) -> None:
+    vectors = np.load(path / "item_embeddings.npy")
+    vectors[row] = value
+    np.save(path / "item_embeddings.npy", vectors)
+
+
+@pytest.mark.parametrize(
+    ("value", "normalized", "message"),
+    [
+        (np.nan, True, "row 5 is not unit-length"),
+        (1e30, True, "row 5 is not unit-length"),  # it would top every user's list
+        (0.5, True, "row 5 is not unit-length"),
+        (np.inf, False, "row 5 is not finite"),
+    ],
+)
+def test_item_vectors_that_break_the_contract_are_refused(
+    bundle: Path, tmp_path: Path, value: float, normalized: bool, message: str
+) -> None:
+    copy = Path(shutil.copytree(bundle, tmp_path / bundle.name))
+    _set_row(copy, 5, value)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"normalized": normalized}))
+    rehash(copy)
+    with pytest.raises(b.BundleError, match=message):
+        b.verify_bundle(copy)
+
+
+def test_vectors_a_manifest_does_not_call_normalised_need_only_be_finite(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """Bundles of earlier versions with a popularity prior held `[v, b]`, not unit vectors."""
+    copy = Path(shutil.copytree(bundle, tmp_path / bundle.name))
+    _set_row(copy, 5, 0.5)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"normalized": False}))
+    rehash(copy)
+    assert b.verify_bundle(copy).item_embeddings[5, 0] == 0.5
+
+
 def test_missing_bundle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(b.BundleError, match="does not exist"):
         b.verify_bundle(tmp_path / "20260101T000000Z-abcdef")
