@@ -176,7 +176,7 @@ def test_ml_1m(tmp_path: Path) -> None:
     [
         ("1::1::5::978300760\n1::2::5\n", r"ratings.dat: line 2: expected 4 fields, found 3"),
         ("1::1::5::978300760\n\n1::2::5::1::2\n", r"line 3: expected 4 fields, found 5"),
-        ("1::1::5::978300760\n1::2::5::soon\n", r"line 2: 'timestamp' is not an integer"),
+        ("1::1::5::978300760\n1::2::5::soon\n", r"line 2: 'timestamp' is not a 64-bit integer"),
         ("1::1::5::978300760\n::2::5::978300760\n", r"line 2: empty 'user_id'"),
     ],
 )
@@ -344,11 +344,12 @@ def test_csv_iso_timestamps_and_minimal_schema(tmp_path: Path) -> None:
          None, r"users.columns.age: 'kind' must be one of"),
         ({"users": {"file": "users.csv", "id": "user", "columns": {"city": {"kind": "numeric"}}}},
          None, r"users.csv: line 2: 'city' is not a number: 'Paris, FR'"),
-        ({}, "user,item,ts\nu1,i1,100\nu1,i2,1.5\n", r"inter.csv: line 3: 'ts' is not an integer"),
+        ({}, "user,item,ts\nu1,i1,100\nu1,i2,1.5\n", r"line 3: 'ts' is not a 64-bit integer"),
         ({}, "user,item,ts\nu1,i1,100\nu1,i2\n", r"inter.csv: line 3: expected 3 fields, found 2"),
         ({}, 'user,item,ts\n"u1",i1,100\nu1,i2,1,2\n', r"inter.csv: line 3: expected 3 fields"),
         ({}, "user,item,ts\nu1,i1,2003-01-01\nu1,,2003-01-02\n", r"line 3: empty 'item'"),
         ({}, "user,item,ts\nu1,i1,2003-01-01\nu1,i2,later\n", r"line 3: 'ts' is not an ISO-8601"),
+        ({}, "user,item,ts\nu1,i1,100\nu1,i2,1e30\n", r"line 3: 'ts' is not a 64-bit integer"),
     ],
 )  # fmt: skip
 def test_csv_errors(
@@ -359,11 +360,21 @@ def test_csv_errors(
         load_dataset(f"csv:{tmp_path}")
 
 
+def test_csv_iso_times_outside_the_nanosecond_range(tmp_path: Path) -> None:
+    """pandas holds nanoseconds for the years 1677-2262 only; the times are seconds."""
+    csv_fixture(tmp_path, SCHEMA, "user,item,ts\nu1,i1,2003-01-01\nu1,i2,1000-01-01\n")
+    times = load_dataset(f"csv:{tmp_path}").interactions["timestamp"]
+    assert sorted(times) == [-30_610_224_000, 1_041_379_200]
+
+
 def test_csv_missing_or_invalid_schema(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"missing file: .*schema\.json"):
         load_dataset(f"csv:{tmp_path}")
     write(tmp_path / "schema.json", '{"interactions": ')
     with pytest.raises(DataError, match=r"schema.json: invalid JSON at line 1"):
+        load_dataset(f"csv:{tmp_path}")
+    (tmp_path / "schema.json").write_bytes(b'{"interactions": "\xff"}')
+    with pytest.raises(DataError, match=r"schema.json: not UTF-8 text"):
         load_dataset(f"csv:{tmp_path}")
 
 

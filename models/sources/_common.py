@@ -69,9 +69,10 @@ class Table:
             pass  # the slower path below finds the offending row
         numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(numbers) | (numbers != np.floor(numbers))
+        bad |= np.abs(numbers) >= 2.0**63  # would wrap around in int64 ("1e30")
         if bad.any():
             row = int(np.argmax(bad))
-            self.fail(row, f"{name!r} is not an integer: {values.iloc[row]!r}")
+            self.fail(row, f"{name!r} is not a 64-bit integer: {values.iloc[row]!r}")
         return numbers.astype(np.int64)
 
     def floats(self, name: str) -> np.ndarray:

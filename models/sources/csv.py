@@ -45,7 +45,9 @@ _INTERACTION_KEYS = _TABLE_KEYS | {"user_id", "item_id", "timestamp"}
 _ATTRIBUTE_KEYS = _TABLE_KEYS | {"id", "columns"}
 _KINDS: tuple[ColumnKind, ...] = ("categorical", "multi_hot", "numeric")
 _TRANSFORMS: tuple[NumericTransform, ...] = ("standard", "log", "bucket")
-_EPOCH = pd.Timestamp(0, tz="UTC")
+# In seconds, not nanoseconds: times are parsed at the unit they need, and subtracting a
+# nanosecond epoch would cast them to nanoseconds, whose range ends at the years 1677-2262.
+_EPOCH = pd.Timestamp(0, unit="s", tz="UTC")
 
 
 def load_csv(directory: Path, name: str) -> Dataset:
@@ -84,6 +86,8 @@ def _read_schema(path: Path) -> dict[str, Any]:
         schema = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text: {error}") from None
     if not isinstance(schema, dict):
         raise DataError(f"{path}: expected a JSON object")
     return schema
