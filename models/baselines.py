@@ -10,12 +10,45 @@ popularity row from `MostPopular`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
+
+from models.dataset import DataError
+
+# EASE's peak: the float64 Gram matrix, its inverse and B, and B in float32 (ItemCF needs less).
+BYTES_PER_ITEM_PAIR = 28
+
+
+def _available_memory() -> int | None:
+    """Bytes that can be allocated now: Linux's MemAvailable, else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_dense_fits(n_items: int, purpose: str) -> None:
+    """Refuse up front a catalogue whose dense item x item matrices exceed the memory
+    available: found out by the baselines after a training run, it would cost the run (or
+    bring the out-of-memory killer)."""
+    need, have = BYTES_PER_ITEM_PAIR * n_items**2, _available_memory()
+    if have is not None and need > have:
+        raise DataError(
+            f"{purpose} holds dense {n_items:,} x {n_items:,} item matrices, about "
+            f"{need / 2**30:.1f} GiB; {have / 2**30:.1f} GiB of memory is available"
+        )
 
 
 class Recommender(Protocol):

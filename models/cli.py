@@ -236,12 +236,22 @@ def _write_report(report: dict, path: Path | None) -> None:
         path.write_text(json.dumps(report, indent=2))
 
 
+def _check_outputs(out: Path | None, report: Path | None) -> None:
+    """Refuse outputs that cannot be written before any work, not after a training run."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
+    if report is not None and not report.parent.is_dir():
+        raise DataError(f"--json {report}: no directory {report.parent}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from models.pipeline import run_training
     from models.sources import load_dataset
 
+    config = train_config(args)
+    _check_outputs(args.out, args.json)
     run = run_training(
-        load_dataset(args.data), args.split, train_config(args), args.out, baselines=args.baselines
+        load_dataset(args.data), args.split, config, args.out, baselines=args.baselines
     )
     if not run.main:  # a data-parallel process other than rank 0: it only trained
         return 0
@@ -254,6 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.baselines import check_dense_fits
     from models.evaluation import evaluate_recommender, report_json, run_baselines
     from models.recommender import BundleRecommender
     from models.sources import load_dataset
@@ -261,7 +272,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.bundle is None and not args.baselines:
         raise DataError("nothing to evaluate: give --bundle PATH and/or --baselines")
+    _check_outputs(None, args.json)
     dataset = load_dataset(args.data)
+    if args.baselines:
+        check_dense_fits(len(dataset.items), "--baselines")
     split = make_split(dataset.interactions, args.split)
     item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
     exclude_seen = not args.include_seen
@@ -283,15 +297,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
     """A bundle is only measured fairly on the split it was trained on: another split's test
     period may lie inside its training data (and its prior's counts)."""
+    from models.splits import fingerprint
+
     data = manifest.get("data") or {}
     trained_on, n_train = data.get("split"), data.get("n_train_interactions")
-    if trained_on == split.name and n_train == len(split.train):
+    if trained_on != split.name or n_train != len(split.train):
+        why = f"not on split {split.name!r} of this data ({len(split.train)})"
+    elif data.get("train_fingerprint") not in (None, fingerprint(split.train)):  # None: older
+        why = f"not on this data's split {split.name!r}: the training rows differ"
+    else:
         return
     raise DataError(
         f"the bundle was trained on split {trained_on!r} of {data.get('source')!r} "
-        f"({n_train} training interactions), not on split {split.name!r} of this data "
-        f"({len(split.train)}): the test period may be in its training data; evaluate it on "
-        "its own split, or pass --any-split"
+        f"({n_train} training interactions), {why}: the test period may be in its training "
+        "data; evaluate it on its own split, or pass --any-split"
     )
 
 
@@ -326,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "publish-features": cmd_publish}
     try:
         return commands[args.command](args)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, OSError) as exc:  # a clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines import EASE, UserItems
+from models.baselines import EASE, UserItems, check_dense_fits
 from models.examples import InteractionLog
 
 
@@ -67,6 +67,7 @@ def ease_targets(
         l2: EASE's ridge penalty.
         chunk: users scored at a time.
     """
+    check_dense_fits(n_items, "distillation's EASE teacher")
     frame = pd.DataFrame({"user_id": log.users.astype(str), "item_id": log.items.astype(str)})
     item_index = {str(r): r for r in range(n_items)}
     teacher = EASE(l2)

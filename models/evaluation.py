@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from models.baselines import BASELINES, UserItems
+from models.dataset import DataError
 from models.metrics import DEFAULT_KS, bootstrap_ci, per_user_metrics
 
 
@@ -133,6 +134,9 @@ def evaluate_recommender(
     """
     start = time.perf_counter()
     users, relevant = relevant_sets(train, test, item_index, exclude_seen)
+    if not users:  # every metric would read 0.0: "nothing to measure", not "scored zero"
+        unseen = " not seen in training" if exclude_seen else ""
+        raise DataError(f"no test user has an item{unseen} to find: nothing to evaluate")
     seen = UserItems.build(train, item_index) if exclude_seen else None
     n_items = len(item_index)
     k_max = min(max(ks), n_items)
@@ -151,7 +155,7 @@ def evaluate_recommender(
         top[lo : lo + len(batch)] = top_k(scores, k_max)
     per_user = per_user_metrics(top, relevant, ks)
     return EvalResult(
-        means={key: float(v.mean()) if v.size else 0.0 for key, v in per_user.items()},
+        means={key: float(v.mean()) for key, v in per_user.items()},
         per_user=per_user,
         user_ids=tuple(users),
         n_relevant=np.array([len(r) for r in relevant], dtype=np.int64),

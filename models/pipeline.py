@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.baselines import check_dense_fits
 from models.dataset import Dataset
 from models.distributed import join_world
 from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
@@ -159,6 +160,8 @@ def run_training(
     Under `torchrun` every process trains (`models.distributed`); only rank 0 chooses the
     prior, evaluates and exports, and the others return with no report and no bundle.
     """
+    if baselines and split_spec != "none":
+        check_dense_fits(len(dataset.items), "--baselines")
     split = None if split_spec == "none" else make_split(dataset.interactions, split_spec)
     train = dataset.interactions if split is None else split.train
     validate = None

@@ -39,6 +39,12 @@ class TowerConfig:
     history_encoder: str = "mean"
     dropout: float = 0.3
 
+    def __post_init__(self) -> None:
+        if min(self.field_dim, self.out_dim, *self.hidden) < 1:
+            raise ValueError("field_dim, out_dim and every hidden width must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
 
 class CategoricalField(nn.Module):
     """`(B,)` int64 index -> `(B, D)` embedding; also used for numeric buckets.

@@ -105,8 +105,25 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        # Checked here, before any data is read: a bad value must not cost a training run.
+        at_least_one = ("epochs", "batch_size", "target_window")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        not_negative = ("weight_decay", "num_negatives", "history_length", "patience")
+        for name in (*not_negative, "popularity_prior", "prior_half_life_days"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # `not >=`: NaN fails too
+                raise ValueError(f"{name} must be >= 0")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ValueError("lr and temperature must be > 0")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
         if self.negatives == "all" and self.loss != "softmax":
             raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
+        if self.mask_seen_negatives and self.loss != "softmax":
+            raise ValueError("mask_seen_negatives applies to loss 'softmax' only")
+        self.resolved_device()
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError("history_dropout must be in [0, 1)")
         if self.user_balance < 0:
@@ -117,4 +134,10 @@ class TrainConfig:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available here")
+        return device

@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.baselines import BASELINES, EASE, ItemCF, MostPopular, UserItems
+from models.baselines import (
+    BASELINES,
+    EASE,
+    ItemCF,
+    MostPopular,
+    UserItems,
+    check_dense_fits,
+)
+from models.dataset import DataError
 from models.evaluation import (
     evaluate_recommender,
     format_table,
@@ -166,6 +174,24 @@ def test_seen_items_are_excluded() -> None:
     included = evaluate_recommender(rec, train, test, index, ks=(1, 2), exclude_seen=False)
     assert included.user_ids == ("u", "v", "w")
     assert included.per_user["recall@1"].tolist() == [0.5, 1.0, 1.0]
+
+
+def test_a_test_part_with_nothing_to_find_is_an_error_not_zero() -> None:
+    """Every test item already seen: every metric would read 0.0, as if the model had
+    missed everything."""
+    index = {str(i): i for i in range(3)}
+    train = frame([("u", "0"), ("v", "1")])
+    test = frame([("u", "0"), ("v", "1")])
+    with pytest.raises(DataError, match="no test user has an item not seen in training"):
+        evaluate_recommender(FixedScores(3), train, test, index)
+    with pytest.raises(DataError, match="no test user has an item to find"):
+        evaluate_recommender(FixedScores(3), train, test.iloc[:0], index, exclude_seen=False)
+
+
+def test_catalogues_too_large_for_dense_item_matrices_are_refused_up_front() -> None:
+    check_dense_fits(3_000, "--baselines")  # ML-1M's catalogue: 0.2 GiB
+    with pytest.raises(DataError, match=r"--baselines holds dense 1,000,000 x 1,000,000"):
+        check_dense_fits(1_000_000, "--baselines")  # 28 TB
 
 
 def test_unknown_test_items_count_as_misses() -> None:

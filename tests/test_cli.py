@@ -4,15 +4,19 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from redis import Redis
 from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
 
 from models import bundle as b
-from models.cli import main, parser, train_config
+from models.cli import _check_trained_on, main, parser, train_config
+from models.dataset import DataError
 from models.sources import load_dataset
+from models.splits import make_split
 from models.train_config import TrainConfig
 
 FAST = [
@@ -96,6 +100,19 @@ def test_evaluate_refuses_a_split_the_bundle_was_not_trained_on(
 
 
 @pytest.mark.slow
+def test_evaluate_refuses_other_data_of_the_same_size(trained: tuple[Path, Path]) -> None:
+    """Same split name, same number of training rows, other rows: only the fingerprint of
+    the training part tells (a reviewer's time-reversed copy was measured as if unseen)."""
+    _, bundle = trained
+    manifest = b.verify_bundle(bundle).manifest
+    split = make_split(load_dataset(SMALL_SOURCE).interactions, "last-10pct")
+    _check_trained_on(manifest, split)  # its own data: accepted
+    other = split.train.assign(item_id=np.roll(split.train["item_id"].to_numpy(), 1))
+    with pytest.raises(DataError, match="the training rows differ"):
+        _check_trained_on(manifest, replace(split, train=other))
+
+
+@pytest.mark.slow
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
     done = models_cli("train", "--data", "nosuch:x", "--out", str(out))
@@ -140,6 +157,42 @@ def test_bad_arguments_exit_2_in_process(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--num-negatives", "-3"], "num_negatives must be >= 0"),
+        (["--popularity-prior", "nan"], "popularity_prior must be >= 0"),
+        (["--validation-fraction", "1"], "validation_fraction must be in [0, 1)"),
+        (["--dropout", "1"], "dropout must be in [0, 1)"),
+        (["--out-dim", "0"], "out_dim"),
+        (["--loss", "bce", "--mask-seen-negatives"], "softmax' only"),
+        (["--device", "bogus"], "device 'bogus'"),
+        (["--json", "/nonexistent-dir/report.json"], "no directory /nonexistent-dir"),
+    ],
+)
+def test_bad_training_options_fail_before_any_work(
+    option: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value that would crash (or quietly waste) a run is refused before the data loads."""
+    out = tmp_path / "artifacts"
+    assert main(["train", "--data", "nosuch:x", "--out", str(out), *FAST, *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_an_out_path_that_is_a_file_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "artifacts"
+    out.write_text("")
+    assert main(["train", "--data", "nosuch:x", "--out", str(out), *FAST]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_options_map_onto_the_config() -> None:
