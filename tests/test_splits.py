@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from models.splits import SEED_2003_CUTOFF, make_split, validation_split
+from models.splits import SEED_2003_CUTOFF, fingerprint, make_split, validation_split
 
 
 def log(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
@@ -41,6 +41,7 @@ def test_last_10pct_cuts_at_a_timestamp() -> None:
     assert sorted(split.test["item_id"]) == ["x", "y"]  # "new" has no training history
     assert split.summary() == {
         "split": "last-10pct",
+        "train_fingerprint": fingerprint(split.train),
         "n_train_interactions": 18,
         "n_test_interactions": 2,
         "n_train_users": 4,
@@ -134,3 +135,11 @@ def test_validation_min_gap_keeps_only_returning_users() -> None:
         validation_split(train, fraction=0.2, min_gap_days=40)
     with pytest.raises(ValueError, match="min gap"):
         validation_split(train, min_gap_days=-1)
+
+
+def test_the_fingerprint_covers_user_item_time_and_nothing_else() -> None:
+    rows = [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 3)]
+    same = log(rows)
+    assert fingerprint(same) == fingerprint(log(rows).assign(extra=1).reset_index(drop=True))
+    assert fingerprint(same) != fingerprint(log([*rows[:2], ("u2", "b", 3)]))  # one item
+    assert fingerprint(same) != fingerprint(log([*rows[:2], ("u2", "a", 4)]))  # one time
