@@ -35,6 +35,9 @@ STALL_FACTOR = 2.0
 # so that a full pool (this worker's own burst) tells itself apart from a slow Redis.
 POOL_WAIT_SHARE = 0.5
 T = TypeVar("T")
+# Deletes a key only while it is not a list: a concurrent append may have replaced it already,
+# and its events must not be deleted with it.
+DROP_UNLESS_LIST = "if redis.call('TYPE', KEYS[1]).ok ~= 'list' then redis.call('DEL', KEYS[1]) end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +233,8 @@ class RedisFeatureStore(FeatureStore):
             return replies
 
         replies = await self._call("fetch", fetch)
-        raws = replies[0] if isinstance(replies[0], list) else [None] * len(user_ids)
         out: dict[str, UserRecord] = {}
-        for user_id, raw, history in zip(user_ids, raws, replies[1:], strict=True):
+        for user_id, raw, history in zip(user_ids, replies[0], replies[1:], strict=True):
             # MGET answers nil for a key of another type: absent too.
             raw = raw if isinstance(raw, str) else None
             history = tuple(history) if isinstance(history, list) else ()
@@ -261,7 +263,7 @@ class RedisFeatureStore(FeatureStore):
             # Reads already ignore a history key of another type; replace it, as SET replaces
             # a features key whatever it held, rather than refuse this user's events for good.
             log.warning("Redis key %s held another type than a list; replaced", key)
-            await self.client.delete(key)
+            await self.client.eval(DROP_UNLESS_LIST, 1, key)
             return await push()
 
         replies = await self._call("append_events", append)
@@ -287,7 +289,9 @@ class RedisFeatureStore(FeatureStore):
 
 
 def _wrong_type(exc: BaseException) -> bool:
-    return "WRONGTYPE" in str(exc)
+    """Redis's own reason, not the command redis-py quotes beside it: an item id may read
+    "WRONGTYPE" too."""
+    return _reason(exc).startswith("WRONGTYPE")
 
 
 def _reason(exc: BaseException) -> str:

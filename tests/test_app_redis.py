@@ -345,13 +345,16 @@ async def test_a_refused_write_gives_redis_reason_without_internal_keys(
     admin = redis.Redis.from_url(own_redis.url)
     settings = make_settings(model_dir, redis_url=own_redis.url)
     async with serve(settings) as client:
+        assert (await client.post("/v1/users/u1/events", json={"item_ids": ["i0"]})).is_success
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", 1)
         try:
-            events = await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
+            # An item id that reads like Redis's wrong-type reason: the refusal is not one.
+            events = await client.post("/v1/users/u1/events", json={"item_ids": ["WRONGTYPE"]})
         finally:
             admin.config_set("maxmemory", 0)
         assert events.status_code == 503
+        assert admin.lrange(history_key("tr", "u1"), 0, -1) == [b"i0"]  # nothing deleted
         detail = events.json()["detail"]
         assert "command not allowed when used memory" in detail
         assert "tr:" not in detail and "LPUSH" not in detail.upper()
