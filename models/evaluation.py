@@ -83,6 +83,22 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1).astype(np.int64)
 
 
+def measurable_sets(
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    item_index: Mapping[str, int],
+    exclude_seen: bool = True,
+    part: str = "test part",
+) -> tuple[list[str], list[np.ndarray]]:
+    """`relevant_sets`, refusing a `part` with no user to measure: every metric would read
+    0.0 ("nothing to measure" is not "scored zero"). Callers check up front, before training."""
+    users, relevant = relevant_sets(train, test, item_index, exclude_seen)
+    if not users:
+        unseen = " not seen in training" if exclude_seen else ""
+        raise DataError(f"the {part} has no user with an item{unseen} to find: nothing to measure")
+    return users, relevant
+
+
 def relevant_sets(
     train: pd.DataFrame,
     test: pd.DataFrame,
@@ -133,10 +149,7 @@ def evaluate_recommender(
         `EvalResult` over the test users with at least one relevant item.
     """
     start = time.perf_counter()
-    users, relevant = relevant_sets(train, test, item_index, exclude_seen)
-    if not users:  # every metric would read 0.0: "nothing to measure", not "scored zero"
-        unseen = " not seen in training" if exclude_seen else ""
-        raise DataError(f"no test user has an item{unseen} to find: nothing to evaluate")
+    users, relevant = measurable_sets(train, test, item_index, exclude_seen)
     seen = UserItems.build(train, item_index) if exclude_seen else None
     n_items = len(item_index)
     k_max = min(max(ks), n_items)

@@ -16,7 +16,13 @@ import pandas as pd
 from models.baselines import check_dense_fits
 from models.dataset import Dataset
 from models.distributed import join_world
-from models.evaluation import EvalResult, evaluate_recommender, report_json, run_baselines
+from models.evaluation import (
+    EvalResult,
+    evaluate_recommender,
+    measurable_sets,
+    report_json,
+    run_baselines,
+)
 from models.export import export_bundle
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, Split, make_split, validation_split
@@ -72,6 +78,7 @@ def make_validator(
     """Validation metrics of a model trained on `fit_part`, on the period right after it."""
     sample = _sample_users(validation, MAX_VALIDATION_USERS, seed)
     item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    measurable_sets(fit_part, sample, item_index, part="validation slice (--validation-fraction)")
 
     def validate(trained: TrainedModel) -> dict[str, float]:
         rec = TwoTowerRecommender(trained, dataset.users)
@@ -164,6 +171,9 @@ def run_training(
         check_dense_fits(len(dataset.items), "--baselines")
     split = None if split_spec == "none" else make_split(dataset.interactions, split_spec)
     train = dataset.interactions if split is None else split.train
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    if split is not None:  # the evaluation after training must have something to measure
+        measurable_sets(train, split.test, item_index)
     validate = None
     fit_part = train
     if config.validation_fraction > 0:
@@ -183,7 +193,6 @@ def run_training(
     if not world.is_main:
         return TrainingRun(trained, split, {}, None, None, main=False)
 
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
     rec = TwoTowerRecommender(trained, dataset.users)
     rec.fit(train, item_index)
     results: dict[str, EvalResult] = {}

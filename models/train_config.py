@@ -111,7 +111,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         not_negative = ("weight_decay", "num_negatives", "history_length", "patience")
-        for name in (*not_negative, "popularity_prior", "prior_half_life_days"):
+        optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
+        for name in (*not_negative, "validation_min_gap_days", *optional):
             value = getattr(self, name)
             if value is not None and not value >= 0:  # `not >=`: NaN fails too
                 raise ValueError(f"{name} must be >= 0")

@@ -182,9 +182,11 @@ def test_a_test_part_with_nothing_to_find_is_an_error_not_zero() -> None:
     index = {str(i): i for i in range(3)}
     train = frame([("u", "0"), ("v", "1")])
     test = frame([("u", "0"), ("v", "1")])
-    with pytest.raises(DataError, match="no test user has an item not seen in training"):
+    with pytest.raises(
+        DataError, match="the test part has no user with an item not seen in training"
+    ):
         evaluate_recommender(FixedScores(3), train, test, index)
-    with pytest.raises(DataError, match="no test user has an item to find"):
+    with pytest.raises(DataError, match="the test part has no user with an item to find"):
         evaluate_recommender(FixedScores(3), train, test.iloc[:0], index, exclude_seen=False)
 
 

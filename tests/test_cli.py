@@ -168,6 +168,7 @@ def test_bad_arguments_exit_2_in_process(
         (["--num-negatives", "-3"], "num_negatives must be >= 0"),
         (["--popularity-prior", "nan"], "popularity_prior must be >= 0"),
         (["--validation-fraction", "1"], "validation_fraction must be in [0, 1)"),
+        (["--validation-min-gap", "-1"], "validation_min_gap_days must be >= 0"),
         (["--dropout", "1"], "dropout must be in [0, 1)"),
         (["--out-dim", "0"], "out_dim"),
         (["--loss", "bce", "--mask-seen-negatives"], "softmax' only"),
@@ -183,6 +184,50 @@ def test_bad_training_options_fail_before_any_work(
     assert main(["train", "--data", "nosuch:x", "--out", str(out), *FAST, *option]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "purpose"),
+    [
+        (["train", "--baselines"], "--baselines holds dense"),
+        (["train", "--distill-weight", "0.1"], "distillation's EASE teacher holds dense"),
+        (["evaluate", "--split", "last-10pct", "--baselines"], "--baselines holds dense"),
+    ],
+)
+def test_dense_item_matrices_beyond_the_memory_fail_before_training(
+    args: list[str],
+    purpose: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("models.baselines._available_memory", lambda: 1024)  # 1 KiB left
+    monkeypatch.setattr("models.pipeline.Trainer.fit", lambda _: pytest.fail("trained"))
+    out = tmp_path / "artifacts"
+    extra = ["--out", str(out), *FAST] if args[0] == "train" else []
+    assert main([*args, "--data", "synthetic:users=40,items=30", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and purpose in err, err
+    assert not out.exists()
+
+
+def test_a_test_part_with_nothing_to_measure_fails_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every user's last item repeats one seen before: after training, every metric would
+    read 0.0 and the run would be lost."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "schema.json").write_text(json.dumps({"interactions": {"file": "i.csv"}}))
+    rows = [f"u{u},i{i},{10 * u + t}" for u in range(20) for t, i in enumerate([1, 2, 3, 1])]
+    (tmp_path / "data" / "i.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows))
+    monkeypatch.setattr("models.pipeline.Trainer.fit", lambda _: pytest.fail("trained"))
+    out = tmp_path / "artifacts"
+    data = f"csv:{tmp_path / 'data'}"
+    assert (
+        main(["train", "--data", data, "--split", "leave-last-n:1", "--out", str(out), *FAST]) == 2
+    )
+    assert "the test part has no user with an item not seen in training" in capsys.readouterr().err
     assert not out.exists()
 
 

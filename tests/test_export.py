@@ -306,10 +306,17 @@ def test_inconsistent_content_is_refused_even_with_matching_checksums(
         b.verify_bundle(copy)
 
 
-def _set_row(path: Path, row: int, value: float) -> None:
-    vectors = np.load(path / "item_embeddings.npy")
+def _with_row(bundle: Path, to: Path, row: int, value: float, *, normalized: bool) -> Path:
+    """A copy of `bundle` with item vector `row` set to `value` and the manifest's
+    `normalized` flag as given, checksums matching."""
+    copy = Path(shutil.copytree(bundle, to / bundle.name))
+    vectors = np.load(copy / "item_embeddings.npy")
     vectors[row] = value
-    np.save(path / "item_embeddings.npy", vectors)
+    np.save(copy / "item_embeddings.npy", vectors)
+    manifest = manifest_of(copy) | {"normalized": normalized}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    rehash(copy)
+    return copy
 
 
 @pytest.mark.parametrize(
@@ -324,11 +331,7 @@ def _set_row(path: Path, row: int, value: float) -> None:
 def test_item_vectors_that_break_the_contract_are_refused(
     bundle: Path, tmp_path: Path, value: float, normalized: bool, message: str
 ) -> None:
-    copy = Path(shutil.copytree(bundle, tmp_path / bundle.name))
-    _set_row(copy, 5, value)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps(manifest | {"normalized": normalized}))
-    rehash(copy)
+    copy = _with_row(bundle, tmp_path, 5, value, normalized=normalized)
     with pytest.raises(b.BundleError, match=message):
         b.verify_bundle(copy)
 
@@ -337,11 +340,7 @@ def test_vectors_a_manifest_does_not_call_normalised_need_only_be_finite(
     bundle: Path, tmp_path: Path
 ) -> None:
     """Bundles of earlier versions with a popularity prior held `[v, b]`, not unit vectors."""
-    copy = Path(shutil.copytree(bundle, tmp_path / bundle.name))
-    _set_row(copy, 5, 0.5)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps(manifest | {"normalized": False}))
-    rehash(copy)
+    copy = _with_row(bundle, tmp_path, 5, 0.5, normalized=False)
     assert b.verify_bundle(copy).item_embeddings[5, 0] == 0.5
 
 
