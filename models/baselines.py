@@ -32,12 +32,9 @@ def _available_memory() -> int | None:
     """Bytes that can be allocated now: Linux's MemAvailable (else the physical memory),
     capped by a container's memory limit (cgroup v2), which MemAvailable does not see."""
     found: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError):  # not Linux
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        found += [int(n.split()[1]) * 1024 for n in lines if n.startswith("MemAvailable:")]
     if not found:
         with contextlib.suppress(AttributeError, ValueError, OSError):
             found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

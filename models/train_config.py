@@ -106,13 +106,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Checked here, before any data is read: a bad value must not cost a training run.
-        at_least_one = ("epochs", "batch_size", "target_window")
-        for name in at_least_one:
+        for name in ("epochs", "batch_size", "target_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        not_negative = ("weight_decay", "num_negatives", "history_length", "patience")
+        not_negative = ("weight_decay", "num_negatives", "history_length", "patience",
+                        "user_balance", "validation_min_gap_days")  # fmt: skip
         optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
-        for name in (*not_negative, "validation_min_gap_days", *optional):
+        for name in (*not_negative, *optional):
             value = getattr(self, name)
             if value is not None and not value >= 0:  # `not >=`: NaN fails too
                 raise ValueError(f"{name} must be >= 0")
@@ -120,17 +120,15 @@ class TrainConfig:
             raise ValueError("lr and temperature must be > 0")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError("history_dropout must be in [0, 1)")
         if self.negatives == "all" and self.loss != "softmax":
             raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
         if self.mask_seen_negatives and self.loss != "softmax":
             raise ValueError("mask_seen_negatives applies to loss 'softmax' only")
-        self.resolved_device()
-        if not 0.0 <= self.history_dropout < 1.0:
-            raise ValueError("history_dropout must be in [0, 1)")
-        if self.user_balance < 0:
-            raise ValueError("user_balance must be >= 0")
         if self.distill_weight < 0 or self.distill_temperature <= 0 or self.distill_top_k < 1:
             raise ValueError("distillation needs weight >= 0, temperature > 0 and top_k >= 1")
+        self.resolved_device()  # a device this machine does not have
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
