@@ -362,11 +362,14 @@ async def test_a_refused_write_gives_redis_reason_without_internal_keys(
         assert (await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})).is_success
 
 
+WRONG_KIND = "WRONGTYPE Operation against a key holding the wrong kind of value"
+
+
 async def test_a_transaction_error_reads_as_redis_own_reason(
     redis_url: str, redis_prefix: str
 ) -> None:
-    """redis-py's asyncio client frames an error inside MULTI/EXEC with the command, its key
-    and a tuple's repr; a client is told Redis's reason alone."""
+    """Whatever framing the installed redis-py puts around an error inside MULTI/EXEC (the
+    command and its key, a tuple's repr, or none), a client is told Redis's reason alone."""
     key = f"{redis_prefix}:hist:framed"
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
@@ -378,6 +381,21 @@ async def test_a_transaction_error_reads_as_redis_own_reason(
         await client.delete(key)
     finally:
         await client.aclose()
-    assert "('WRONGTYPE" in str(raised.value)  # the framing, as redis-py writes it
-    reason = "WRONGTYPE Operation against a key holding the wrong kind of value"
-    assert _reason(raised.value) == reason
+    assert _reason(raised.value) == WRONG_KIND
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        WRONG_KIND,  # a plain command's error
+        # redis-py >= 6: the pipeline's command, then the reason
+        f"Command # 1 (LPUSH tr:{{u1}}:hist i1) of pipeline caused error: {WRONG_KIND}",
+        # redis-py 5's asyncio transaction: the reason as a tuple's repr
+        f"Command # 1 (LPUSH tr:hist:u1 i1) of pipeline caused error: ('{WRONG_KIND}',)",
+        f'Command # 2 (LPUSH k it\'s) of pipeline caused error: ("{WRONG_KIND}",)',
+        # an item id that reads like the framing itself
+        f"Command # 1 (LPUSH k caused error: OOM) of pipeline caused error: {WRONG_KIND}",
+    ],
+)
+def test_redis_reason_is_read_from_every_framing_redis_py_has_used(message: str) -> None:
+    assert _reason(redis.ResponseError(message)) == WRONG_KIND
