@@ -9,14 +9,17 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# CPU-only PyTorch first: the project's requirement (torch>=2.4,<2.14) is then already met and
-# pip never pulls a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.14"
 WORKDIR /src
+# The versions the test suite passed with (constraints.txt, `make lock`). CPU-only PyTorch
+# first, at the locked version: the project's requirement is then already met and pip never
+# pulls a multi-GB CUDA build.
+COPY constraints.txt ./
+RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu \
+        "torch==$(sed -n 's/^torch==//p' constraints.txt)+cpu"
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY app ./app
-RUN pip install .
+RUN pip install --constraint constraints.txt .
 
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 recall \

@@ -1,11 +1,19 @@
 # Two commands on a fresh machine: `make run` (train on built-in data and serve) and `make test`.
-.PHONY: run test format bench-quality bench-serving clean
+.PHONY: run test test-latest lock format bench-quality bench-serving clean
 
 run:
 	./scripts/run.sh
 
 test:
 	./scripts/test.sh
+
+# The suite against the newest release of every dependency pyproject.toml admits (.venv-latest);
+# `lock` also writes those versions to constraints.txt when the suite passes.
+test-latest:
+	./scripts/test-latest.sh
+
+lock:
+	./scripts/test-latest.sh --lock
 
 format:
 	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
@@ -17,4 +25,4 @@ bench-serving:
 	.venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
 
 clean:
-	rm -rf .venv artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-latest artifacts .pytest_cache .mypy_cache .ruff_cache

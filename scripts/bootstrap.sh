@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its dev tools; a no-op when pyproject.toml is
-# unchanged since the last install. Sourced by the other scripts.
+# Create the virtual environment and install the project with its dev tools at the versions
+# the test suite passed with (constraints.txt, kept by `make lock`); a no-op when neither
+# pyproject.toml nor constraints.txt changed since the last install. Sourced by the other
+# scripts. VENV picks the environment (default .venv); LATEST=1 installs the newest releases
+# pyproject.toml admits instead of the locked ones (`make test-latest`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
-VENV=.venv
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+VENV="${VENV:-.venv}"
+if [ "${LATEST:-0}" = 1 ]; then
+    pins=(--upgrade --upgrade-strategy eager)
+else
+    pins=(--constraint constraints.txt)
+fi
+stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${LATEST:-0}"
 if [ ! -f "$stamp" ]; then
     # A venv a failed creation left without pip (no python3-venv), or one made by a Python
     # older than the project needs, is made again rather than failing on every run.
@@ -15,9 +23,10 @@ if [ ! -f "$stamp" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    # torch is pinned below 2.14 in pyproject.toml so pip takes a CPU build where one is offered;
-    # PIP_EXTRA_INDEX_URL may point at the PyTorch CPU index on machines that need it.
-    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    # constraints.txt pins torch without a build label (torch==X.Y.Z), so pip takes a CPU build
+    # where one is offered; PIP_EXTRA_INDEX_URL may point at the PyTorch CPU index on machines
+    # that need it (README, "Installing").
+    "$VENV/bin/python" -m pip install --quiet "${pins[@]}" -e '.[dev]'
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
