@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,19 @@ def check_contract(ds: Dataset) -> None:
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.write_bytes(text.encode(encoding))
     return path
+
+
+def load_logged(source: str, caplog: pytest.LogCaptureFixture) -> tuple[Dataset, list[str]]:
+    """Load `source`; return the dataset and the warnings the sources logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.sources"):
+        ds = load_dataset(source)
+    return ds, [r.getMessage() for r in caplog.records if r.name.startswith("models.sources")]
+
+
+def not_numbers(path: Path, column: str, count: int, first_line: int) -> str:
+    cells = "cell is not a number" if count == 1 else "cells are not numbers"
+    return f"{path}: {column!r}: {count} {cells} (first at line {first_line}); read as missing"
 
 
 # --- source strings -----------------------------------------------------------------------
@@ -153,9 +167,10 @@ def ml_1m_fixture(directory: Path, ratings: str | None = None) -> Path:
     return directory
 
 
-def test_ml_1m(tmp_path: Path) -> None:
-    ds = load_dataset(f"ml-1m:{ml_1m_fixture(tmp_path)}")
+def test_ml_1m(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ds, warned = load_logged(f"ml-1m:{ml_1m_fixture(tmp_path)}", caplog)
     check_contract(ds)
+    assert warned == [not_numbers(tmp_path / "movies.dat", "year", 1, 3)]  # "No Year"
     assert ds.interactions.to_dict("list") == {
         "user_id": ["2", "1", "2", "1"],
         "item_id": ["2", "2", "9", "1"],
@@ -185,6 +200,23 @@ def test_ml_1m_malformed_rows(tmp_path: Path, ratings: str, message: str) -> Non
         load_dataset(f"ml-1m:{ml_1m_fixture(tmp_path, ratings)}")
 
 
+def test_ml_1m_titles_without_a_year(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ml_1m_fixture(tmp_path, "".join(f"1::{i}::5::97830076{i}\n" for i in range(1, 6)))
+    write(
+        tmp_path / "movies.dat",
+        "1::Seven (Se7en) (1995)::Crime\n"
+        "2::unknown::Drama\n"
+        "3::Heat (19xx)::Action\n"
+        "4::City of Lost Children, The (Cité des enfants perdus, La)::Adventure\n"
+        "5::Kolya (1996)::Comedy\n",
+        encoding="latin-1",
+    )
+    ds, warned = load_logged(f"ml-1m:{tmp_path}", caplog)
+    check_contract(ds)
+    assert ds.items["year"].fillna(0.0).tolist() == [1995.0, 0.0, 0.0, 0.0, 1996.0]
+    assert warned == [not_numbers(tmp_path / "movies.dat", "year", 3, 2)]
+
+
 def test_ml_1m_missing_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"missing file: .*ratings\.dat"):
         load_dataset(f"ml-1m:{tmp_path}")
@@ -196,9 +228,10 @@ def test_ml_1m_missing_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not ML_1M_HALF.is_dir(), reason=f"ML-1M (users 1-2999) not at {ML_1M_HALF}")
-def test_ml_1m_half_real_data() -> None:
-    ds = load_dataset(f"ml-1m:{ML_1M_HALF}")
+def test_ml_1m_half_real_data(caplog: pytest.LogCaptureFixture) -> None:
+    ds, warned = load_logged(f"ml-1m:{ML_1M_HALF}", caplog)
     check_contract(ds)
+    assert warned == []
     assert ds.summary()["n_interactions"] == 487_650
     assert len(ds.users) == 2999 and len(ds.items) == 3883
     assert not ds.users.isna().any().any()
@@ -233,7 +266,112 @@ def test_ml_100k_grouplens(tmp_path: Path) -> None:
     assert load_dataset(f"ml-100k:{tmp_path}").items.loc["10", "genres"] == "g5"
 
 
-def test_ml_100k_recbole_atomic(tmp_path: Path) -> None:
+def ml_100k_fixture(directory: Path, data: str | None = None) -> Path:
+    """GroupLens files with the cells the real ones hold: an item with an empty date and the
+    title "unknown" (u.item 267), ages and dates that are not numbers, a title fragment."""
+    default = "".join(f"{u}\t{i}0\t3\t88125094{i}\n" for u in (1, 2, 3) for i in range(1, 6))
+    write(directory / "u.data", default if data is None else data)
+    write(directory / "u.user", "1|unknown|M|technician|85711\n2||F|other|T8H1N\n3|24|M|x|1\n")
+    flags = "|".join(["0"] * 19)
+    write(
+        directory / "u.item",
+        f"10|Toy Story (1995)|01-Jan-1995||http://x|{flags[:-1]}1\n"
+        f"20|unknown||||{flags}\n"
+        f"30|Heat|unknown||http://y|{flags}\n"
+        f"40|Good, the Bad|and the Ugly||http://z|{flags}\n"
+        f"50|Kolya (1996)|soon||http://k|{flags}\n",
+        encoding="latin-1",
+    )
+    return directory
+
+
+def test_ml_100k_grouplens_cells_that_are_not_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds, warned = load_logged(f"ml-100k:{ml_100k_fixture(tmp_path)}", caplog)
+    check_contract(ds)
+    assert ds.users["age"].fillna("-").tolist() == ["-", "-", "18"]
+    assert ds.users.loc["1", "zip3"] == "857" and ds.users.loc["2", "zip3"] == "T8H"
+    assert ds.items["year"].fillna(0.0).tolist() == [1995.0, 0.0, 0.0, 0.0, 1996.0]
+    assert warned == [
+        not_numbers(tmp_path / "u.user", "age", 2, 1),
+        not_numbers(tmp_path / "u.item", "year", 3, 2),
+    ]
+
+
+def recbole_fixture(directory: Path, inter: str | None = None) -> Path:
+    """RecBole atomic files whose `release_year` holds what its converter leaves there: an
+    empty cell, "unknown", and the alternate title it cut at the first "(" (RecSysDatasets#131)."""
+    write(
+        directory / f"{directory.name}.inter",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + ("196\t242\t3\t881250949\n186\t267\t3\t891717742\n" if inter is None else inter),
+    )
+    write(
+        directory / f"{directory.name}.item",
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "242\tKolya\t1996\tComedy\n"
+        "267\tunknown\t\tunknown\n"
+        "1300\tCity of Lost Children, The\tCité des enfants perdus, La\tAdventure\n"
+        "1301\tX\tunknown\tDrama\n",
+        encoding="latin-1",
+    )
+    write(
+        directory / f"{directory.name}.user",
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        "196\t49\tM\twriter\t55105\n186\tunknown\tF\texecutive\t00000\n",
+    )
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("scheme", "ages"),
+    [("ml-100k", ["45", "-"]), ("ml-1m", ["49", "unknown"])],  # ML-1M ages are group codes
+)
+def test_recbole_cells_that_are_not_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, scheme: str, ages: list[str]
+) -> None:
+    directory = tmp_path / scheme
+    directory.mkdir()
+    ds, warned = load_logged(f"{scheme}:{recbole_fixture(directory)}", caplog)
+    check_contract(ds)
+    assert ds.users["age"].fillna("-").tolist() == ages
+    assert ds.items["year"].fillna(0.0).tolist() == [1996.0, 0.0, 0.0, 0.0]
+    item_warning = not_numbers(directory / f"{scheme}.item", "release_year", 3, 3)
+    if scheme == "ml-100k":
+        assert warned == [not_numbers(directory / "ml-100k.user", "age", 1, 3), item_warning]
+    else:
+        assert warned == [item_warning]
+
+
+@pytest.mark.parametrize(
+    ("layout", "data", "message"),
+    [
+        ("grouplens", "1\t10\t3\t881250949\n1\t20\t4\n", r"u.data: line 2: expected 4 fields"),
+        ("grouplens", "1\t10\t3\t881250949\n1\t20\t4\tunknown\n",
+         r"u.data: line 2: 'timestamp' is not a 64-bit integer: 'unknown'"),
+        ("grouplens", "1\t10\t3\t881250949\n\t20\t4\t881250949\n",
+         r"u.data: line 2: empty 'user_id'"),
+        ("recbole", "196\t242\t3\t881250949\n186\t267\t3\tsoon\n",
+         r"ml-100k.inter: line 3: 'timestamp' is not a 64-bit integer: 'soon'"),
+        ("recbole", "196\t242\t3\n", r"ml-100k.inter: line 2: expected 4 fields, found 3"),
+    ],
+)  # fmt: skip
+def test_ml_100k_malformed_interaction_rows(
+    tmp_path: Path, layout: str, data: str, message: str
+) -> None:
+    """Unlike an attribute cell, a malformed rating cannot be read as missing: it fails."""
+    directory = tmp_path / "ml-100k"
+    directory.mkdir()
+    if layout == "grouplens":
+        ml_100k_fixture(directory, data)
+    else:
+        recbole_fixture(directory, data)
+    with pytest.raises(DataError, match=message):
+        load_dataset(f"ml-100k:{directory}")
+
+
+def test_ml_100k_recbole_atomic(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "ml-100k"
     directory.mkdir()
     write(
@@ -251,8 +389,9 @@ def test_ml_100k_recbole_atomic(tmp_path: Path) -> None:
         "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
         "196\t49\tM\twriter\t55105\n",
     )
-    ds = load_dataset(f"ml-100k:{directory}")
+    ds, warned = load_logged(f"ml-100k:{directory}", caplog)
     check_contract(ds)
+    assert warned == [not_numbers(directory / "ml-100k.item", "release_year", 1, 3)]
     assert ds.interactions["timestamp"].tolist() == [881250949, 891717742]
     assert ds.items.loc["302", "genres"] == "Crime|Film-Noir|Mystery"
     assert ds.items["year"].isna().tolist() == [False, True]

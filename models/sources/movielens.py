@@ -9,10 +9,17 @@ model configuration carries over between them:
 - items: `genres` (multi_hot, "|"), `year` (release year, numeric, bucketed).
 
 `ml-1m:DIR` falls back to RecBole atomic files when DIR has no `ratings.dat`.
+
+The files are read as published: a numeric attribute that cannot be read (an "unknown" age,
+an empty release date, the piece of a title that RecBole's converter leaves in
+`release_year`) is missing, and one warning per column says how many cells and the first
+line. A malformed interaction row is an error naming file and line. `csv:` sources keep
+their declared typing, where such a cell is an error.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +55,8 @@ _AGE_GROUP_BOUNDS = np.array([18, 25, 35, 45, 50, 56])
 _AGE_GROUPS = np.array(["1", "18", "25", "35", "45", "50", "56"], dtype=object)
 _LATIN1 = "latin-1"
 
+log = logging.getLogger(__name__)
+
 
 def load_ml_1m(directory: Path, name: str) -> Dataset:
     """Load MovieLens-1M: `ratings.dat`, `users.dat`, `movies.dat` ("::"-separated).
@@ -57,7 +66,8 @@ def load_ml_1m(directory: Path, name: str) -> Dataset:
         name: the source string, recorded as `Dataset.name`.
 
     Raises:
-        DataError: a file is missing or a row is malformed; the message names file and line.
+        DataError: `ratings.dat` is missing, or a row has the wrong number of fields or a
+            malformed rating; the message names file and line.
     """
     if not (directory / "ratings.dat").exists() and _find_atomic(directory, "inter"):
         return load_atomic(directory, name, age_in_years=False)
@@ -73,7 +83,7 @@ def load_ml_1m(directory: Path, name: str) -> Dataset:
         table = read_delimited(
             directory / "movies.dat", "::", ["item_id", "title", "genres"], encoding=_LATIN1
         )
-        year = _year_from_title(table.column("title"))
+        year = _report_missing(table, "year", _year_from_title(table.column("title")))
         items = _items(table, "item_id", categorical(table.column("genres")), year)
     return _dataset(name, interactions, users, items)
 
@@ -116,6 +126,7 @@ def load_ml_100k(directory: Path, name: str) -> Dataset:
         names = np.array(genres, dtype=object)
         joined = ["|".join(names[row]) for row in flags]
         year = _year_from_release(table.column("release"), table.column("title"))
+        year = _report_missing(table, "year", year)
         items = _items(table, "item_id", categorical(pd.Series(joined, dtype="str")), year)
     return _dataset(name, interactions, users, items)
 
@@ -144,8 +155,7 @@ def load_atomic(directory: Path, name: str, *, age_in_years: bool) -> Dataset:
         table = _atomic_table(item_path)
         genre_column = "class" if "class" in table.frame.columns else "genre"
         genres = categorical(table.column(genre_column)).str.split().str.join("|")
-        year = table.floats("release_year")
-        items = _items(table, "item_id", genres, pd.Series(year))
+        items = _items(table, "item_id", genres, _numbers(table, "release_year"))
     return _dataset(name, interactions, users, items)
 
 
@@ -188,10 +198,36 @@ def _items(table: Table, id_column: str, genres: pd.Series, year: pd.Series) -> 
 
 
 def _age_group(table: Table, column: str) -> pd.Series:
-    """Ages in years mapped to ML-1M age-group codes; a missing age stays missing."""
-    years = table.floats(column)
+    """Ages in years mapped to ML-1M age-group codes; an age that is not a number is missing."""
+    years = _numbers(table, column).to_numpy()
     groups = pd.Series(_AGE_GROUPS[np.searchsorted(_AGE_GROUP_BOUNDS, years, side="right")])
     return groups.mask(np.isnan(years)).astype("str")
+
+
+def _numbers(table: Table, column: str) -> pd.Series:
+    """Column `column` as float64, a cell that is not a finite number read as missing.
+
+    Unlike `Table.floats` (csv: declared typing) this does not fail: the public files hold
+    such cells, and one unreadable attribute should not refuse a whole data set.
+    """
+    numbers = pd.to_numeric(table.column(column).str.strip(), errors="coerce")
+    numbers = numbers.astype("float64")
+    return _report_missing(table, column, numbers.where(np.isfinite(numbers)))
+
+
+def _report_missing(table: Table, column: str, values: pd.Series) -> pd.Series:
+    """`values` (one per row of `table`), after one warning counting those that are missing.
+
+    One warning per column, not per cell: the real files would otherwise bury the log.
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        count = int(missing.sum())
+        cells = "cell is not a number" if count == 1 else "cells are not numbers"
+        first = int(table.lines[int(np.argmax(missing))])
+        where = f"{table.path}: {column!r}"
+        log.warning("%s: %d %s (first at line %d); read as missing", where, count, cells, first)
+    return values
 
 
 def _year_from_title(titles: pd.Series) -> pd.Series:
