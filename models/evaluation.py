@@ -19,7 +19,17 @@ import pandas as pd
 
 from models.baselines import BASELINES, UserItems
 from models.dataset import DataError
-from models.metrics import DEFAULT_KS, bootstrap_ci, per_user_metrics
+from models.metrics import (
+    DEFAULT_KS,
+    bootstrap_cis,
+    bootstrap_pooled_ci,
+    per_user_metrics,
+)
+
+# The intervals of every report: fixed, so a report is reproducible and every model's
+# interval comes from the same resamples of the (shared) evaluated users.
+CI_RESAMPLES = 1000
+CI_SEED = 0
 
 
 class Scorer(Protocol):
@@ -51,8 +61,17 @@ class EvalResult:
     def ci(
         self, metric: str, n: int = 1000, seed: int = 0, alpha: float = 0.05
     ) -> tuple[float, float]:
-        """Bootstrap confidence interval of `means[metric]` (resampling users)."""
-        return bootstrap_ci(self.per_user[metric], n=n, seed=seed, alpha=alpha)
+        """Bootstrap confidence interval of `means[metric]` (resampling users): the bounds
+        `intervals` and the report give it, to the last bit."""
+        if metric not in self.per_user:
+            raise KeyError(f"no metric {metric!r}; known: {list(self.per_user)}")
+        return self.intervals(n=n, seed=seed, alpha=alpha)[metric]
+
+    def intervals(
+        self, n: int = 1000, seed: int = 0, alpha: float = 0.05
+    ) -> dict[str, tuple[float, float]]:
+        """`ci` of every metric of `means`, all from one set of resamples of the users."""
+        return bootstrap_cis(self.per_user, n=n, seed=seed, alpha=alpha)
 
     def pooled_recall(self, k: int) -> float:
         """Total hits over total relevant items (micro average): heavy users weigh more.
@@ -63,6 +82,14 @@ class EvalResult:
         total = int(self.n_relevant.sum())
         hits = float((self.per_user[f"recall@{k}"] * self.n_relevant).sum())
         return hits / total if total else 0.0
+
+    def pooled_recall_ci(
+        self, k: int, n: int = 1000, seed: int = 0, alpha: float = 0.05
+    ) -> tuple[float, float]:
+        """Bootstrap confidence interval of `pooled_recall(k)`: each resample of the users
+        recomputes total hits over total relevant (same draws as `ci` for the same seed)."""
+        hits = self.per_user[f"recall@{k}"] * self.n_relevant
+        return bootstrap_pooled_ci(hits, self.n_relevant, n=n, seed=seed, alpha=alpha)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -210,33 +237,58 @@ def run_baselines(
 def report_json(
     split_name: str, test: pd.DataFrame, results: Mapping[str, EvalResult]
 ) -> dict[str, Any]:
-    """The `evaluate --json` document of DESIGN.md.
+    """The `evaluate --json` document of DESIGN.md, with a 95 % interval beside each mean.
 
     Returns:
-        `{"split", "n_test_users", "n_test_interactions", "results": {name: {metric: value}}}`;
-        the counts describe the test frame as given (before seen-item exclusion).
+        `{"split", "n_test_users", "n_test_interactions", "results": {name: {metric: mean}},
+        "ci95": {name: {metric: [low, high]}}}`; the counts describe the test frame as given
+        (before seen-item exclusion). `ci95` holds percentile bootstrap intervals over the
+        evaluated users (`CI_RESAMPLES` resamples drawn with `CI_SEED`, the same for every
+        model and metric), so the same evaluation always reports the same intervals.
     """
     return {
         "split": split_name,
         "n_test_users": int(test["user_id"].nunique()),
         "n_test_interactions": len(test),
         "results": {name: dict(result.means) for name, result in results.items()},
+        "ci95": {
+            name: {
+                metric: [low, high]
+                for metric, (low, high) in result.intervals(CI_RESAMPLES, CI_SEED).items()
+            }
+            for name, result in results.items()
+        },
     }
 
 
 _SHORT = {"recall": "R", "hit_rate": "HR", "ndcg": "NDCG"}
+_CI_ROWS = ("  ci95 low", "  ci95 high")
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """A `report_json` document as an aligned text table, methods x metrics."""
+    """A `report_json` document as an aligned text table, methods x metrics.
+
+    Each method's row of means is followed by the low and the high bounds of its `ci95`
+    intervals, when the report holds them (reports written before intervals do not).
+    """
     results: Mapping[str, Mapping[str, float]] = report["results"]
+    intervals: Mapping[str, Mapping[str, Sequence[float]]] = report.get("ci95") or {}
     metrics = list(dict.fromkeys(m for values in results.values() for m in values))
     headers = []
     for metric in metrics:
         family, _, k = metric.partition("@")
         headers.append(f"{_SHORT.get(family, family)}@{k}")
-    name_width = max([len("method"), *(len(n) for n in results)])
+    labels = [*results, *(_CI_ROWS if intervals else ())]
+    name_width = max(len(label) for label in ["method", *labels])
     widths = [max(len(h), 6) for h in headers]
+
+    def row(label: str, values: Mapping[str, float]) -> str:
+        cells = [
+            f"{values[m]:.4f}".rjust(w) if m in values else "-".rjust(w)
+            for m, w in zip(metrics, widths, strict=True)
+        ]
+        return "  ".join([label.ljust(name_width), *cells])
+
     lines = [
         f"split {report['split']}: {report['n_test_users']} test users, "
         f"{report['n_test_interactions']} test interactions",
@@ -248,9 +300,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         ),
     ]
     for name, values in results.items():
-        cells = [
-            f"{values[m]:.4f}".rjust(w) if m in values else "-".rjust(w)
-            for m, w in zip(metrics, widths, strict=True)
-        ]
-        lines.append("  ".join([name.ljust(name_width), *cells]))
+        lines.append(row(name, values))
+        if name in intervals:
+            for bound, label in enumerate(_CI_ROWS):
+                lines.append(row(label, {m: ci[bound] for m, ci in intervals[name].items()}))
     return "\n".join(lines)

@@ -6,7 +6,7 @@ ideal DCG at K places min(|relevant|, K) hits first. Metric keys are `"{name}@{K
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -110,6 +110,91 @@ def ranking_metrics(
     return {key: float(values.mean()) for key, values in per_user.items()}
 
 
+def bootstrap_sums(columns: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarray:
+    """Column sums over `n` resamples of the rows (users), drawn with replacement.
+
+    Every column sees the same resamples, and the draws depend only on (U, n, seed): metrics
+    of the same users are resampled together whichever of them are asked for.
+
+    Args:
+        columns: float [U, M], one row per user.
+        n: number of resamples.
+        seed: resampling seed; the same inputs and seed give the same sums.
+
+    Returns:
+        float64 [n, M]: row r holds the column sums over resample r's U users.
+
+    Example:
+        >>> bootstrap_sums(np.ones((4, 2)), n=3)
+        array([[4., 4.],
+               [4., 4.],
+               [4., 4.]])
+    """
+    values = np.asarray(columns, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"columns must be a [U, M] array with U >= 1, got shape {values.shape}")
+    if n < 1:
+        raise ValueError(f"need n >= 1 resamples, got {n}")
+    n_users = values.shape[0]
+    rng = np.random.default_rng(seed)
+    sums = np.empty((n, values.shape[1]), dtype=np.float64)
+    # Chunks keep the [resamples, U] index matrix near 16 MB whatever U is.
+    chunk = max(1, 2_000_000 // n_users)
+    for start in range(0, n, chunk):
+        rows = min(n, start + chunk) - start
+        idx = rng.integers(0, n_users, size=(rows, n_users))
+        # How often each resample drew each user: one matrix product then sums every column.
+        idx += np.arange(rows)[:, None] * n_users
+        counts = np.bincount(idx.ravel(), minlength=rows * n_users).reshape(rows, n_users)
+        sums[start : start + rows] = counts.astype(np.float64) @ values
+    return sums
+
+
+def _percentile_interval(
+    resampled: np.ndarray, estimate: np.ndarray, alpha: float
+) -> list[tuple[float, float]]:
+    """(low, high) of each column of float [n, M] resampled statistics."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"need alpha in (0, 1), got {alpha}")
+    low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2], axis=0)
+    # A resampled sum can round an ulp away from the full sample's value (a metric equal for
+    # every user): the interval is widened to hold the estimate it is printed beside.
+    low, high = np.minimum(low, estimate), np.maximum(high, estimate)
+    return [(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
+
+
+def bootstrap_cis(
+    per_user: Mapping[str, np.ndarray], n: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of several per-user metrics' means.
+
+    All metrics share one set of resamples of the users (`bootstrap_sums`), so the cost is
+    one [n, U] draw whatever the number of metrics, and each interval is `bootstrap_ci` of
+    that metric alone with the same `n` and `seed` (up to the rounding of the sums).
+
+    Args:
+        per_user: `{metric: float [U]}`, the same U users in every array.
+        n: number of resamples of the users, with replacement.
+        seed: resampling seed; the same inputs and seed give the same intervals.
+        alpha: 1 - confidence level (0.05 gives a 95 % interval).
+
+    Returns:
+        `{metric: (low, high)}` bounds of each mean, in the order of `per_user`.
+    """
+    names = list(per_user)
+    if not names:
+        return {}
+    try:
+        values = np.stack([np.asarray(per_user[m], dtype=np.float64) for m in names], axis=1)
+    except ValueError as exc:
+        raise ValueError(f"per_user arrays must all be 1-D of one length: {exc}") from exc
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"per_user arrays must be non-empty and 1-D, got {values.shape[:1]}")
+    means = bootstrap_sums(values, n=n, seed=seed) / values.shape[0]
+    bounds = _percentile_interval(means, values.mean(axis=0), alpha)
+    return dict(zip(names, bounds, strict=True))
+
+
 def bootstrap_ci(
     per_user: np.ndarray, n: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float]:
@@ -127,15 +212,46 @@ def bootstrap_ci(
     values = np.asarray(per_user, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"per_user must be a non-empty 1-D array, got shape {values.shape}")
-    if n < 1 or not 0.0 < alpha < 1.0:
-        raise ValueError(f"need n >= 1 and alpha in (0, 1), got n={n}, alpha={alpha}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n, dtype=np.float64)
-    # Chunks keep the [resamples, U] index matrix near 16 MB whatever U is.
-    chunk = max(1, 2_000_000 // values.size)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        idx = rng.integers(0, values.size, size=(stop - start, values.size))
-        means[start:stop] = values[idx].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    return bootstrap_cis({"metric": values}, n=n, seed=seed, alpha=alpha)["metric"]
+
+
+def bootstrap_pooled_ci(
+    hits: np.ndarray,
+    n_relevant: np.ndarray,
+    n: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a pooled ratio, total hits / total relevant.
+
+    Each resample draws users and recomputes both totals over them (a ratio of sums, not a
+    mean of per-user ratios), with the same draws as `bootstrap_cis` for the same U, n, seed.
+
+    Args:
+        hits: float [U], each user's relevant items found in the top K.
+        n_relevant: int [U], size of each user's relevant set.
+        n, seed, alpha: as for `bootstrap_cis`.
+
+    Returns:
+        (low, high) bounds of `hits.sum() / n_relevant.sum()`; a resample with no relevant
+        item scores 0.
+
+    Example:
+        >>> bootstrap_pooled_ci(np.array([1.0, 0.0]), np.array([1, 3]), n=200)[0] >= 0.0
+        True
+    """
+    found = np.asarray(hits, dtype=np.float64)
+    total = np.asarray(n_relevant, dtype=np.float64)
+    if found.ndim != 1 or found.shape != total.shape or found.size == 0:
+        raise ValueError(
+            f"hits and n_relevant must be non-empty 1-D arrays of one length, got shapes "
+            f"{found.shape} and {total.shape}"
+        )
+    sums = bootstrap_sums(np.stack([found, total], axis=1), n=n, seed=seed)
+
+    def ratio(h: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return np.divide(h, r, out=np.zeros_like(h), where=r > 0)
+
+    estimate = ratio(found.sum(keepdims=True), total.sum(keepdims=True))
+    ((low, high),) = _percentile_interval(ratio(sums[:, :1], sums[:, 1:]), estimate, alpha)
+    return low, high

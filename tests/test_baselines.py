@@ -225,7 +225,7 @@ def test_run_baselines_and_report() -> None:
     assert results["most_popular"].means["recall@1"] == 1.0
     assert results["itemcf"].fit_seconds > 0
     report = report_json("leave-last-n:1", test, results)
-    assert set(report) == {"split", "n_test_users", "n_test_interactions", "results"}
+    assert set(report) == {"split", "n_test_users", "n_test_interactions", "results", "ci95"}
     assert (report["split"], report["n_test_users"], report["n_test_interactions"]) == (
         "leave-last-n:1",
         3,

@@ -38,12 +38,55 @@ def models_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def printed_table(stderr: str) -> dict[str, dict[str, list[float]]]:
+    """The evaluation table at the end of `stderr`: `{method: {metric: [mean, low, high]}}`."""
+    lines = stderr.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("method "))
+    family = {"R": "recall", "HR": "hit_rate", "NDCG": "ndcg"}
+    metrics = [
+        f"{family[short]}@{k}"
+        for short, _, k in (h.partition("@") for h in lines[start].split()[1:])
+    ]
+    table: dict[str, dict[str, list[float]]] = {}
+    rows = lines[start + 1 :]
+    assert len(rows) % 3 == 0, rows
+    for mean_row, low_row, high_row in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        name, *means = mean_row.split()
+        assert low_row.split()[:2] == ["ci95", "low"] and high_row.split()[:2] == ["ci95", "high"]
+        cells = zip(means, low_row.split()[2:], high_row.split()[2:], strict=True)
+        table[name] = {m: [float(c) for c in cell] for m, cell in zip(metrics, cells, strict=True)}
+    return table
+
+
+def assert_table_matches_report(table: dict[str, dict[str, list[float]]], report: dict) -> None:
+    """Every printed mean carries its interval, low <= mean <= high, as in the JSON report."""
+    assert list(table) == list(report["results"]) == list(report["ci95"])
+    for name, printed in table.items():
+        assert set(printed) == set(report["results"][name]) == set(report["ci95"][name]) == METRICS
+        for metric, (mean, low, high) in printed.items():
+            json_low, json_high = report["ci95"][name][metric]
+            assert json_low <= report["results"][name][metric] <= json_high, (name, metric)
+            assert [mean, low, high] == [
+                round(v, 4) for v in (report["results"][name][metric], json_low, json_high)
+            ]
+            assert low <= mean <= high
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(artifacts directory, bundle path printed by `train`)."""
+def training(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """(artifacts directory, the finished `train` process)."""
     out = tmp_path_factory.mktemp("cli") / "artifacts"
     done = models_cli("train", "--data", SMALL_SOURCE, "--out", str(out), "--seed", "3", *FAST)
     assert done.returncode == 0, done.stderr
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def trained(training: tuple[Path, subprocess.CompletedProcess[str]]) -> tuple[Path, Path]:
+    """(artifacts directory, bundle path printed by `train`)."""
+    out, done = training
     return out, Path(done.stdout.strip().splitlines()[-1])
 
 
@@ -61,6 +104,15 @@ def test_train_prints_a_verified_bundle_path(trained: tuple[Path, Path]) -> None
 
 
 @pytest.mark.slow
+def test_train_prints_every_metric_with_its_interval(
+    training: tuple[Path, subprocess.CompletedProcess[str]], trained: tuple[Path, Path]
+) -> None:
+    _, done = training
+    report = b.verify_bundle(trained[1]).manifest["evaluation"]
+    assert_table_matches_report(printed_table(done.stderr), report)
+
+
+@pytest.mark.slow
 def test_evaluate_writes_the_design_json(trained: tuple[Path, Path], tmp_path: Path) -> None:
     _, bundle = trained
     report_path = tmp_path / "report.json"
@@ -70,7 +122,7 @@ def test_evaluate_writes_the_design_json(trained: tuple[Path, Path], tmp_path: P
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(report_path.read_text())
-    assert set(report) == {"split", "n_test_users", "n_test_interactions", "results"}
+    assert set(report) == {"split", "n_test_users", "n_test_interactions", "results", "ci95"}
     assert report["split"] == "last-10pct"
     manifest = b.verify_bundle(bundle).manifest
     assert report["n_test_users"] == manifest["data"]["n_test_users"]
@@ -82,6 +134,28 @@ def test_evaluate_writes_the_design_json(trained: tuple[Path, Path], tmp_path: P
     # The exported bundle, read back through raw features, scores as the trainer measured.
     assert report["results"]["two_tower"] == manifest["evaluation"]["results"]["two_tower"]
     assert "two_tower" in done.stderr and "recall" not in done.stdout
+    # Every printed metric of every method with its 95 % interval, in the table and the JSON;
+    # the same resamples of the same users as in the training process.
+    assert_table_matches_report(printed_table(done.stderr), report)
+    assert report["ci95"]["two_tower"] == manifest["evaluation"]["ci95"]["two_tower"]
+
+
+@pytest.mark.slow
+def test_evaluate_intervals_are_reproducible(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, bundle = trained
+    runs = []
+    for name in ("first.json", "second.json"):
+        args = ["evaluate", "--data", SMALL_SOURCE, "--split", "last-10pct"]
+        assert main([*args, "--bundle", str(bundle), "--json", str(tmp_path / name)]) == 0
+        runs.append(((tmp_path / name).read_text(), capsys.readouterr().err))
+    (first_json, first_table), (second_json, second_table) = runs
+    assert first_json == second_json and first_table == second_table
+    report = json.loads(first_json)
+    assert_table_matches_report(printed_table(first_table), report)
+    low, high = report["ci95"]["two_tower"]["recall@50"]
+    assert low < report["results"]["two_tower"]["recall@50"] < high
 
 
 @pytest.mark.slow

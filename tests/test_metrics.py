@@ -3,7 +3,14 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import bootstrap_ci, per_user_metrics, ranking_metrics
+from models.metrics import (
+    bootstrap_ci,
+    bootstrap_cis,
+    bootstrap_pooled_ci,
+    bootstrap_sums,
+    per_user_metrics,
+    ranking_metrics,
+)
 
 LOG2_3 = math.log2(3)
 LOG2_5 = math.log2(5)
@@ -93,3 +100,50 @@ def test_bootstrap_ci() -> None:
     assert low < low90 < high90 < high
     with pytest.raises(ValueError):
         bootstrap_ci(np.array([]))
+
+
+def test_bootstrap_cis_share_one_set_of_resamples() -> None:
+    rng = np.random.default_rng(2)
+    per_user = {"a": rng.random(300), "b": rng.integers(0, 2, 300).astype(np.float64)}
+    intervals = bootstrap_cis(per_user, n=400, seed=5)
+    assert list(intervals) == ["a", "b"]
+    for name, values in per_user.items():
+        # Each metric's interval is the one it would get alone: same draws, same bounds.
+        assert intervals[name] == pytest.approx(bootstrap_ci(values, n=400, seed=5), abs=1e-12)
+        low, high = intervals[name]
+        assert low < values.mean() < high
+    assert intervals == bootstrap_cis(per_user, n=400, seed=5)
+    assert intervals != bootstrap_cis(per_user, n=400, seed=6)
+    # A metric equal for every user: a resampled sum may round an ulp off, yet the interval
+    # still holds the mean printed beside it.
+    third = np.full(7, 1 / 3)
+    low, high = bootstrap_cis({"c": third})["c"]
+    assert low <= third.mean() <= high and high - low < 1e-15
+    with pytest.raises(ValueError, match="one length"):
+        bootstrap_cis({"a": np.ones(3), "b": np.ones(4)})
+
+
+def test_bootstrap_sums_count_each_drawn_user() -> None:
+    # User u's column is the indicator of u: each resample's sums count how often it drew u.
+    sums = bootstrap_sums(np.eye(5), n=50, seed=1)
+    assert sums.shape == (50, 5)
+    assert np.all(sums.sum(axis=1) == 5) and np.all(sums == np.round(sums))
+    assert np.array_equal(sums, bootstrap_sums(np.eye(5), n=50, seed=1))
+    with pytest.raises(ValueError, match="U >= 1"):
+        bootstrap_sums(np.empty((0, 2)))
+
+
+def test_pooled_bootstrap_by_hand() -> None:
+    # u found 1 of 1 relevant item, v 0 of 3: pooled recall (1 + 0) / (1 + 3) = 0.25, while
+    # the mean of per-user recalls is (1 + 0) / 2 = 0.5. Resampling two users from {u, v}:
+    #   {u, u} p = 1/4: 2 / 2 = 1.0    {u, v} p = 1/2: 1 / 4 = 0.25    {v, v} p = 1/4: 0 / 6 = 0
+    # so the 2.5 % and 97.5 % quantiles are 0 and 1, and the middle 20 % (quantiles 0.4 and
+    # 0.6) is 0.25 exactly; a mean of per-user ratios would put it at 0.5.
+    hits, relevant = np.array([1.0, 0.0]), np.array([1, 3])
+    assert bootstrap_pooled_ci(hits, relevant, n=2000) == (0.0, 1.0)
+    assert bootstrap_pooled_ci(hits, relevant, n=2000, alpha=0.8) == (0.25, 0.25)
+    assert bootstrap_ci(np.array([1.0, 0.0]), n=2000, alpha=0.8) == (0.5, 0.5)
+    # Every user at the same ratio: every resample has it too.
+    assert bootstrap_pooled_ci(np.array([1.0, 2.0, 3.0]), np.array([2, 4, 6])) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="one length"):
+        bootstrap_pooled_ci(np.ones(2), np.ones(3))
