@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from models.dataset import DataError
+from models.tower_config import UserTowerName
 from models.towers import HISTORY_ENCODERS, TowerConfig
 from models.train_config import HistoryMode, NegativesName, TrainConfig
 
@@ -31,6 +32,16 @@ def add_tower_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--senet", action="store_true", help="SENet feature gating before the MLP")
     g.add_argument("--history-encoder", choices=sorted(HISTORY_ENCODERS), default=d.history_encoder)
     g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument(
+        "--user-tower",
+        choices=list(get_args(UserTowerName)),
+        default=d.user_tower,
+        help="fields: features and the pooled history through an MLP, one example per "
+        "interaction; sequence: a causal transformer over the history, every position "
+        "trained to predict the next item",
+    )
+    g.add_argument("--blocks", type=int, default=d.blocks, help="sequence tower: blocks")
+    g.add_argument("--heads", type=int, default=d.heads, help="sequence tower: attention heads")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +53,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--loss", choices=["softmax", "bce", "hinge", "logistic"], default=d.loss)
     g.add_argument("--negatives", choices=list(get_args(NegativesName)), default=d.negatives)
-    g.add_argument("--num-negatives", type=int, default=d.num_negatives)
+    g.add_argument(
+        "--num-negatives",
+        type=int,
+        default=d.num_negatives,
+        help="sampled negatives (0: 1024 shared by a batch for the softmax, 1 per example for "
+        "the other losses)",
+    )
+    g.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=d.hard_negatives,
+        help="sequence tower, sampled negatives: per user, the K items the model ranks highest "
+        "that the user did not take, mined again every epoch (0: off)",
+    )
     g.add_argument(
         "--no-logq",
         dest="logq_correction",
@@ -131,7 +155,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--validation-metric",
-        choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@50"],
+        choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@10", "ndcg@50"],
         default=d.validation_metric,
         help="what early stopping and the prior's search maximise on the validation slice "
         "(recall: mean over users; pooled: total hits / total relevant items)",
@@ -155,6 +179,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         senet=args.senet,
         history_encoder=args.history_encoder,
         dropout=args.dropout,
+        user_tower=args.user_tower,
+        blocks=args.blocks,
+        heads=args.heads,
     )
     return TrainConfig(
         epochs=args.epochs,
@@ -164,6 +191,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         loss=args.loss,
         negatives=args.negatives,
         num_negatives=args.num_negatives,
+        hard_negatives=args.hard_negatives,
         logq_correction=args.logq_correction,
         temperature=args.temperature,
         history_length=args.history_length,
@@ -222,6 +250,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish-features", help="write user features and histories to Redis")
     p.add_argument("--data", required=True)
     p.add_argument("--redis-url", required=True)
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names any node of a Redis Cluster (as REDIS_CLUSTER=true)",
+    )
     p.add_argument("--prefix", default="tr")
     p.add_argument("--history-length", type=int, default=100)
     p.add_argument("--ttl", type=int, default=None, help="key TTL in seconds (default: none)")
@@ -315,23 +348,21 @@ def _check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from redis import Redis, RedisError
-
-    from models.online_store import publish
+    from models.online_store import check_prefix, connect, publish
     from models.sources import load_dataset
 
-    client = Redis.from_url(args.redis_url, socket_connect_timeout=5)
+    check_prefix(args.prefix)
+    client = connect(args.redis_url, cluster=args.redis_cluster)
     try:
-        client.ping()
-    except RedisError as exc:
-        raise DataError(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
-    n = publish(
-        client,
-        load_dataset(args.data),
-        prefix=args.prefix,
-        history_length=args.history_length,
-        ttl_seconds=args.ttl,
-    )
+        n = publish(
+            client,
+            load_dataset(args.data),
+            prefix=args.prefix,
+            history_length=args.history_length,
+            ttl_seconds=args.ttl,
+        )
+    finally:
+        client.close()
     print(f"published features and histories of {n} users to {args.redis_url}")
     return 0
 

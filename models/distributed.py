@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 T = TypeVar("T")
 
 # How long a process waits in a collective for the others: rank 0 alone validates, and after
-# training it alone searches the prior (21 validation passes) while the others wait to refit.
+# training it alone searches the prior (21 rankings of the validation users) while the others
+# wait to refit.
 TIMEOUT = timedelta(hours=2)
 
 

@@ -30,6 +30,9 @@ from models.metrics import (
 # interval comes from the same resamples of the (shared) evaluated users.
 CI_RESAMPLES = 1000
 CI_SEED = 0
+# Scores held at once when ranking a catalogue for many users (64 MB of float32): a large
+# catalogue is ranked for fewer users at a time (`SCORE_CHUNK // n_items`, at least one).
+SCORE_CHUNK = 1 << 24
 
 
 class Scorer(Protocol):
@@ -170,7 +173,8 @@ def evaluate_recommender(
         item_index: item_id -> column of the score matrix.
         ks: cut-offs; the ranking is computed once, to max(ks).
         exclude_seen: mask train items out of the ranking and the relevant sets.
-        batch_size: users scored per `score` call (memory: batch_size x n_items floats).
+        batch_size: users scored per `score` call (memory: batch_size x n_items floats),
+            fewer where the catalogue is large (`SCORE_CHUNK`).
 
     Returns:
         `EvalResult` over the test users with at least one relevant item.
@@ -179,6 +183,7 @@ def evaluate_recommender(
     users, relevant = measurable_sets(train, test, item_index, exclude_seen)
     seen = UserItems.build(train, item_index) if exclude_seen else None
     n_items = len(item_index)
+    batch_size = max(1, min(batch_size, SCORE_CHUNK // max(n_items, 1)))
     k_max = min(max(ks), n_items)
     top = np.empty((len(users), k_max), dtype=np.int64)
     for lo in range(0, len(users), batch_size):

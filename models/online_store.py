@@ -1,28 +1,86 @@
-"""The online store's key layout (shared with the service) and `publish-features`."""
+"""The online store's key layout (shared with the service) and `publish-features`.
+
+Both of a user's keys carry the user id as a Redis Cluster hash tag, `{prefix}:user:{<id>}`
+and `{prefix}:hist:{<id>}` (the braces are literal), so they share one hash slot: a user's
+writes stay atomic (one transaction or script), on a standalone Redis and on a cluster alike.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from redis import Redis
+from redis import Redis, RedisError
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from tqdm import tqdm
 
-from models.dataset import Dataset
+from models.dataset import DataError, Dataset
 
 DEFAULT_PREFIX = "tr"
+# Replaces one user's keys at once (a script runs atomically, and both keys share a slot).
+# KEYS: features, history; ARGV: features JSON, TTL seconds (0: none), item ids newest first.
+# RPUSH in slices: Lua's unpack() has a stack limit of a few thousand values.
+REPLACE_USER = """
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('DEL', KEYS[2])
+for i = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+if ttl > 0 and #ARGV > 2 then
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+
+def hash_tag(user_id: str) -> str:
+    """The user id as a hash tag's content: Redis hashes what lies between the first `{` and
+    the first `}` after it, so a `}` in the id (and `%`, to keep the mapping one-to-one) is
+    percent-encoded; a tag never ends early, and an id starting with `}` never leaves it empty
+    (an empty tag hashes the whole key, which would split the user's keys over two slots)."""
+    return user_id.replace("%", "%25").replace("}", "%7D")
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix must hold no brace: the first `{` of a key must open the user's tag."""
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError("a key prefix must be non-empty, without '{' or '}'")
+    return prefix
 
 
 def user_key(prefix: str, user_id: str) -> str:
     """Raw user features, a JSON object string."""
-    return f"{prefix}:user:{user_id}"
+    return f"{prefix}:user:{{{hash_tag(user_id)}}}"
 
 
 def history_key(prefix: str, user_id: str) -> str:
     """Recent item ids, a Redis list, newest first, capped."""
-    return f"{prefix}:hist:{user_id}"
+    return f"{prefix}:hist:{{{hash_tag(user_id)}}}"
+
+
+def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> Redis | RedisCluster:
+    """A blocking client for `url`, checked with a PING; with `cluster`, `url` names any node
+    of a Redis Cluster (redis-py's cluster client finds the others). Raises DataError."""
+    try:
+        if cluster:
+            client: Redis | RedisCluster = RedisCluster.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            )
+        else:
+            client = Redis.from_url(url, socket_connect_timeout=timeout_s)
+        client.ping()
+    except (RedisError, RedisClusterException) as exc:
+        kind = "Redis Cluster" if cluster else "Redis"
+        raise DataError(f"cannot reach {kind} at {url}: {exc}") from exc
+    return client
 
 
 def _clean(value: Any) -> Any:
@@ -50,7 +108,7 @@ def user_records(
 
 
 def publish(
-    client: Redis,
+    client: Redis | RedisCluster,
     dataset: Dataset,
     *,
     prefix: str = DEFAULT_PREFIX,
@@ -60,21 +118,30 @@ def publish(
 ) -> int:
     """Write every user's features and recent history; returns the number of users written.
 
-    Each user's keys are replaced (not merged) in one MULTI transaction per chunk.
+    Each user's keys are replaced (not merged) at once, by one script (REPLACE_USER); the
+    scripts are pipelined `chunk` users at a time: one round trip per chunk, and on a cluster
+    one per chunk and node (a transaction cannot span the slots of many users).
     """
+    check_prefix(prefix)
+    ttl = str(ttl_seconds or 0)
+    batch: list[Sequence[str]] = []
     written = 0
-    pipe = client.pipeline(transaction=True)
     records = user_records(dataset, history_length)
     for user_id, features, items in tqdm(records, total=len(dataset.users), disable=None):
-        ukey, hkey = user_key(prefix, user_id), history_key(prefix, user_id)
-        pipe.set(ukey, json.dumps(features, allow_nan=False), ex=ttl_seconds)
-        pipe.delete(hkey)
-        if items:
-            pipe.rpush(hkey, *items)
-            if ttl_seconds:
-                pipe.expire(hkey, ttl_seconds)
+        keys = (user_key(prefix, user_id), history_key(prefix, user_id))
+        batch.append((*keys, json.dumps(features, allow_nan=False), ttl, *map(str, items)))
         written += 1
-        if written % chunk == 0:
-            pipe.execute()
-    pipe.execute()
+        if len(batch) == chunk:
+            _replace(client, batch)
+            batch = []
+    _replace(client, batch)
     return written
+
+
+def _replace(client: Redis | RedisCluster, batch: list[Sequence[str]]) -> None:
+    if not batch:
+        return
+    pipe = client.pipeline(transaction=False)
+    for args in batch:  # EVAL by name: redis-py's cluster pipeline has no eval() method
+        pipe.execute_command("EVAL", REPLACE_USER, 2, *args)
+    pipe.execute()

@@ -109,6 +109,13 @@ def make_split(interactions: pd.DataFrame, spec: str) -> Split:
     raise ValueError(f"unknown split {spec!r}; expected {VALID_FORMS}")
 
 
+def is_next_item(spec: str) -> bool:
+    """Whether `spec` is a next-item protocol (`leave-last-n:N`): each user's last items held
+    out, rather than a cut in time."""
+    match = _LEAVE_LAST_N.fullmatch(spec.strip())
+    return match is not None and int(match.group(1)) >= 1
+
+
 def validation_split(
     train: pd.DataFrame, fraction: float = 0.1, min_gap_days: float = 0.0
 ) -> Split:

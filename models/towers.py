@@ -1,90 +1,23 @@
-"""Two-tower model: field embedders, history encoders, SENet gating, MLP towers.
+"""Two-tower model: history encoders, SENet gating, MLP towers.
 
-Every feature becomes one `(B, D)` field vector (D = `field_dim`), so the fields can be gated
-by SENet and concatenated. The item-id embedding is shared: the item tower embeds the item
-itself with it and the user tower pools the user's history through it.
+Every feature becomes one `(B, D)` field vector (D = `field_dim`, `models.fields`), so the
+fields can be gated by SENet and concatenated. The item-id embedding is shared: the item tower
+embeds the item itself with it and the user tower reads the user's history through it (pooled
+by `UserTower`, or in order by `models.sequence_tower.SequenceUserTower`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.features import HISTORY, Feature, FeatureEncoder
-
-
-@dataclass(frozen=True)
-class TowerConfig:
-    """Architecture shared by both towers.
-
-    Args:
-        field_dim: width of every field embedding (and of the item-id embedding).
-        hidden: MLP hidden widths.
-        out_dim: embedding dimension of the bundle.
-        senet: gate fields with a squeeze-and-excitation block before the MLP.
-        history_encoder: `mean` (masked mean pooling), `attention` (position-aware
-            attention pooling), `recency` (several learned recency-weighted means) or
-            `transformer` (one self-attention layer over the history).
-        dropout: dropout after each hidden layer (training only).
-    """
-
-    field_dim: int = 32
-    hidden: tuple[int, ...] = (256,)
-    out_dim: int = 64
-    senet: bool = False
-    history_encoder: str = "mean"
-    dropout: float = 0.3
-
-    def __post_init__(self) -> None:
-        if min(self.field_dim, self.out_dim, *self.hidden) < 1:
-            raise ValueError("field_dim, out_dim and every hidden width must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
-
-
-class CategoricalField(nn.Module):
-    """`(B,)` int64 index -> `(B, D)` embedding; also used for numeric buckets.
-
-    Row 0 (unknown or missing) starts at zero: when training never sees it (no missing
-    values), an unseen value at serving time adds nothing rather than a random vector.
-    """
-
-    def __init__(self, cardinality: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(cardinality, dim)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.embedding(x)
-
-
-class MultiHotField(nn.Module):
-    """`(B, M)` 0-padded indices -> `(B, D)` mean of the present values' embeddings."""
-
-    def __init__(self, cardinality: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(cardinality, dim, padding_idx=0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        mask = (x > 0).unsqueeze(-1).float()
-        summed = (self.embedding(x) * mask).sum(1)
-        return summed / mask.sum(1).clamp(min=1.0)
-
-
-class DenseField(nn.Module):
-    """`(B,)` standardised float -> `(B, D)` via a learned linear map."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(1, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x.unsqueeze(-1))
+from models.features import HISTORY, FeatureEncoder
+from models.fields import embedding_table, field_module
+from models.sequence_tower import SequenceUserTower
+from models.tower_config import TowerConfig
 
 
 class MeanHistory(nn.Module):
@@ -214,14 +147,6 @@ def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> n
     return nn.Sequential(*layers)
 
 
-def field_module(feature: Feature, dim: int) -> nn.Module:
-    if feature.is_dense:
-        return DenseField(dim)
-    if feature.kind == "multi_hot":
-        return MultiHotField(feature.cardinality, dim)
-    return CategoricalField(feature.cardinality, dim)
-
-
 class FieldTower(nn.Module):
     """Shared body of both towers: embed fields -> optional SENet -> MLP -> L2 normalise."""
 
@@ -299,11 +224,13 @@ class TwoTower(nn.Module):
         temperature: float = 0.05,
     ) -> None:
         super().__init__()
-        self.item_embedding = nn.Embedding(n_items + 1, config.field_dim, padding_idx=0)
+        # Sparse gradients beyond `SPARSE_ROWS` items: a step updates the rows a batch used.
+        self.item_embedding = embedding_table(n_items + 1, config.field_dim, padding_idx=0)
         nn.init.normal_(self.item_embedding.weight, std=0.05)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
-        self.user_tower = UserTower(user_encoder, self.item_embedding, config)
+        user_tower = SequenceUserTower if config.user_tower == "sequence" else UserTower
+        self.user_tower = user_tower(user_encoder, self.item_embedding, config)
         self.item_tower = ItemTower(item_encoder, self.item_embedding, config)
         self.temperature = temperature
 
@@ -323,7 +250,7 @@ class PriorUserTower(nn.Module):
     over unit vectors.
     """
 
-    def __init__(self, tower: UserTower) -> None:
+    def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
 

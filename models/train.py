@@ -21,6 +21,7 @@ from models.distill import DistillationLoss, TeacherTargets, ease_targets
 from models.distributed import BatchLoss, data_parallel, join_world
 from models.examples import InteractionLog, encode_table, fit_encoders, gather
 from models.features import HISTORY, FeatureEncoder
+from models.fields import SPARSE_ROWS
 from models.losses import (
     BinaryCrossEntropyLoss,
     PairwiseLogisticLoss,
@@ -28,6 +29,7 @@ from models.losses import (
     TripletHingeLoss,
 )
 from models.samplers import NegativeSampler, in_batch_log_q, popularity_sampler, uniform_sampler
+from models.sequence_task import SequenceTask
 from models.towers import PriorUserTower, TwoTower
 from models.train_config import NegativesName, TrainConfig
 
@@ -54,34 +56,47 @@ class TrainedModel:
         """float32 `(n_items, out_dim)`, L2-normalised, row i = item_ids[i]."""
         self.model.eval()
         device = next(self.model.parameters()).device
-        out = []
+        # Filled batch by batch: one table in memory, not the batches and their concatenation.
+        out = np.empty((len(self.item_ids), self.config.tower.out_dim), dtype=np.float32)
         for start in range(0, len(self.item_ids), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(self.item_ids)))
             feats = {k: v.to(device) for k, v in gather(self.item_features, rows).items()}
-            out.append(self.model.item_tower(rows.to(device), feats).cpu())
-        return torch.cat(out).numpy().astype(np.float32)
+            out[start : start + len(rows)] = self.model.item_tower(rows.to(device), feats).cpu()
+        return out
 
-    def serving_item_matrix(self, counts: np.ndarray) -> np.ndarray:
+    def prior(self, counts: np.ndarray, weight: float | None = None) -> np.ndarray:
+        """float64 `(n_items,)`: each item's popularity prior in cosine units,
+        `temperature * W * log1p(count)`, W being `weight` or else `prior_weight`."""
+        beta = self.prior_weight if weight is None else weight
+        return self.config.temperature * beta * np.log1p(counts.astype(np.float64))
+
+    def serving_item_matrix(
+        self, counts: np.ndarray, embeddings: np.ndarray | None = None
+    ) -> np.ndarray:
         """The unit vectors to index: the item embeddings, or with a prior `[v, b, r] / M`.
 
-        b is the item's prior in cosine units (`temperature * W * log1p(count)`), M the
-        largest `|[v, b]|` and `r = sqrt(M^2 - 1 - b^2)` pads each vector to length M, so
-        every vector has unit norm (the bundle contract) while the inner product with
-        `PriorUserTower`'s `[u, 1, 0] / sqrt(2)` ranks by `u.v + b` exactly.
+        b is the item's prior in cosine units (`prior`), M the largest `|[v, b]|` and
+        `r = sqrt(M^2 - 1 - b^2)` pads each vector to length M, so every vector has unit
+        norm (the bundle contract) while the inner product with `PriorUserTower`'s
+        `[u, 1, 0] / sqrt(2)` ranks by `u.v + b` exactly.
 
         Args:
             counts: `(n_items,)` interactions per item known at serving time, counted with
                 `prior_half_life_days` (`InteractionLog.item_counts`).
+            embeddings: `item_embeddings()` when the caller has them already.
         """
-        items = self.item_embeddings()
-        beta = self.prior_weight
-        if beta == 0:
+        items = self.item_embeddings() if embeddings is None else embeddings
+        if self.prior_weight == 0:
             return items
-        prior = self.config.temperature * beta * np.log1p(counts.astype(np.float64))
+        prior = self.prior(counts)
         norm = np.sqrt(1.0 + prior.max(initial=0.0) ** 2)
         pad = np.sqrt(np.maximum(norm**2 - 1.0 - prior**2, 0.0))
-        folded = np.hstack([items.astype(np.float64), prior[:, None], pad[:, None]]) / norm
-        return folded.astype(np.float32)
+        # Divided in float64 straight into the float32 result: no float64 copy of the table.
+        folded = np.empty((len(items), items.shape[1] + 2), dtype=np.float32)
+        np.divide(items, norm, out=folded[:, :-2], dtype=np.float64, casting="unsafe")
+        folded[:, -2] = prior / norm
+        folded[:, -1] = pad / norm
+        return folded
 
     def serving_user_tower(self) -> torch.nn.Module:
         """The user tower as exported: the L2-normalised tower, or `PriorUserTower` over it."""
@@ -105,6 +120,53 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+class EmbeddingAdam:
+    """Adam whose step costs what the batch touched: `SparseAdam` for the embedding tables
+    with sparse gradients (`models.fields.embedding_table`), `Adam` for the rest.
+
+    A sparse table's rows move only on the steps that look them up (lazy Adam, as large
+    catalogue trainers update their tables); the dense parameters are those every batch uses.
+    `weight_decay` is Adam's (L2 added to the gradient): on the dense parameters every step,
+    on a sparse table the rows the step touched. The full softmax (`negatives="all"`) touches
+    every row each step, so there the two updates are the same.
+
+    Args:
+        model: the module to train.
+        lr: learning rate of both.
+        weight_decay: L2 weight, as for `torch.optim.Adam`.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float) -> None:
+        tables = {
+            id(m.weight): m.weight
+            for m in model.modules()
+            if isinstance(m, torch.nn.Embedding) and m.sparse
+        }
+        dense = [p for p in model.parameters() if id(p) not in tables]
+        self.tables = list(tables.values())
+        self.weight_decay = weight_decay
+        self.optimisers: list[torch.optim.Optimizer] = []
+        if dense:
+            self.optimisers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay))
+        if self.tables:
+            self.optimisers.append(torch.optim.SparseAdam(self.tables, lr=lr))
+
+    def zero_grad(self) -> None:
+        for optimiser in self.optimisers:
+            optimiser.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.weight_decay:
+            for table in self.tables:
+                if table.grad is not None:
+                    grad = table.grad.coalesce()  # one value row per touched table row
+                    grad.values().add_(table[grad.indices()[0]], alpha=self.weight_decay)
+                    table.grad = grad
+        for optimiser in self.optimisers:
+            optimiser.step()
 
 
 def _sampler(
@@ -165,6 +227,19 @@ class Trainer:
             config.tower,
             config.temperature,
         ).to(self.device)
+        # The sequential tower trains on whole sequences: one example is one user.
+        self.sequence_task = None
+        if config.tower.user_tower == "sequence":
+            self.sequence_task = SequenceTask(
+                self.model,
+                self.log,
+                self.user_table,
+                self.item_table,
+                config,
+                self.sampler,
+                self.in_batch_logq,
+                self.device,
+            )
         self.listwise = SampledSoftmaxLoss(config.temperature, config.logq_correction)
         self.per_example = {
             "bce": BinaryCrossEntropyLoss(config.temperature),
@@ -237,7 +312,10 @@ class Trainer:
         return torch.from_numpy(self.user_items[found] == keys).to(self.device)
 
     def loss(self, batch: np.ndarray) -> Tensor:
-        """Loss of one batch of example indices into the interaction log."""
+        """Loss of one batch of examples: indices into the interaction log, or into the
+        sequence task's users."""
+        if self.sequence_task is not None:
+            return self.sequence_task.loss(batch)
         targets = self._targets(batch)
         users = self.model.user_tower(self._user_features(batch, targets))
         loss = self._objective(batch, targets, users)
@@ -273,12 +351,12 @@ class Trainer:
                 logits = logits.masked_fill(seen, torch.finfo(logits.dtype).min)
             return F.cross_entropy(logits, pos_ids)
         if self.per_example is None:
-            if k == 0 or self.config.negatives == "in-batch":
+            if self.config.negatives == "in-batch":
                 seen = self._seen(batch, pos_rows)
                 return self.listwise(
                     users, positives, pos_ids, self.in_batch_logq[pos_ids], seen=seen
                 )
-            rows, logq = self._negative_rows(k, pos_rows)
+            rows, logq = self._negative_rows(self.config.softmax_negatives, pos_rows)
             return self.listwise(
                 users,
                 positives,
@@ -297,12 +375,21 @@ class Trainer:
 
     def fit(self) -> TrainedModel:
         cfg = self.config
-        optimiser = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        optimiser = EmbeddingAdam(self.model, cfg.lr, cfg.weight_decay)
+        if optimiser.tables and self.world.size > 1 and self.device.type == "cuda":
+            raise ValueError(
+                "data-parallel training on GPUs (NCCL) cannot all-reduce sparse gradients, "
+                f"which embedding tables over {SPARSE_ROWS} rows have (here "
+                f"{len(self.item_ids)} items or an attribute): train on one GPU, or in CPU "
+                "processes (gloo)"
+            )
         n = len(self.log.items)
         if n == 0:
             raise ValueError("no training interactions with a known item")
+        if self.sequence_task is not None:
+            n = self.sequence_task.n_examples
+            if n == 0:
+                raise ValueError("no training user with two interactions or more")
         rng, world, validate = self.rng, self.world, self.validate
         if n < world.size:
             raise ValueError(f"{n} training interactions for {world.size} processes")
@@ -310,7 +397,9 @@ class Trainer:
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):
             self.model.train()
-            if self.example_probs is None:
+            if self.sequence_task is not None:
+                self.sequence_task.start_epoch()
+            if self.example_probs is None or self.sequence_task is not None:
                 order = rng.permutation(n)
             else:
                 order = rng.choice(n, size=n, p=self.example_probs)
@@ -323,7 +412,7 @@ class Trainer:
             bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=quiet)
             for start in bar:
                 loss = self.step(order[start : start + cfg.batch_size])
-                optimiser.zero_grad(set_to_none=True)
+                optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 total += loss.item()

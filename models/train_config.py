@@ -13,6 +13,9 @@ LossName = Literal["softmax", "bce", "hinge", "logistic"]
 NegativesName = Literal["in-batch", "uniform", "popularity", "mixed", "all"]
 HistoryMode = Literal["before", "latest"]
 
+# Shared sampled negatives per batch of the softmax when `num_negatives` is 0.
+DEFAULT_SOFTMAX_NEGATIVES = 1024
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,7 +30,13 @@ class TrainConfig:
             catalogues small enough to run the item tower over every item each step). For
             `softmax`, the batch's positives are always candidates and `num_negatives` sampled
             items are added (none with `in-batch`); for the other losses each example gets
-            `num_negatives`.
+            `num_negatives`. The sequential tower (`tower.user_tower="sequence"`) scores every
+            position against the whole catalogue with `all`, and otherwise against
+            `num_negatives` shared candidates drawn from the batch's targets (`in-batch`), the
+            sampler, or half of each (`mixed`).
+        num_negatives: sampled negatives; 0 means `DEFAULT_SOFTMAX_NEGATIVES` shared by the
+            batch for the softmax with `uniform`, `popularity` or `mixed` negatives (never a
+            silent in-batch-only run), and 1 per example for the other losses.
         logq_correction: softmax only.
         temperature: cosine scores are divided by it.
         history_length: items of recent behaviour the user tower reads.
@@ -46,6 +55,10 @@ class TrainConfig:
             gets at serving time, so it learns to complete a user's set of items from it).
         history_dropout: share of history items hidden at random in each training example
             (an augmentation: the tower cannot memorise a user's exact history).
+        hard_negatives: per user, the items the current model ranks highest that the user did
+            not take (mined again at the start of every epoch), added as negatives to each of
+            that user's positions; the sequential tower with sampled negatives only (the full
+            softmax already holds every item). 0 disables it.
         mask_seen_negatives: softmax only: a candidate the user interacted with anywhere in
             the training log is not used as that user's negative (it is a false negative:
             retrieval is asked to find such items, not to rank them low).
@@ -96,6 +109,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     distill_top_k: int = 100
     user_balance: float = 0.0
+    hard_negatives: int = 0
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = 2
     validation_fraction: float = 0.1
@@ -109,8 +123,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "target_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        not_negative = ("weight_decay", "num_negatives", "history_length", "patience",
-                        "user_balance", "validation_min_gap_days")  # fmt: skip
+        not_negative = ("weight_decay", "num_negatives", "hard_negatives", "history_length",
+                        "patience", "user_balance", "validation_min_gap_days")  # fmt: skip
         optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
         for name in (*not_negative, *optional):
             value = getattr(self, name)
@@ -128,7 +142,25 @@ class TrainConfig:
             raise ValueError("mask_seen_negatives applies to loss 'softmax' only")
         if self.distill_weight < 0 or self.distill_temperature <= 0 or self.distill_top_k < 1:
             raise ValueError("distillation needs weight >= 0, temperature > 0 and top_k >= 1")
+        if self.tower.user_tower == "sequence":
+            if self.loss != "softmax" or self.distill_weight or self.mask_seen_negatives:
+                raise ValueError(
+                    "the sequential user tower trains with loss 'softmax', without distillation "
+                    "or mask_seen_negatives"
+                )
+            if self.history_length < 1:
+                raise ValueError("the sequential user tower needs history_length >= 1")
+        if self.hard_negatives and (self.tower.user_tower != "sequence" or self.negatives == "all"):
+            raise ValueError(
+                "hard_negatives applies to the sequential user tower with sampled negatives "
+                "(the full softmax, negatives 'all', already scores every item)"
+            )
         self.resolved_device()  # a device this machine does not have
+
+    @property
+    def softmax_negatives(self) -> int:
+        """Sampled negatives the softmax adds to a batch (with a sampled `negatives` kind)."""
+        return self.num_negatives or DEFAULT_SOFTMAX_NEGATIVES
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

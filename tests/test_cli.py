@@ -383,8 +383,9 @@ def test_publish_features_writes_the_service_layout(
     keys = {str(k) for k in client.scan_iter(match=f"{prefix}:*")}
     assert len(keys) == 60
     for user_id, row in dataset.users.iterrows():
-        stored = stored_json(client, f"{prefix}:user:{user_id}")
+        # The layout of the Redis contract: the user id as the keys' hash tag.
+        stored = stored_json(client, f"{prefix}:user:{{{user_id}}}")
         assert stored == {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        history = stored_list(client, f"{prefix}:hist:{user_id}")
+        history = stored_list(client, f"{prefix}:hist:{{{user_id}}}")
         mine = newest_first.loc[newest_first["user_id"] == user_id, "item_id"].tolist()
         assert history == mine[:5] and len(history) == min(5, len(mine))

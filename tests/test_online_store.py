@@ -1,15 +1,26 @@
-"""publish-features against a real Redis: key layout, values, replacement, TTLs."""
+"""publish-features against a real Redis and a real Redis Cluster: key layout, values,
+replacement, TTLs."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
-from redis import Redis
+from redis import Redis, RedisCluster
+from redis.crc import key_slot
 from trainer_helpers import stored_json, stored_list
 
 from models.dataset import ColumnSpec, Dataset
-from models.online_store import DEFAULT_PREFIX, history_key, publish, user_key, user_records
+from models.online_store import (
+    DEFAULT_PREFIX,
+    check_prefix,
+    connect,
+    history_key,
+    publish,
+    user_key,
+    user_records,
+)
 
 
 @pytest.fixture
@@ -50,8 +61,30 @@ def hand_dataset() -> Dataset:
 
 def test_key_layout() -> None:
     assert DEFAULT_PREFIX == "tr"
-    assert user_key("tr", "42") == "tr:user:42"
-    assert history_key("tr", "42") == "tr:hist:42"
+    assert user_key("tr", "42") == "tr:user:{42}"
+    assert history_key("tr", "42") == "tr:hist:{42}"
+
+
+@pytest.mark.parametrize(
+    ("user_id", "tag"),
+    [("u1", "u1"), ("a{b", "a{b"), ("a}b", "a%7Db"), ("}", "%7D"), ("50%", "50%25"),
+     ("%7D", "%257D")],
+)  # fmt: skip
+def test_the_user_id_is_the_hash_tag_of_both_keys(user_id: str, tag: str) -> None:
+    """Redis hashes what lies between a key's first `{` and the next `}`: the whole id, with
+    `}` (and `%`, to keep ids apart) percent-encoded, so both keys share a slot."""
+    assert user_key("tr", user_id) == f"tr:user:{{{tag}}}"
+    assert history_key("tr", user_id) == f"tr:hist:{{{tag}}}"
+    assert key_slot(user_key("tr", user_id).encode()) == key_slot(tag.encode())
+    assert key_slot(history_key("tr", user_id).encode()) == key_slot(tag.encode())
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "tr}"])
+def test_a_prefix_with_a_brace_is_refused(prefix: str) -> None:
+    with pytest.raises(ValueError, match=re.escape("without '{' or '}'")):
+        check_prefix(prefix)
+    with pytest.raises(ValueError, match=re.escape("without '{' or '}'")):
+        publish(Redis(), hand_dataset(), prefix=prefix)  # before any connection
 
 
 def test_user_records_drop_missing_values_and_order_newest_first() -> None:
@@ -91,8 +124,8 @@ def test_publish_writes_and_replaces_keys(store: tuple[Redis, str], chunk: int) 
     assert stored_list(client, history_key(prefix, "u2")) == ["i2", "i1"]
     assert not client.exists(history_key(prefix, "u3"))  # no interactions: no stale history
     keys = {str(k) for k in client.scan_iter(match=f"{prefix}:*")}
-    assert keys == {f"{prefix}:user:{u}" for u in ("u1", "u2", "u3")} | {
-        f"{prefix}:hist:{u}" for u in ("u1", "u2")
+    assert keys == {user_key(prefix, u) for u in ("u1", "u2", "u3")} | {
+        history_key(prefix, u) for u in ("u1", "u2")
     }
     assert client.ttl(user_key(prefix, "u1")) == -1  # no TTL unless asked
 
@@ -103,3 +136,40 @@ def test_publish_with_ttl(store: tuple[Redis, str]) -> None:
     for key in (user_key(prefix, "u1"), history_key(prefix, "u1"), user_key(prefix, "u3")):
         assert 0 < client.ttl(key) <= 300
     assert stored_list(client, history_key(prefix, "u1")) == ["i2", "i3"]
+
+
+def test_publish_writes_to_a_cluster_and_replaces_keys(
+    redis_cluster_url: str, cluster_prefix: str
+) -> None:
+    client = connect(redis_cluster_url, cluster=True)
+    admin = RedisCluster.from_url(redis_cluster_url, decode_responses=True)
+    try:
+        admin.rpush(history_key(cluster_prefix, "u1"), "old1", "old2", "old3", "old4")
+        n = publish(client, hand_dataset(), prefix=cluster_prefix, history_length=3, chunk=2)
+        assert n == 3
+        for user, features, items in user_records(hand_dataset(), history_length=3):
+            assert stored_json(admin, user_key(cluster_prefix, user)) == features
+            assert stored_list(admin, history_key(cluster_prefix, user)) == items
+        assert not admin.exists(history_key(cluster_prefix, "u3"))
+    finally:
+        client.close()
+        admin.close()
+
+
+def test_a_long_history_is_written_whole(store: tuple[Redis, str]) -> None:
+    """Past Lua's unpack() limit (a few thousand values), the script pushes in slices."""
+    client, prefix = store
+    dataset = hand_dataset()
+    many = pd.DataFrame(
+        {"user_id": "u3", "item_id": [f"i{n}" for n in range(9000)], "timestamp": range(9000)}
+    )
+    dataset = Dataset(
+        name="long",
+        interactions=pd.concat([dataset.interactions, many], ignore_index=True),
+        users=dataset.users,
+        items=dataset.items,
+        user_columns=dataset.user_columns,
+        item_columns=dataset.item_columns,
+    )
+    publish(client, dataset, prefix=prefix, history_length=9000)
+    assert stored_list(client, history_key(prefix, "u3")) == [f"i{n}" for n in range(8999, -1, -1)]

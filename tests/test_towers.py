@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from models.features import HISTORY, Feature, FeatureEncoder
+from models.fields import MultiHotField
 from models.towers import (
     HISTORY_ENCODERS,
     AttentionHistory,
     MeanHistory,
-    MultiHotField,
     SENet,
     TowerConfig,
     TwoTower,

@@ -1,0 +1,175 @@
+"""The sequential objective: every position of a user's sequence predicts the next item.
+
+One example is one user: their latest `history_length + 1` training items, oldest first. The
+sequential user tower (`models.sequence_tower`) reads the first `history_length` of them
+under a causal mask, so position t sees items 1..t and is trained to score item t + 1 above
+the rest of the catalogue. That is how SASRec-family models train, and it gives every batch
+`history_length` times more targets than one example per interaction with a pooled history.
+
+The softmax runs over the whole catalogue where it fits (`negatives="all"`: exact, no sampling
+bias); beyond it, over the targets' own items against shared sampled negatives, with logQ
+correction and accidental hits masked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.examples import InteractionLog, gather
+from models.samplers import NegativeSampler
+from models.sequence_tower import SequenceUserTower
+from models.towers import TwoTower
+from models.train_config import TrainConfig
+
+
+class SequenceTask:
+    """Batches of users -> the next-item loss of the sequential tower.
+
+    Args:
+        model: a `TwoTower` whose user tower is a `SequenceUserTower`.
+        log: the training interactions.
+        user_table: encoded user attributes, by user row of `log`.
+        item_table: encoded item attributes, by catalogue row.
+        config: the run's settings (history length, negatives, temperature, logQ).
+        sampler: the negative sampler (None with `all` or `in-batch` negatives).
+        in_batch_logq: `(n_items,)` log q of an item as an in-batch candidate.
+        device: where the model lives.
+    """
+
+    def __init__(
+        self,
+        model: TwoTower,
+        log: InteractionLog,
+        user_table: dict[str, Tensor],
+        item_table: dict[str, Tensor],
+        config: TrainConfig,
+        sampler: NegativeSampler | None,
+        in_batch_logq: Tensor,
+        device: torch.device,
+    ) -> None:
+        self.model, self.log, self.config, self.device = model, log, config, device
+        if not isinstance(model.user_tower, SequenceUserTower):
+            raise TypeError("the sequential objective trains a SequenceUserTower")
+        self.tower = model.user_tower
+        self.user_table = user_table
+        self.item_table = {k: v.to(device) for k, v in item_table.items()}
+        self.n_items = len(in_batch_logq)
+        self.all_rows = torch.arange(self.n_items, device=device)
+        self.sampler = sampler
+        self.log_q = proposal_log_q(config.negatives, in_batch_logq.cpu(), sampler).to(device)
+        sizes = log.user_end - log.user_start[log.user_end - 1] if len(log.user_end) else []
+        # Users with a next item to predict: two training items at least.
+        self.users = np.flatnonzero(np.asarray(sizes) >= 2)
+        self.hard: Tensor | None = None  # (n_examples, hard_negatives) rows, per epoch
+
+    def start_epoch(self) -> None:
+        """Refresh the hard negatives (if any) with the model as it is now."""
+        if self.config.hard_negatives:
+            self.hard = self.mine_hard_negatives()
+
+    @torch.no_grad()
+    def mine_hard_negatives(self, chunk: int = 512) -> Tensor:
+        """`(n_examples, hard_negatives)` rows: for each user, the items the current model
+        ranks highest after their latest training items, among those they did not take."""
+        training = self.model.training
+        self.model.eval()
+        items = self._items(self.all_rows)
+        hard = []
+        for lo in range(0, len(self.users), chunk):
+            users = self.users[lo : lo + chunk]
+            latest = torch.from_numpy(self.sequences(users)[:, 1:]).to(self.device)
+            scores = self.tower.encode(self._features(users), latest, 1)[:, 0] @ items.T
+            ends = self.log.user_end[users]
+            starts = self.log.user_start[ends - 1]
+            owner = np.repeat(np.arange(len(users)), ends - starts)
+            events = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+            taken = torch.from_numpy(self.log.items[events]).to(self.device)
+            scores[torch.from_numpy(owner).to(self.device), taken] = -torch.inf
+            hard.append(scores.topk(self.config.hard_negatives, dim=1).indices.cpu())
+        self.model.train(training)
+        return torch.cat(hard)
+
+    def _features(self, users: np.ndarray) -> dict[str, Tensor]:
+        rows = torch.from_numpy(users)
+        return {k: v.to(self.device) for k, v in gather(self.user_table, rows).items()}
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.users)
+
+    def sequences(self, users: np.ndarray) -> np.ndarray:
+        """`(B, history_length + 1)` item indices (row + 1) of each user's latest training
+        items, oldest first, left-padded with 0."""
+        ends = self.log.user_end[users]
+        starts = self.log.user_start[ends - 1]
+        newest_first = self.log.histories(ends, starts, self.config.history_length + 1)
+        return np.ascontiguousarray(newest_first[:, ::-1])
+
+    def loss(self, batch: np.ndarray) -> Tensor:
+        """Mean next-item cross-entropy over every position of the batch's sequences."""
+        users = self.users[batch]
+        seqs = torch.from_numpy(self.sequences(users)).to(self.device)
+        inputs, targets = seqs[:, :-1], seqs[:, 1:]
+        outputs = self.tower.sequence(self._features(users), inputs)
+        wanted = inputs > 0  # a padding position has nothing to predict from
+        hard = None
+        if self.hard is not None:  # each user's hard negatives, for each of their positions
+            per_user = self.hard[torch.from_numpy(batch)].to(self.device)
+            hard = per_user.unsqueeze(1).expand(-1, inputs.shape[1], -1)[wanted]
+        return self._softmax(outputs[wanted], targets[wanted] - 1, hard)
+
+    def _items(self, rows: Tensor) -> Tensor:
+        feats = {name: values[rows] for name, values in self.item_table.items()}
+        return self.model.item_tower(rows, feats)
+
+    def _softmax(self, users: Tensor, targets: Tensor, hard: Tensor | None = None) -> Tensor:
+        """Cross-entropy of `(N, D)` user vectors against their `(N,)` target rows: over the
+        whole catalogue, or the target against the shared negatives, each logit less its
+        log q under the proposal (Bengio & Senecal's sampled softmax), and each position's
+        `(N, H)` hard negatives, not sampled and so not corrected."""
+        temperature = self.config.temperature
+        if self.config.negatives == "all":
+            return F.cross_entropy(users @ self._items(self.all_rows).T / temperature, targets)
+        negatives = self._negatives(targets)
+        positives = self._items(targets)
+        pos_logits = (users * positives).sum(-1, keepdim=True) / temperature
+        neg_logits = users @ self._items(negatives).T / temperature
+        if self.config.logq_correction:
+            pos_logits = pos_logits - self.log_q[targets].unsqueeze(1)
+            neg_logits = neg_logits - self.log_q[negatives].unsqueeze(0)
+        hits = targets.unsqueeze(1) == negatives.unsqueeze(0)  # accidental hits
+        lowest = torch.finfo(neg_logits.dtype).min
+        neg_logits = neg_logits.masked_fill(hits, lowest)
+        columns = [pos_logits, neg_logits]
+        if hard is not None:
+            vectors = self._items(hard.flatten()).view(*hard.shape, -1)
+            hard_logits = torch.einsum("nd,nhd->nh", users, vectors) / temperature
+            columns.append(hard_logits.masked_fill(hard == targets.unsqueeze(1), lowest))
+        return F.cross_entropy(torch.cat(columns, dim=1), torch.zeros_like(targets))
+
+    def _negatives(self, targets: Tensor) -> Tensor:
+        """`num_negatives` rows shared by every position: the batch's own targets
+        (`in-batch`), sampled ones (`uniform`, `popularity`), or half of each (`mixed`)."""
+        k = self.config.softmax_negatives
+        picks = targets[torch.randint(len(targets), (k,), device=targets.device)]
+        if self.sampler is None:
+            return picks
+        rows = self.sampler.sample(k)[0].to(self.device)
+        if self.config.negatives == "mixed":
+            return torch.cat([picks[: k // 2], rows[k // 2 :]])
+        return rows
+
+
+def proposal_log_q(
+    negatives: str, in_batch_logq: Tensor, sampler: NegativeSampler | None
+) -> Tensor:
+    """`(n_items,)` log probability of each item under the negatives' proposal distribution:
+    what logQ correction subtracts from every candidate's logit, the positive's included."""
+    if negatives == "in-batch" or sampler is None:
+        return in_batch_logq
+    if negatives == "mixed":
+        return torch.logaddexp(in_batch_logq, sampler.log_probs) - float(np.log(2.0))
+    return sampler.log_probs

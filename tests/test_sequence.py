@@ -1,0 +1,240 @@
+"""The sequential user tower and its objective: causal, served as trained, exported with
+parity, and able to learn an order that a pooled history cannot see."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from trainer_helpers import fast_config, small_dataset
+
+from models.dataset import ColumnSpec, Dataset
+from models.examples import InteractionLog
+from models.features import FeatureEncoder
+from models.pipeline import carve_validation, run_training
+from models.recommender import BundleRecommender, TwoTowerRecommender
+from models.sequence_task import SequenceTask
+from models.sequence_tower import SequenceUserTower
+from models.splits import make_split
+from models.towers import TowerConfig
+from models.train import Trainer
+from models.train_config import TrainConfig
+
+SEQUENCE = TowerConfig(field_dim=16, hidden=(32,), out_dim=16, user_tower="sequence", dropout=0.1)
+
+
+def sequence_config(**overrides: object) -> TrainConfig:
+    return fast_config(**({"tower": SEQUENCE, "negatives": "all", "lr": 5e-3} | overrides))
+
+
+def cycle_dataset(n_users: int = 150, n_items: int = 120, seed: int = 0) -> Dataset:
+    """Each user walks the catalogue in order from a random start (item i, then i + 1, ...):
+    what comes next depends on the order of the history, not on the set of its items."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start, length = rng.integers(n_items), rng.integers(12, 25)
+        for step in range(length):
+            rows.append((f"u{u}", f"i{(start + step) % n_items}", 1_000_000 + 60 * (u + step)))
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    interactions = interactions.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    users = pd.DataFrame(
+        {"group": [f"g{u % 3}" for u in range(n_users)]},
+        index=pd.Index([f"u{u}" for u in range(n_users)], name="user_id"),
+    )
+    items = pd.DataFrame(
+        {"kind": [f"k{i % 4}" for i in range(n_items)]},
+        index=pd.Index([f"i{i}" for i in range(n_items)], name="item_id"),
+    )
+    return Dataset(
+        "cycle",
+        interactions,
+        users,
+        items,
+        (ColumnSpec("group", "categorical"),),
+        (ColumnSpec("kind", "categorical"),),
+    )
+
+
+def trained_tower() -> tuple[SequenceUserTower, FeatureEncoder]:
+    dataset = small_dataset()
+    trained = Trainer(dataset, dataset.interactions, sequence_config()).fit()
+    tower = trained.model.user_tower
+    assert isinstance(tower, SequenceUserTower)
+    return tower.eval(), trained.user_encoder
+
+
+def encoded(encoder: FeatureEncoder, histories: list[list[str]]) -> dict[str, torch.Tensor]:
+    rows = [{"country": "JP", "age_group": "25-34", "activity": 3.0}] * len(histories)
+    inputs = encoder.encode(rows, histories)
+    return {name: torch.from_numpy(values) for name, values in inputs.items()}
+
+
+def test_each_position_sees_only_itself_and_earlier_items() -> None:
+    tower, encoder = trained_tower()
+    features = encoded(encoder, [[], []])
+    items = torch.tensor([[0, 0, 3, 5, 7, 9], [1, 2, 3, 4, 5, 6]])
+    items = torch.nn.functional.pad(items, (encoder.history_length - 6, 0))
+    with torch.no_grad():
+        before = tower.sequence(features, items)
+        changed = items.clone()
+        changed[:, -1] = 11  # only the newest item differs
+        after = tower.sequence(features, changed)
+    assert torch.equal(before[:, :-1], after[:, :-1])
+    assert not torch.allclose(before[:, -1], after[:, -1])
+    assert torch.allclose(before.norm(dim=-1), torch.ones(before.shape[:2]), atol=1e-5)
+
+
+def test_serving_reads_the_newest_first_history_as_training_reads_the_last_position() -> None:
+    tower, encoder = trained_tower()
+    catalogue = list(encoder.item_index)
+    features = encoded(encoder, [catalogue[3:7], catalogue[: encoder.history_length], []])
+    history = features["history"]
+    assert history[0, :5].tolist() == [4, 5, 6, 7, 0]  # newest first, row + 1
+    with torch.no_grad():
+        served = tower(features)
+        trained_at_last = tower.sequence(features, history.flip(1))[:, -1]
+        scripted = torch.jit.script(tower)(features)
+    torch.testing.assert_close(served, trained_at_last)
+    torch.testing.assert_close(scripted, served)
+    assert torch.isfinite(served[2]).all()  # no history: cold start, still a unit vector
+
+
+def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> None:
+    dataset = cycle_dataset(n_users=3)
+    config = sequence_config(history_length=5)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    task = trainer.sequence_task
+    assert isinstance(task, SequenceTask)
+    log = InteractionLog.build(dataset.interactions, trainer.user_encoder.item_index)
+    for user in range(3):
+        own = log.items[log.users == user]
+        expected = own[-6:] + 1  # history_length + 1 items: inputs and their next items
+        assert task.sequences(np.array([user]))[0].tolist() == expected.tolist()
+    short = dataset.interactions[dataset.interactions["user_id"] == "u0"].head(3)
+    task = Trainer(dataset, short, config).sequence_task
+    assert task is not None
+    assert task.sequences(np.array([0]))[0].tolist()[:3] == [0, 0, 0]
+
+
+def test_next_item_validation_holds_out_each_training_users_last_items() -> None:
+    dataset = cycle_dataset()
+    split = make_split(dataset.interactions, "leave-last-n:1")
+    carve = carve_validation(split.train, sequence_config(), "leave-last-n:1")
+    last = split.train.groupby("user_id").tail(1)
+    assert sorted(map(tuple, carve.test[["user_id", "item_id"]].to_numpy())) == sorted(
+        map(tuple, last[["user_id", "item_id"]].to_numpy())
+    )
+    events = ["user_id", "item_id", "timestamp"]
+    test_events = set(map(tuple, split.test[events].to_numpy()))
+    assert not test_events & set(map(tuple, carve.train[events].to_numpy()))  # never seen
+    assert len(carve.train) + len(carve.test) == len(split.train)
+
+
+@pytest.mark.slow
+def test_the_sequence_tower_learns_an_order_a_pooled_history_cannot_see() -> None:
+    dataset = cycle_dataset()
+    sequence = run_training(
+        dataset,
+        "leave-last-n:1",
+        sequence_config(
+            epochs=20,
+            batch_size=16,
+            validation_fraction=0.1,
+            validation_metric="recall@10",  # recall@50 saturates early on this toy
+            popularity_prior=0.0,
+        ),
+        None,
+        baselines=True,
+    )
+    pooled = run_training(
+        dataset,
+        "leave-last-n:1",
+        fast_config(epochs=20, batch_size=64, popularity_prior=0.0, negatives="all"),
+        None,
+    )
+    hit = sequence.results["two_tower"].means["hit_rate@10"]
+    assert hit > 0.8, hit
+    assert hit > pooled.results["two_tower"].means["hit_rate@10"] + 0.2
+    assert hit > sequence.results["most_popular"].means["hit_rate@10"] + 0.4
+    # Early stopping read each training user's last training item, never the test item.
+    assert sequence.trained.history and "recall@10" in sequence.trained.history[-1]
+
+
+def test_the_exported_sequence_tower_scores_as_the_trained_one(tmp_path: Path) -> None:
+    dataset = small_dataset()
+    run = run_training(dataset, "leave-last-n:1", sequence_config(epochs=1), tmp_path)
+    assert run.bundle is not None and run.split is not None
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    exported = BundleRecommender(run.bundle, dataset.users, item_index)
+    exported.fit(run.split.train, item_index)
+    eager = TwoTowerRecommender(run.trained, dataset.users)
+    eager.fit(run.split.train, item_index)
+    users = eager.known_users[:50]
+    np.testing.assert_allclose(exported.score(users), eager.score(users), atol=1e-5)
+    assert exported.manifest["model"]["user_tower"] == "sequence"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss": "bce"},
+        {"distill_weight": 0.5},
+        {"mask_seen_negatives": True},
+        {"history_length": 0},
+    ],
+)
+def test_the_sequence_tower_refuses_options_it_does_not_train_with(
+    overrides: dict[str, object],
+) -> None:
+    with pytest.raises(ValueError, match="sequential user tower"):
+        TrainConfig(tower=SEQUENCE, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("negatives", ["in-batch", "uniform", "popularity", "mixed"])
+def test_sampled_softmax_trains_the_sequence_tower(negatives: str) -> None:
+    dataset = cycle_dataset(n_users=60)
+    config = sequence_config(negatives=negatives, num_negatives=16, epochs=2)
+    trained = Trainer(dataset, dataset.interactions, config).fit()
+    losses = [record["loss"] for record in trained.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_tower_config_checks_heads_divide_the_width() -> None:
+    with pytest.raises(ValueError, match="heads"):
+        dataclasses.replace(SEQUENCE, heads=3)
+
+
+def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
+    dataset = cycle_dataset(n_users=40)
+    config = sequence_config(negatives="mixed", num_negatives=16, hard_negatives=5, epochs=2)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    trained = trainer.fit()
+    task = trainer.sequence_task
+    assert task is not None and task.hard is not None
+    assert task.hard.shape == (task.n_examples, 5)
+    assert np.isfinite([r["loss"] for r in trained.history]).all()
+    log = task.log
+    mined = task.mine_hard_negatives()
+    items = trained.item_embeddings()
+    for example in range(0, task.n_examples, 7):
+        user = task.users[example]
+        taken = set(log.items[log.users == user].tolist())
+        assert not taken & set(mined[example].tolist())
+        latest = torch.from_numpy(task.sequences(np.array([user]))[:, 1:])
+        with torch.no_grad():
+            vector = task.tower.encode(task._features(np.array([user])), latest, 1)[0, 0]
+        scores = vector.numpy() @ items.T
+        scores[list(taken)] = -np.inf
+        assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
+
+
+def test_hard_negatives_need_the_sequence_tower_and_sampled_negatives() -> None:
+    with pytest.raises(ValueError, match="hard_negatives"):
+        TrainConfig(tower=SEQUENCE, negatives="all", hard_negatives=5)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        TrainConfig(negatives="mixed", hard_negatives=5)
