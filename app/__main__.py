@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from app import workers
+from app.logs import logging_config
 from app.settings import get_settings
 
 APP = "app.main:app"
@@ -25,22 +24,14 @@ def main() -> None:
     threads = str(settings.torch_threads)
     os.environ["OMP_NUM_THREADS"] = threads
     os.environ["MKL_NUM_THREADS"] = threads
-    # uvicorn's own logging config, plus the service's loggers at the same level (applied in
-    # every worker process).
-    log_config = copy.deepcopy(LOGGING_CONFIG)
-    log_config["loggers"]["app"] = {
-        "handlers": ["default"],
-        "level": settings.log_level.upper(),
-        "propagate": False,
-    }
     options: dict[str, Any] = dict(
-        log_config=log_config,
+        log_config=logging_config(settings.log_format, settings.log_level),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         log_level=settings.log_level,
-        access_log=False,  # per-request logs cost more than recall itself; see /metrics
+        access_log=False,  # the service writes its own (ACCESS_LOG: app/middleware.py)
     )
     if settings.workers > 1 and workers.SUPPORTED:
         # A listening socket per worker, so connections spread evenly (app/workers.py).

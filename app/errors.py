@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from app.logs import current_request_id
+
 log = logging.getLogger(__name__)
 
 # A detail is a message, or FastAPI's validation-error list for input errors.
@@ -33,7 +35,8 @@ class AppError(Exception):
 
 class InvalidInput(AppError):
     """A request that passed schema validation breaks a limit only known at run time (MAX_K,
-    MAX_HISTORY, MAX_BATCH) or names an unknown feature; same body shape as FastAPI's 422."""
+    MAX_HISTORY, MAX_BATCH), names an unknown feature or gives one a value of the wrong type;
+    same body shape as FastAPI's 422."""
 
     status_code = 422
 
@@ -117,9 +120,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, never the client's input: log it with the traceback, answer without it.
+    # A bug, never the client's input: log it with the traceback, answer without it. Starlette
+    # answers it outside the middleware that adds X-Request-ID to the other responses.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal server error"}, 500)
+    request_id = current_request_id()
+    headers = {"x-request-id": request_id} if request_id is not None else None
+    return JSONResponse({"detail": "internal server error"}, 500, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,7 +7,9 @@ app and bundle, interleaved). Here the body is validated straight from its bytes
 pydantic-core and the service's JSON is sent as is. Anything but a good
 answer (an invalid body, a limit, no model, a wrong content type, an unexpected error) is
 handed to the FastAPI route with the body replayed, so every error keeps exactly the status
-and body the route gives, and the route stays the one documented in OpenAPI.
+and body the route gives, and the route stays the one documented in OpenAPI. Its requests get
+their id, metrics and access line from `app.middleware.RequestObserver` outside it, as the
+route's do.
 """
 
 from __future__ import annotations

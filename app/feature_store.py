@@ -1,8 +1,10 @@
 """Online user state: raw features and recent history, in Redis or in process.
 
-Key layout is `models.online_store` (shared with `publish-features`): `{prefix}:user:{id}` holds
-a JSON object of raw features, `{prefix}:hist:{id}` a list of item ids, newest first, capped.
-Reads are batch-shaped (`fetch_many`) and cost one round trip whatever the batch size.
+Key layout is `models.online_store` (shared with `publish-features`): `{prefix}:user:{<id>}`
+holds a JSON object of raw features, `{prefix}:hist:{<id>}` a list of item ids, newest first,
+capped; the user id is a hash tag, so both keys share one Redis Cluster slot. Reads are
+batch-shaped (`fetch_many`) and cost one round trip per batch (on a cluster, one per node the
+batch's users live on, all sent at once).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app.errors import FeatureStoreUnavailable
 from app.metrics import Metrics
-from models.online_store import history_key, user_key
+from models.online_store import check_prefix, history_key, user_key
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,61 @@ STALL_FACTOR = 2.0
 # Share of the call timeout a call may wait for a free pooled connection: less than all of it,
 # so that a full pool (this worker's own burst) tells itself apart from a slow Redis.
 POOL_WAIT_SHARE = 0.5
+# A cluster client re-reads the slot map (CLUSTER SLOTS) after a connection error at most this
+# often: after a failover, the promoted replica's users are read again this soon after the
+# first call that finds their old primary gone (redis-py's default is one second).
+TOPOLOGY_REFRESH_S = 0.25
+# The back-off key of a standalone Redis, and of a cluster whose topology is not known yet.
+WHOLE_STORE = "redis"
 T = TypeVar("T")
 # Deletes a key only while it is not a list: a concurrent append may have replaced it already,
 # and its events must not be deleted with it.
 DROP_UNLESS_LIST = "if redis.call('TYPE', KEYS[1]).ok ~= 'list' then redis.call('DEL', KEYS[1]) end"
+# Errors that say the store (or one node of a cluster) cannot be reached, rather than that
+# it refused one command: they start the fail-fast back-off.
+UNREACHABLE = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OSError,  # asyncio's TimeoutError (the call bound) is one
+    redis_errors.RedisClusterUnreachableError,
+    redis_errors.SlotNotCoveredError,
+)
+# A cluster failing over answers these at once (no back-off needed), and they heal by
+# themselves: like an outage, not like a bad command.
+FAILING_OVER = (redis_errors.ClusterDownError, redis_errors.TryAgainError)
+# What a cluster node answers a client that does not know it is one.
+CLUSTER_ONLY = (redis_errors.AskError, redis_errors.ClusterCrossSlotError)
+
+
+def redis_client(
+    url: str, *, cluster: bool, timeout_s: float, max_connections: int
+) -> Redis | RedisCluster:
+    """The async client of `url`, every socket operation bounded by `timeout_s`; with
+    `cluster`, redis-py's cluster client, `url` naming any node (`max_connections` per node).
+
+    One immediate retry: the first command on a connection made stale by a restart fails, the
+    retry reconnects (a cluster client also re-reads the slot map first, when due)."""
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1),
+        "decode_responses": True,
+        "encoding_errors": "replace",
+    }
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            topology_refresh_min_interval=TOPOLOGY_REFRESH_S,
+            **common,
+        )
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s * POOL_WAIT_SHARE,  # waiting for a free connection is bounded too
+        **common,
+    )
+    return Redis.from_pool(pool)  # owns the pool: closing the client closes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +122,9 @@ class FeatureStore(ABC):
 
     @abstractmethod
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
-        """Records of the distinct `user_ids`. Raises FeatureStoreUnavailable."""
+        """Records of the distinct `user_ids`; a user on a part of the store that is
+        unavailable (one node of a cluster) is left out, as a user the store does not hold.
+        Raises FeatureStoreUnavailable when no part answered."""
 
     @abstractmethod
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
@@ -135,19 +191,25 @@ class MemoryFeatureStore(FeatureStore):
 
 
 class RedisFeatureStore(FeatureStore):
-    """Redis with bounded time per call and a short back-off after a failure.
+    """Redis (or a Redis Cluster) with bounded time per call and a short back-off after a
+    failure.
 
     Every call is bounded by `timeout_s` (socket timeouts plus `asyncio.timeout` around the
     whole call, connection set-up included). After a connection error or timeout, calls fail
     fast for `retry_after_s` instead of each paying the timeout while Redis is down; then the
-    next call tries again. redis-py drops a connection whose command failed or was cancelled,
-    so a failure never leaves a half-read reply on a pooled connection, and reconnects on use.
+    next call tries again. On a cluster the back-off is per node: while one primary is down,
+    the users whose slots it holds degrade and the others are still read, and once a replica
+    takes its slots over (the client re-reads the slot map), those users are read from the
+    new primary without waiting out the old one's back-off. redis-py drops a connection whose
+    command failed or was cancelled, so a failure never leaves a half-read reply on a pooled
+    connection, and reconnects on use.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        cluster: bool = False,
         prefix: str,
         history_cap: int,
         ttl_s: int,
@@ -156,54 +218,51 @@ class RedisFeatureStore(FeatureStore):
         max_connections: int,
         metrics: Metrics,
     ) -> None:
-        self.prefix = prefix
+        self.prefix = check_prefix(prefix)
         self.history_cap = history_cap
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s * POOL_WAIT_SHARE,  # waiting for a free connection is bounded too
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # One immediate retry: the first command on a connection made stale by a Redis
-            # restart fails, the retry reconnects; the call timeout bounds the total anyway.
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-            encoding_errors="replace",
+        self.client = redis_client(
+            url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections
         )
-        self.client = Redis(connection_pool=pool)
-        self._retry_at = 0.0
-        self._down = False
+        self._retry_at: dict[str, float] = {}  # node name -> end of its back-off
+        self._down: set[str] = set()
 
-    async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
-        if time.monotonic() < self._retry_at:
+    async def _call(self, node: str, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        if time.monotonic() < self._retry_at.get(node, 0.0):
             raise FeatureStoreUnavailable("Redis is unavailable (retrying shortly)")
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no extra task
                 result = await fn()
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except UNREACHABLE as exc:
             self.metrics.redis_errors.labels(operation).inc()
             if _pool_exhausted(exc):  # every connection busy with this worker's own calls
                 raise FeatureStoreUnavailable("Redis connections all busy (worker busy)") from exc
             if self._stalled(exc, started):
                 log.warning("Redis %s timed out: this worker was busy, not Redis", operation)
                 raise FeatureStoreUnavailable("Redis call timed out (worker busy)") from exc
-            self._retry_at = time.monotonic() + self.retry_after_s
-            if not self._down:  # a timeout's message is empty: name the exception too
-                log.warning("Redis unavailable (%s): %r", operation, exc)
-            self._down = True
+            self._retry_at[node] = time.monotonic() + self.retry_after_s
+            if node not in self._down:  # a timeout's message is empty: name the exception too
+                log.warning("Redis unavailable (%s, %s): %r", operation, node, exc)
+            self._down.add(node)
             raise FeatureStoreUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
-        except redis_errors.RedisError as exc:  # a data error (e.g. WRONGTYPE): Redis is up
+        except FAILING_OVER as exc:
             self.metrics.redis_errors.labels(operation).inc()
-            raise FeatureStoreUnavailable(f"Redis error: {_reason(exc)}") from exc
-        if self._down:
-            log.warning("Redis available again")
-        self._down = False
-        self._retry_at = 0.0
+            raise FeatureStoreUnavailable(f"Redis is unavailable: {_reason(exc)}") from exc
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            # A data error (e.g. WRONGTYPE), or a refusal (OOM, READONLY): Redis is up.
+            self.metrics.redis_errors.labels(operation).inc()
+            reason = _reason(exc)
+            if isinstance(exc, CLUSTER_ONLY) and not isinstance(self.client, RedisCluster):
+                reason = "REDIS_URL names a Redis Cluster node: set REDIS_CLUSTER=true"
+            raise FeatureStoreUnavailable(f"Redis error: {reason}") from exc
+        if node in self._down:
+            log.warning("Redis available again (%s)", node)
+            self._down.discard(node)
+        self._retry_at.pop(node, None)
         return result
 
     def _stalled(self, exc: BaseException, started: float) -> bool:
@@ -215,37 +274,93 @@ class RedisFeatureStore(FeatureStore):
         late = time.monotonic() - started > STALL_FACTOR * self.timeout_s
         return late and isinstance(exc, TimeoutError | redis_errors.TimeoutError)
 
+    async def _route(self, operation: str, keys: Sequence[str]) -> dict[str, list[int]]:
+        """The positions of `keys` by the node that serves their slots now (a standalone Redis
+        is one node). A cluster's slot map is read on first use, and again when a call asked
+        for it (a connection error, a MOVED); the client does either only when due."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            return {WHOLE_STORE: list(range(len(keys)))}
+
+        async def route() -> dict[str, list[int]]:
+            await client.initialize()  # returns at once while the slot map is current
+            slots = client.nodes_manager
+            nodes: dict[str, list[int]] = {}
+            for i, key in enumerate(keys):
+                nodes.setdefault(slots.get_node_from_slot(client.keyslot(key)).name, []).append(i)
+            return nodes
+
+        return await self._call(WHOLE_STORE, operation, route)
+
+    async def _node_of(self, operation: str, key: str) -> str:
+        return next(iter(await self._route(operation, [key])))
+
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
-        async def fetch() -> list[Any]:
-            # One round trip per batch: a pipeline (no MULTI) of one MGET for every user's
-            # features and one LRANGE per history (a list cannot be MGET'd).
+        """On a cluster, each node's users are read in one pipeline, all nodes at once; the
+        users of a node that fails are left out (they degrade, as in an outage), and only
+        when every node failed does the call raise."""
+        keys = [(user_key(self.prefix, u), history_key(self.prefix, u)) for u in user_ids]
+        nodes = await self._route("fetch", [features for features, _ in keys])
+        calls = [
+            self._call(node, "fetch", self._fetch_pairs([keys[i] for i in positions]))
+            for node, positions in nodes.items()
+        ]
+        if len(calls) == 1:
+            replies: list[Any] = [await calls[0]]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+        out: dict[str, UserRecord] = {}
+        failure: FeatureStoreUnavailable | None = None
+        for positions, reply in zip(nodes.values(), replies, strict=True):
+            if isinstance(reply, FeatureStoreUnavailable):
+                failure = failure or reply
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for i, (raw, history) in zip(positions, reply, strict=True):
+                # A key of another type reads as absent.
+                raw = raw if isinstance(raw, str) else None
+                history = tuple(history) if isinstance(history, list) else ()
+                found = raw is not None or bool(history)
+                out[user_ids[i]] = UserRecord(parse_features(raw), history, found)
+        if failure is not None and not out:
+            raise failure
+        return out
+
+    def _fetch_pairs(self, pairs: Sequence[tuple[str, str]]) -> Callable[[], Awaitable[Any]]:
+        async def fetch() -> list[tuple[Any, Any]]:
+            # One round trip: a pipeline (no MULTI) of the features and an LRANGE per user (a
+            # list cannot be MGET'd). The features in one MGET on a standalone Redis (a GET
+            # per user costs its client ~40 % more CPU at 16 users); on a cluster one GET per
+            # user, since no command reads keys of several slots.
             pipe = self.client.pipeline(transaction=False)
-            pipe.mget([user_key(self.prefix, user_id) for user_id in user_ids])
-            for user_id in user_ids:
-                pipe.lrange(history_key(self.prefix, user_id), 0, self.history_cap - 1)
+            per_user = isinstance(self.client, RedisCluster)
+            if per_user:
+                for features, _ in pairs:
+                    pipe.get(features)
+            else:
+                pipe.mget([features for features, _ in pairs])
+            for _, history in pairs:
+                pipe.lrange(history, 0, self.history_cap - 1)
             replies = await pipe.execute(raise_on_error=False)
-            # A history key of the wrong type is one user's bad data, not an outage: read as
-            # absent below. Any other error (NOPERM, LOADING, MASTERDOWN...) fails the call,
-            # so it is counted and not cached as "this user holds nothing".
+            # A key of the wrong type is one user's bad data, not an outage: read as absent
+            # (MGET answers nil for it, GET an error). Any other error (NOPERM, LOADING,
+            # CLUSTERDOWN...) fails the call, so it is counted and not cached as "this user
+            # holds nothing".
             for reply in replies:
                 if isinstance(reply, redis_errors.RedisError) and not _wrong_type(reply):
                     raise reply
-            return replies
+            n = len(pairs)
+            raws = replies[:n] if per_user else replies[0]
+            return list(zip(raws, replies[len(replies) - n :], strict=True))
 
-        replies = await self._call("fetch", fetch)
-        out: dict[str, UserRecord] = {}
-        for user_id, raw, history in zip(user_ids, replies[0], replies[1:], strict=True):
-            # MGET answers nil for a key of another type: absent too.
-            raw = raw if isinstance(raw, str) else None
-            history = tuple(history) if isinstance(history, list) else ()
-            found = raw is not None or bool(history)
-            out[user_id] = UserRecord(parse_features(raw), history, found)
-        return out
+        return fetch
 
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = history_key(self.prefix, user_id)
 
         async def push() -> list[Any]:
+            # One key, so one slot: a transaction on a cluster too.
             pipe = self.client.pipeline(transaction=True)
             pipe.lpush(key, *item_ids)
             pipe.ltrim(key, 0, self.history_cap - 1)
@@ -266,26 +381,50 @@ class RedisFeatureStore(FeatureStore):
             await self.client.eval(DROP_UNLESS_LIST, 1, key)
             return await push()
 
-        replies = await self._call("append_events", append)
+        node = await self._node_of("append_events", key)
+        replies = await self._call(node, "append_events", append)
         return int(replies[-1])
 
     async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
         key, payload = user_key(self.prefix, user_id), orjson.dumps(dict(features)).decode()
         ttl = self.ttl_s or None
-        await self._call("put_features", lambda: self.client.set(key, payload, ex=ttl))
+        node = await self._node_of("put_features", key)
+        await self._call(node, "put_features", lambda: self.client.set(key, payload, ex=ttl))
 
     async def health(self) -> StoreStatus:
-        # Probes even while backing off, so readiness reports what Redis is doing now.
-        self._retry_at = 0.0
+        """A live probe, even while backing off, so readiness reports what Redis does now: a
+        PING, or on a cluster every primary's CLUSTER INFO (all reachable, state ok)."""
+        client = self.client
+        self._retry_at.pop(WHOLE_STORE, None)
         try:
-            await self._call("ping", self.client.ping)
+            if not isinstance(client, RedisCluster):
+                await self._call(WHOLE_STORE, "ping", client.ping)
+                return "ok"
+            await self._route("ping", [])
+            primaries = client.get_primaries()
+            for node in primaries:
+                self._retry_at.pop(node.name, None)
+            probes = [
+                self._call(node.name, "ping", _cluster_state(client, node)) for node in primaries
+            ]
+            states = await asyncio.gather(*probes, return_exceptions=True)
         except FeatureStoreUnavailable:
             return "unavailable"
-        return "ok"
+        for state in states:
+            if isinstance(state, BaseException) and not isinstance(state, FeatureStoreUnavailable):
+                raise state
+        return "ok" if all(state == "ok" for state in states) else "unavailable"
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+
+
+def _cluster_state(client: RedisCluster, node: ClusterNode) -> Callable[[], Awaitable[str]]:
+    async def probe() -> str:
+        info = await client.execute_command("CLUSTER INFO", target_nodes=node)
+        return str(info.get("cluster_state"))
+
+    return probe
 
 
 def _wrong_type(exc: BaseException) -> bool:
@@ -304,6 +443,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _pool_exhausted(exc: BaseException) -> bool:
-    """redis-py's pool gave up waiting for a free connection: Redis may be perfectly well, so
-    no back-off (it would cost every call of the next RETRY_AFTER its Redis data)."""
+    """redis-py's pool gave up waiting for a free connection (a cluster node's pool refuses at
+    once): Redis may be perfectly well, so no back-off (it would cost every call of the next
+    RETRY_AFTER its Redis data)."""
+    if isinstance(exc, redis_errors.MaxConnectionsError):
+        return True
     return isinstance(exc, redis_errors.ConnectionError) and isinstance(exc.__cause__, TimeoutError)

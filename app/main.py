@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from app.api.router import ROUTERS, service_routes
 from app.errors import install_error_handlers
 from app.fast_path import RecallFastPath
+from app.logs import AccessLog
 from app.metrics import Metrics
-from app.middleware import BodySizeLimitMiddleware, MetricsMiddleware
+from app.middleware import BodySizeLimitMiddleware, RequestObserver
 from app.openapi import document_limits
 from app.services import build_services, configure_threads
 from app.settings import Settings, get_settings
@@ -49,8 +50,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost: sees bodies the limit below already bounded; hands all but good answers on.
     app.add_middleware(RecallFastPath, routes=service_routes())
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # Outermost, so requests refused by the body limit are counted too.
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=service_routes())
+    # Outermost, so requests refused by the body limit are counted, logged and given ids too.
+    app.add_middleware(
+        RequestObserver,
+        metrics=app.state.metrics,
+        routes=service_routes(),
+        access_log=AccessLog(settings.log_format) if settings.access_log else None,
+    )
     for router in ROUTERS:
         app.include_router(router)
     document_limits(app, settings)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
 from app.errors import AppError, BundleRejected, VersionNotFound
+from app.feature_store import redis_client
 from app.repository import ModelRepository, Swap
 from models.bundle import is_version_name
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # bundle never reloads in a tight loop, and a transient failure (a slow volume) still heals.
 RETRY_FIRST_S = 30.0
 RETRY_MAX_S = 600.0
+# What reading or writing the pin may raise (a cluster client's own errors are no RedisError).
+PIN_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
 
 
 class PinUnavailable(Exception):
@@ -81,17 +83,10 @@ class RedisPin(VersionPin):
 
     shared = True
 
-    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
-        self.key = f"{prefix}:model:pinned"
+    def __init__(self, url: str, prefix: str, timeout_s: float, cluster: bool = False) -> None:
+        self.key = f"{prefix}:model:pinned"  # one key: any node of a cluster, as its slot says
         self.timeout_s = timeout_s
-        self.client = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=4,
-            decode_responses=True,
-            encoding_errors="replace",
-        )
+        self.client = redis_client(url, cluster=cluster, timeout_s=timeout_s, max_connections=4)
 
     # asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
     # that lands as the call completes, and the watcher's cancellation must never be lost.
@@ -99,7 +94,7 @@ class RedisPin(VersionPin):
         try:
             async with asyncio.timeout(self.timeout_s):
                 value = await self.client.get(self.key)
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+        except PIN_ERRORS as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if value is None or not isinstance(value, str) or not is_version_name(value):
             return None  # absent, or not ours to trust: follow LATEST
@@ -112,7 +107,7 @@ class RedisPin(VersionPin):
                     await self.client.delete(self.key)
                 else:
                     await self.client.set(self.key, version)
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+        except PIN_ERRORS as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:

@@ -24,10 +24,12 @@ from app.bundle_loader import ServingBundle
 from app.cache import VectorCache
 from app.errors import FeatureStoreUnavailable, InvalidInput, input_error
 from app.feature_store import EMPTY, FeatureStore, UserRecord
+from app.logs import note_model_version, unbind_request
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.retrieval import Query, Result, StageObserver, retrieve
 from app.schemas import FeatureSource, RecallRequest
+from models.features import Feature
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,10 @@ class RecallService:
     async def recall(self, request: RecallRequest) -> bytes:
         """One recall, served together with whatever else is waiting; the JSON response."""
         self._check_limits([request], [("body",)])
-        self._check_feature_names(self.repository.require(), [request], [("body",)])
-        return await self._batcher.submit(request)
+        self._check_features(self.repository.require(), [request], [("body",)])
+        payload, version = await self._batcher.submit(request)
+        note_model_version(version)
+        return payload
 
     async def recall_batch(self, requests: Sequence[RecallRequest]) -> bytes:
         """`/v1/recall/batch`: one batch as sent; the JSON `{"results": [...]}`."""
@@ -91,7 +95,8 @@ class RecallService:
         locs = [("body", "requests", i) for i in range(len(requests))]
         self._check_limits(requests, locs)
         bundle = self.repository.require()  # read once: the whole call uses this version
-        self._check_feature_names(bundle, requests, locs)
+        self._check_features(bundle, requests, locs)
+        note_model_version(bundle.version)
         outcomes = await self._recall(bundle, requests)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -101,11 +106,17 @@ class RecallService:
 
     async def _serve_micro_batch(
         self, requests: Sequence[RecallRequest]
-    ) -> list[bytes | BaseException]:
+    ) -> list[tuple[bytes, str] | BaseException]:
+        """Each response with the version that answered it (for the request's access line)."""
+        # The batcher's task was started by one of the requests, but serves all of them.
+        unbind_request()
         bundle = self.repository.require()  # read once: the whole batch uses this version
         outcomes = await self._recall(bundle, requests)
+        version = bundle.version
         with self.metrics.stage("serialise"):
-            return [o if isinstance(o, BaseException) else orjson.dumps(o) for o in outcomes]
+            return [
+                o if isinstance(o, BaseException) else (orjson.dumps(o), version) for o in outcomes
+            ]
 
     async def _recall(
         self, bundle: ServingBundle, requests: Sequence[RecallRequest]
@@ -117,7 +128,7 @@ class RecallService:
             # Validated against the bundle current at submission; a reload since may serve a
             # spec without some name: that request alone gets the 422.
             try:
-                self._check_feature_names(bundle, [request], [("body",)])
+                self._check_features(bundle, [request], [("body",)])
             except InvalidInput as exc:
                 outcomes[i] = exc
             else:
@@ -161,15 +172,14 @@ class RecallService:
         if errors:
             raise InvalidInput(errors)
 
-    def _check_feature_names(
-        self, bundle: ServingBundle, requests: Sequence[RecallRequest], locs: Sequence[Loc]
+    @staticmethod
+    def _check_features(
+        bundle: ServingBundle, requests: Sequence[RecallRequest], locs: Sequence[Loc]
     ) -> None:
         errors = []
         for request, loc in zip(requests, locs, strict=True):
-            if not request.features:
-                continue
-            for name in bundle.encoder.unknown_names(request.features):
-                errors.append(unknown_feature_error((*loc, "features", name), name, bundle))
+            if request.features:
+                errors.extend(feature_errors(bundle, request.features, (*loc, "features")))
         if errors:
             raise InvalidInput(errors)
 
@@ -259,6 +269,51 @@ def _retrieve_isolated(
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
+
+
+# What the encoder (`models.features`) reads as a value of each kind; the request schema
+# already allows only null, bool, int, float, str and lists of str.
+ACCEPTED: dict[str, tuple[type, ...]] = {
+    "categorical": (str, int),  # an int looks up its decimal string ("25")
+    "multi_hot": (str, list),  # a list of values, or one string of them joined by the separator
+    "numeric": (int, float),
+}
+
+
+def feature_errors(
+    bundle: ServingBundle, features: Mapping[str, Any], loc: Loc
+) -> list[dict[str, Any]]:
+    """The 422 entries for request `features` (at `loc`): names the model does not know, and
+    values of the wrong type for their feature's kind; null is a missing value of any kind.
+    Stored features are not checked: the encoder reads a value it cannot use as missing."""
+    errors = []
+    for name in sorted(features):
+        feature = bundle.encoder.by_name.get(name)
+        if feature is None:
+            errors.append(unknown_feature_error((*loc, name), name, bundle))
+            continue
+        value = features[name]
+        # A bool is no number and no category, though Python's bool is an int.
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, ACCEPTED[feature.kind])
+        ):
+            errors.append(feature_type_error((*loc, name), feature, value))
+    return errors
+
+
+def feature_type_error(loc: Loc, feature: Feature, value: Any) -> dict[str, Any]:
+    if feature.kind == "categorical":
+        expected = "a string or an integer"
+    elif feature.kind == "multi_hot":
+        expected = f"a list of strings or one string joined by {feature.separator!r}"
+    else:
+        expected = "a number"
+    got = _JSON_TYPES.get(type(value), "a list")
+    msg = f"Feature {feature.name!r} is {feature.kind}: expected {expected}, got {got}"
+    return input_error(loc, msg, value, "feature_type")
+
+
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
 
 
 def unknown_feature_error(loc: Loc, name: str, bundle: ServingBundle) -> dict[str, object]:

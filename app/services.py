@@ -53,6 +53,7 @@ def build_store(settings: Settings, metrics: Metrics) -> FeatureStore:
     timeout_s = settings.redis_timeout_ms / 1000
     store: FeatureStore = RedisFeatureStore(
         settings.redis_url,
+        cluster=settings.redis_cluster,
         prefix=settings.redis_prefix,
         history_cap=settings.history_cap,
         ttl_s=settings.feature_ttl_s,
@@ -71,7 +72,7 @@ def build_pin(settings: Settings) -> VersionPin:
         return LocalPin()
     # Control-plane calls, off the request path: they may wait longer than a feature fetch.
     timeout_s = max(1.0, settings.redis_timeout_ms / 1000)
-    return RedisPin(settings.redis_url, settings.redis_prefix, timeout_s)
+    return RedisPin(settings.redis_url, settings.redis_prefix, timeout_s, settings.redis_cluster)
 
 
 def build_services(settings: Settings, metrics: Metrics) -> Services:

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.online_store import check_prefix
+
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
 BlasMode = Literal["auto", "torch", "numpy"]
@@ -52,6 +54,9 @@ class Settings(BaseSettings):
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""
+    # True: REDIS_URL names any node of a Redis Cluster (redis-py's cluster client finds the
+    # others and follows failovers); the key layout is the same as on a standalone Redis.
+    redis_cluster: bool = False
     redis_prefix: Annotated[str, Field(min_length=1)] = "tr"
     redis_timeout_ms: Annotated[int, Field(ge=1)] = 50
     redis_retry_after_ms: Annotated[int, Field(ge=0)] = 500  # fail fast this long after an error
@@ -96,6 +101,14 @@ class Settings(BaseSettings):
     shutdown_timeout_s: Annotated[int, Field(ge=1)] = 10
     torch_threads: Annotated[int, Field(ge=1)] = 1  # per worker (see app/__main__.py)
     log_level: LogLevel = "info"
+    # Every log line as one JSON object (`json`), or uvicorn's text lines (`text`); lines
+    # written during a request carry its id either way.
+    log_format: Annotated[
+        Literal["json", "text"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)
+    ] = "json"
+    # One line per HTTP request at `info` (request id, method, route template, status,
+    # latency, model version).
+    access_log: bool = True
 
     @field_validator("redis_url")
     @classmethod
@@ -103,6 +116,11 @@ class Settings(BaseSettings):
         if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("REDIS_URL must be empty or a redis://, rediss:// or unix:// URL")
         return url
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _redis_prefix_braces(cls, prefix: str) -> str:
+        return check_prefix(prefix)  # a key's first `{` must open the user id's hash tag
 
 
 @lru_cache

@@ -7,14 +7,14 @@ from typing import Any
 
 from app.errors import InvalidInput, input_error
 from app.feature_store import FeatureStore
-from app.recall import unknown_feature_error
+from app.recall import feature_errors
 from app.repository import ModelRepository
 
 
 class UserService:
     """Args:
     store: online user state (writes raise FeatureStoreUnavailable -> 503).
-    repository: the serving bundle's feature spec validates feature names.
+    repository: the serving bundle's feature spec validates feature names and value types.
     max_events: most item ids accepted in one events call.
     """
 
@@ -32,17 +32,15 @@ class UserService:
         return await self.store.append_events(user_id, item_ids)
 
     async def put_features(self, user_id: str, features: Mapping[str, Any]) -> list[str]:
-        """Replace the user's features; names are checked against the serving model's spec.
+        """Replace the user's features; names and value types are checked against the serving
+        model's spec.
 
         With no model loaded there is no spec to check against: the features are stored as
         given (ingestion must not stop while a model is missing; recall ignores names the
         model does not know)."""
         bundle = self.repository.current
         if bundle is not None:
-            errors = [
-                unknown_feature_error(("body", "features", name), name, bundle)
-                for name in bundle.encoder.unknown_names(features)
-            ]
+            errors = feature_errors(bundle, features, ("body", "features"))
             if errors:
                 raise InvalidInput(errors)
         await self.store.put_features(user_id, features)

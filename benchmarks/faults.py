@@ -3,13 +3,15 @@
     python benchmarks/faults.py                          # every scenario, 10-minute soak
     python benchmarks/faults.py --scenarios reload,redis --json benchmarks/results/faults.json
     python benchmarks/faults.py --scenarios soak --soak-duration 3600
+    python benchmarks/faults.py --scenarios cluster       # Redis Cluster failover
 
 Bundles: two versions trained by the real trainer (`python -m models train --split none` on
 `synthetic:seed=1|2,users=2000,items=20000`, one epoch), cached under `--cache-dir`. Every
-scenario starts its own `redis-server` on a free port and its own `python -m app` processes
-(see benchmarks/README.md, "faults.py", for what each scenario does and expects), and stops
-them when it ends, also on failure. The table goes to stdout (markdown), the full figures
-to `--json FILE`; the exit status is 1 when any scenario broke an expectation.
+scenario starts its own `redis-server` on a free port (`cluster`: a Redis Cluster of six) and
+its own `python -m app` processes (see benchmarks/README.md, "faults.py", for what each
+scenario does and expects), and stops them when it ends, also on failure. The table goes to
+stdout (markdown), the full figures to `--json FILE`; the exit status is 1 when any scenario
+broke an expectation.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fault_kit import hostile, redis_faults, reload, shutdown, soak
+from fault_kit import cluster_faults, hostile, redis_faults, reload, shutdown, soak
 from fault_kit.report import Row, table
 from fault_kit.stack import RECIPE, Stack, Versions, model_dir_with, train_two_versions
 from serving_kit.report import code_state, loadavg, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("reload", "redis", "hostile", "shutdown", "soak")
+SCENARIOS = ("reload", "redis", "cluster", "hostile", "shutdown", "soak")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--redis-phase", type=float, default=8.0, help="seconds each fault lasts")
     g.add_argument("--redis-workers", type=int, default=2)
     g.add_argument("--p99-budget-ms", type=float, default=250.0)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--cluster-workers", type=int, default=2)
+    g.add_argument("--cluster-steady", type=float, default=5.0, help="seconds of baseline")
+    g.add_argument("--cluster-down", type=float, default=5.0, help="seconds all nodes are down")
     g = p.add_argument_group("hostile")
     g.add_argument("--fuzz-examples", type=int, default=200, help="per operation and mode")
     g.add_argument("--fuzz-seed", type=int, help="default: derandomized")
@@ -71,6 +77,12 @@ def scenarios(args: argparse.Namespace) -> dict[str, Callable[[Stack, Versions],
             stack, v, redis_faults.RedisOptions(
                 workers=args.redis_workers, phase_s=args.redis_phase,
                 p99_budget_ms=args.p99_budget_ms,
+            ),
+        ),
+        "cluster": lambda stack, v: cluster_faults.run(
+            stack, v, cluster_faults.ClusterOptions(
+                workers=args.cluster_workers, steady_s=args.cluster_steady,
+                down_s=args.cluster_down, p99_budget_ms=args.p99_budget_ms,
             ),
         ),
         "hostile": lambda stack, v: hostile.run(stack, v, args.fuzz_examples, args.fuzz_seed),

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis, and real bundles made by the real trainer (session scope)."""
+"""Shared fixtures: a real Redis, a real Redis Cluster, and real bundles made by the real
+trainer (session scope)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import redis
 import torch
 from helpers_app import RedisServer
+from helpers_cluster import LocalCluster, delete_prefix
 from helpers_process import Processes
 
 from models.bundle import write_latest
@@ -56,6 +58,31 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """TEST_REDIS_CLUSTER_URL (scripts/test.sh starts one), else a cluster of our own for the
+    session (3 primaries + 3 replicas). Shared: tests that kill nodes use `private_cluster`."""
+    url = os.environ.get("TEST_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        pytest.fail("no TEST_REDIS_CLUSTER_URL and no redis-server binary to start a cluster")
+    cluster = LocalCluster().start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the shared cluster; its keys are deleted afterwards."""
+    prefix = f"test:{uuid.uuid4().hex}"
+    yield prefix
+    delete_prefix(redis_cluster_url, prefix)
 
 
 @pytest.fixture

@@ -44,6 +44,9 @@ CASES: list[tuple[bytes, str | None]] = [
     (b'{"user_id": "u1", "k": 1e400}', JSON),
     (b'{"user_id": "u1", "extra": 1}', JSON),
     (b'{"user_id": "u1", "features": {"unknown_feature": 1}}', JSON),
+    (b'{"user_id": "u1", "features": {"activity": "abc"}}', JSON),  # wrong-typed values
+    (b'{"user_id": "u1", "features": {"activity": true, "country": ["DE"]}}', JSON),
+    (b'{"user_id": "u1", "features": {"country": 3, "activity": 4}}', JSON),  # an int category
     (b'{"user_id": "\\ud800"}', JSON),  # a lone surrogate
     (b'{"user_id": "a\\nb"}', JSON),
     (b'{"k": 5}', JSON),

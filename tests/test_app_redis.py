@@ -119,7 +119,7 @@ async def test_cached_users_keep_their_features_when_others_miss_during_an_outag
 async def test_a_full_connection_pool_is_not_a_redis_outage(
     model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
-    redis_client.set(f"{redis_prefix}:user:p1", json.dumps(FEATURES["features"]))
+    redis_client.set(user_key(redis_prefix, "p1"), json.dumps(FEATURES["features"]))
     settings = make_settings(
         model_dir,
         redis_url=redis_url,
@@ -188,7 +188,7 @@ async def test_cache_serves_repeats_and_own_writes_invalidate_it(
         first, _ = await timed_recall(client, "c1")
         assert first.json()["feature_source"] == "default"
         # Another process writes behind the cache: seen only once the entry expires.
-        redis_client.rpush(f"{redis_prefix}:hist:c1", "i5")
+        redis_client.rpush(history_key(redis_prefix, "c1"), "i5")
         cached, _ = await timed_recall(client, "c1")
         assert cached.json()["feature_source"] == "default"
         await anyio.sleep(0.55)
@@ -228,11 +228,11 @@ async def test_corrupt_stored_values_degrade_per_user(
     redis_prefix: str,
     redis_client: redis.Redis,
 ) -> None:
-    redis_client.set(f"{redis_prefix}:user:bad", "{not json")
-    redis_client.set(f"{redis_prefix}:hist:bad", "a string, not a list")
+    redis_client.set(user_key(redis_prefix, "bad"), "{not json")
+    redis_client.set(history_key(redis_prefix, "bad"), "a string, not a list")
     good_features, good_history = FEATURES["features"], ["i3", "i7"]
-    redis_client.set(f"{redis_prefix}:user:good", json.dumps(good_features))
-    redis_client.rpush(f"{redis_prefix}:hist:good", *good_history)
+    redis_client.set(user_key(redis_prefix, "good"), json.dumps(good_features))
+    redis_client.rpush(history_key(redis_prefix, "good"), *good_history)
     settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
     reference = Reference(bundles.v1)
     async with serve(settings) as client:
@@ -251,7 +251,7 @@ async def test_corrupt_stored_values_degrade_per_user(
         # replaces whatever its key held: events are never refused for good.
         events = await client.post("/v1/users/bad/events", json={"item_ids": ["i5"]})
         assert events.status_code == 200, events.text
-        assert redis_client.lrange(f"{redis_prefix}:hist:bad", 0, -1) == ["i5"]
+        assert redis_client.lrange(history_key(redis_prefix, "bad"), 0, -1) == ["i5"]
 
 
 async def test_a_redis_error_reply_on_read_is_an_error_not_an_empty_user(
@@ -370,7 +370,7 @@ async def test_a_transaction_error_reads_as_redis_own_reason(
 ) -> None:
     """Whatever framing the installed redis-py puts around an error inside MULTI/EXEC (the
     command and its key, a tuple's repr, or none), a client is told Redis's reason alone."""
-    key = f"{redis_prefix}:hist:framed"
+    key = history_key(redis_prefix, "framed")
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await client.set(key, "a string")

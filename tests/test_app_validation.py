@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+import http.client
+import json
+import os
+import sys
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers_app import make_settings, serve
+import redis
+from conftest import Bundles
+from fastapi import FastAPI
+from helpers_app import Reference, assert_same_recall, free_port, make_settings, serve
+from helpers_process import Processes, wait_ready
+
+from app.fast_path import RecallFastPath
+from app.main import create_app
+from models.bundle import write_latest
+from models.dataset import ColumnSpec
+from models.online_store import user_key
+from models.pipeline import run_training
+from models.train_config import TrainConfig
 
 pytestmark = [pytest.mark.anyio]
 
 JSON = {"content-type": "application/json"}
 MAX_BODY = 64 * 1024
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -299,3 +318,247 @@ async def test_no_input_causes_a_server_error(
     response = await client.request(method, path, content=body, headers=JSON)
     assert 400 <= response.status_code < 500, response.text
     assert "detail" in response.json()
+
+
+# -- feature values of the wrong type -------------------------------------------------------
+# The synthetic users' features (age_group, country: categorical; activity: numeric, log) plus
+# one of every other kind and transform, trained by the real trainer.
+TYPED_COLUMNS = (
+    ColumnSpec("cohort", "categorical"),  # values "1".."4": requests may send the int
+    ColumnSpec("langs", "multi_hot", separator="|"),
+    ColumnSpec("tenure", "numeric", transform="standard"),
+    ColumnSpec("visits", "numeric", transform="bucket"),
+)
+
+
+@pytest.fixture(scope="module")
+def typed_model_dir(tmp_path_factory: pytest.TempPathFactory, bundles: Bundles) -> Path:
+    dataset = bundles.dataset_v1
+    users = dataset.users
+    users = users.assign(
+        cohort=[str(1 + i % 4) for i in range(len(users))],
+        langs=[f"{c.lower()}|en" if i % 3 else c.lower() for i, c in enumerate(users["country"])],
+        tenure=[float(i % 17) for i in range(len(users))],
+        visits=users["activity"] * 2,
+    )
+    typed = dataclasses.replace(
+        dataset, users=users, user_columns=dataset.user_columns + TYPED_COLUMNS
+    )
+    root = tmp_path_factory.mktemp("typed")
+    config = TrainConfig(epochs=1, validation_fraction=0.0, batch_size=256)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
+        bundle = run_training(typed, "none", config, root).bundle
+    assert bundle is not None
+    write_latest(root, bundle.name)
+    return root
+
+
+def without_fast_path(app: FastAPI) -> FastAPI:
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
+    return app
+
+
+@pytest.fixture(params=["fast-path", "route"])
+async def typed_client(
+    request: pytest.FixtureRequest, typed_model_dir: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over the typed bundle, with its fast path for /v1/recall, and without it."""
+    app = create_app(make_settings(typed_model_dir, max_batch=3))
+    if request.param == "route":
+        without_fast_path(app)
+    async with serve(app) as client:
+        yield client
+
+
+CATEGORICAL = "a string or an integer"
+MULTI_HOT = "a list of strings or one string joined by '|'"
+NUMBER = "a number"
+WRONG_TYPES = [
+    ("country", "categorical", ["DE"], CATEGORICAL, "a list"),
+    ("country", "categorical", 1.5, CATEGORICAL, "a number"),
+    ("cohort", "categorical", True, CATEGORICAL, "a boolean"),
+    ("langs", "multi_hot", 3, MULTI_HOT, "a number"),
+    ("langs", "multi_hot", 0.5, MULTI_HOT, "a number"),
+    ("langs", "multi_hot", False, MULTI_HOT, "a boolean"),
+    ("activity", "numeric", "abc", NUMBER, "a string"),  # log
+    ("activity", "numeric", "12.5", NUMBER, "a string"),
+    ("tenure", "numeric", True, NUMBER, "a boolean"),  # standard
+    ("visits", "numeric", ["1"], NUMBER, "a list"),  # bucket
+]
+
+
+def type_error(loc: list[Any], name: str, kind: str, value: Any, expected: str, got: str) -> Any:
+    msg = f"Feature {name!r} is {kind}: expected {expected}, got {got}"
+    return error("feature_type", [*loc, name], msg, value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "value", "expected", "got"),
+    WRONG_TYPES,
+    ids=[f"{name}-{got.split()[-1]}" for name, _, _, _, got in WRONG_TYPES],
+)
+async def test_a_wrong_typed_feature_is_named_in_a_422(
+    typed_client: httpx.AsyncClient, name: str, kind: str, value: Any, expected: str, got: str
+) -> None:
+    features = {"country": "DE", name: value}
+    want = {"detail": [type_error(["body", "features"], name, kind, value, expected, got)]}
+
+    recall = await typed_client.post("/v1/recall", json={"user_id": "u1", "features": features})
+    assert (recall.status_code, recall.json()) == (422, want)
+
+    batch = {"requests": [{"user_id": "u1"}, {"user_id": "u2", "features": features}]}
+    response = await typed_client.post("/v1/recall/batch", json=batch)
+    loc = ["body", "requests", 1, "features"]
+    assert response.status_code == 422
+    assert response.json() == {"detail": [type_error(loc, name, kind, value, expected, got)]}
+
+    stored = await typed_client.put("/v1/users/u1/features", json={"features": features})
+    assert (stored.status_code, stored.json()) == (422, want)
+
+
+async def test_every_wrong_typed_feature_is_reported(typed_client: httpx.AsyncClient) -> None:
+    features = {"visits": "7", "colour": "red", "activity": "abc", "country": "DE"}
+    response = await typed_client.post("/v1/recall", json={"user_id": "u1", "features": features})
+    loc = ["body", "features"]
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": [
+            type_error(loc, "activity", "numeric", "abc", NUMBER, "a string"),
+            error(
+                "unknown_feature",
+                [*loc, "colour"],
+                "Unknown feature 'colour'; this model accepts: activity, age_group, cohort, "
+                "country, langs, tenure, visits",
+                "colour",
+            ),
+            type_error(loc, "visits", "numeric", "7", NUMBER, "a string"),
+        ]
+    }
+
+
+async def test_values_of_the_right_type_and_nulls_are_accepted(
+    typed_client: httpx.AsyncClient,
+) -> None:
+    async def items(features: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {"user_id": "new", "k": 10, "features": features}
+        response = await typed_client.post("/v1/recall", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["feature_source"] == "request"
+        items: list[dict[str, Any]] = response.json()["items"]
+        return items
+
+    typed = {"country": "DE", "activity": 12, "tenure": 2.5, "visits": 80, "langs": "de|en"}
+    # A categorical int is its decimal string; a joined multi_hot string is its list.
+    assert await items({**typed, "cohort": 3}) == await items({**typed, "cohort": "3"})
+    assert await items({**typed, "langs": ["de", "en"]}) == await items(typed)
+    nulls = dict.fromkeys(["country", "age_group", "cohort", "langs", "activity", "tenure"])
+    await items(nulls | {"visits": None})
+    stored = await typed_client.put("/v1/users/u1/features", json={"features": typed | nulls})
+    assert stored.status_code == 200, stored.text
+
+
+async def test_wrong_typed_stored_values_still_degrade_per_user(
+    model_dir: Path,
+    bundles: Bundles,
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
+) -> None:
+    # Stored features are not request input: whatever a writer put there, the user is served,
+    # a value the encoder cannot use read as missing.
+    stored = {"country": ["DE"], "activity": "abc", "age_group": "25-34"}
+    redis_client.set(user_key(redis_prefix, "odd"), json.dumps(stored))
+    settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    reference = Reference(bundles.v1)
+    async with serve(settings) as client:
+        response = await client.post("/v1/recall", json={"user_id": "odd", "k": 10})
+        assert response.status_code == 200, response.text
+        assert response.json()["feature_source"] == "redis"
+        assert_same_recall(
+            response.json()["items"], reference.top_k({"age_group": "25-34"}, [], 10)
+        )
+
+
+# -- an oversize body over a real socket ------------------------------------------------------
+BIG = 15 * 1024 * 1024
+
+
+@pytest.fixture
+def server(procs: Processes, model_dir: Path, tmp_path: Path) -> str:
+    """`python -m app` on a real socket (MAX_BODY_BYTES at its default, 1 MiB)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": "",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_LEVEL": "warning",
+        "RELOAD_POLL_S": "0",
+    }
+    env.pop("MAX_BODY_BYTES", None)
+    proc = procs.start([sys.executable, "-m", "app"], env, ROOT, "service")
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, 60, proc)
+    return base
+
+
+def post_raw(base: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, str]:
+    """POST with http.client, the body sent in full before the answer is read (as urllib and
+    most clients do): status, JSON body, Connection header."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read()), response.getheader("connection", "")
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/v1/recall", "/v1/recall/batch"], ids=["fast-path", "route"])
+def test_an_oversize_body_gets_its_413_over_a_real_socket(server: str, path: str) -> None:
+    detail = {"detail": "request body exceeds 1048576 bytes"}
+    # `Connection: close` (urllib sends it): the server closed with the body unread, and the
+    # client, still sending, got "Connection reset by peer" instead of the 413.
+    for headers in ({"Connection": "close"}, {}):
+        status, body, _ = post_raw(server, path, b" " * BIG, headers)
+        assert (status, body) == (413, detail)
+    # Chunked, no length: refused once counted past the limit, then drained the same way.
+    response = httpx.post(
+        server + path, content=iter([b" " * 65536] * (BIG // 65536)), headers=JSON, timeout=30
+    )
+    assert "content-length" not in response.request.headers
+    assert (response.status_code, response.json()) == (413, detail)
+    # Same over one keep-alive connection, which then serves the next request.
+    with httpx.Client(base_url=server, timeout=30) as client:
+        refused = client.post(path, content=b" " * BIG, headers=JSON)
+        assert (refused.status_code, refused.json()) == (413, detail)
+        assert "connection" not in refused.headers
+        body = {"user_id": "u1", "k": 3}
+        after = client.post(path, json=body if path == "/v1/recall" else {"requests": [body]})
+        assert after.status_code == 200, after.text
+
+
+@pytest.mark.slow
+def test_a_client_waiting_for_100_continue_gets_the_413_at_once(server: str) -> None:
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/recall")
+        for name, value in [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(BIG)),
+            ("Expect", "100-continue"),
+        ]:
+            conn.putheader(name, value)
+        conn.endheaders()  # and no body: it is sent only after a `100 Continue`
+        response = conn.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read()) == {"detail": "request body exceeds 1048576 bytes"}
+        assert response.getheader("connection") == "close"  # its unsent body ends the connection
+    finally:
+        conn.close()
+    assert httpx.get(f"{server}/health/live").status_code == 200

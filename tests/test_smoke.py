@@ -172,7 +172,7 @@ def test_compose_stack_commands_train_publish_serve_and_reload(
     v1 = run_trainer(trainer_env, workdir)
     store = redis.Redis(port=redis_port, decode_responses=True)
     user_key = next(store.scan_iter(match=f"{trainer_env['REDIS_PREFIX']}:user:*"))
-    user_id = user_key.split(":user:", 1)[1]
+    user_id = user_key.split(":user:", 1)[1].removeprefix("{").removesuffix("}")  # hash tag
     store.close()
 
     # api: the image's default command with the api service's environment (WORKERS=2).

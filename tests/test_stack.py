@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers_stack import compose, interpolate, service_environment
+from helpers_stack import compose, interpolate, service_command, service_environment
 
 from app.settings import Settings
 
@@ -144,3 +144,46 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     table = readme.split("### Configuration", 1)[1].split("\n#", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE))
     assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_the_cluster_profile_joins_six_nodes_and_the_stack_can_use_it() -> None:
+    services = compose()["services"]
+    nodes = [services[f"redis-node-{n}"] for n in range(1, 7)]
+    for node in nodes:
+        assert node["profiles"] == ["cluster"]
+        assert node["command"][:3] == ["redis-server", "--cluster-enabled", "yes"]
+        assert node["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    join = services["redis-cluster"]
+    assert join["profiles"] == ["cluster"] and join["restart"] == "no"
+    assert "--cluster-replicas 1" in join["command"][2]
+    assert join["depends_on"] == {
+        f"redis-node-{n}": {"condition": "service_healthy"} for n in range(1, 7)
+    }
+    # Outside the profile the dependency is skipped, not an error; inside, the trainer
+    # publishes only once the cluster is formed (and the api waits for the trainer).
+    needs = services["trainer"]["depends_on"]["redis-cluster"]
+    assert needs == {"condition": "service_completed_successfully", "required": False}
+    for service in ("api", "trainer"):
+        env = service_environment(service, {})
+        assert (env["REDIS_URL"], env["REDIS_CLUSTER"]) == ("redis://redis:6379/0", "false")
+        cluster = {"STACK_REDIS_URL": "redis://redis-node-1:6379", "REDIS_CLUSTER": "true"}
+        env = service_environment(service, cluster)
+        assert (env["REDIS_URL"], env["REDIS_CLUSTER"]) == tuple(cluster.values())
+
+
+def test_the_trainer_publishes_to_a_cluster_only_when_told(tmp_path: Path) -> None:
+    """The trainer's command run by a shell, `python` standing in to record its arguments."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    for flag, expected in (("true", True), ("false", False)):
+        calls = tmp_path / f"calls-{flag}"
+        env = service_environment("trainer", {"REDIS_CLUSTER": flag})
+        env |= {"PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls)}
+        done = subprocess.run(
+            service_command("trainer", {}), env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        train, publish = calls.read_text().splitlines()
+        assert train.startswith("-m models train") and publish.startswith("-m models publish")
+        assert publish.endswith("--redis-cluster") is expected

@@ -21,6 +21,8 @@ from fault_kit.fuzz import fuzz
 from fault_kit.report import Row
 from fault_kit.stack import ADMIN_TOKEN, Stack, Versions
 from fault_kit.traffic import Stats
+from models.online_store import DEFAULT_PREFIX as PREFIX
+from models.online_store import history_key, user_key
 
 MAX_BODY = 1 << 20  # the service's MAX_BODY_BYTES (its default)
 HUGE_HEADER = "header of 1 MB"
@@ -93,8 +95,8 @@ TRAVERSALS = [
     "LATEST",
     "~root",
 ]
-# Ids that mean something to Redis patterns or to its protocol, if they were not escaped.
-KEY_IDS = ["a:b", "*", "tr:hist:u1", "u1 FLUSHALL", "?", "[a-z]*", "x\\y", "é"]
+# Ids that mean something to Redis patterns, hash tags or its protocol, if not escaped.
+KEY_IDS = ["a:b", "*", "tr:hist:u1", "u1 FLUSHALL", "?", "[a-z]*", "x\\y", "é", "}u1", "{u1}"]
 CONTROL_IDS = ["u1\r\nFLUSHALL", "u1\nDEL tr:user:u1", "a\x00b"]
 
 
@@ -181,8 +183,8 @@ def extremes_row(base: str, store: redis.Redis) -> Row:
     ready = call(base, "GET", "/health/ready")
     row.expect(ready.status == 200, f"not ready after the traversal attempts: {ready.body}")
 
-    store.set("tr:user:u1", json.dumps({"country": "DE"}))
-    store.rpush("tr:hist:u1", "i1", "i2")
+    store.set(user_key(PREFIX, "u1"), json.dumps({"country": "DE"}))
+    store.rpush(history_key(PREFIX, "u1"), "i1", "i2")
     before = {k: store.dump(k) for k in store.scan_iter("tr:*")}
     features: dict[str, Any] = {"features": {}}
     for user_id in KEY_IDS:
@@ -202,7 +204,7 @@ def extremes_row(base: str, store: redis.Redis) -> Row:
         )
     after = {k: store.dump(k) for k in store.scan_iter("tr:*")}
     created = set(after) - set(before)
-    expected = {f"tr:user:{user_id}" for user_id in KEY_IDS}
+    expected = {user_key(PREFIX, user_id) for user_id in KEY_IDS}
     row.expect(
         created == expected,
         f"Redis keys created {sorted(created)}, expected exactly {sorted(expected)}",

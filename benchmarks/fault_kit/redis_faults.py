@@ -29,6 +29,7 @@ from fault_kit.report import Row
 from fault_kit.stack import RECIPE, Stack, Versions, publish
 from fault_kit.traffic import Stats, Traffic
 from models.bundle import ITEM_IDS
+from models.online_store import DEFAULT_PREFIX, user_key
 
 PROBE_USER = "fault-probe"
 
@@ -92,7 +93,7 @@ def run(stack: Stack, versions: Versions, opts: RedisOptions) -> list[Row]:
     publish(server.url, versions.source)
     admin = redis.Redis.from_url(server.url, socket_timeout=2, decode_responses=True)
     stack.callback(admin.close)
-    features = json.loads(admin.get("tr:user:u1") or "{}")
+    features = json.loads(admin.get(user_key(DEFAULT_PREFIX, "u1")) or "{}")
     item = json.loads((versions.model_dir / versions.v1 / ITEM_IDS).read_text())[0]
     proxy = DelayProxy(server.port)
     stack.callback(proxy.stop)

@@ -18,7 +18,10 @@ router = APIRouter(prefix="/v1/recall", tags=["recall"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
-    422: {"model": ErrorResponse, "description": "Invalid body, limit exceeded, unknown feature"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid body, limit exceeded, unknown feature or wrong-typed value",
+    },
     503: {"model": ErrorResponse, "description": "No model loaded (the reason is the detail)"},
 }
 

@@ -17,7 +17,10 @@ router = APIRouter(prefix="/v1/users", tags=["users"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
-    422: {"model": ErrorResponse, "description": "Invalid body or unknown feature name"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid body, unknown feature or wrong-typed value",
+    },
     503: {"model": ErrorResponse, "description": "Redis unavailable: nothing was stored"},
 }
 
@@ -36,7 +39,7 @@ async def append_events(
 async def put_features(
     user_id: UserIdPath, body: FeaturesRequest, users: UsersDep
 ) -> FeaturesResponse:
-    """Names must be features of the serving model (422 otherwise); with no model loaded
-    they are stored unchecked."""
+    """Names must be features of the serving model, and values of their kind's type (422
+    otherwise); with no model loaded they are stored unchecked."""
     names = await users.put_features(user_id, body.features)
     return FeaturesResponse(user_id=user_id, features=names)
