@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     g.add_argument("--single-duration", type=float, default=5.0, help="the 1-connection run")
     g.add_argument("--connections", type=int, default=16)
+    g.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a local Redis Cluster (3 primaries + 3 replicas) instead of one redis-server",
+    )
     g.add_argument("--k", type=int, default=50)
     g.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     g.add_argument("--wrk-threads", type=int, default=1, help="1 leaves the cores to the server")
@@ -271,7 +276,7 @@ def save(args: argparse.Namespace, out: dict[str, Any]) -> None:
 def measure_size(
     args: argparse.Namespace,
     items: int,
-    redis: procs.RedisServer,
+    redis: procs.RedisServer | procs.ClusterRedis,
     use_wrk: bool,
     report_out: dict[str, Any],
 ) -> None:
@@ -293,7 +298,9 @@ def measure_size(
     built = ensure_bundle(recipe, args.cache_dir)
     redis.flush()
     settings = inprocess.service_settings(built.model_dir, "flat", redis.url)
-    publish_s = procs.publish_features(recipe.source, redis.url, settings.history_cap)
+    publish_s = procs.publish_features(
+        recipe.source, redis.url, settings.history_cap, cluster=args.redis_cluster
+    )
     log(f"{items} items: bundle {built.version}, features published in {publish_s:.1f} s")
     out: dict[str, Any] = {
         "bundle": built.describe() | {"publish_s": round(publish_s, 1)},
@@ -386,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             for w in args.workers
         ]
-    redis = procs.RedisServer().start()
+    if args.redis_cluster:  # the services (and the in-process settings) read the env
+        os.environ["REDIS_CLUSTER"] = "true"
+    redis = (procs.ClusterRedis() if args.redis_cluster else procs.RedisServer()).start()
+    out["redis"] = "cluster (3 primaries + 3 replicas)" if args.redis_cluster else "standalone"
     try:
         for items in args.sizes:
             measure_size(args, items, redis, use_wrk, out)
