@@ -5,6 +5,7 @@ the brute-force reference recall; the redis-server launcher is the benchmarks' o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -81,6 +82,20 @@ async def serve(app_or_settings: FastAPI | Settings) -> AsyncIterator[httpx.Asyn
         app = create_app(app)
     async with lifespan(app), client_of(app) as client:
         yield client
+
+
+def service_env(model_dir: Path, port: int, **settings: str) -> dict[str, str]:
+    """The environment of a `python -m app` on loopback `port` serving `model_dir` with the
+    embedded store; `settings` (e.g. `LOG_LEVEL="info"`) add to it or override it."""
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": "",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_LEVEL": "warning",
+    }
+    return env | settings
 
 
 def client_of(app: FastAPI) -> httpx.AsyncClient:

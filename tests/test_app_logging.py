@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from conftest import Bundles
 from fastapi import FastAPI
-from helpers_app import admin_headers, free_port, lifespan, make_settings, serve
+from helpers_app import admin_headers, free_port, lifespan, make_settings, serve, service_env
 from helpers_process import Processes, wait_ready
 
 from app.fast_path import RecallFastPath
@@ -276,16 +275,7 @@ def test_python_m_app_logs_in_the_chosen_format(
     procs: Processes, model_dir: Path, bundles: Bundles, log_format: str
 ) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_DIR": str(model_dir),
-        "REDIS_URL": "",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "info",
-        "LOG_FORMAT": log_format,
-        "RELOAD_POLL_S": "0",
-    }
+    env = service_env(model_dir, port, LOG_LEVEL="info", LOG_FORMAT=log_format, RELOAD_POLL_S="0")
     env.pop("ACCESS_LOG", None)  # the default: on
     proc = procs.start([sys.executable, "-m", "app"], env, ROOT, f"service-{log_format}")
     base = f"http://127.0.0.1:{port}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 from conftest import Bundles
-from helpers_app import free_port
+from helpers_app import free_port, service_env
 
 from models.bundle import write_latest
 
@@ -23,15 +22,7 @@ def test_python_m_app_starts_without_a_bundle_then_serves_one(
 ) -> None:
     model_dir = tmp_path / "artifacts"  # does not exist yet: importing and starting must cope
     port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_DIR": str(model_dir),
-        "REDIS_URL": "",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ADMIN_TOKEN": "s3cret",
-        "LOG_LEVEL": "warning",
-    }
+    env = service_env(model_dir, port, ADMIN_TOKEN="s3cret")
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True

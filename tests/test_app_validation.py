@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
-import os
 import sys
 import warnings
 from collections.abc import AsyncIterator
@@ -17,7 +16,14 @@ import pytest
 import redis
 from conftest import Bundles
 from fastapi import FastAPI
-from helpers_app import Reference, assert_same_recall, free_port, make_settings, serve
+from helpers_app import (
+    Reference,
+    assert_same_recall,
+    free_port,
+    make_settings,
+    serve,
+    service_env,
+)
 from helpers_process import Processes, wait_ready
 
 from app.fast_path import RecallFastPath
@@ -488,15 +494,7 @@ BIG = 15 * 1024 * 1024
 def server(procs: Processes, model_dir: Path, tmp_path: Path) -> str:
     """`python -m app` on a real socket (MAX_BODY_BYTES at its default, 1 MiB)."""
     port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_DIR": str(model_dir),
-        "REDIS_URL": "",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_LEVEL": "warning",
-        "RELOAD_POLL_S": "0",
-    }
+    env = service_env(model_dir, port, RELOAD_POLL_S="0")
     env.pop("MAX_BODY_BYTES", None)
     proc = procs.start([sys.executable, "-m", "app"], env, ROOT, "service")
     base = f"http://127.0.0.1:{port}"
