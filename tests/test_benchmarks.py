@@ -155,3 +155,16 @@ def test_exact_scan_benchmark_times_four_ways_to_the_same_answer(tmp_path: Path)
     for ways in report["ms"].values():
         assert set(ways) == {"faiss_knn", "row_major", "column_major", "column_major_numpy"}
         assert all(ms > 0 for ms in ways.values())
+
+
+def test_tower_encode_benchmark_reports_each_tower(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "tower_encode.py"
+    out = tmp_path / "encode.json"
+    command = [sys.executable, str(script), "--items", "200", "--rounds", "1", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(done.stdout) == report
+    assert len(report["towers"]) == 3
+    for figures in report["towers"].values():
+        assert figures["batch_1_ms_per_user"] > 0 and figures["batch_64_ms_per_user"] > 0
