@@ -19,6 +19,7 @@ import torch
 from fastapi import FastAPI
 from serving_kit.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 
+from app.fast_path import RecallFastPath
 from app.main import create_app
 from app.settings import Settings
 from models import bundle as b
@@ -96,6 +97,13 @@ def service_env(model_dir: Path, port: int, **settings: str) -> dict[str, str]:
         "LOG_LEVEL": "warning",
     }
     return env | settings
+
+
+def without_fast_path(app: FastAPI) -> FastAPI:
+    """`app` with its plain-ASGI fast path for /v1/recall removed: every request routed."""
+    assert any(m.cls is RecallFastPath for m in app.user_middleware)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
+    return app
 
 
 def client_of(app: FastAPI) -> httpx.AsyncClient:

@@ -10,12 +10,10 @@ import httpx
 import pytest
 import redis
 from conftest import Bundles
-from fastapi import FastAPI
-from helpers_app import make_settings, serve
+from helpers_app import make_settings, serve, without_fast_path
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.fast_path import RecallFastPath
 from app.main import create_app
 from app.settings import Settings
 from models.online_store import publish
@@ -59,12 +57,6 @@ CASES: list[tuple[bytes, str | None]] = [
 ]
 
 
-def _without_fast_path(app: FastAPI) -> FastAPI:
-    assert any(m.cls is RecallFastPath for m in app.user_middleware)
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
-    return app
-
-
 def _answer(response: httpx.Response) -> tuple[int, str, Any]:
     return response.status_code, response.headers.get("content-type", ""), response.json()
 
@@ -94,7 +86,7 @@ def settings(
 async def test_fast_path_answers_as_the_route_does(settings: Settings) -> None:
     async with (
         serve(settings) as fast,
-        serve(_without_fast_path(create_app(settings))) as route,
+        serve(without_fast_path(create_app(settings))) as route,
     ):
         statuses, sources = set(), set()
         for body, content_type in CASES:

@@ -17,10 +17,17 @@ import httpx
 import pytest
 from conftest import Bundles
 from fastapi import FastAPI
-from helpers_app import admin_headers, free_port, lifespan, make_settings, serve, service_env
+from helpers_app import (
+    admin_headers,
+    free_port,
+    lifespan,
+    make_settings,
+    serve,
+    service_env,
+    without_fast_path,
+)
 from helpers_process import Processes, wait_ready
 
-from app.fast_path import RecallFastPath
 from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
 
@@ -80,11 +87,6 @@ class Logged:
 @pytest.fixture
 def logged(capfd: pytest.CaptureFixture[str]) -> Logged:
     return Logged(capfd)
-
-
-def without_fast_path(app: FastAPI) -> FastAPI:
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
-    return app
 
 
 @pytest.fixture(params=["fast-path", "route"])

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import redis
 from conftest import Bundles
-from fastapi import FastAPI
 from helpers_app import (
     Reference,
     assert_same_recall,
@@ -23,10 +22,10 @@ from helpers_app import (
     make_settings,
     serve,
     service_env,
+    without_fast_path,
 )
 from helpers_process import Processes, wait_ready
 
-from app.fast_path import RecallFastPath
 from app.main import create_app
 from models.bundle import write_latest
 from models.dataset import ColumnSpec
@@ -358,11 +357,6 @@ def typed_model_dir(tmp_path_factory: pytest.TempPathFactory, bundles: Bundles) 
     assert bundle is not None
     write_latest(root, bundle.name)
     return root
-
-
-def without_fast_path(app: FastAPI) -> FastAPI:
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not RecallFastPath]
-    return app
 
 
 @pytest.fixture(params=["fast-path", "route"])
