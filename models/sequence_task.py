@@ -81,7 +81,7 @@ class SequenceTask:
         for lo in range(0, len(self.users), chunk):
             users = self.users[lo : lo + chunk]
             latest = torch.from_numpy(self.sequences(users)[:, 1:]).to(self.device)
-            scores = self.tower.encode(self._features(users), latest, 1)[:, 0] @ items.T
+            scores = self.tower.encode(self.user_features(users), latest, 1)[:, 0] @ items.T
             ends = self.log.user_end[users]
             starts = self.log.user_start[ends - 1]
             owner = np.repeat(np.arange(len(users)), ends - starts)
@@ -92,7 +92,8 @@ class SequenceTask:
         self.model.train(training)
         return torch.cat(hard)
 
-    def _features(self, users: np.ndarray) -> dict[str, Tensor]:
+    def user_features(self, users: np.ndarray) -> dict[str, Tensor]:
+        """The encoded attributes of user rows `users`, on the model's device."""
         rows = torch.from_numpy(users)
         return {k: v.to(self.device) for k, v in gather(self.user_table, rows).items()}
 
@@ -113,7 +114,7 @@ class SequenceTask:
         users = self.users[batch]
         seqs = torch.from_numpy(self.sequences(users)).to(self.device)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
-        outputs = self.tower.sequence(self._features(users), inputs)
+        outputs = self.tower.sequence(self.user_features(users), inputs)
         wanted = inputs > 0  # a padding position has nothing to predict from
         hard = None
         if self.hard is not None:  # each user's hard negatives, for each of their positions

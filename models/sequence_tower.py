@@ -75,8 +75,9 @@ class SequenceUserTower(nn.Module):
     training starts from the sequence alone.
 
     Example:
-        >>> tower = SequenceUserTower(encoder, item_embedding, TowerConfig())
-        >>> tower(encoder.encode(rows, histories_as_tensors)).shape  # (B, out_dim)
+        >>> tower = SequenceUserTower(encoder, item_embedding, TowerConfig(user_tower="sequence"))
+        >>> inputs = encoder.encode(rows, histories)  # histories: item ids, newest first
+        >>> tower({k: torch.from_numpy(v) for k, v in inputs.items()}).shape  # (B, out_dim)
     """
 
     def __init__(

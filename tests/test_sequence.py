@@ -227,7 +227,7 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         assert not taken & set(mined[example].tolist())
         latest = torch.from_numpy(task.sequences(np.array([user]))[:, 1:])
         with torch.no_grad():
-            vector = task.tower.encode(task._features(np.array([user])), latest, 1)[0, 0]
+            vector = task.tower.encode(task.user_features(np.array([user])), latest, 1)[0, 0]
         scores = vector.numpy() @ items.T
         scores[list(taken)] = -np.inf
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
