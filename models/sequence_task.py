@@ -24,6 +24,11 @@ from models.sequence_tower import SequenceUserTower
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
+# Batches per window within which `epoch_order` groups users by history length: wide enough
+# that a batch's users are of nearly one length, narrow enough that which users meet in a
+# batch still changes every epoch.
+LENGTH_WINDOW = 50
+
 
 class SequenceTask:
     """Batches of users -> the next-item loss of the sequential tower.
@@ -109,10 +114,32 @@ class SequenceTask:
         newest_first = self.log.histories(ends, starts, self.config.history_length + 1)
         return np.ascontiguousarray(newest_first[:, ::-1])
 
+    def epoch_order(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        """A random order of the examples in which each run of `batch_size` holds users of
+        similar history length, so a batch pads little (`loss` drops the columns that are
+        padding for the whole batch). Users are shuffled, sorted by length within windows
+        of `LENGTH_WINDOW` batches, cut into batches, and the batches shuffled: every epoch
+        still mixes users freely across windows."""
+        order = rng.permutation(len(self.users))
+        ends = self.log.user_end[self.users]
+        lengths = np.minimum(ends - self.log.user_start[ends - 1], self.config.history_length)
+        window = batch_size * LENGTH_WINDOW
+        for lo in range(0, len(order), window):
+            chunk = order[lo : lo + window]
+            order[lo : lo + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+
     def loss(self, batch: np.ndarray) -> Tensor:
         """Mean next-item cross-entropy over every position of the batch's sequences."""
         users = self.users[batch]
-        seqs = torch.from_numpy(self.sequences(users)).to(self.device)
+        seqs = self.sequences(users)
+        # Columns that are padding for every user in the batch predict nothing and feed no
+        # position (positions count from the newest item): drop them.
+        present = np.flatnonzero((seqs[:, :-1] > 0).any(axis=0))
+        if len(present):
+            seqs = seqs[:, present[0] :]
+        seqs = torch.from_numpy(np.ascontiguousarray(seqs)).to(self.device)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
         outputs = self.tower.sequence(self.user_features(users), inputs)
         wanted = inputs > 0  # a padding position has nothing to predict from

@@ -399,7 +399,9 @@ class Trainer:
             self.model.train()
             if self.sequence_task is not None:
                 self.sequence_task.start_epoch()
-            if self.example_probs is None or self.sequence_task is not None:
+            if self.sequence_task is not None:
+                order = self.sequence_task.epoch_order(rng, cfg.batch_size)
+            elif self.example_probs is None:
                 order = rng.permutation(n)
             else:
                 order = rng.choice(n, size=n, p=self.example_probs)

@@ -121,6 +121,38 @@ def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> Non
     assert task.sequences(np.array([0]))[0].tolist()[:3] == [0, 0, 0]
 
 
+def test_an_epoch_visits_every_user_once_in_batches_of_like_lengths() -> None:
+    dataset = cycle_dataset(n_users=400)
+    task = Trainer(dataset, dataset.interactions, sequence_config(history_length=30)).sequence_task
+    assert task is not None
+    rng = np.random.default_rng(0)
+    first, second = task.epoch_order(rng, 16), task.epoch_order(rng, 16)
+    assert sorted(first.tolist()) == list(range(task.n_examples))
+    assert first.tolist() != second.tolist()  # a new order every epoch
+    lengths = (task.sequences(task.users)[:, :-1] > 0).sum(axis=1)
+
+    def padding(order: np.ndarray) -> int:  # the padded cells of the batches' inputs
+        batches = [lengths[order[i : i + 16]] for i in range(0, len(order), 16)]
+        return sum(int((b.max() - b).sum()) for b in batches)
+
+    assert padding(first) < padding(rng.permutation(task.n_examples)) / 3
+
+
+def test_dropping_the_batch_wide_padding_leaves_the_loss_as_it_was() -> None:
+    dataset = cycle_dataset(n_users=30)
+    task = Trainer(dataset, dataset.interactions, sequence_config(history_length=60)).sequence_task
+    assert task is not None
+    task.model.eval()  # no dropout: the same inputs give the same loss
+    batch = np.arange(8)
+    seqs = torch.from_numpy(task.sequences(task.users[batch]))
+    assert (seqs[:, :10] == 0).all()  # the users here have 25 items at most
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    outputs = task.tower.sequence(task.user_features(task.users[batch]), inputs)
+    wanted = inputs > 0
+    full = task._softmax(outputs[wanted], targets[wanted] - 1)
+    torch.testing.assert_close(task.loss(batch), full, rtol=1e-5, atol=1e-6)
+
+
 def test_next_item_validation_holds_out_each_training_users_last_items() -> None:
     dataset = cycle_dataset()
     split = make_split(dataset.interactions, "leave-last-n:1")
