@@ -1,4 +1,4 @@
-"""`python -m models train | evaluate | publish-features` (contract: DESIGN.md)."""
+"""`python -m models train | evaluate | publish-features` (contract: docs/design.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from models.dataset import DataError
-from models.tower_config import UserTowerName
-from models.towers import HISTORY_ENCODERS, TowerConfig
-from models.train_config import HistoryMode, NegativesName, TrainConfig
+from models.options import add_options, given_options
+from models.tower_config import TowerConfig
+from models.train_config import PRESETS, TrainConfig
 
 if TYPE_CHECKING:
     from models.splits import Split
@@ -21,199 +21,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("models")
 
 
-def add_tower_args(p: argparse.ArgumentParser) -> None:
-    d = TowerConfig()
-    g = p.add_argument_group("architecture")
-    g.add_argument("--field-dim", type=int, default=d.field_dim)
-    g.add_argument(
-        "--hidden", default=",".join(map(str, d.hidden)), help="MLP widths, e.g. 256,128"
-    )
-    g.add_argument("--out-dim", type=int, default=d.out_dim, help="bundle embedding dimension")
-    g.add_argument("--senet", action="store_true", help="SENet feature gating before the MLP")
-    g.add_argument("--history-encoder", choices=sorted(HISTORY_ENCODERS), default=d.history_encoder)
-    g.add_argument("--dropout", type=float, default=d.dropout)
-    g.add_argument(
-        "--user-tower",
-        choices=list(get_args(UserTowerName)),
-        default=d.user_tower,
-        help="fields: features and the pooled history through an MLP, one example per "
-        "interaction; sequence: a causal transformer over the history, every position "
-        "trained to predict the next item",
-    )
-    g.add_argument("--blocks", type=int, default=d.blocks, help="sequence tower: blocks")
-    g.add_argument("--heads", type=int, default=d.heads, help="sequence tower: attention heads")
+def _preset_note(path: str) -> str:
+    """The sequential tower's own default of a field, where it has one."""
+    value = PRESETS["sequence"].get(path)
+    return "" if value is None else f"; sequence tower: {value}"
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--loss", choices=["softmax", "bce", "hinge", "logistic"], default=d.loss)
-    g.add_argument("--negatives", choices=list(get_args(NegativesName)), default=d.negatives)
-    g.add_argument(
-        "--num-negatives",
-        type=int,
-        default=d.num_negatives,
-        help="sampled negatives (0: 1024 shared by a batch for the softmax, 1 per example for "
-        "the other losses)",
-    )
-    g.add_argument(
-        "--hard-negatives",
-        type=int,
-        default=d.hard_negatives,
-        help="sequence tower, sampled negatives: per user, the K items the model ranks highest "
-        "that the user did not take, mined again every epoch (0: off)",
-    )
-    g.add_argument(
-        "--no-logq",
-        dest="logq_correction",
-        action="store_false",
-        help="disable logQ correction of the softmax",
-    )
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--history-length", type=int, default=d.history_length)
-    g.add_argument(
-        "--popularity-prior",
-        type=float,
-        default=d.popularity_prior,
-        help="weight of log1p(item count) added to scores at retrieval (0: off; default: "
-        "chosen on the validation slice)",
-    )
-    g.add_argument(
-        "--prior-half-life",
-        type=float,
-        default=d.prior_half_life_days,
-        help="days: the prior counts recent interactions more (0: all alike; default: chosen "
-        "with the prior's weight on the validation slice)",
-    )
-    g.add_argument(
-        "--target-window",
-        type=int,
-        default=d.target_window,
-        help="draw each positive from the user's next N events (1: next item)",
-    )
-    g.add_argument(
-        "--history-mode",
-        choices=list(get_args(HistoryMode)),
-        default=d.history_mode,
-        help="before: the items strictly before each example (next-item training); latest: "
-        "the user's latest items at the end of the log minus the positive (what serving reads)",
-    )
-    g.add_argument(
-        "--history-dropout",
-        type=float,
-        default=d.history_dropout,
-        help="share of history items hidden at random in each training example",
-    )
-    g.add_argument(
-        "--mask-seen-negatives",
-        action=argparse.BooleanOptionalAction,
-        default=d.mask_seen_negatives,
-        help="softmax: never use an item the user interacted with as their negative",
-    )
-    g.add_argument(
-        "--refit",
-        action=argparse.BooleanOptionalAction,
-        default=d.refit,
-        help="after early stopping, retrain on the whole training period for the best epochs",
-    )
-    g.add_argument(
-        "--distill-weight",
-        type=float,
-        default=d.distill_weight,
-        help="weight of distillation from an EASE teacher fitted on the training log (0: off; "
-        "small catalogues: the student scores the whole catalogue every step)",
-    )
-    g.add_argument(
-        "--distill-temperature",
-        type=float,
-        default=d.distill_temperature,
-        help="softmax temperature of the teacher's standardised scores",
-    )
-    g.add_argument(
-        "--distill-top-k",
-        type=int,
-        default=d.distill_top_k,
-        help="teacher items kept as soft targets per user",
-    )
-    g.add_argument(
-        "--user-balance",
-        type=float,
-        default=d.user_balance,
-        help="draw examples with probability ~ (user's interaction count)^-B: 0 every "
-        "interaction alike (heavy users dominate), 1 every user alike",
-    )
-    g.add_argument("--patience", type=int, default=d.patience, help="0: every epoch, keep the best")
-    g.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=d.validation_fraction,
-        help="0: no validation (no early stopping, no prior search, no refit)",
-    )
-    g.add_argument(
-        "--validation-metric",
-        choices=["recall@50", "pooled_recall@50", "recall@10", "ndcg@10", "ndcg@50"],
-        default=d.validation_metric,
-        help="what early stopping and the prior's search maximise on the validation slice "
-        "(recall: mean over users; pooled: total hits / total relevant items)",
-    )
-    g.add_argument(
-        "--validation-min-gap",
-        type=float,
-        default=d.validation_min_gap_days,
-        help="days: validate only on returning users, whose first validation interaction comes "
-        "at least this long after their last earlier one (0: every user)",
-    )
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda:0...")
+    """The training options: one per `TrainConfig` field."""
+    add_options(p.add_argument_group("training"), TrainConfig, note=_preset_note)
+
+
+def add_tower_args(p: argparse.ArgumentParser) -> None:
+    """The architecture options: one per `TowerConfig` field."""
+    group = p.add_argument_group("architecture")
+    add_options(group, TowerConfig, prefix="tower.", note=_preset_note)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    tower = TowerConfig(
-        field_dim=args.field_dim,
-        hidden=tuple(int(w) for w in args.hidden.split(",") if w),
-        out_dim=args.out_dim,
-        senet=args.senet,
-        history_encoder=args.history_encoder,
-        dropout=args.dropout,
-        user_tower=args.user_tower,
-        blocks=args.blocks,
-        heads=args.heads,
-    )
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        loss=args.loss,
-        negatives=args.negatives,
-        num_negatives=args.num_negatives,
-        hard_negatives=args.hard_negatives,
-        logq_correction=args.logq_correction,
-        temperature=args.temperature,
-        history_length=args.history_length,
-        tower=tower,
-        popularity_prior=args.popularity_prior,
-        target_window=args.target_window,
-        history_mode=args.history_mode,
-        history_dropout=args.history_dropout,
-        mask_seen_negatives=args.mask_seen_negatives,
-        refit=args.refit,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        distill_top_k=args.distill_top_k,
-        user_balance=args.user_balance,
-        prior_half_life_days=args.prior_half_life,
-        patience=args.patience,
-        validation_fraction=args.validation_fraction,
-        validation_min_gap_days=args.validation_min_gap,
-        validation_metric=args.validation_metric,
-        seed=args.seed,
-        device=args.device,
-    )
+    """The options given, over the defaults of the user tower asked for."""
+    return TrainConfig.create(**given_options(args, TrainConfig))
 
 
 def parser() -> argparse.ArgumentParser:

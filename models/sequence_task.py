@@ -133,13 +133,13 @@ class SequenceTask:
     def loss(self, batch: np.ndarray) -> Tensor:
         """Mean next-item cross-entropy over every position of the batch's sequences."""
         users = self.users[batch]
-        seqs = self.sequences(users)
+        padded = self.sequences(users)
         # Columns that are padding for every user in the batch predict nothing and feed no
         # position (positions count from the newest item): drop them.
-        present = np.flatnonzero((seqs[:, :-1] > 0).any(axis=0))
+        present = np.flatnonzero((padded[:, :-1] > 0).any(axis=0))
         if len(present):
-            seqs = seqs[:, present[0] :]
-        seqs = torch.from_numpy(np.ascontiguousarray(seqs)).to(self.device)
+            padded = padded[:, present[0] :]
+        seqs = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
         outputs = self.tower.sequence(self.user_features(users), inputs)
         wanted = inputs > 0  # a padding position has nothing to predict from

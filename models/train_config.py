@@ -1,17 +1,24 @@
-"""`TrainConfig`: every training option in one place, documented, with its default."""
+"""`TrainConfig`: every training option in one place, documented, with its default.
+
+Each field's help (its `metadata`) is its documentation and the trainer CLI's help text
+(`models.options`). `PRESETS` holds the defaults that differ by user tower: the sequential
+tower trains as SASRec-family models do, and `TrainConfig.create` starts from them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 
+from models.options import option
 from models.towers import TowerConfig
 
 LossName = Literal["softmax", "bce", "hinge", "logistic"]
 NegativesName = Literal["in-batch", "uniform", "popularity", "mixed", "all"]
 HistoryMode = Literal["before", "latest"]
+ValidationMetric = Literal["recall@50", "pooled_recall@50", "recall@10", "ndcg@10", "ndcg@50"]
 
 # Shared sampled negatives per batch of the softmax when `num_negatives` is 0.
 DEFAULT_SOFTMAX_NEGATIVES = 1024
@@ -19,107 +26,133 @@ DEFAULT_SOFTMAX_NEGATIVES = 1024
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (recorded in the bundle manifest).
+    """Everything that determines a training run (recorded in the bundle manifest)."""
 
-    Args:
-        loss: `softmax` (listwise sampled softmax, the default), `bce` (pointwise, 1:k),
-            `hinge` (pairwise triplet hinge) or `logistic` (pairwise BPR).
-        negatives: `in-batch` (the other examples' positives), `uniform`, `popularity`
-            (count^0.75), `mixed` (in-batch plus popularity-sampled) or `all` (softmax only:
-            the full softmax over the whole catalogue, exact and without sampling bias, for
-            catalogues small enough to run the item tower over every item each step). For
-            `softmax`, the batch's positives are always candidates and `num_negatives` sampled
-            items are added (none with `in-batch`); for the other losses each example gets
-            `num_negatives`. The sequential tower (`tower.user_tower="sequence"`) scores every
-            position against the whole catalogue with `all`, and otherwise against
-            `num_negatives` shared candidates drawn from the batch's targets (`in-batch`), the
-            sampler, or half of each (`mixed`).
-        num_negatives: sampled negatives; 0 means `DEFAULT_SOFTMAX_NEGATIVES` shared by the
-            batch for the softmax with `uniform`, `popularity` or `mixed` negatives (never a
-            silent in-batch-only run), and 1 per example for the other losses.
-        logq_correction: softmax only.
-        temperature: cosine scores are divided by it.
-        history_length: items of recent behaviour the user tower reads.
-        popularity_prior: weight of log(1 + training count) added to the scaled score at
-            retrieval time (`score = cos / temperature + prior * log1p(count)`); folded into
-            the exported vectors, so search stays an inner product. 0 disables it; None (the
-            default) picks it from `PRIOR_GRID` on the validation slice after training,
-            together with `prior_half_life_days` from `PRIOR_HALF_LIVES` when that is None.
-        prior_half_life_days: the prior's counts decay with this half-life, measured back
-            from the end of the training log (0: every interaction counts alike).
-        target_window: positives are drawn from the user's next `target_window` events
-            (1 = next-item prediction); the history stays strictly before the example.
-        history_mode: what the user tower reads for an example: `before` (the items strictly
-            before it: sequential next-item training) or `latest` (the user's latest items as
-            of the end of the training log, the positive removed: exactly the input the model
-            gets at serving time, so it learns to complete a user's set of items from it).
-        history_dropout: share of history items hidden at random in each training example
-            (an augmentation: the tower cannot memorise a user's exact history).
-        hard_negatives: per user, the items the current model ranks highest that the user did
-            not take (mined again at the start of every epoch), added as negatives to each of
-            that user's positions; the sequential tower with sampled negatives only (the full
-            softmax already holds every item). 0 disables it.
-        mask_seen_negatives: softmax only: a candidate the user interacted with anywhere in
-            the training log is not used as that user's negative (it is a false negative:
-            retrieval is asked to find such items, not to rank them low).
-        distill_weight: weight of a distillation term (`models.distill`): the student's
-            softmax over the whole catalogue is also trained towards an EASE teacher fitted
-            on the same training log (0 disables it; small catalogues only).
-        distill_temperature: the teacher's softmax temperature (on per-user standardised
-            scores): lower concentrates the targets on the teacher's very best items.
-        distill_top_k: teacher items kept as soft targets per user.
-        user_balance: each epoch draws as many examples as there are interactions, with
-            probability proportional to (the user's interaction count) ** -user_balance:
-            0 (every interaction once, in random order: heavy users dominate), 1 (every user
-            alike, with replacement). logQ follows the positives' resulting frequencies.
-        patience: epochs without validation improvement before stopping (0 = never stop
-            early: every epoch runs, and the best on validation is kept).
-        refit: after early stopping (and the prior's choice), train again from scratch on the
-            whole training period, validation slice included, for the best epoch count.
-        validation_fraction: share of the training period's end used for early stopping and
-            the prior's choice. 0: no validation: every epoch trains on the whole training
-            period and the last is kept, the prior is `popularity_prior` (or its default), no
-            refit.
-        validation_metric: what early stopping and the prior's search maximise: a key of the
-            validator's metrics (`recall@10`, `recall@50`, `ndcg@10`, `ndcg@50`, ...) or
-            `pooled_recall@50` (total hits / total relevant: heavy users weigh more).
-        validation_min_gap_days: the validation slice keeps only returning users, whose first
-            interaction in it comes at least this many days after their last earlier one
-            (`models.splits.validation_split`); 0 keeps every user.
-    """
-
-    epochs: int = 20
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    loss: LossName = "softmax"
-    negatives: NegativesName = "in-batch"
-    num_negatives: int = 0
-    logq_correction: bool = True
-    temperature: float = 0.05
-    history_length: int = 100
-    popularity_prior: float | None = None
-    prior_half_life_days: float | None = None
-    target_window: int = 1
-    history_mode: HistoryMode = "latest"
-    history_dropout: float = 0.3
-    mask_seen_negatives: bool = False
-    refit: bool = True
-    distill_weight: float = 0.0
-    distill_temperature: float = 2.0
-    distill_top_k: int = 100
-    user_balance: float = 0.0
-    hard_negatives: int = 0
+    epochs: int = option(20, "passes over the training data (at most: see patience)")
+    batch_size: int = option(512, "examples a step (the sequential tower: users a step)")
+    lr: float = option(2e-3, "Adam's learning rate")
+    weight_decay: float = option(0.0, "Adam's L2 weight")
+    loss: LossName = option(
+        "softmax",
+        "softmax (listwise sampled softmax), bce (pointwise, 1:k), hinge (pairwise triplet "
+        "hinge on cosines) or logistic (pairwise BPR)",
+    )
+    negatives: NegativesName = option(
+        "in-batch",
+        "in-batch (the other examples' positives), uniform, popularity (count^0.75), mixed "
+        "(in-batch plus popularity-sampled) or all (softmax only: the full softmax over the "
+        "whole catalogue, exact, for catalogues small enough to score every item each step). "
+        "The softmax always has the batch's positives as candidates and adds num_negatives "
+        "sampled items (none with in-batch); the other losses give each example "
+        "num_negatives. The sequential tower scores every position against the whole "
+        "catalogue with all, otherwise against num_negatives shared candidates drawn from the "
+        "batch's targets (in-batch), the sampler, or half of each (mixed)",
+    )
+    num_negatives: int = option(
+        0,
+        f"sampled negatives; 0: {DEFAULT_SOFTMAX_NEGATIVES} shared by a batch for the softmax "
+        "with uniform, popularity or mixed negatives (never a silent in-batch-only run), 1 per "
+        "example for the other losses",
+    )
+    logq_correction: bool = option(
+        True, "softmax: subtract each candidate's log sampling probability", flag="logq"
+    )
+    temperature: float = option(0.05, "cosine scores are divided by it")
+    history_length: int = option(100, "items of recent behaviour the user tower reads")
+    popularity_prior: float | None = option(
+        None,
+        "weight of log(1 + training count) added to the scaled score at retrieval (score = "
+        "cos / temperature + prior * log1p(count)), folded into the exported vectors so search "
+        "stays an inner product; 0: off; unset: chosen on the validation slice after training, "
+        "with the half-life when that is unset too",
+    )
+    prior_half_life_days: float | None = option(
+        None,
+        "days: the prior's counts decay with this half-life back from the end of the training "
+        "log (0: every interaction alike; unset: chosen with the prior's weight)",
+        flag="prior-half-life",
+    )
+    target_window: int = option(
+        1, "positives are drawn from the user's next N events (1: next-item prediction)"
+    )
+    history_mode: HistoryMode = option(
+        "latest",
+        "before: the items strictly before each example (next-item training); latest: the "
+        "user's latest items at the end of the training log minus the positive (exactly what "
+        "serving reads)",
+    )
+    history_dropout: float = option(
+        0.3, "share of history items hidden at random in each training example"
+    )
+    mask_seen_negatives: bool = option(
+        False, "softmax: never use an item the user interacted with as their negative"
+    )
+    refit: bool = option(
+        True,
+        "after early stopping (and the prior's choice), train again from scratch on the whole "
+        "training period, validation slice included, for the best epoch count",
+    )
+    distill_weight: float = option(
+        0.0,
+        "weight of distillation from an EASE teacher fitted on the training log (0: off; "
+        "small catalogues: the student scores the whole catalogue every step)",
+    )
+    distill_temperature: float = option(
+        2.0, "softmax temperature of the teacher's per-user standardised scores"
+    )
+    distill_top_k: int = option(100, "teacher items kept as soft targets per user")
+    user_balance: float = option(
+        0.0,
+        "draw each epoch's examples with probability ~ (user's interaction count)^-B: 0 every "
+        "interaction once (heavy users dominate), 1 every user alike (logQ follows)",
+    )
+    hard_negatives: int = option(
+        0,
+        "sequential tower with sampled negatives: per user, the K items the model ranks "
+        "highest that the user did not take, mined again every epoch (0: off)",
+    )
     tower: TowerConfig = field(default_factory=TowerConfig)
-    patience: int = 2
-    validation_fraction: float = 0.1
-    validation_min_gap_days: float = 14.0
-    validation_metric: str = "pooled_recall@50"
-    seed: int = 0
-    device: str = "auto"
+    patience: int = option(2, "epochs without validation improvement before stopping (0: never)")
+    validation_fraction: float = option(
+        0.1,
+        "share of the training period's end held out for early stopping and the prior's "
+        "choice (next-item splits: each training user's last item); 0: no validation, no "
+        "early stopping, no prior search, no refit",
+    )
+    validation_min_gap_days: float = option(
+        14.0,
+        "days: validate only on returning users, whose first validation interaction comes at "
+        "least this long after their last earlier one (0: every user)",
+        flag="validation-min-gap",
+    )
+    validation_metric: ValidationMetric = option(
+        "pooled_recall@50",
+        "what early stopping and the prior's search maximise on the validation slice (recall: "
+        "mean over users; pooled: total hits / total relevant items)",
+    )
+    seed: int = option(0, "seeds every random draw of the run")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda:0, ...")
+
+    @classmethod
+    def create(cls, **given: Any) -> TrainConfig:
+        """A config from `{dotted field path: value}` (`tower.field_dim`...) over the
+        defaults of the user tower asked for (`PRESETS`)."""
+        user_tower = given.get("tower.user_tower", TowerConfig().user_tower)
+        values = PRESETS[user_tower] | given
+        tower = {k.removeprefix("tower."): v for k, v in values.items() if k.startswith("tower.")}
+        rest = {k: v for k, v in values.items() if not k.startswith("tower.")}
+        return cls(**rest, tower=TowerConfig(**tower))
 
     def __post_init__(self) -> None:
         # Checked here, before any data is read: a bad value must not cost a training run.
+        for name, allowed in (
+            ("loss", get_args(LossName)),
+            ("negatives", get_args(NegativesName)),
+            ("history_mode", get_args(HistoryMode)),
+            ("validation_metric", get_args(ValidationMetric)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}")
         for name in ("epochs", "batch_size", "target_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -172,3 +205,23 @@ class TrainConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available here")
         return device
+
+
+# Defaults that differ by user tower, as `TrainConfig.create` takes them. The sequential
+# tower trains as SASRec-family models do: a long history, small batches of whole sequences,
+# the full softmax, dropout 0.2, early stopping on NDCG@10 over more epochs; no refit (the
+# next-item validation item would join training; the run would cost twice as long).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fields": {},
+    "sequence": {
+        "epochs": 50,
+        "patience": 5,
+        "batch_size": 64,
+        "history_length": 200,
+        "negatives": "all",
+        "refit": False,
+        "validation_metric": "ndcg@10",
+        "tower.field_dim": 64,
+        "tower.dropout": 0.2,
+    },
+}

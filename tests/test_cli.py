@@ -1,11 +1,13 @@
 """`python -m models ...` as a user runs it: real subprocesses, tiny synthetic data."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from models.cli import _check_trained_on, main, parser, train_config
 from models.dataset import DataError
 from models.sources import load_dataset
 from models.splits import make_split
-from models.train_config import TrainConfig
+from models.tower_config import HistoryEncoderName, TowerConfig
+from models.towers import HISTORY_ENCODERS
+from models.train_config import PRESETS, TrainConfig
 
 FAST = [
     "--epochs", "1", "--batch-size", "256", "--history-length", "20",
@@ -312,6 +316,50 @@ def test_an_out_path_that_is_a_file_fails_before_any_work(
     out.write_text("")
     assert main(["train", "--data", "nosuch:x", "--out", str(out), *FAST]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_every_config_field_is_an_option_with_its_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for config in (TrainConfig, TowerConfig):
+        for f in dataclasses.fields(config):
+            if f.name == "tower":  # the architecture group: TowerConfig's own fields
+                continue
+            flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+            assert flag in help_text, flag
+            assert " ".join(f.metadata["help"].split()[:6]) in help_text, f.name
+    assert set(HISTORY_ENCODERS) == set(get_args(HistoryEncoderName))
+
+
+def test_the_sequence_tower_brings_its_own_defaults_and_given_options_win() -> None:
+    base = ["train", "--data", "synthetic", "--user-tower", "sequence"]
+    config = train_config(parser().parse_args(base))
+    expected = TrainConfig.create(**{"tower.user_tower": "sequence"})
+    assert config == expected
+    for path, value in PRESETS["sequence"].items():
+        owner = config.tower if path.startswith("tower.") else config
+        assert getattr(owner, path.removeprefix("tower.")) == value, path
+    assert (config.negatives, config.batch_size, config.tower.field_dim) == ("all", 64, 64)
+    given = train_config(
+        parser().parse_args([*base, "--batch-size", "32", "--refit", "--field-dim", "16"])
+    )
+    assert (given.batch_size, given.refit, given.tower.field_dim) == (32, True, 16)
+    assert given.history_length == 200  # the preset still fills what was not given
+    fields = train_config(parser().parse_args(["train", "--data", "synthetic"]))
+    assert fields == TrainConfig() and fields.batch_size == 512
+
+
+def test_a_bad_option_value_is_a_clear_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(["train", "--data", "synthetic", "--hidden", "64,x"])
+    assert exited.value.code == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "--data", "synthetic", "--validation-metric", "auc"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_options_map_onto_the_config() -> None:
