@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.features import FeatureEncoder, fit_feature
+from models.feature_spec import fit_feature
+from models.features import FeatureEncoder
 from models.towers import TowerConfig, TwoTower
 
 TOWERS: dict[str, tuple[TowerConfig, int]] = {  # name -> (architecture, history length)

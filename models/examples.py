@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from models.dataset import Dataset
-from models.features import HISTORY, FeatureEncoder, fit_feature
+from models.feature_spec import HISTORY, fit_feature
+from models.features import FeatureEncoder
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.features import Feature
+from models.feature_spec import Feature
 
 # Embedding tables with more rows than this have sparse gradients, which `SparseAdam` applies
 # to the rows a batch looked up (`models.train.EmbeddingAdam`): a dense step costs the whole

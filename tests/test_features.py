@@ -8,14 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.features import (
-    HISTORY,
-    Z_CLIP,
-    Feature,
-    FeatureEncoder,
-    FeatureSpecError,
-    fit_feature,
-)
+from models.feature_spec import HISTORY, Z_CLIP, Feature, FeatureSpecError, fit_feature
+from models.features import FeatureEncoder
 
 ITEMS = {"a": 0, "b": 1, "c": 2, "d": 3}
 GENDER = Feature("gender", "categorical", vocabulary={"F": 1, "M": 2})
