@@ -89,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _write_report(report: dict, path: Path | None) -> None:
-    from models.evaluation import format_table
+    from models.report import format_table
 
     print(format_table(report), file=sys.stderr)
     if path is not None:
@@ -125,8 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.baselines import check_dense_fits
-    from models.evaluation import evaluate_recommender, report_json, run_baselines
+    from models.evaluation import evaluate_recommender, run_baselines
     from models.recommender import BundleRecommender
+    from models.report import report_json
     from models.sources import load_dataset
     from models.splits import make_split
 

@@ -18,11 +18,10 @@ from models.baselines import (
 from models.dataset import DataError
 from models.evaluation import (
     evaluate_recommender,
-    format_table,
-    report_json,
     run_baselines,
     top_k,
 )
+from models.report import format_table, report_json
 
 ITEMS = {"A": 0, "B": 1, "C": 2}
 

@@ -12,10 +12,9 @@ from models.evaluation import (
     CI_SEED,
     EvalResult,
     evaluate_recommender,
-    format_table,
-    report_json,
 )
 from models.metrics import bootstrap_ci, per_user_metrics
+from models.report import format_table, report_json
 
 
 def frame(pairs: list[tuple[str, str]]) -> pd.DataFrame:

@@ -15,7 +15,8 @@ from trainer_helpers import fast_config, small_dataset
 from models.dataset import ColumnSpec, Dataset
 from models.examples import InteractionLog
 from models.features import FeatureEncoder
-from models.pipeline import carve_validation, run_training
+from models.pipeline import run_training
+from models.validation import carve_validation
 from models.recommender import BundleRecommender, TwoTowerRecommender
 from models.sequence_task import SequenceTask
 from models.sequence_tower import SequenceUserTower

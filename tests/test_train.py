@@ -9,7 +9,8 @@ import torch
 from trainer_helpers import fast_config, small_dataset
 
 from models.features import HISTORY
-from models.pipeline import carve_validation, choose_prior_weight, make_validator, run_training
+from models.pipeline import run_training
+from models.validation import carve_validation, choose_prior_weight, make_validator
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, make_split, validation_split
 from models.towers import TowerConfig

@@ -21,7 +21,8 @@ from models import evaluation, fields
 from models.dataset import Dataset
 from models.distributed import join_world, leave_world
 from models.evaluation import evaluate_recommender, top_k
-from models.pipeline import choose_prior_weight, make_validator, run_training
+from models.pipeline import run_training
+from models.validation import choose_prior_weight, make_validator
 from models.recommender import TwoTowerRecommender, top_k_with_bonus
 from models.splits import make_split, validation_split
 from models.train import (
