@@ -108,11 +108,33 @@ def generate(config: SyntheticConfig, name: str = "synthetic") -> Dataset:
     topic_country = rng.integers(len(COUNTRIES), size=n_topics)
 
     item_topic = rng.permutation(np.arange(config.items) % n_topics)
+    draw_items = _item_sampler(rng, item_topic, n_topics)
+    user_of, topic, counts, preferred = _walks(rng, config, topic_weight)
+    item = _distinct_per_user(user_of, topic, draw_items, config.items)
+    keep = item >= 0
+    user_of, item = user_of[keep], item[keep]
+
+    times = _timestamps(rng, user_of, config.users)
+    user_ids = np.array([f"u{k}" for k in range(config.users)], dtype=object)
+    item_ids = np.array([f"i{k}" for k in range(config.items)], dtype=object)
+    interactions = pd.DataFrame(
+        {"user_id": user_ids[user_of], "item_id": item_ids[item], "timestamp": times}
+    )
+    users = _users(rng, user_ids, preferred[:, 0], topic_age, topic_country, counts)
+    items = _items(rng, item_ids, item_topic, n_topics)
+    return assemble(name, interactions, users, items, USER_COLUMNS, ITEM_COLUMNS)
+
+
+def _item_sampler(
+    rng: np.random.Generator, item_topic: np.ndarray, n_topics: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`draw(topics)`: one item per topic, Zipf-distributed by popularity rank within it."""
+    n_items = len(item_topic)
     # Items ordered by (topic, popularity rank); cumulative within-topic weights are offset by
     # the topic number, so one searchsorted over `topic + u` samples every draw at once.
     by_topic = np.argsort(item_topic, kind="stable")
     sizes = np.bincount(item_topic, minlength=n_topics)
-    rank = np.arange(config.items) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    rank = np.arange(n_items) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     weight = 1.0 / (rank + 1.0) ** ZIPF
     cum = np.cumsum(weight)
     topic_end = np.cumsum(sizes) - 1
@@ -121,10 +143,20 @@ def generate(config: SyntheticConfig, name: str = "synthetic") -> Dataset:
     cum[topic_end] = 1.0
     cum += np.repeat(np.arange(n_topics), sizes)
 
-    def draw_items(topic: np.ndarray) -> np.ndarray:
+    def draw(topic: np.ndarray) -> np.ndarray:
         pos = np.searchsorted(cum, topic + rng.random(len(topic)), side="right")
-        return by_topic[np.minimum(pos, config.items - 1)]
+        return by_topic[np.minimum(pos, n_items - 1)]
 
+    return draw
+
+
+def _walks(
+    rng: np.random.Generator, config: SyntheticConfig, topic_weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's steps and the topic of each step: a user mixes up to three preferred
+    topics, stays on a topic with probability `STAY`, explores with `EXPLORE`. Returns the
+    user of each step, its topic, steps per user and the users' preferred topics."""
+    n_topics = len(topic_weight)
     counts = rng.integers(
         max(1, config.per_user * 2 // 3), config.per_user * 4 // 3 + 1, size=config.users
     )
@@ -143,20 +175,7 @@ def generate(config: SyntheticConfig, name: str = "synthetic") -> Dataset:
     redraw[first] = True
     # The topic of step t is the fresh draw of the latest step <= t that redrew it.
     source = np.maximum.accumulate(np.where(redraw, np.arange(len(user_of)), 0))
-    topic = fresh[source]
-    item = _distinct_per_user(user_of, topic, draw_items, config.items)
-    keep = item >= 0
-    user_of, item = user_of[keep], item[keep]
-
-    times = _timestamps(rng, user_of, config.users)
-    user_ids = np.array([f"u{k}" for k in range(config.users)], dtype=object)
-    item_ids = np.array([f"i{k}" for k in range(config.items)], dtype=object)
-    interactions = pd.DataFrame(
-        {"user_id": user_ids[user_of], "item_id": item_ids[item], "timestamp": times}
-    )
-    users = _users(rng, user_ids, preferred[:, 0], topic_age, topic_country, counts)
-    items = _items(rng, item_ids, item_topic, n_topics)
-    return assemble(name, interactions, users, items, USER_COLUMNS, ITEM_COLUMNS)
+    return user_of, fresh[source], counts, preferred
 
 
 def _distinct_per_user(
