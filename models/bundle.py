@@ -1,7 +1,7 @@
 """The bundle on disk: layout, version names, `LATEST`, and verification.
 
 Dependency-light (numpy + standard library) so the online service verifies bundles with the
-same code the exporter wrote them with. Layout (DESIGN.md):
+same code the exporter wrote them with. Layout (docs/design.md):
 
     <root>/LATEST                 the current version name, replaced atomically
     <root>/<version>/manifest.json, user_tower.pt, item_embeddings.npy, item_ids.json,
