@@ -31,7 +31,7 @@ def main() -> None:
         workers=settings.workers,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         log_level=settings.log_level,
-        access_log=False,  # the service writes its own (ACCESS_LOG: app/middleware.py)
+        access_log=False,  # the service writes its own (ACCESS_LOG: app/http/middleware.py)
     )
     if settings.workers > 1 and workers.SUPPORTED:
         # A listening socket per worker, so connections spread evenly (app/workers.py).

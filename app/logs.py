@@ -1,13 +1,12 @@
 """Log lines that say which request they belong to: the request context (a contextvar bound by
-`app.middleware.RequestObserver`), and the formatters `python -m app` installs (LOG_FORMAT):
-one JSON object per line, or uvicorn's text lines with the request id appended."""
+`app.http.middleware.RequestObserver`), and the formatters `python -m app` installs
+(LOG_FORMAT): one JSON object per line, or uvicorn's text lines with the request id appended.
+Access lines are `app.http.access_log`'s."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 import re
 import time
 from contextvars import ContextVar
@@ -78,7 +77,8 @@ def timestamp(created: float) -> str:
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "request_id", "msg"}` (+ `exc_info`, `stack_info`), the
-    request id null outside a request. Access lines have the same head (`AccessLog`)."""
+    request id null outside a request. Access lines have the same head
+    (`app.http.access_log.AccessLog`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -102,45 +102,6 @@ class TextFormatter(DefaultFormatter):
         line = super().formatMessage(record)
         request_id = current_request_id()
         return f"{line} request_id={request_id}" if request_id is not None else line
-
-
-STDERR = 2
-ACCESS_TEXT = "%(method)s %(route)s %(status)d %(latency_ms).3f ms model_version=%(model_version)s"
-
-
-class AccessLog:
-    """One line per request, from logger `app.access` at `info` (so LOG_LEVEL applies to it as
-    to any line): `method`, `route`, `status`, `latency_ms`, `model_version`.
-
-    In JSON the line goes straight to the stderr file descriptor, where `python -m app` sends
-    every log line, without a LogRecord: building one and passing it through the logging
-    machinery and the text stream cost 16 µs a request, 13 % of the CPU of a recall through
-    the app with 16 in flight; this costs 5 µs. Text lines are for people at a terminal and
-    go through `logging` (colours, handlers)."""
-
-    def __init__(self, log_format: LogFormat) -> None:
-        self.logger = logging.getLogger("app.access")
-        self.json = log_format == "json"
-
-    def write(self, request_id: str, fields: dict[str, Any]) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        if not self.json:
-            record = self.logger.makeRecord(
-                self.logger.name, logging.INFO, "", 0, ACCESS_TEXT, (fields,), None
-            )
-            self.logger.handle(record)
-            return
-        line = {
-            "ts": timestamp(time.time()),
-            "level": "INFO",
-            "logger": self.logger.name,
-            "request_id": request_id,
-            **fields,
-        }
-        # One write of the encoded line: each of the other lines is flushed as it is written.
-        with contextlib.suppress(OSError):  # as `logging`: no request fails for its log line
-            os.write(STDERR, orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:

@@ -7,13 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.router import ROUTERS, service_routes
-from app.errors import install_error_handlers
-from app.fast_path import RecallFastPath
-from app.logs import AccessLog
+from app.config import RecallLimits
+from app.http.access_log import AccessLog
+from app.http.errors import install_error_handlers
+from app.http.fast_path import RecallFastPath
+from app.http.middleware import BodySizeLimitMiddleware, RequestObserver
+from app.http.openapi import document_limits
+from app.http.router import ROUTERS, service_routes
 from app.metrics import Metrics
-from app.middleware import BodySizeLimitMiddleware, RequestObserver
-from app.openapi import document_limits
 from app.services import build_services, configure_threads
 from app.settings import Settings, get_settings
 
@@ -26,14 +27,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     # Listening at once, ready only after load + warm-up (in the background); a missing or bad
     # bundle leaves the process up, not ready. Then a watcher keeps this worker on the fleet's
-    # version (app/model_sync.py).
-    services.sync.start()
+    # version (app/model/sync.py).
+    services.start()
     try:
         yield
     finally:
-        await services.sync.stop()
-        await services.store.aclose()
-        services.close()
+        await services.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    # Innermost: sees bodies the limit below already bounded; hands all but good answers on.
+    # Innermost: sees bodies the limit below already bounded; answers JSON recalls itself.
     app.add_middleware(RecallFastPath, routes=service_routes())
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Outermost, so requests refused by the body limit are counted, logged and given ids too.
@@ -59,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in ROUTERS:
         app.include_router(router)
-    document_limits(app, settings)
+    document_limits(app, RecallLimits.from_settings(settings))
     return app
 
 

@@ -3,7 +3,9 @@
 `retrieve` takes a whole batch of prepared queries so one tower call and one index search
 serve all of them (`/v1/recall/batch`, and the micro-batches of concurrent `/v1/recall`
 requests). User vectors already encoded from the same inputs by the same model version come
-from a `VectorCache` instead of the tower.
+from a `UserVectorCache` instead of the tower. The model's item index decides how it searches
+(`app.search.ItemIndex`); this module only asks it for enough candidates to fill each query's
+top k once its seen items are left out.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from app.bundle_loader import ServingBundle
-from app.cache import VectorCache
+from app.model import ServingModel
+from app.user_vector_cache import UserVectorCache
 
 StageObserver = Callable[[str, float], None]
 
@@ -45,7 +46,7 @@ class Query:
     @classmethod
     def prepare(
         cls,
-        bundle: ServingBundle,
+        model: ServingModel,
         features: Mapping[str, Any],
         history: Sequence[str],
         k: int,
@@ -53,9 +54,9 @@ class Query:
         exclude_seen: bool = True,
         user_id: str | None = None,
     ) -> Query:
-        """The query for `bundle`: the history is mapped to catalogue rows once, for the tower
+        """The query for `model`: the history is mapped to catalogue rows once, for the tower
         and the exclusion both."""
-        rows = bundle.encoder.history_rows(history)
+        rows = model.encoder.history_rows(history)
         exclude = frozenset(rows) if exclude_seen else frozenset()
         return cls(features, history, rows, exclude, k, user_id)
 
@@ -63,49 +64,12 @@ class Query:
 Result = list[tuple[str, float]]
 
 
-def _exact_top(bundle: ServingBundle, vector: np.ndarray, query: Query, want: int) -> Result:
-    """Brute-force top `want` over the whole catalogue: the fallback when an approximate
-    index returns too few results once seen items are removed."""
-    with torch.inference_mode():
-        scores = bundle.matrix @ torch.from_numpy(vector)
-        if query.exclude:
-            scores[torch.tensor(sorted(query.exclude), dtype=torch.int64)] = -torch.inf
-        top = torch.topk(scores, want, sorted=True)
-    ids = bundle.item_ids
-    return [
-        (ids[row], score)
-        for row, score in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-    ]
-
-
-def _candidates(
-    bundle: ServingBundle, vectors: np.ndarray, fetches: list[int]
-) -> list[tuple[list[float], list[int]]]:
-    """(scores, rows) of each query's top `fetches[i]` from the index. Exact search and IVF
-    return a prefix of the same ranking at any depth, so one search at the deepest serves
-    all; some FAISS versions widen an HNSW search to max(efSearch, depth), so there each
-    depth gets its own search, and a query's answer never depends on its batch."""
-    if bundle.index_type != "hnsw":
-        depths = {max(fetches): list(range(len(fetches)))}
-    else:
-        depths = {}
-        for i, fetch in enumerate(fetches):
-            depths.setdefault(fetch, []).append(i)
-    out: list[tuple[list[float], list[int]]] = [([], [])] * len(fetches)
-    for depth, members in depths.items():
-        scores, rows = bundle.search(vectors[members], depth)
-        for j, i in enumerate(members):
-            out[i] = (scores[j].tolist(), rows[j].tolist())
-    return out
-
-
-def search(bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[Query]) -> list[Result]:
+def search(model: ServingModel, vectors: np.ndarray, queries: Sequence[Query]) -> list[Result]:
     """Top k per query, seen items excluded: an index search over-fetching by the query's
     exclusions, then an exact search for any query the index could not fill."""
-    n_items = bundle.n_items
+    index, ids, n_items = model.index, model.item_ids, model.n_items
     fetches = [min(n_items, q.k + len(q.exclude)) for q in queries]
-    candidates = _candidates(bundle, vectors, fetches)
-    ids = bundle.item_ids
+    candidates = index.search_depths(vectors, fetches)
     results: list[Result] = []
     for i, (query, (scores, rows)) in enumerate(zip(queries, candidates, strict=True)):
         want = min(query.k, n_items - len(query.exclude))
@@ -120,19 +84,20 @@ def search(bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[Query])
                 if len(out) == want:
                     break
         if len(out) < want:
-            out = _exact_top(bundle, vectors[i], query, want)
+            scores, rows = index.exact_top(vectors[i], want, exclude)
+            out = [(ids[row], score) for row, score in zip(rows, scores, strict=True)]
         results.append(out)
     return results
 
 
 def encode(
-    bundle: ServingBundle, queries: Sequence[Query], cache: VectorCache | None = None
+    model: ServingModel, queries: Sequence[Query], cache: UserVectorCache | None = None
 ) -> np.ndarray:
     """User vectors float32 `(B, dim)`: the cached ones, and one tower call for the rest."""
     if cache is None:
-        return _encode(bundle, queries)
-    vectors = np.empty((len(queries), bundle.dim), dtype=np.float32)
-    keys = [cache.key(bundle.version, q.features, q.history) for q in queries]
+        return _encode(model, queries)
+    vectors = np.empty((len(queries), model.dim), dtype=np.float32)
+    keys = [cache.key(model.version, q.features, q.history) for q in queries]
     missing = []
     for i, (query, key) in enumerate(zip(queries, keys, strict=True)):
         vector = None
@@ -143,7 +108,7 @@ def encode(
         else:
             vectors[i] = vector
     if missing:
-        fresh = _encode(bundle, [queries[i] for i in missing])
+        fresh = _encode(model, [queries[i] for i in missing])
         vectors[missing] = fresh
         for i, vector in zip(missing, fresh, strict=True):
             user_id, key = queries[i].user_id, keys[i]
@@ -152,23 +117,23 @@ def encode(
     return vectors
 
 
-def _encode(bundle: ServingBundle, queries: Sequence[Query]) -> np.ndarray:
+def _encode(model: ServingModel, queries: Sequence[Query]) -> np.ndarray:
     features = [q.features for q in queries]
-    return bundle.encode(features, history_rows=[q.history_rows for q in queries])
+    return model.encode(features, history_rows=[q.history_rows for q in queries])
 
 
 def retrieve(
-    bundle: ServingBundle,
+    model: ServingModel,
     queries: Sequence[Query],
     observe: StageObserver | None = None,
-    cache: VectorCache | None = None,
+    cache: UserVectorCache | None = None,
 ) -> list[Result]:
-    """Encode + search a batch of queries on one bundle; `observe(stage, seconds)` gets the
+    """Encode + search a batch of queries on one model; `observe(stage, seconds)` gets the
     `encode` and `search` timings."""
     start = time.perf_counter()
-    vectors = encode(bundle, queries, cache)
+    vectors = encode(model, queries, cache)
     encoded = time.perf_counter()
-    results = search(bundle, vectors, queries)
+    results = search(model, vectors, queries)
     if observe is not None:
         observe("encode", encoded - start)
         observe("search", time.perf_counter() - encoded)

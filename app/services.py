@@ -1,4 +1,5 @@
-"""The per-app service objects, built in the lifespan (never at import time)."""
+"""The composition root of a worker's service objects, built in the lifespan (never at import
+time) from the settings, through the config objects of `app.config`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ from dataclasses import dataclass
 import faiss
 import torch
 
-from app.bundle_loader import IndexConfig
-from app.cache import CachedFeatureStore, VectorCache
-from app.feature_store import FeatureStore, MemoryFeatureStore, RedisFeatureStore
+from app.config import IndexConfig, RecallLimits, StoreConfig
 from app.metrics import Metrics
-from app.model_sync import LocalPin, ModelSync, RedisPin, VersionPin
-from app.recall import Limits, RecallService
-from app.repository import ModelRepository
+from app.model import ModelRepository, ModelSync, build_pin
+from app.recall import RecallService
 from app.settings import Settings
+from app.store import FeatureStore, build_store
+from app.user_vector_cache import UserVectorCache
 from app.users import UserService
 
 
@@ -33,7 +33,13 @@ class Services:
     worker: str  # host:pid of this worker process, named in /health/ready
     cpu: ThreadPoolExecutor | None  # the one thread that encodes and searches
 
-    def close(self) -> None:
+    def start(self) -> None:
+        """Load the fleet's model version in the background, then keep following it."""
+        self.sync.start()
+
+    async def aclose(self) -> None:
+        await self.sync.stop()
+        await self.store.aclose()
         if self.cpu is not None:
             self.cpu.shutdown(wait=False, cancel_futures=True)
 
@@ -47,61 +53,28 @@ def configure_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def build_store(settings: Settings, metrics: Metrics) -> FeatureStore:
-    if not settings.redis_url:
-        return MemoryFeatureStore(settings.history_cap, settings.feature_ttl_s)
-    timeout_s = settings.redis_timeout_ms / 1000
-    store: FeatureStore = RedisFeatureStore(
-        settings.redis_url,
-        cluster=settings.redis_cluster,
-        prefix=settings.redis_prefix,
-        history_cap=settings.history_cap,
-        ttl_s=settings.feature_ttl_s,
-        timeout_s=timeout_s,
-        retry_after_s=settings.redis_retry_after_ms / 1000,
-        max_connections=settings.redis_max_connections,
-        metrics=metrics,
-    )
-    if settings.cache_size and settings.cache_ttl_s:
-        store = CachedFeatureStore(store, settings.cache_size, settings.cache_ttl_s, metrics)
-    return store
-
-
-def build_pin(settings: Settings) -> VersionPin:
-    if not settings.redis_url:
-        return LocalPin()
-    # Control-plane calls, off the request path: they may wait longer than a feature fetch.
-    timeout_s = max(1.0, settings.redis_timeout_ms / 1000)
-    return RedisPin(settings.redis_url, settings.redis_prefix, timeout_s, settings.redis_cluster)
-
-
 def build_services(settings: Settings, metrics: Metrics) -> Services:
+    """Every service object of one worker, not started (`Services.start`)."""
     repository = ModelRepository(settings.model_dir, IndexConfig.from_settings(settings), metrics)
-    store = build_store(settings, metrics)
-    limits = Limits(
-        settings.max_k, settings.max_history, settings.max_batch, settings.recall_batch_size
-    )
+    store_config = StoreConfig.from_settings(settings)
+    store = build_store(store_config, metrics)
+    limits = RecallLimits.from_settings(settings)
     # FAISS's OpenMP reads its thread count per thread: set it in the thread that searches.
     cpu = None
     if settings.recall_thread:
         cpu = ThreadPoolExecutor(
             1, "recall-cpu", initializer=configure_threads, initargs=(settings.torch_threads,)
         )
+    size = settings.vector_cache_size
+    vectors = UserVectorCache(size, metrics) if size else None  # 0: every user encoded
     return Services(
         settings=settings,
         metrics=metrics,
         repository=repository,
-        sync=ModelSync(repository, build_pin(settings), settings.reload_poll_s),
+        sync=ModelSync(repository, build_pin(store_config.redis), settings.reload_poll_s),
         store=store,
-        recall=RecallService(
-            repository,
-            store,
-            limits,
-            metrics,
-            cpu,
-            VectorCache(settings.vector_cache_size, metrics),
-        ),
-        users=UserService(store, repository, settings.max_history),
+        recall=RecallService(repository, store, limits, metrics, cpu, vectors),
+        users=UserService(store, repository, limits.max_history),
         worker=f"{socket.gethostname()}:{os.getpid()}",
         cpu=cpu,
     )

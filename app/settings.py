@@ -1,4 +1,4 @@
-"""The one settings object, read from environment variables (names as in DESIGN.md)."""
+"""The one settings object, read from environment variables (names as in docs/design.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.online_store import check_prefix
+from models.redis_keys import check_prefix
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
@@ -41,14 +41,14 @@ class Settings(BaseSettings):
     # bundle's own `index-cache/`. Set it when MODEL_DIR is read-only, or every start builds.
     index_cache_dir: Annotated[Path | None, BeforeValidator(lambda v: v or None)] = None
     # Flat index: screen batched scans with a bfloat16 copy of the matrix, still exact
-    # (`app.exact_search`); auto: when that measures faster on this CPU at load.
+    # (`app.search.flat`); auto: when that measures faster on this CPU at load.
     exact_screen: ScreenMode = "auto"
     # Flat index: the library whose matrix product scans it, torch's BLAS (MKL on x86) or
     # numpy's (OpenBLAS); auto: the faster at each batch size, timed at load (the better one
     # depends on the CPU and the batch size).
     exact_blas: BlasMode = "auto"
     # Flat index: read only the k-means clusters of items whose bound can reach a query's top
-    # k (`app.pruned_search`; still exact); auto: for catalogues of 20,000 items or more.
+    # k (`app.search.cluster_pruning`; still exact); auto: for catalogues of 20,000 items or more.
     # The clusters are an IVF index of IVF_NLIST lists, cached beside the bundle.
     exact_prune: PruneMode = "auto"
 

@@ -6,15 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from app.errors import InvalidInput, input_error
-from app.feature_store import FeatureStore
-from app.recall import feature_errors
-from app.repository import ModelRepository
+from app.feature_checks import feature_errors
+from app.model import ModelRepository
+from app.store import FeatureStore
 
 
 class UserService:
     """Args:
     store: online user state (writes raise FeatureStoreUnavailable -> 503).
-    repository: the serving bundle's feature spec validates feature names and value types.
+    repository: the serving model's feature spec validates feature names and value types.
     max_events: most item ids accepted in one events call.
     """
 
@@ -38,9 +38,9 @@ class UserService:
         With no model loaded there is no spec to check against: the features are stored as
         given (ingestion must not stop while a model is missing; recall ignores names the
         model does not know)."""
-        bundle = self.repository.current
-        if bundle is not None:
-            errors = feature_errors(bundle, features, ("body", "features"))
+        model = self.repository.current
+        if model is not None:
+            errors = feature_errors(model, features, ("body", "features"))
             if errors:
                 raise InvalidInput(errors)
         await self.store.put_features(user_id, features)

@@ -5,8 +5,8 @@
 
 For each batch size: FAISS's `knn` (its SIMD scan below 20 queries), a torch product over the
 row-major matrix (`queries @ matrix.T`) and over a contiguous column-major copy (`queries @
-columns`), and numpy's product over that copy (`app.exact_search` times these last two at load
-and scans with the faster), each followed by the same top-k (`app.exact_search.top_candidates`
+columns`), and numpy's product over that copy (`app.search.flat` times these last two at load
+and scans with the faster), each followed by the same top-k (`app.search.topk.top_candidates`
 + sort). The matrix has the benchmark bundle's structure (low rank plus noise, rows
 normalised) but is random: this measures speed, not recall; all four must return the same
 items. Medians of `--repeats` calls, best of `--rounds` interleaved
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app.exact_search import timings_ms, top_candidates
+from app.search.topk import timings_ms, top_candidates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,10 +29,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fault_kit import cluster_faults, hostile, redis_faults, reload, shutdown, soak
-from fault_kit.report import Row, table
-from fault_kit.stack import RECIPE, Stack, Versions, model_dir_with, train_two_versions
+# The repository root, for the harness the tests share (and app/ and models/ of this checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving_kit.report import code_state, loadavg, machine
+
+from harness.faults import cluster_faults, hostile, redis_faults, reload, shutdown, soak
+from harness.faults.report import Row, table
+from harness.stack import RECIPE, Stack, Versions, model_dir_with, train_two_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("reload", "redis", "cluster", "hostile", "shutdown", "soak")

@@ -52,23 +52,23 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
-import time
 import urllib.error
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving_kit import load, procs, profile, reference, report
-from serving_kit.bundles import BuiltBundle, Recipe, ensure_bundle
+# The repository root, for the harness the tests share (and app/ and models/ of this checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serving_kit import load, reference, report
+from serving_kit.report import log
+from serving_kit.service_run import run_service
+
+from harness import procs
+from harness.bundles import BuiltBundle, Recipe, ensure_bundle
+from harness.cluster import ClusterRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 def int_list(text: str) -> list[int]:
@@ -137,135 +137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def service_metrics(base_url: str) -> dict[str, Any]:
-    """Mean stage times (per batch), mean micro-batch size and cache hit rates from /metrics
-    (cumulative since start, one worker's view; absent series: None)."""
-    import urllib.request
-
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        sums[name] = float(value)
-    out: dict[str, Any] = {"stage_mean_ms": {}}
-    for name, value in sums.items():
-        if name.startswith("tower_recall_stage_duration_seconds_sum{"):
-            stage = name.split('stage="', 1)[1].split('"', 1)[0]
-            count = sums.get(name.replace("_sum{", "_count{"), 0.0)
-            out["stage_mean_ms"][stage] = round(value / count * 1000, 4) if count else None
-    hits = sums.get("tower_recall_cache_hits_total", 0.0)
-    misses = sums.get("tower_recall_cache_misses_total", 0.0)
-    out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
-    batches = sums.get("tower_recall_batch_size_count", 0.0)
-    recalls = sums.get("tower_recall_batch_size_sum", 0.0)
-    out["mean_batch_size"] = round(recalls / batches, 2) if batches else None
-    v_hits = sums.get('tower_recall_vector_cache_total{result="hit"}', 0.0)
-    v_misses = sums.get('tower_recall_vector_cache_total{result="miss"}', 0.0)
-    out["vector_cache_hit_rate"] = (
-        round(v_hits / (v_hits + v_misses), 4) if v_hits + v_misses else None
-    )
-    return out
-
-
-def sanity_check(base_url: str, k: int) -> dict[str, Any]:
-    """One recall for a published user must answer k items from Redis features."""
-    answer = procs.http_json(base_url + "/v1/recall", {"user_id": "u0", "k": k})
-    if len(answer["items"]) != k or answer["feature_source"] != "redis":
-        raise RuntimeError(f"unexpected recall answer: {json.dumps(answer)[:300]}")
-    return {"model_version": answer["model_version"], "items": len(answer["items"])}
-
-
-def run_service(
-    args: argparse.Namespace,
-    built: BuiltBundle,
-    redis_url: str,
-    redis_pid: int,
-    index: str,
-    workers: int,
-    use_wrk: bool,
-) -> dict[str, Any]:
-    name = f"{built.recipe.items}-{index}-w{workers}"
-    service = procs.Service(
-        built.model_dir, redis_url, index, workers, args.logs_dir / f"{name}.log"
-    ).start()
-    out: dict[str, Any] = {}
-    try:
-        log(f"{name}: starting the service")
-        out["startup"] = service.wait_ready(args.startup_timeout)
-        out["startup"]["index_from_cache"] = service.index_from_cache()
-        out["memory_ready"] = service.memory()
-        out["check"] = sanity_check(service.base_url, args.k)
-        users = built.recipe.users
-        recall = load.Target(service.base_url + "/v1/recall", users, args.k, args.seed)
-        bare = load.Target(service.base_url + "/health/live")
-        c = args.connections
-
-        workers_pids = service.worker_pids()
-
-        def run(target: load.Target, connections: int, seconds: float) -> dict[str, Any]:
-            """One load run, with the CPU each party used during it (cores = cpu_s / wall).
-            Keep-alive connections stay with the worker that accepted them, so
-            `worker_cores` shows whether the load was spread over the workers."""
-            pids = [*workers_pids, redis_pid]
-            before = [procs.cpu_seconds(pid) for pid in pids]
-            # wrk is a child process; the Python generator runs in this one.
-            who = resource.RUSAGE_CHILDREN if use_wrk else resource.RUSAGE_SELF
-            start = resource.getrusage(who)
-            result = load.run_load(
-                target, connections, seconds, use_wrk=use_wrk, wrk_threads=args.wrk_threads
-            ).to_json()
-            used = [procs.cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
-            end = resource.getrusage(who)
-            wall = result["duration_s"] or 1.0
-            cores = {"workers": sum(used[:-1]) / wall, "redis": used[-1] / wall}
-            generator_s = (end.ru_utime + end.ru_stime) - (start.ru_utime + start.ru_stime)
-            cores["load_generator"] = generator_s / wall
-            result["cores_used"] = {k: round(v, 2) for k, v in cores.items()}
-            result["worker_cores"] = [round(u / wall, 2) for u in used[:-1]]
-            return result
-
-        out["loadavg_before"] = report.loadavg()
-        log(f"{name}: ready in {out['startup']['ready_s']} s; recall load")
-        if args.warmup > 0:
-            run(recall, c, args.warmup)
-        out["recall"] = run(recall, c, args.duration)
-        # Read before the one-connection run, whose batches of one would otherwise dilute the
-        # batch size and stage means of whichever worker served it.
-        out["service_metrics"] = service_metrics(service.base_url)
-        shares = out["recall"]["worker_cores"]
-        if len(shares) > 1 and sum(shares) and max(shares) / sum(shares) > 0.75:
-            out["warnings"] = [
-                f"recall load landed mostly on one worker (cores {shares}): keep-alive "
-                "connections stay with the worker that accepted them, so rps understates "
-                "what the workers can do together"
-            ]
-        out["single"] = run(recall, 1, args.single_duration)
-        log(f"{name}: bare endpoint")
-        if args.warmup > 0:
-            run(bare, c, min(args.warmup, 2.0))
-        out["bare"] = run(bare, c, args.duration)
-        out["bare_single"] = run(bare, 1, args.single_duration)
-        out["memory_after_load"] = service.memory()
-        out["loadavg_after"] = report.loadavg()
-        if args.profile or args.profile_native:
-            log(f"{name}: profiling under load")
-            running = profile.start_recording(
-                service.worker_pids(),
-                args.duration,
-                args.logs_dir / f"profile-{name}",
-                args.profile_native,
-            )
-            time.sleep(0.5)  # py-spy attaches before the load starts
-            out["profiled_recall"] = run(recall, c, args.duration)
-            out["profile"] = profile.finish_recording(running, args.duration)
-    finally:
-        service.stop()
-    return out
-
-
 def save(args: argparse.Namespace, out: dict[str, Any]) -> None:
     """Write the report so far to --json (a long run leaves its partial results behind)."""
     if args.json is not None:
@@ -273,17 +144,9 @@ def save(args: argparse.Namespace, out: dict[str, Any]) -> None:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
-def measure_size(
-    args: argparse.Namespace,
-    items: int,
-    redis: procs.RedisServer | procs.ClusterRedis,
-    use_wrk: bool,
-    report_out: dict[str, Any],
-) -> None:
-    """Measure one catalogue size into `report_out` (`sizes[items]` and rows of `results`)."""
-    from serving_kit import inprocess  # imports torch/FAISS: after OMP_NUM_THREADS is set
-
-    recipe = Recipe(
+def recipe_of(args: argparse.Namespace, items: int) -> Recipe:
+    """The benchmark bundle of `items` items that the options describe."""
+    return Recipe(
         items=items,
         users=args.users,
         seed=args.seed,
@@ -295,6 +158,19 @@ def measure_size(
         history_length=args.history_length,
         popularity_prior=args.popularity_prior,
     )
+
+
+def measure_size(
+    args: argparse.Namespace,
+    items: int,
+    redis: procs.RedisServer | ClusterRedis,
+    use_wrk: bool,
+    report_out: dict[str, Any],
+) -> None:
+    """Measure one catalogue size into `report_out` (`sizes[items]` and rows of `results`)."""
+    from serving_kit import inprocess  # imports torch/FAISS: after OMP_NUM_THREADS is set
+
+    recipe = recipe_of(args, items)
     built = ensure_bundle(recipe, args.cache_dir)
     redis.flush()
     settings = inprocess.service_settings(built.model_dir, "flat", redis.url)
@@ -326,15 +202,10 @@ def measure_size(
             )
         del bundle
         gc.collect()
-        floor_ms = floor["recall"]["p50_ms"]
         for workers in args.workers:
-            row: dict[str, Any] = {"items": items, "index": index, "workers": workers}
-            try:
-                row |= run_service(args, built, redis.url, redis.pid, index, workers, use_wrk)
-            except (RuntimeError, OSError, urllib.error.URLError) as exc:
-                log(f"{items} {index} w{workers} failed: {exc}")
-                row["error"] = str(exc)[-2000:]
-            else:
+            row = measure_service(args, built, redis, index, workers, use_wrk)
+            if "error" not in row:
+                floor_ms = floor["recall"]["p50_ms"]
                 row["floor_p50_ms"] = floor_ms
                 row["ratios"] = report.ratios(
                     row["recall"], row["single"], row["bare"], floor_ms, workers
@@ -342,6 +213,49 @@ def measure_size(
                 log(f"{items} {index} w{workers}: {row['recall']['rps']:.0f} rps")
             report_out["results"].append(row)
             save(args, report_out)
+
+
+def measure_service(
+    args: argparse.Namespace,
+    built: BuiltBundle,
+    redis: procs.RedisServer | ClusterRedis,
+    index: str,
+    workers: int,
+    use_wrk: bool,
+) -> dict[str, Any]:
+    """One row of `results`: the service's figures, or the error that stopped it."""
+    items = built.recipe.items
+    row: dict[str, Any] = {"items": items, "index": index, "workers": workers}
+    try:
+        row |= run_service(args, built, redis.url, redis.pid, index, workers, use_wrk)
+    except (RuntimeError, OSError, urllib.error.URLError) as exc:
+        log(f"{items} {index} w{workers} failed: {exc}")
+        row["error"] = str(exc)[-2000:]
+    return row
+
+
+def finish(args: argparse.Namespace, out: dict[str, Any]) -> int:
+    """Complete the report (settings, targets), save and print it; 1 if a row failed."""
+    from serving_kit.inprocess import service_settings
+
+    defaults = service_settings(Path("artifacts"), "flat", "")
+    out["service_settings"] = {
+        "hnsw_m": defaults.hnsw_m,
+        "hnsw_ef_search": defaults.hnsw_ef_search,
+        "hnsw_ef_construction": defaults.hnsw_ef_construction,
+        "cache_ttl_s": defaults.cache_ttl_s,
+        "cache_size": defaults.cache_size,
+        "torch_threads": defaults.torch_threads,
+    }
+    out["targets"] = report.targets_of(out)
+    out["machine"]["loadavg_after"] = report.loadavg()
+    app_module = sys.modules.get("app")
+    out["code"]["app_imported_from"] = getattr(app_module, "__file__", None)
+    out["complete"] = True
+    save(args, out)
+    print(json.dumps(out, indent=2))
+    print(report.summary(out), file=sys.stderr)
+    return 1 if any("error" in r for r in out["results"]) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,32 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if use_wrk and load.wrk_path() is None:
         print("error: --generator wrk, but wrk is not installed", file=sys.stderr)
         return 2
-    warning = None if use_wrk else load.FALLBACK_WARNING
-    if warning:
-        log(f"WARNING: {warning}")
-    out: dict[str, Any] = {
-        "benchmark": "serving",
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": report.machine(),
-        "code": report.code_state(args.tree),
-        "load_generator": {
-            "tool": "wrk" if use_wrk else "python-asyncio",
-            "version": load.wrk_version() if use_wrk else None,
-            "threads": args.wrk_threads if use_wrk else 1,
-            "connections": args.connections,
-            "duration_s": args.duration,
-            "warmup_s": args.warmup,
-            "single_connection_duration_s": args.single_duration,
-            "k": args.k,
-            "warning": warning,
-        },
-        "complete": False,
-        "sizes": {},
-        "results": [],
-    }
+    out = report.head(args, argv, use_wrk)
     if not args.no_reference:
         log("machine reference: the issue's bare FastAPI prototype")
         out["machine_reference"] = [
@@ -395,47 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if args.redis_cluster:  # the services (and the in-process settings) read the env
         os.environ["REDIS_CLUSTER"] = "true"
-    redis = (procs.ClusterRedis() if args.redis_cluster else procs.RedisServer()).start()
+    redis = (ClusterRedis() if args.redis_cluster else procs.RedisServer()).start()
     out["redis"] = "cluster (3 primaries + 3 replicas)" if args.redis_cluster else "standalone"
     try:
         for items in args.sizes:
             measure_size(args, items, redis, use_wrk, out)
     finally:
         redis.stop()
-    from serving_kit.inprocess import service_settings
-
-    defaults = service_settings(Path("artifacts"), "flat", "")
-    out["service_settings"] = {
-        "hnsw_m": defaults.hnsw_m,
-        "hnsw_ef_search": defaults.hnsw_ef_search,
-        "hnsw_ef_construction": defaults.hnsw_ef_construction,
-        "cache_ttl_s": defaults.cache_ttl_s,
-        "cache_size": defaults.cache_size,
-        "torch_threads": defaults.torch_threads,
-    }
-    recall_at = {k: v["hnsw_recall"] for k, v in out["sizes"].items() if "hnsw_recall" in v}
-    speed = {r["workers"]: r["speed"] for r in out.get("machine_reference", []) if r["speed"]}
-    out["targets"] = report.targets(out["results"], recall_at, speed)
-    out["machine"]["loadavg_after"] = report.loadavg()
-    app_module = sys.modules.get("app")
-    out["code"]["app_imported_from"] = getattr(app_module, "__file__", None)
-    out["complete"] = True
-    save(args, out)
-    print(json.dumps(out, indent=2))
-    print(report.table(out["results"]), file=sys.stderr)
-    failed = [t["target"] for t in out["targets"] if t["ok"] is False]
-    print(f"targets missed: {len(failed)} of {len(out['targets'])}", file=sys.stderr)
-    for ref in out.get("machine_reference", []):
-        print(
-            f"machine speed ({ref['workers']} worker(s)): {ref['speed']} of the issue's "
-            f"(prototype bare GET {ref['rps']:.0f} rps here, {ref['issue_rps']} there)",
-            file=sys.stderr,
-        )
-    scaled = [t for t in out["targets"] if "on_this_machine" in t]
-    missed = [t["target"] for t in scaled if t["on_this_machine"]["ok"] is False]
-    if scaled:
-        print(f"speed-scaled targets missed: {len(missed)} of {len(scaled)}", file=sys.stderr)
-    return 1 if any("error" in r for r in out["results"]) else 0
+    return finish(args, out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from models.feature_spec import Feature
 
 # Embedding tables with more rows than this have sparse gradients, which `SparseAdam` applies
-# to the rows a batch looked up (`models.train.EmbeddingAdam`): a dense step costs the whole
+# to the rows a batch looked up (`models.optim.EmbeddingAdam`): a dense step costs the whole
 # table, the 1M-item table's most of an epoch. Smaller tables stay dense, where a step over
 # every row costs less than sorting the touched ones (one CPU thread, a default batch's 52k
 # lookups: dense 25 vs sparse 39 ms a step at 30k rows, 69 vs 47 at 100k, 220 vs 81 at 300k).

@@ -1,5 +1,9 @@
 """Training objectives. Each takes L2-normalised embeddings and returns a scalar loss.
 
+The losses defined on logits get them from the cosine scores through `logits`, the model's
+own conversion (`TwoTower.logits`, the one place the temperature applies); the triplet hinge
+is defined on the cosines themselves, its margin in cosine units.
+
 Listwise (the default) treats retrieval as a softmax over the catalogue, approximated by the
 batch's own positives plus optional sampled negatives; logQ correction subtracts each
 candidate's log sampling probability so popular items are not over-penalised for appearing
@@ -8,9 +12,14 @@ often as negatives (Yi et al., RecSys 2019).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Cosine similarities (any shape) -> logits: `TwoTower.logits`.
+Logits = Callable[[Tensor], Tensor]
 
 
 def _weights(values: Tensor, valid: Tensor | None) -> Tensor:
@@ -28,16 +37,16 @@ class SampledSoftmaxLoss(nn.Module):
     """Sampled softmax with in-batch negatives, logQ correction and accidental-hit masking.
 
     Args:
-        temperature: cosine similarities are divided by it.
+        logits: cosine similarities -> logits (`TwoTower.logits`).
         logq_correction: subtract log q(candidate) from each logit.
 
     Shapes: users `(B, D)`, positives `(B, D)`, positive ids `(B,)`, positive log q `(B,)`;
     optional extra negatives `(M, D)` with ids `(M,)` and log q `(M,)`.
     """
 
-    def __init__(self, temperature: float, logq_correction: bool = True) -> None:
+    def __init__(self, logits: Logits, logq_correction: bool = True) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.logits = logits
         self.logq_correction = logq_correction
 
     def forward(
@@ -58,7 +67,7 @@ class SampledSoftmaxLoss(nn.Module):
             candidates = torch.cat([positives, negatives])
             ids = torch.cat([positive_ids, negative_ids])
             logq = torch.cat([positive_logq, negative_logq])
-        logits = users @ candidates.T / self.temperature
+        logits = self.logits(users @ candidates.T)
         if self.logq_correction:
             logits = logits - logq.unsqueeze(0)
         # Accidental hits: another column holding this row's own positive item is not a negative.
@@ -74,19 +83,22 @@ class SampledSoftmaxLoss(nn.Module):
 class BinaryCrossEntropyLoss(nn.Module):
     """Pointwise: each positive against its own k sampled negatives, as binary labels.
 
+    Args:
+        logits: cosine similarities -> logits (`TwoTower.logits`).
+
     Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`, valid `(B, k)` bool
     (False for accidental hits, which are left out).
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, logits: Logits) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.logits = logits
 
     def forward(
         self, users: Tensor, positives: Tensor, negatives: Tensor, valid: Tensor | None = None
     ) -> Tensor:
-        pos = (users * positives).sum(-1) / self.temperature
-        neg = torch.einsum("bd,bkd->bk", users, negatives) / self.temperature
+        pos = self.logits((users * positives).sum(-1))
+        neg = self.logits(torch.einsum("bd,bkd->bk", users, negatives))
         pos_loss = F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="sum")
         neg_loss = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
         weights = _weights(neg, valid)
@@ -112,15 +124,21 @@ class TripletHingeLoss(nn.Module):
 
 
 class PairwiseLogisticLoss(nn.Module):
-    """Pairwise BPR: -log sigmoid((s(u, pos) - s(u, neg)) / temperature), averaged over k."""
+    """Pairwise BPR: -log sigmoid(logit(u, pos) - logit(u, neg)), averaged over k.
 
-    def __init__(self, temperature: float) -> None:
+    Args:
+        logits: cosine similarities -> logits (`TwoTower.logits`).
+
+    Shapes: users `(B, D)`, positives `(B, D)`, negatives `(B, k, D)`, valid `(B, k)` bool.
+    """
+
+    def __init__(self, logits: Logits) -> None:
         super().__init__()
-        self.temperature = temperature
+        self.logits = logits
 
     def forward(
         self, users: Tensor, positives: Tensor, negatives: Tensor, valid: Tensor | None = None
     ) -> Tensor:
         pos = (users * positives).sum(-1, keepdim=True)
         neg = torch.einsum("bd,bkd->bk", users, negatives)
-        return _masked_mean(F.softplus(-(pos - neg) / self.temperature), valid)
+        return _masked_mean(F.softplus(-self.logits(pos - neg)), valid)

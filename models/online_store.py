@@ -1,9 +1,5 @@
-"""The online store's key layout (shared with the service) and `publish-features`.
-
-Both of a user's keys carry the user id as a Redis Cluster hash tag, `{prefix}:user:{<id>}`
-and `{prefix}:hist:{<id>}` (the braces are literal), so they share one hash slot: a user's
-writes stay atomic (one transaction or script), on a standalone Redis and on a cluster alike.
-"""
+"""`publish-features`: users' features and histories into the online store, in the key layout
+of `models.redis_keys` (shared with the service)."""
 
 from __future__ import annotations
 
@@ -18,8 +14,14 @@ from redis.exceptions import RedisClusterException
 from tqdm import tqdm
 
 from models.dataset import DataError, Dataset
+from models.redis_keys import (  # noqa: F401 (re-exported: the layout's old home)
+    DEFAULT_PREFIX,
+    check_prefix,
+    hash_tag,
+    history_key,
+    user_key,
+)
 
-DEFAULT_PREFIX = "tr"
 # Replaces one user's keys at once (a script runs atomically, and both keys share a slot).
 # KEYS: features, history; ARGV: features JSON, TTL seconds (0: none), item ids newest first.
 # RPUSH in slices: Lua's unpack() has a stack limit of a few thousand values.
@@ -39,31 +41,6 @@ if ttl > 0 and #ARGV > 2 then
 end
 return 1
 """
-
-
-def hash_tag(user_id: str) -> str:
-    """The user id as a hash tag's content: Redis hashes what lies between the first `{` and
-    the first `}` after it, so a `}` in the id (and `%`, to keep the mapping one-to-one) is
-    percent-encoded; a tag never ends early, and an id starting with `}` never leaves it empty
-    (an empty tag hashes the whole key, which would split the user's keys over two slots)."""
-    return user_id.replace("%", "%25").replace("}", "%7D")
-
-
-def check_prefix(prefix: str) -> str:
-    """A key prefix must hold no brace: the first `{` of a key must open the user's tag."""
-    if not prefix or "{" in prefix or "}" in prefix:
-        raise ValueError("a key prefix must be non-empty, without '{' or '}'")
-    return prefix
-
-
-def user_key(prefix: str, user_id: str) -> str:
-    """Raw user features, a JSON object string."""
-    return f"{prefix}:user:{{{hash_tag(user_id)}}}"
-
-
-def history_key(prefix: str, user_id: str) -> str:
-    """Recent item ids, a Redis list, newest first, capped."""
-    return f"{prefix}:hist:{{{hash_tag(user_id)}}}"
 
 
 def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> Redis | RedisCluster:

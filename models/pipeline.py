@@ -28,8 +28,9 @@ from models.splits import (
     Split,
     make_split,
 )
-from models.train import TrainedModel, Trainer
+from models.train import Trainer
 from models.train_config import TrainConfig
+from models.trained import TrainedModel
 from models.validation import carve_validation, make_validator, validated
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from models.bundle import verify_bundle
 from models.evaluation import SCORE_CHUNK
 from models.examples import InteractionLog, encode_table
 from models.features import HISTORY, FeatureEncoder
-from models.train import TrainedModel
+from models.popularity_prior import item_prior, serving_item_matrix, serving_user_tower
+from models.trained import TrainedModel, item_embeddings
 
 # Items each user keeps by inner product alone when ranking under several bonuses
 # (`top_k_with_bonus`); more of them prune more of the rest, at a larger union to rank.
@@ -109,9 +110,9 @@ class TwoTowerRecommender:
         self.trained = trained
         self.users = users
         self.batch_size = batch_size
-        self._embeddings = trained.item_embeddings()
+        self._embeddings = item_embeddings(trained)
         self._items = self._embeddings
-        self.tower = trained.serving_user_tower()
+        self.tower = serving_user_tower(trained)
         self._history: dict[str, np.ndarray] = {}
         self._log: InteractionLog | None = None
 
@@ -121,7 +122,7 @@ class TwoTowerRecommender:
             raise ValueError("evaluation catalogue differs from the model's catalogue")
         log = InteractionLog.build(train, encoder.item_index)
         counts = log.item_counts(len(item_index), self.trained.prior_half_life_days)
-        self._items = self.trained.serving_item_matrix(counts, self._embeddings)
+        self._items = serving_item_matrix(self.trained, counts, self._embeddings)
         histories = log.user_histories(encoder.history_length)
         self._history = dict(zip(log.user_ids, histories, strict=True))
         self._log = log
@@ -190,7 +191,7 @@ class TwoTowerRecommender:
         users = self._encode(self.trained.model.user_tower, user_ids, self._embeddings)
         n_items = len(self._embeddings)
         counts = {h: self._log.item_counts(n_items, h) for h in {h for _, h in priors}}
-        bonuses = [self.trained.prior(counts[h], weight) for weight, h in priors]
+        bonuses = [item_prior(self.trained, counts[h], weight) for weight, h in priors]
         coords = seen.coords(user_ids) if seen is not None else None
         return top_k_with_bonus(users, self._embeddings, bonuses, k, coords)
 

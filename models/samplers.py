@@ -1,10 +1,17 @@
-"""Negative samplers over catalogue rows. Each returns item rows and their log probability."""
+"""Negative samplers over catalogue rows. Each returns item rows and their log probability.
+
+`negative_sampler` is the one choice of sampler from a config's `negatives`, and
+`proposal_log_q` the log q that logQ correction subtracts under it; both training tasks
+(`models.interaction_task`, `models.sequence_task`) use them.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from models.train_config import NegativesName
 
 
 class NegativeSampler:
@@ -48,3 +55,32 @@ def in_batch_log_q(counts: np.ndarray) -> Tensor:
     appear in a batch, and count 1 only to keep the log finite."""
     freq = np.where(counts > 0, counts, 1.0).astype(np.float64)
     return torch.as_tensor(np.log(freq / freq.sum()), dtype=torch.float32)
+
+
+def negative_sampler(
+    negatives: NegativesName, counts: np.ndarray, generator: torch.Generator
+) -> NegativeSampler | None:
+    """The sampler `negatives` draws from (None: `in-batch` and `all` sample nothing).
+
+    Args:
+        negatives: `TrainConfig.negatives`.
+        counts: `(n_items,)` training interactions per item (the popularity sampler's).
+        generator: torch generator for reproducible draws.
+    """
+    if negatives == "uniform":
+        return uniform_sampler(len(counts), generator)
+    if negatives in ("popularity", "mixed"):
+        return popularity_sampler(counts, generator)
+    return None
+
+
+def proposal_log_q(
+    negatives: NegativesName, in_batch_logq: Tensor, sampler: NegativeSampler | None
+) -> Tensor:
+    """`(n_items,)` log probability of each item under the negatives' proposal distribution:
+    what logQ correction subtracts from every candidate's logit, the positive's included."""
+    if negatives == "in-batch" or sampler is None:
+        return in_batch_logq
+    if negatives == "mixed":
+        return torch.logaddexp(in_batch_logq, sampler.log_probs) - float(np.log(2.0))
+    return sampler.log_probs

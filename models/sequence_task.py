@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.examples import InteractionLog, gather
-from models.samplers import NegativeSampler
+from models.examples import gather
+from models.samplers import negative_sampler, proposal_log_q
 from models.sequence_tower import SequenceUserTower
+from models.task import ItemRows, TrainingData, example_probabilities, positive_log_q
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
@@ -28,6 +29,9 @@ from models.train_config import TrainConfig
 # that a batch's users are of nearly one length, narrow enough that which users meet in a
 # batch still changes every epoch.
 LENGTH_WINDOW = 50
+# The full softmax scores every item at every position of a batch (64 users x 200 positions x
+# the catalogue): past this many items it would not fit in memory; sample negatives instead.
+FULL_SOFTMAX_MAX_ITEMS = 100_000
 
 
 class SequenceTask:
@@ -35,36 +39,39 @@ class SequenceTask:
 
     Args:
         model: a `TwoTower` whose user tower is a `SequenceUserTower`.
-        log: the training interactions.
-        user_table: encoded user attributes, by user row of `log`.
-        item_table: encoded item attributes, by catalogue row.
-        config: the run's settings (history length, negatives, temperature, logQ).
-        sampler: the negative sampler (None with `all` or `in-batch` negatives).
-        in_batch_logq: `(n_items,)` log q of an item as an in-batch candidate.
+        data: the encoded training data.
+        config: the run's settings (history length, negatives, logQ, hard negatives).
+        generator: torch generator of the sampled negatives' draws.
         device: where the model lives.
     """
 
     def __init__(
         self,
         model: TwoTower,
-        log: InteractionLog,
-        user_table: dict[str, Tensor],
-        item_table: dict[str, Tensor],
+        data: TrainingData,
         config: TrainConfig,
-        sampler: NegativeSampler | None,
-        in_batch_logq: Tensor,
+        generator: torch.Generator,
         device: torch.device,
     ) -> None:
-        self.model, self.log, self.config, self.device = model, log, config, device
+        self.model, self.log, self.config, self.device = model, data.log, config, device
         if not isinstance(model.user_tower, SequenceUserTower):
             raise TypeError("the sequential objective trains a SequenceUserTower")
+        if config.negatives == "all" and data.n_items > FULL_SOFTMAX_MAX_ITEMS:
+            raise ValueError(
+                f"the full softmax (negatives 'all', the sequential tower's default) over "
+                f"{data.n_items} items would not fit in memory (at most "
+                f"{FULL_SOFTMAX_MAX_ITEMS}): sample them, e.g. --negatives mixed"
+            )
         self.tower = model.user_tower
-        self.user_table = user_table
-        self.item_table = {k: v.to(device) for k, v in item_table.items()}
-        self.n_items = len(in_batch_logq)
-        self.all_rows = torch.arange(self.n_items, device=device)
-        self.sampler = sampler
-        self.log_q = proposal_log_q(config.negatives, in_batch_logq.cpu(), sampler).to(device)
+        self.user_table = data.user_table
+        self.items = ItemRows(model, data, device)
+        self.sampler = negative_sampler(
+            config.negatives, self.log.item_counts(data.n_items), generator
+        )
+        probs = example_probabilities(self.log, config.user_balance)
+        in_batch_logq = positive_log_q(data, config.target_window, probs)
+        self.log_q = proposal_log_q(config.negatives, in_batch_logq, self.sampler).to(device)
+        log = self.log
         sizes = log.user_end - log.user_start[log.user_end - 1] if len(log.user_end) else []
         # Users with a next item to predict: two training items at least.
         self.users = np.flatnonzero(np.asarray(sizes) >= 2)
@@ -81,7 +88,7 @@ class SequenceTask:
         ranks highest after their latest training items, among those they did not take."""
         training = self.model.training
         self.model.eval()
-        items = self._items(self.all_rows)
+        items = self.items(self.items.all_rows)
         hard = []
         for lo in range(0, len(self.users), chunk):
             users = self.users[lo : lo + chunk]
@@ -149,22 +156,18 @@ class SequenceTask:
             hard = per_user.unsqueeze(1).expand(-1, inputs.shape[1], -1)[wanted]
         return self._softmax(outputs[wanted], targets[wanted] - 1, hard)
 
-    def _items(self, rows: Tensor) -> Tensor:
-        feats = {name: values[rows] for name, values in self.item_table.items()}
-        return self.model.item_tower(rows, feats)
-
     def _softmax(self, users: Tensor, targets: Tensor, hard: Tensor | None = None) -> Tensor:
         """Cross-entropy of `(N, D)` user vectors against their `(N,)` target rows: over the
         whole catalogue, or the target against the shared negatives, each logit less its
         log q under the proposal (Bengio & Senecal's sampled softmax), and each position's
         `(N, H)` hard negatives, not sampled and so not corrected."""
-        temperature = self.config.temperature
+        logits = self.model.logits
         if self.config.negatives == "all":
-            return F.cross_entropy(users @ self._items(self.all_rows).T / temperature, targets)
+            return F.cross_entropy(logits(users @ self.items(self.items.all_rows).T), targets)
         negatives = self._negatives(targets)
-        positives = self._items(targets)
-        pos_logits = (users * positives).sum(-1, keepdim=True) / temperature
-        neg_logits = users @ self._items(negatives).T / temperature
+        positives = self.items(targets)
+        pos_logits = logits((users * positives).sum(-1, keepdim=True))
+        neg_logits = logits(users @ self.items(negatives).T)
         if self.config.logq_correction:
             pos_logits = pos_logits - self.log_q[targets].unsqueeze(1)
             neg_logits = neg_logits - self.log_q[negatives].unsqueeze(0)
@@ -173,8 +176,8 @@ class SequenceTask:
         neg_logits = neg_logits.masked_fill(hits, lowest)
         columns = [pos_logits, neg_logits]
         if hard is not None:
-            vectors = self._items(hard.flatten()).view(*hard.shape, -1)
-            hard_logits = torch.einsum("nd,nhd->nh", users, vectors) / temperature
+            vectors = self.items(hard.flatten()).view(*hard.shape, -1)
+            hard_logits = logits(torch.einsum("nd,nhd->nh", users, vectors))
             columns.append(hard_logits.masked_fill(hard == targets.unsqueeze(1), lowest))
         return F.cross_entropy(torch.cat(columns, dim=1), torch.zeros_like(targets))
 
@@ -189,15 +192,3 @@ class SequenceTask:
         if self.config.negatives == "mixed":
             return torch.cat([picks[: k // 2], rows[k // 2 :]])
         return rows
-
-
-def proposal_log_q(
-    negatives: str, in_batch_logq: Tensor, sampler: NegativeSampler | None
-) -> Tensor:
-    """`(n_items,)` log probability of each item under the negatives' proposal distribution:
-    what logQ correction subtracts from every candidate's logit, the positive's included."""
-    if negatives == "in-batch" or sampler is None:
-        return in_batch_logq
-    if negatives == "mixed":
-        return torch.logaddexp(in_batch_logq, sampler.log_probs) - float(np.log(2.0))
-    return sampler.log_probs

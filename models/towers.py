@@ -207,6 +207,10 @@ class ItemTower(nn.Module):
 class TwoTower(nn.Module):
     """User and item towers over one shared item-id embedding; scores are cosine / temperature.
 
+    The temperature is applied here and nowhere else: every training objective turns its
+    cosine scores into logits with `logits`, and the popularity prior's conversion into cosine
+    units (`models.popularity_prior`) reads the same `temperature`.
+
     Args:
         user_encoder: fitted user-side `FeatureEncoder` (with history).
         item_encoder: fitted item-side `FeatureEncoder` (attributes only).
@@ -239,12 +243,16 @@ class TwoTower(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         return self.user_tower(user_features), self.item_tower(items, item_features)
 
+    def logits(self, cosines: Tensor) -> Tensor:
+        """Cosine similarities, any shape -> the logits the softmax-style losses read."""
+        return cosines / self.temperature
+
 
 class PriorUserTower(nn.Module):
     """The exported user tower when a popularity prior is folded into the item vectors.
 
     Returns `[u, 1, 0] / sqrt(2)` for the L2-normalised user vector u: a unit vector whose
-    inner product with an item's `[v, b, r] / M` (`TrainedModel.serving_item_matrix`) is
+    inner product with an item's `[v, b, r] / M` (`popularity_prior.serving_item_matrix`) is
     `(u.v + b) / (M sqrt(2))`, the cosine plus the item's prior up to a scale common to all
     items. The prior is added by the search itself, which stays a plain inner-product top-K
     over unit vectors.

@@ -13,10 +13,12 @@ from models.baselines import UserItems
 from models.dataset import Dataset
 from models.evaluation import EvalResult, measurable_sets
 from models.metrics import per_user_metrics
+from models.popularity_prior import PRIOR_GRID, PRIOR_HALF_LIVES
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, Split, is_next_item, make_split, validation_split
-from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainedModel, ValidateFn
+from models.train import ValidateFn
 from models.train_config import TrainConfig
+from models.trained import TrainedModel
 
 log = logging.getLogger(__name__)
 

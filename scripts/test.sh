@@ -55,8 +55,10 @@ if [ -z "${TEST_REDIS_CLUSTER_URL:-}" ]; then
         exit 1
     }
     cluster_dir=$(mktemp -d)
-    read -r -a ports <<< "$(python -c "import sys; sys.path.insert(0, 'benchmarks')
-from fault_kit.cluster import free_ports; print(*free_ports(6))")"
+    # `python -c` imports from the working directory: the repository root, whose harness/
+    # holds the launcher the tests' own clusters use.
+    read -r -a ports <<< "$(python -c "from harness.cluster import free_ports
+print(*free_ports(6))")"
     for port in "${ports[@]}"; do
         redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "nodes-$port.conf" --cluster-node-timeout 1000 \
@@ -79,5 +81,5 @@ echo "tests use a Redis Cluster at $TEST_REDIS_CLUSTER_URL"
 
 ruff check .
 ruff format --check .
-mypy models app
+mypy models app harness
 pytest "$@"

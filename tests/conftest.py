@@ -124,7 +124,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Bundles:
     config = TrainConfig(epochs=2, validation_fraction=0.0, batch_size=256)
     dataset_v1 = load_dataset(SOURCE_V1)
     with warnings.catch_warnings():
-        # torch 2.13 deprecates torch.jit, and TorchScript is the bundle format (DESIGN.md).
+        # torch 2.13 deprecates torch.jit, and TorchScript is the bundle format (docs/design.md).
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         v1 = run_training(dataset_v1, "none", config, root).bundle
         v2 = run_training(load_dataset(SOURCE_V2), "none", config, root).bundle

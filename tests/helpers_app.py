@@ -1,6 +1,6 @@
 """Helpers for the service tests: the app over HTTP through its lifespan, bundle variants, and
-the brute-force reference recall; the redis-server launcher is the benchmarks' own
-(`serving_kit.procs.RedisServer`, re-exported here)."""
+the brute-force reference recall; the redis-server launcher is the one the benchmarks use too
+(`harness.procs.RedisServer`, re-exported here)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
-from serving_kit.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 
-from app.fast_path import RecallFastPath
+from app.http.fast_path import RecallFastPath
 from app.main import create_app
 from app.settings import Settings
+from harness.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 from models import bundle as b
 from models.features import FeatureEncoder
 

@@ -1,4 +1,4 @@
-"""A Redis Cluster of a test's own: the fault suite's launcher (`fault_kit.cluster`,
+"""A Redis Cluster of a test's own: the fault suite's launcher (`harness.cluster`,
 re-exported here) started by a fixture, for the tests that kill its nodes; and the clean-up of
 a key prefix on a cluster (every primary holds some of its keys)."""
 
@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from fault_kit.cluster import LocalCluster
+
+from harness.cluster import LocalCluster
 
 __all__ = ["LocalCluster", "delete_prefix", "private_cluster", "slow_failover_cluster"]
 

@@ -24,9 +24,9 @@ from helpers_app import (
 )
 from torch import nn
 
-from app import repository
-from app.bundle_loader import IndexConfig, ServingBundle
+from app.config import IndexConfig
 from app.main import create_app
+from app.model import ServingModel
 from models import bundle as b
 
 pytestmark = [pytest.mark.anyio]
@@ -253,11 +253,11 @@ async def test_bad_bundle_is_refused_and_old_keeps_serving(
 async def test_an_unforeseen_load_failure_is_refused_and_old_keeps_serving(
     model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def out_of_memory(path: Path, config: IndexConfig) -> ServingBundle:
+    def out_of_memory(path: Path, config: IndexConfig) -> ServingModel:
         raise MemoryError("cannot allocate the search copies")
 
     async with serve(make_settings(model_dir)) as client:
-        monkeypatch.setattr(repository, "load_bundle", out_of_memory)
+        monkeypatch.setattr(ServingModel, "load", staticmethod(out_of_memory))
         body = {"version": bundles.v2.name}
         response = await client.post("/admin/reload", json=body, headers=admin_headers())
         assert response.status_code == 409

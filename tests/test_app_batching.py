@@ -12,7 +12,7 @@ import pytest
 from conftest import Bundles
 from helpers_app import Reference, admin_headers, assert_same_recall, make_settings, serve
 
-from app.schemas import RecallResponse
+from app.http.schemas import RecallResponse
 
 pytestmark = [pytest.mark.anyio]
 

@@ -1,5 +1,5 @@
-"""`POST /v1/recall`'s fast path answers exactly as the FastAPI route does, and hands it every
-request it does not answer with a 200."""
+"""`POST /v1/recall`'s fast path answers exactly as the FastAPI route does; each request it
+takes (a JSON body) it answers itself, once, and it hands the route every other one."""
 
 from __future__ import annotations
 
@@ -105,7 +105,9 @@ async def test_fast_path_answers_as_the_route_does(settings: Settings) -> None:
         assert 'route="unmatched"' not in metrics
 
 
-async def test_route_answers_only_what_the_fast_path_does_not(settings: Settings) -> None:
+async def test_fast_path_answers_what_it_takes_once_and_hands_on_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reached: list[bytes] = []
 
     class Recorder:  # innermost: sees what the fast path handed on
@@ -120,11 +122,26 @@ async def test_route_answers_only_what_the_fast_path_does_not(settings: Settings
     app = create_app(settings)
     app.user_middleware.append(Middleware(Recorder))
     async with serve(app) as client:
+        service = app.state.services.recall
+        served: list[str] = []
+        recall = service.recall
+
+        async def counted(request: Any) -> bytes:
+            served.append(request.user_id)
+            return await recall(request)
+
+        monkeypatch.setattr(service, "recall", counted)
         good = await client.post("/v1/recall", json={"user_id": "u1", "k": 3})
         assert good.status_code == 200 and len(good.json()["items"]) == 3
         assert good.json()["feature_source"] == "redis"
+        # Refused by validation, and by the service itself: each answered by the fast path,
+        # which asked the service at most once (no second pass through the route).
+        assert (await client.post("/v1/recall", json={"user_id": "u2", "k": 0})).status_code == 422
+        unknown = {"user_id": "u3", "features": {"unknown_feature": 1}}
+        assert (await client.post("/v1/recall", json=unknown)).status_code == 422
+        assert served == ["u1", "u3"]
         assert reached == []
-        assert (await client.post("/v1/recall", json={"user_id": "u1", "k": 0})).status_code == 422
         plain = await client.post("/v1/recall", content=b'{"user_id": "u1"}')  # no JSON type
         assert plain.status_code == 422  # FastAPI's answer to a body it is not told is JSON
-        assert reached == [b"/v1/recall", b"/v1/recall"]
+        assert reached == [b"/v1/recall"]
+        assert served == ["u1", "u3"]

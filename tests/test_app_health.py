@@ -12,9 +12,9 @@ import pytest
 from conftest import Bundles
 from helpers_app import admin_headers, client_of, lifespan, make_settings, serve
 
-from app import repository
-from app.bundle_loader import IndexConfig, ServingBundle, load_bundle
+from app.config import IndexConfig
 from app.main import create_app
+from app.model import ServingModel
 
 pytestmark = [pytest.mark.anyio]
 
@@ -80,11 +80,13 @@ async def test_probes_answer_while_the_first_bundle_loads(
     # orchestrator would otherwise restart it mid-build, again and again).
     gate = threading.Event()
 
-    def held_load(path: Path, config: IndexConfig) -> ServingBundle:
-        gate.wait(10)
-        return load_bundle(path, config)
+    load = ServingModel.load
 
-    monkeypatch.setattr(repository, "load_bundle", held_load)
+    def held_load(path: Path, config: IndexConfig) -> ServingModel:
+        gate.wait(10)
+        return load(path, config)
+
+    monkeypatch.setattr(ServingModel, "load", staticmethod(held_load))
     app = create_app(make_settings(model_dir))
     async with lifespan(app, wait_for_model=False), client_of(app) as client:
         assert (await client.get("/health/live")).status_code == 200

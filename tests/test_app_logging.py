@@ -235,7 +235,7 @@ async def test_application_logs_name_the_request_they_belong_to(
             )
             assert reload.status_code == 200, reload.text
     lines = logged.json()
-    swapped = [line for line in lines if line["logger"] == "app.repository"]
+    swapped = [line for line in lines if line["logger"] == "app.model.repository"]
     assert [line["msg"] for line in swapped] == [f"serving bundle {bundles.v2.name} (flat index)"]
     assert swapped[0]["request_id"] == "reload-1"
     # The reload's access line names the version it left serving.
@@ -299,7 +299,8 @@ def test_python_m_app_logs_in_the_chosen_format(
         assert "Application startup complete." in output
         return
     lines = [json.loads(line) for line in output.splitlines()]  # every line, uvicorn's too
-    assert {"uvicorn.error", "app.repository", "app.access"} <= {line["logger"] for line in lines}
+    loggers = {line["logger"] for line in lines}
+    assert {"uvicorn.error", "app.model.repository", "app.access"} <= loggers
     access = {line["request_id"]: line for line in lines if line["logger"] == "app.access"}
     assert set(access["proc-1"]) == ACCESS_KEYS
     assert access["proc-1"]["route"] == "/v1/recall"

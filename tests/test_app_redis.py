@@ -28,8 +28,8 @@ from helpers_app import (
     serve,
 )
 
-from app.feature_store import _reason
 from app.main import create_app
+from app.store.redis_client import redis_reason
 from models.online_store import history_key, user_key
 
 pytestmark = [pytest.mark.anyio]
@@ -381,7 +381,7 @@ async def test_a_transaction_error_reads_as_redis_own_reason(
         await client.delete(key)
     finally:
         await client.aclose()
-    assert _reason(raised.value) == WRONG_KIND
+    assert redis_reason(raised.value) == WRONG_KIND
 
 
 @pytest.mark.parametrize(
@@ -398,4 +398,4 @@ async def test_a_transaction_error_reads_as_redis_own_reason(
     ],
 )
 def test_redis_reason_is_read_from_every_framing_redis_py_has_used(message: str) -> None:
-    assert _reason(redis.ResponseError(message)) == WRONG_KIND
+    assert redis_reason(redis.ResponseError(message)) == WRONG_KIND

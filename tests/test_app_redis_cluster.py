@@ -17,9 +17,6 @@ from typing import Any
 import pytest
 import redis
 from conftest import SOURCE_V1, Bundles
-from fault_kit import cluster_faults
-from fault_kit.report import table
-from fault_kit.stack import Stack, model_dir_with
 from helpers_app import admin_headers, client_of, lifespan, make_settings, serve
 from helpers_cluster import (  # noqa: F401 (fixtures)
     LocalCluster,
@@ -30,6 +27,9 @@ from redis.asyncio.cluster import ClusterNode
 
 from app.main import create_app
 from app.settings import Settings
+from harness.faults import cluster_faults
+from harness.faults.report import table
+from harness.stack import Stack, model_dir_with
 from models.online_store import connect, history_key, publish, user_key
 
 pytestmark = [pytest.mark.anyio]

@@ -1,4 +1,4 @@
-"""Reload fan-out (app/model_sync.py): replicas sharing a real Redis follow one pinned
+"""Reload fan-out (app/model/sync.py): replicas sharing a real Redis follow one pinned
 version; the watcher loads a new LATEST, survives a bad one, and holds a pin while Redis is
 down. In-process apps through their real lifespan; the same over real uvicorn worker processes
 is in tests/test_smoke.py (WORKERS=2)."""
@@ -20,11 +20,10 @@ from helpers_app import (
     serve,
 )
 
-from app import model_sync
-from app.bundle_loader import IndexConfig
+from app.config import IndexConfig
 from app.metrics import Metrics
-from app.model_sync import LocalPin, ModelSync
-from app.repository import ModelRepository
+from app.model import LocalPin, ModelRepository, ModelSync
+from app.model import sync as model_sync
 from models import bundle as b
 from models.bundle import write_latest
 

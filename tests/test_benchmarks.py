@@ -1,22 +1,37 @@
-"""The serving benchmark: a tiny end-to-end run (real trainer, Redis, service, load), the
-Python load generator, and the profile summary."""
+"""The serving benchmark: a tiny end-to-end run (real trainer, Redis, service, load), and its
+parts through `serving_tools.py`: the Python load generator, the wrk script, the profile
+summary and the targets; the exact-scan and tower-encode benchmarks. Command lines only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from conftest import Bundles
-from serving_kit import load, profile, report
-from serving_kit.bundles import RECIPE_FILE, Recipe
+
+from harness.bundles import RECIPE_FILE, Recipe
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
+TOOLS = SCRIPT.parent / "serving_tools.py"
+
+
+def tool(*args: str) -> subprocess.CompletedProcess[str]:
+    """`benchmarks/serving_tools.py` with `args`, which must succeed."""
+    done = subprocess.run(
+        [sys.executable, str(TOOLS), *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def _cache_bundle(cache_dir: Path, trained: Path, recipe: Recipe) -> None:
@@ -63,7 +78,7 @@ def test_serving_benchmark_smoke(tmp_path: Path, bundles: Bundles) -> None:
     assert reference["speed"] == round(reference["rps"] / 13_400, 3)
 
 
-def test_targets_scale_to_the_machine_speed() -> None:
+def test_targets_scale_to_the_machine_speed(tmp_path: Path) -> None:
     row = {
         "items": 1_000_000,
         "index": "hnsw",
@@ -74,7 +89,12 @@ def test_targets_scale_to_the_machine_speed() -> None:
         "memory_after_load": [{"rss_mb": 1100.0}],
         "startup": {"ready_s": 5.0},
     }
-    checks = {t["target"]: t for t in report.targets([row], {}, {1: 0.4, 2: 0.5})}
+    # A saved report, as `serving.py --json` writes it (the speed of its machine reference).
+    speeds = [{"workers": 1, "speed": 0.4}, {"workers": 2, "speed": 0.5}]
+    saved = {"results": [row], "sizes": {}, "machine_reference": speeds}
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps(saved))
+    checks = {t["target"]: t for t in json.loads(tool("targets", str(path)).stdout)}
     rps = checks["1000000 hnsw w2 rps >= 3000"]
     assert rps["ok"] is False and rps["on_this_machine"] == {"target": ">= 1500.0", "ok": True}
     p99 = checks["1000000 hnsw w2 p99_ms <= 10"]
@@ -100,24 +120,47 @@ async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.close()
 
 
-def test_python_generator_counts_requests_and_latency() -> None:
-    async def run() -> load.LoadResult:
+@contextmanager
+def answering_ok() -> Iterator[int]:
+    """A loopback HTTP server on a thread of its own, answering `_answer_ok`; yields its port."""
+    ports: queue.Queue[int] = queue.Queue()
+    stop = threading.Event()
+
+    async def serve() -> None:
         server = await asyncio.start_server(_answer_ok, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        ports.put(server.sockets[0].getsockname()[1])
         async with server:
-            target = load.Target(f"http://127.0.0.1:{port}/v1/recall", users=10, k=5)
-            return await load.python_load(target, connections=4, duration_s=0.3)
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
 
-    result = asyncio.run(run())
-    assert result.generator == "python-asyncio"
-    assert result.requests > 10 and result.total_errors == 0
-    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms <= result.max_ms
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        yield ports.get(timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
 
 
-def test_recall_lua_is_seeded_and_reports_json() -> None:
-    script = load.RECALL_LUA % {"url": "", "users": 20000, "k": 50, "seed": 3}
+def test_python_generator_counts_requests_and_latency() -> None:
+    with answering_ok() as port:
+        url = f"http://127.0.0.1:{port}/v1/recall"
+        args = ["--users", "10", "--k", "5", "--connections", "4", "--duration", "0.3"]
+        done = tool("load", url, *args, "--generator", "python")
+    result = json.loads(done.stdout)
+    assert result["generator"] == "python-asyncio"
+    assert result["requests"] > 10 and result["total_errors"] == 0
+    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+
+
+def test_recall_lua_is_seeded_and_reports_json(tmp_path: Path) -> None:
+    path = tmp_path / "recall.lua"
+    tool("wrk-script", str(path), "--users", "20000", "--k", "50", "--seed", "3")
+    script = path.read_text()
     assert "local users, k, seed = 20000, 50, 3" in script
-    assert load.WRK_MARK in load.DONE_LUA % {"mark": load.WRK_MARK}
+    # The summary line the benchmark parses: its mark, then the JSON.
+    assert "done = function(summary, latency, requests)" in script
+    assert """'BENCH_JSON {"requests":%d,""" in script
 
 
 def test_profile_summary_shares(tmp_path: Path) -> None:
@@ -128,7 +171,7 @@ def test_profile_summary_shares(tmp_path: Path) -> None:
         "run (uvicorn/main.py:1);recall (app/recall.py:5) 10\n"
         "run (uvicorn/main.py:1) 60\n"
     )
-    summary = profile.summarise(raw, duration_s=1.0)
+    summary = json.loads(tool("profile", str(raw), "--duration", "1").stdout)
     assert summary["samples"] == 100
     assert summary["active_fraction"] == 0.5
     assert dict(map(tuple, summary["self"]))["forward (torch/nn.py:3)"] == 0.3

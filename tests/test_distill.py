@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import fast_config, small_dataset
+from trainer_helpers import fast_config, interaction_task, small_dataset
 
 from models.baselines import EASE
 from models.distill import DistillationLoss, ease_targets
 from models.train import Trainer
 from models.train_config import TrainConfig
+from models.trained import item_embeddings
 
 
 def test_teacher_targets_are_eases_best_unseen_items() -> None:
@@ -74,8 +75,9 @@ def overlap_with_teacher(weight: float) -> float:
     teacher = ease_targets(trainer.log, len(trainer.item_ids), top_k=10)
     users = torch.from_numpy(trainer.log.user_end - 1)
     with torch.no_grad():
-        vectors = trained.model.user_tower(trainer._user_features(users.numpy(), users.numpy()))
-        scores = vectors @ torch.from_numpy(trained.item_embeddings()).T
+        features = interaction_task(trainer).user_features(users.numpy(), users.numpy())
+        vectors = trained.model.user_tower(features)
+        scores = vectors @ torch.from_numpy(item_embeddings(trained)).T
     scores = scores.masked_fill(teacher.seen_mask(np.arange(len(users))), -torch.inf)
     top = scores.topk(10, dim=1).indices
     hits = (top.unsqueeze(2) == teacher.items.unsqueeze(1)).any(2).float()
@@ -88,6 +90,6 @@ def test_distillation_pulls_the_student_towards_the_teacher() -> None:
 
 def test_distillation_is_off_by_default() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
-    assert Trainer(dataset, dataset.interactions, fast_config()).teacher is None
+    assert interaction_task(Trainer(dataset, dataset.interactions, fast_config())).teacher is None
     config = dataclasses.replace(fast_config(), distill_weight=0.5)
-    assert Trainer(dataset, dataset.interactions, config).teacher is not None
+    assert interaction_task(Trainer(dataset, dataset.interactions, config)).teacher is not None

@@ -21,6 +21,7 @@ from models.export import export_bundle, script_user_tower
 from models.features import FeatureEncoder
 from models.pipeline import TrainingRun, run_training
 from models.recommender import BundleRecommender, TwoTowerRecommender
+from models.trained import item_embeddings
 
 FILES = {
     "manifest.json",
@@ -113,7 +114,7 @@ def test_files_hold_the_trained_model(run: TrainingRun, bundle: Path) -> None:
     scale = 1.0 / np.linalg.norm(embeddings[:, :32], axis=1)
     np.testing.assert_allclose(scale, scale[0], rtol=1e-5)
     np.testing.assert_allclose(
-        embeddings[:, :32] * scale[:, None], run.trained.item_embeddings(), atol=1e-6
+        embeddings[:, :32] * scale[:, None], item_embeddings(run.trained), atol=1e-6
     )
     # The prior: temperature * weight * log1p(training count).
     assert run.split is not None

@@ -1,7 +1,7 @@
-"""The fault suite (benchmarks/faults.py) in CI size: the same scenario code, shorter runs,
-on the session's trained bundles. Real processes throughout: redis-server, `python -m app`
-(several workers, two replicas), a delay proxy; the table a scenario prints is shown when
-it broke an expectation. The long runs are documented in benchmarks/README.md."""
+"""The fault suite (benchmarks/faults.py) in CI size: the same scenarios (harness/faults),
+shorter runs, on the session's trained bundles. Real processes throughout: redis-server,
+`python -m app` (several workers, two replicas), a delay proxy; the table a scenario prints is
+shown when it broke an expectation. The long runs are documented in benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import schemathesis
 from conftest import SOURCE_V1, Bundles
-from fault_kit import hostile, redis_faults, reload, shutdown, soak
-from fault_kit.fuzz import fuzz
-from fault_kit.report import Row, table
-from fault_kit.stack import Stack, Versions, model_dir_with
 from helpers_app import admin_headers, make_settings
 from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
+from harness.faults import hostile, redis_faults, reload, shutdown, soak
+from harness.faults.fuzz import fuzz
+from harness.faults.report import Row, table
+from harness.stack import Stack, Versions, model_dir_with
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from trainer_helpers import fast_config, small_dataset
+from trainer_helpers import fast_config, interaction_task, small_dataset
 
 from models.losses import (
     BinaryCrossEntropyLoss,
+    Logits,
     PairwiseLogisticLoss,
     SampledSoftmaxLoss,
     TripletHingeLoss,
@@ -23,6 +24,11 @@ def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
 
+def divided_by(temperature: float) -> Logits:
+    """Cosines -> logits as a `TwoTower` of this temperature turns them (`TwoTower.logits`)."""
+    return lambda cosines: cosines / temperature
+
+
 # --- sampled softmax ------------------------------------------------------------------------
 
 E1 = [1.0, 0.0]
@@ -33,7 +39,7 @@ def test_softmax_masks_a_duplicate_positive_instead_of_treating_it_as_negative()
     users = torch.tensor([E1, E2, E1])
     positives = torch.tensor([E1, E2, E1])
     ids = torch.tensor([5, 6, 5])  # rows 0 and 2 share item 5
-    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    loss = SampledSoftmaxLoss(divided_by(1.0), logq_correction=False)
     got = loss(users, positives, ids, torch.zeros(3))
     # Logits are the dot products. Row 0: column 2 is its own item again, so only column 1
     # competes: log(e^1 + e^0) - 1. Row 1: log(e^0 + e^1 + e^0) - 1. Row 2 mirrors row 0.
@@ -47,7 +53,7 @@ def test_softmax_leaves_out_candidates_the_user_has_seen() -> None:
     users = torch.tensor([E1, E2, E1])
     positives = torch.tensor([E1, E2, [0.6, 0.8]])
     ids = torch.tensor([5, 6, 7])
-    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    loss = SampledSoftmaxLoss(divided_by(1.0), logq_correction=False)
     seen = torch.tensor([[True, True, False], [False, False, False], [False, False, False]])
     masked = loss(users, positives, ids, torch.zeros(3), seen=seen)
     # Row 0 no longer competes with item 6 (seen); its own positive is never masked.
@@ -63,21 +69,21 @@ def test_trainer_masks_each_users_own_items_as_negatives() -> None:
     log = trainer.log
     batch = np.arange(0, len(log.items), 7)
     candidates = torch.from_numpy(log.items[batch])
-    seen = trainer._seen(batch, candidates)
+    seen = interaction_task(trainer).seen(batch, candidates)
     assert seen is not None
     owned = [set(log.items[log.users == u].tolist()) for u in range(len(log.user_ids))]
     expected = [[int(c) in owned[log.users[e]] for c in candidates] for e in batch]
     np.testing.assert_array_equal(seen.numpy(), expected)
     assert seen.diagonal().all() and not seen.all()
     plain = Trainer(dataset, dataset.interactions, fast_config())
-    assert plain._seen(batch, candidates) is None
+    assert interaction_task(plain).seen(batch, candidates) is None
 
 
 def test_softmax_masks_sampled_negatives_equal_to_the_positive() -> None:
     users = torch.tensor([E1, E2])
     positives = torch.tensor([E1, E2])
     negatives = torch.tensor([E2, E1])  # sampled items 6 and 5 again
-    loss = SampledSoftmaxLoss(temperature=1.0, logq_correction=False)
+    loss = SampledSoftmaxLoss(divided_by(1.0), logq_correction=False)
     got = loss(
         users, positives, torch.tensor([5, 6]), torch.zeros(2),
         negatives, torch.tensor([6, 5]), torch.zeros(2),
@@ -133,8 +139,8 @@ def test_logq_correction_subtracts_log_q_from_every_logit() -> None:
     )
     candidates = torch.cat([positives, negatives])
     ids, q = pos_ids + neg_ids, pos_q + neg_q
-    corrected = SampledSoftmaxLoss(0.2, logq_correction=True)(*args).item()
-    plain = SampledSoftmaxLoss(0.2, logq_correction=False)(*args).item()
+    corrected = SampledSoftmaxLoss(divided_by(0.2), logq_correction=True)(*args).item()
+    plain = SampledSoftmaxLoss(divided_by(0.2), logq_correction=False)(*args).item()
     log_q = [math.log(v) for v in q]
     expected = reference_softmax(users, candidates, pos_ids, ids, log_q, 0.2)
     assert corrected == pytest.approx(expected, rel=1e-5)
@@ -143,13 +149,53 @@ def test_logq_correction_subtracts_log_q_from_every_logit() -> None:
     )
     assert abs(corrected - plain) > 1e-3
     # A log q shared by every candidate shifts all logits alike: the softmax is unchanged.
-    same = SampledSoftmaxLoss(0.2, logq_correction=True)(
+    same = SampledSoftmaxLoss(divided_by(0.2), logq_correction=True)(
         users, positives, torch.tensor(pos_ids), torch.full((4,), -2.0)
     )
-    without = SampledSoftmaxLoss(0.2, logq_correction=False)(
+    without = SampledSoftmaxLoss(divided_by(0.2), logq_correction=False)(
         users, positives, torch.tensor(pos_ids), torch.full((4,), -2.0)
     )
     assert same.item() == pytest.approx(without.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loss", "negatives", "distill_weight"),
+    [
+        ("softmax", "in-batch", 0.0),
+        ("softmax", "mixed", 0.0),
+        ("softmax", "all", 0.0),
+        ("softmax", "in-batch", 1.0),
+        ("bce", "uniform", 0.0),
+        ("logistic", "popularity", 0.0),
+        ("hinge", "uniform", 0.0),
+    ],
+)
+def test_the_trainers_losses_take_the_temperature_from_the_model(
+    loss: str, negatives: str, distill_weight: float
+) -> None:
+    """One place applies the temperature (`TwoTower.logits`): a model given another
+    temperature trains on the loss of a run configured with it; the hinge, on cosines, on
+    the same loss."""
+    dataset = small_dataset()
+
+    def batch_loss(temperature: float, model_temperature: float | None = None) -> float:
+        config = fast_config(
+            loss=loss, negatives=negatives, num_negatives=8, distill_weight=distill_weight,
+            temperature=temperature,
+        )  # fmt: skip
+        trainer = Trainer(dataset, dataset.interactions, config)
+        if model_temperature is not None:
+            trainer.model.temperature = model_temperature
+        trainer.model.eval()
+        with torch.no_grad():
+            return trainer.task.loss(np.arange(128)).item()
+
+    moved = batch_loss(0.05, model_temperature=0.2)
+    assert moved == pytest.approx(batch_loss(0.2), rel=1e-6)
+    if loss == "hinge":
+        assert moved == pytest.approx(batch_loss(0.05), rel=1e-6)
+    else:
+        assert abs(moved - batch_loss(0.05)) > 1e-3
 
 
 # --- pointwise and pairwise -----------------------------------------------------------------
@@ -159,12 +205,12 @@ def test_pointwise_and_pairwise_losses_by_hand() -> None:
     users = torch.tensor([[1.0, 0.0]])
     positives = torch.tensor([[0.6, 0.8]])  # score 0.6
     negatives = torch.tensor([[[0.8, 0.6], [0.0, 1.0]]])  # scores 0.8 and 0
-    bce = BinaryCrossEntropyLoss(temperature=0.5)(users, positives, negatives).item()
+    bce = BinaryCrossEntropyLoss(divided_by(0.5))(users, positives, negatives).item()
     # Logits 1.2 (label 1), 1.6 and 0 (label 0), averaged over the three.
     assert bce == pytest.approx((softplus(-1.2) + softplus(1.6) + softplus(0.0)) / 3, rel=1e-6)
     hinge = TripletHingeLoss(margin=0.3)(users, positives, negatives).item()
     assert hinge == pytest.approx((0.3 - 0.6 + 0.8 + 0.0) / 2, rel=1e-6)
-    logistic = PairwiseLogisticLoss(temperature=0.5)(users, positives, negatives).item()
+    logistic = PairwiseLogisticLoss(divided_by(0.5))(users, positives, negatives).item()
     assert logistic == pytest.approx((softplus(0.4) + softplus(-1.2)) / 2, rel=1e-6)
 
 
@@ -207,7 +253,8 @@ def full_loss(trainer: Trainer) -> float:
     n = len(trainer.log.items)
     with torch.no_grad():
         losses = [
-            trainer.loss(np.arange(start, min(start + 256, n))).item() for start in range(0, n, 256)
+            trainer.task.loss(np.arange(start, min(start + 256, n))).item()
+            for start in range(0, n, 256)
         ]
     return float(np.mean(losses))
 
@@ -228,16 +275,15 @@ def test_each_loss_decreases_with_each_negative_sampler(
         loss=loss, negatives=negatives, num_negatives=8, logq_correction=logq, epochs=2
     )
     trainer = Trainer(dataset, dataset.interactions, config)
+    sampler = interaction_task(trainer).sampler
     if negatives in ("in-batch", "all"):
-        assert trainer.sampler is None
+        assert sampler is None
     else:
-        assert trainer.sampler is not None
+        assert sampler is not None
         counts = trainer.log.item_counts(len(trainer.item_ids))
         uniform = negatives == "uniform"
         weights = np.ones(len(counts)) if uniform else np.maximum(counts, 1) ** 0.75
-        np.testing.assert_allclose(
-            trainer.sampler.probs.numpy(), weights / weights.sum(), rtol=1e-5
-        )
+        np.testing.assert_allclose(sampler.probs.numpy(), weights / weights.sum(), rtol=1e-5)
     before = full_loss(trainer)
     result = trainer.fit()
     after = full_loss(trainer)

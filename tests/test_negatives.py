@@ -16,7 +16,7 @@ def batch_loss(**overrides: object) -> float:
     trainer = Trainer(dataset, dataset.interactions, fast_config(**overrides))
     trainer.model.eval()  # no dropout: the losses differ by their candidates alone
     with torch.no_grad():
-        return float(trainer.loss(np.arange(64)))
+        return float(trainer.task.loss(np.arange(64)))
 
 
 @pytest.mark.parametrize("negatives", ["uniform", "popularity", "mixed"])

@@ -16,7 +16,6 @@ from models.dataset import ColumnSpec, Dataset
 from models.examples import InteractionLog
 from models.features import FeatureEncoder
 from models.pipeline import run_training
-from models.validation import carve_validation
 from models.recommender import BundleRecommender, TwoTowerRecommender
 from models.sequence_task import SequenceTask
 from models.sequence_tower import SequenceUserTower
@@ -24,12 +23,20 @@ from models.splits import make_split
 from models.towers import TowerConfig
 from models.train import Trainer
 from models.train_config import TrainConfig
+from models.trained import item_embeddings
+from models.validation import carve_validation
 
 SEQUENCE = TowerConfig(field_dim=16, hidden=(32,), out_dim=16, user_tower="sequence", dropout=0.1)
 
 
 def sequence_config(**overrides: object) -> TrainConfig:
     return fast_config(**({"tower": SEQUENCE, "negatives": "all", "lr": 5e-3} | overrides))
+
+
+def sequence_task(trainer: Trainer) -> SequenceTask:
+    """The sequential tower's task of `trainer`."""
+    assert isinstance(trainer.task, SequenceTask)
+    return trainer.task
 
 
 def cycle_dataset(n_users: int = 150, n_items: int = 120, seed: int = 0) -> Dataset:
@@ -109,23 +116,20 @@ def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> Non
     dataset = cycle_dataset(n_users=3)
     config = sequence_config(history_length=5)
     trainer = Trainer(dataset, dataset.interactions, config)
-    task = trainer.sequence_task
-    assert isinstance(task, SequenceTask)
+    task = sequence_task(trainer)
     log = InteractionLog.build(dataset.interactions, trainer.user_encoder.item_index)
     for user in range(3):
         own = log.items[log.users == user]
         expected = own[-6:] + 1  # history_length + 1 items: inputs and their next items
         assert task.sequences(np.array([user]))[0].tolist() == expected.tolist()
     short = dataset.interactions[dataset.interactions["user_id"] == "u0"].head(3)
-    task = Trainer(dataset, short, config).sequence_task
-    assert task is not None
+    task = sequence_task(Trainer(dataset, short, config))
     assert task.sequences(np.array([0]))[0].tolist()[:3] == [0, 0, 0]
 
 
 def test_an_epoch_visits_every_user_once_in_batches_of_like_lengths() -> None:
     dataset = cycle_dataset(n_users=400)
-    task = Trainer(dataset, dataset.interactions, sequence_config(history_length=30)).sequence_task
-    assert task is not None
+    task = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(history_length=30)))
     rng = np.random.default_rng(0)
     first, second = task.epoch_order(rng, 16), task.epoch_order(rng, 16)
     assert sorted(first.tolist()) == list(range(task.n_examples))
@@ -141,8 +145,7 @@ def test_an_epoch_visits_every_user_once_in_batches_of_like_lengths() -> None:
 
 def test_dropping_the_batch_wide_padding_leaves_the_loss_as_it_was() -> None:
     dataset = cycle_dataset(n_users=30)
-    task = Trainer(dataset, dataset.interactions, sequence_config(history_length=60)).sequence_task
-    assert task is not None
+    task = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(history_length=60)))
     task.model.eval()  # no dropout: the same inputs give the same loss
     batch = np.arange(8)
     seqs = torch.from_numpy(task.sequences(task.users[batch]))
@@ -237,6 +240,17 @@ def test_sampled_softmax_trains_the_sequence_tower(negatives: str) -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
+def test_the_full_softmax_refuses_a_catalogue_too_large_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = cycle_dataset(n_users=20, n_items=120)
+    monkeypatch.setattr("models.sequence_task.FULL_SOFTMAX_MAX_ITEMS", 100)
+    with pytest.raises(ValueError, match=r"over 120 items would not fit.*--negatives mixed"):
+        Trainer(dataset, dataset.interactions, sequence_config())
+    sampled = sequence_config(negatives="mixed", num_negatives=16, epochs=1)
+    assert Trainer(dataset, dataset.interactions, sampled).fit().history  # sampling still trains
+
+
 def test_tower_config_checks_heads_divide_the_width() -> None:
     with pytest.raises(ValueError, match="heads"):
         dataclasses.replace(SEQUENCE, heads=3)
@@ -247,13 +261,13 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
     config = sequence_config(negatives="mixed", num_negatives=16, hard_negatives=5, epochs=2)
     trainer = Trainer(dataset, dataset.interactions, config)
     trained = trainer.fit()
-    task = trainer.sequence_task
-    assert task is not None and task.hard is not None
+    task = sequence_task(trainer)
+    assert task.hard is not None
     assert task.hard.shape == (task.n_examples, 5)
     assert np.isfinite([r["loss"] for r in trained.history]).all()
     log = task.log
     mined = task.mine_hard_negatives()
-    items = trained.item_embeddings()
+    items = item_embeddings(trained)
     for example in range(0, task.n_examples, 7):
         user = task.users[example]
         taken = set(log.items[log.users == user].tolist())

@@ -172,6 +172,12 @@ def test_item_embedding_is_shared_and_offset_by_one() -> None:
     assert changed.tolist() == [False, True, False, False]
 
 
+def test_logits_are_the_cosines_over_the_models_temperature() -> None:
+    m = TwoTower(USER_ENCODER, ITEM_ENCODER, len(ITEM_IDS), TowerConfig(), temperature=0.25)
+    cosines = torch.tensor([[1.0, -0.5], [0.0, 0.25]])
+    torch.testing.assert_close(m.logits(cosines), torch.tensor([[4.0, -2.0], [0.0, 1.0]]))
+
+
 def test_mean_history_and_multi_hot_pool_present_values_only() -> None:
     embedding = nn.Embedding(4, 2, padding_idx=0)
     with torch.no_grad():

@@ -6,16 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from trainer_helpers import fast_config, small_dataset
+from trainer_helpers import fast_config, interaction_task, small_dataset
 
 from models.features import HISTORY
 from models.pipeline import run_training
-from models.validation import carve_validation, choose_prior_weight, make_validator
+from models.popularity_prior import PRIOR_GRID, PRIOR_HALF_LIVES, serving_item_matrix
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, make_split, validation_split
 from models.towers import TowerConfig
-from models.train import PRIOR_GRID, PRIOR_HALF_LIVES, TrainedModel, Trainer
+from models.train import Trainer
 from models.train_config import TrainConfig
+from models.trained import TrainedModel, item_embeddings
+from models.validation import carve_validation, choose_prior_weight, make_validator
 
 
 def test_device_auto_is_cuda_only_when_present() -> None:
@@ -43,20 +45,20 @@ def train_with_seed(seed: int) -> TrainedModel:
 
 def test_same_seed_same_model_other_seed_other_model() -> None:
     first, again, other = train_with_seed(7), train_with_seed(7), train_with_seed(8)
-    np.testing.assert_array_equal(first.item_embeddings(), again.item_embeddings())
+    np.testing.assert_array_equal(item_embeddings(first), item_embeddings(again))
     assert first.history == again.history
-    assert not np.allclose(first.item_embeddings(), other.item_embeddings())
+    assert not np.allclose(item_embeddings(first), item_embeddings(other))
     assert first.history != other.history
 
 
 def test_item_embeddings_layout() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
     trained = Trainer(dataset, dataset.interactions, fast_config(epochs=1)).fit()
-    embeddings = trained.item_embeddings(batch_size=7)  # several batches
+    embeddings = item_embeddings(trained, batch_size=7)  # several batches
     assert embeddings.dtype == np.float32 and embeddings.shape == (30, 32)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert trained.item_ids == [str(i) for i in dataset.items.index]
-    np.testing.assert_allclose(embeddings, trained.item_embeddings(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(embeddings, item_embeddings(trained), rtol=0, atol=1e-6)
     assert trained.best_epoch == 1  # no validation: the last epoch
 
 
@@ -68,7 +70,7 @@ class ScriptedValidation:
         self.snapshots: list[np.ndarray] = []
 
     def __call__(self, trained: TrainedModel) -> dict[str, float]:
-        self.snapshots.append(trained.item_embeddings())
+        self.snapshots.append(item_embeddings(trained))
         score = self.scores[len(self.snapshots) - 1]
         return {"recall@50": score, "pooled_recall@50": score}
 
@@ -83,7 +85,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch() -> None:
     assert [h["epoch"] for h in trained.history] == [1.0, 2.0, 3.0, 4.0]
     assert [h["recall@50"] for h in trained.history] == [0.1, 0.3, 0.2, 0.25]
     assert trained.best_epoch == 2
-    np.testing.assert_array_equal(trained.item_embeddings(), validate.snapshots[1])
+    np.testing.assert_array_equal(item_embeddings(trained), validate.snapshots[1])
     assert not np.array_equal(validate.snapshots[1], validate.snapshots[3])
 
 
@@ -93,7 +95,7 @@ def test_patience_zero_trains_every_epoch_and_keeps_the_best() -> None:
     trained = Trainer(dataset, dataset.interactions, fast_config(epochs=4), validate).fit()
     assert len(trained.history) == 4
     assert trained.best_epoch == 1
-    np.testing.assert_array_equal(trained.item_embeddings(), validate.snapshots[0])
+    np.testing.assert_array_equal(item_embeddings(trained), validate.snapshots[0])
 
 
 def test_no_known_items_is_an_error() -> None:
@@ -148,12 +150,12 @@ def test_target_window_draws_positives_from_the_users_next_events() -> None:
     trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, target_window=5))
     log = trainer.log
     batch = np.arange(len(log.items))
-    targets = trainer._targets(batch)
+    targets = interaction_task(trainer).targets(batch)
     assert (targets >= batch).all() and (targets - batch < 5).all()
     assert (log.users[targets] == log.users[batch]).all()
     assert (targets > batch).any()
     next_item = Trainer(dataset, dataset.interactions, fast_config(epochs=1))
-    np.testing.assert_array_equal(next_item._targets(batch), batch)
+    np.testing.assert_array_equal(interaction_task(next_item).targets(batch), batch)
 
 
 def test_logq_follows_the_positives_a_target_window_draws() -> None:
@@ -167,7 +169,7 @@ def test_logq_follows_the_positives_a_target_window_draws() -> None:
         np.bincount(log.items[log.draw_targets(events, 20, rng)], minlength=30) for _ in range(500)
     )
     empirical = drawn / drawn.sum()
-    q = np.exp(trainer.in_batch_logq.cpu().numpy())
+    q = np.exp(interaction_task(trainer).in_batch_logq.cpu().numpy())
     assert (empirical > 0).all()
     np.testing.assert_allclose(q, empirical, rtol=0.05)
     counts = np.bincount(log.items, minlength=30)
@@ -180,7 +182,7 @@ def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> No
     trainer = Trainer(dataset, dataset.interactions, config)
     log = trainer.log
     batch = np.arange(len(log.items))
-    hist = trainer._user_features(batch, batch)[HISTORY].numpy()
+    hist = interaction_task(trainer).user_features(batch, batch)[HISTORY].numpy()
     latest = log.user_histories(8)[log.users[batch]]
     for e in batch:
         # The user's latest items (as the service will see them), with the positive removed.
@@ -201,8 +203,8 @@ def test_history_dropout_hides_a_share_of_the_training_history_and_closes_the_ga
         dataset, dataset.interactions, dataclasses.replace(plain, history_dropout=0.5)
     )
     batch = np.arange(len(full.log.items))
-    before = full._user_features(batch, batch)[HISTORY].numpy()
-    after = dropped._user_features(batch, batch)[HISTORY].numpy()
+    before = interaction_task(full).user_features(batch, batch)[HISTORY].numpy()
+    after = interaction_task(dropped).user_features(batch, batch)[HISTORY].numpy()
     for kept, full_row in zip(after, before, strict=True):
         n = int((kept > 0).sum())
         # Packed newest first like a shorter served history: no gap before the last item...
@@ -218,9 +220,9 @@ def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
     dataset = small_dataset()
     counts = np.arange(200)
     plain = Trainer(dataset, dataset.interactions, fast_config(popularity_prior=0.0)).fit()
-    assert plain.serving_item_matrix(counts).shape == (200, 32)
+    assert serving_item_matrix(plain, counts).shape == (200, 32)
     prior = Trainer(dataset, dataset.interactions, fast_config(popularity_prior=0.5)).fit()
-    items = prior.serving_item_matrix(counts)
+    items = serving_item_matrix(prior, counts)
     # Unit vectors [v, b, r] / M: the prior b in cosine units, r pads each to length M.
     assert items.shape == (200, 34)
     np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-6)
@@ -235,7 +237,7 @@ def test_popularity_prior_is_folded_into_the_served_vectors() -> None:
     assert users.shape == (2, 34)
     np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(users[:, 32:], [[0.5**0.5, 0.0]] * 2, rtol=1e-6)
-    cosine = users[:, :32] * 2**0.5 @ prior.item_embeddings().T
+    cosine = users[:, :32] * 2**0.5 @ item_embeddings(prior).T
     rows = dataset.interactions["item_id"].map(prior.user_encoder.item_index)
     log_counts = np.log1p(np.bincount(rows, minlength=200))
     expected = cosine / 0.05 + 0.5 * log_counts
@@ -290,7 +292,7 @@ def test_refit_trains_again_on_the_whole_training_period() -> None:
         True,
     )
     assert (again.prior_weight, again.prior_half_life_days) == (0.5, 30.0)
-    assert not np.allclose(again.item_embeddings(), validated.item_embeddings())
+    assert not np.allclose(item_embeddings(again), item_embeddings(validated))
     assert refitted.results["two_tower"].means["recall@50"] > 0
 
 
@@ -305,7 +307,7 @@ def test_validation_min_gap_validates_on_returning_users_only() -> None:
     )
     # Same training (the fit part is never filtered), another validation population.
     np.testing.assert_array_equal(
-        everyone.trained.item_embeddings(), returning.trained.item_embeddings()
+        item_embeddings(everyone.trained), item_embeddings(returning.trained)
     )
     assert everyone.validation is not None and returning.validation is not None
     assert everyone.validation != returning.validation
@@ -325,8 +327,9 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
     np.testing.assert_allclose(per_user, 1 / len(sizes))  # every user alike
     half = np.bincount(log.users, weights=log.example_probabilities(0.5))
     np.testing.assert_allclose(half / half.sum(), np.sqrt(sizes) / np.sqrt(sizes).sum())
-    balanced = Trainer(dataset, dataset.interactions, fast_config(epochs=1, user_balance=1.0))
-    assert plain.example_probs is None and balanced.example_probs is not None
+    trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, user_balance=1.0))
+    balanced = interaction_task(trainer)
+    assert interaction_task(plain).example_probs is None and balanced.example_probs is not None
     # logQ follows the positives as drawn: each item's share of the balanced draw.
     share = np.bincount(log.items, weights=balanced.example_probs, minlength=30)
     # Fractional counts stay as they are (an item drawn 0.2 times is rarer than one drawn
@@ -336,8 +339,9 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
     freq = np.where(counts > 0, counts, 1.0)
     expected = np.log(freq / freq.sum())
     np.testing.assert_allclose(balanced.in_batch_logq.cpu().numpy(), expected, rtol=1e-5)
-    assert not np.allclose(balanced.in_batch_logq.cpu().numpy(), plain.in_batch_logq.cpu().numpy())
-    trained = balanced.fit()
+    plain_logq = interaction_task(plain).in_batch_logq.cpu().numpy()
+    assert not np.allclose(balanced.in_batch_logq.cpu().numpy(), plain_logq)
+    trained = trainer.fit()
     assert np.isfinite(trained.history[0]["loss"])
     with pytest.raises(ValueError, match="user_balance"):
         TrainConfig(user_balance=-0.5)

@@ -21,18 +21,14 @@ from models import evaluation, fields
 from models.dataset import Dataset
 from models.distributed import join_world, leave_world
 from models.evaluation import evaluate_recommender, top_k
+from models.optim import EmbeddingAdam
 from models.pipeline import run_training
-from models.validation import choose_prior_weight, make_validator
+from models.popularity_prior import PRIOR_GRID, PRIOR_HALF_LIVES
 from models.recommender import TwoTowerRecommender, top_k_with_bonus
 from models.splits import make_split, validation_split
-from models.train import (
-    PRIOR_GRID,
-    PRIOR_HALF_LIVES,
-    EmbeddingAdam,
-    TrainedModel,
-    Trainer,
-    ValidateFn,
-)
+from models.train import Trainer, ValidateFn
+from models.trained import TrainedModel
+from models.validation import choose_prior_weight, make_validator
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -144,7 +140,7 @@ def test_large_tables_get_sparse_gradients_and_row_wise_adam(
         assert optimiser.tables == [model.item_embedding.weight]
         batch = np.arange(8)
         optimiser.zero_grad()
-        trainer.loss(batch).backward()
+        trainer.task.loss(batch).backward()
         grad = model.item_embedding.weight.grad
         assert grad is not None and grad.is_sparse
         touched = torch.unique(grad.coalesce().indices()[0])

@@ -8,8 +8,10 @@ import torch
 from redis import Redis
 
 from models.dataset import Dataset
+from models.interaction_task import InteractionTask
 from models.sources import load_dataset
 from models.towers import TowerConfig
+from models.train import Trainer
 from models.train_config import TrainConfig
 
 # The models here are tiny: extra intra-op threads only add synchronisation, and on a busy
@@ -36,6 +38,12 @@ def fast_config(**overrides: Any) -> TrainConfig:
         device="auto",
     )
     return dataclasses.replace(base, **overrides)
+
+
+def interaction_task(trainer: Trainer) -> InteractionTask:
+    """The field tower's task of `trainer`, for tests that look inside it."""
+    assert isinstance(trainer.task, InteractionTask)
+    return trainer.task
 
 
 def stored_json(client: Redis, key: str) -> Any:

@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,13 +106,18 @@ def wrk_version() -> str:
     return (proc.stdout + proc.stderr).splitlines()[0].strip() if proc.stdout or proc.stderr else ""
 
 
+def wrk_script(target: Target) -> str:
+    """The Lua script wrk runs for `target`: random published users for a recall, and the
+    summary as one JSON line after `WRK_MARK`."""
+    lua = RECALL_LUA % asdict(target) if target.is_recall else ""
+    return lua + DONE_LUA % {"mark": WRK_MARK}
+
+
 def run_wrk(target: Target, connections: int, threads: int, duration_s: float) -> LoadResult:
     """One wrk run; raises RuntimeError when wrk fails or prints no summary."""
     threads = max(1, min(threads, connections))
-    lua = RECALL_LUA % asdict(target) if target.is_recall else ""
-    lua += DONE_LUA % {"mark": WRK_MARK}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as script:
-        script.write(lua)
+        script.write(wrk_script(target))
         script.flush()
         command = ["wrk", "-t", str(threads), "-c", str(connections)]
         command += ["-d", f"{max(1, round(duration_s))}s", "--timeout", "10s", "-s", script.name]
@@ -232,8 +236,3 @@ def run_load(
     if use_wrk:
         return run_wrk(target, connections, wrk_threads, duration_s)
     return run_python(target, connections, duration_s)
-
-
-def write_lua(target: Target, path: Path) -> None:
-    """The recall script as the benchmark runs it, for reproducing a run by hand."""
-    path.write_text(RECALL_LUA % asdict(target) + DONE_LUA % {"mark": WRK_MARK})

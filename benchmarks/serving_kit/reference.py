@@ -18,7 +18,8 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-from serving_kit import load, procs
+from harness import procs
+from serving_kit import load
 
 ISSUE_BARE_RPS = {1: 13_400, 2: 22_400}  # issue 6, "bare GET", quiet machine
 

@@ -1,19 +1,29 @@
-"""Machine facts, ratios, the issue's targets, and the human-readable table (stderr)."""
+"""The report of `serving.py`: its head (command, machine, code, load generator), ratios, the
+issue's targets, and what people read on stderr: progress lines, the table, the summary."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
 import sys
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from serving_kit import load
 
 NOISE_NOTE = (
     "shared machine: other jobs may run on the same cores during the benchmark; compare "
     "figures only with a baseline measured in the same run, and read the load averages"
 )
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, with the time."""
+    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
 def _cpu_model() -> str:
@@ -164,6 +174,26 @@ def targets(
     return out
 
 
+def targets_of(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """`targets` of a report (complete, or the partial one a failed run saved): its rows,
+    its sizes' HNSW recall and its machine reference's speed by worker count."""
+    sizes = out.get("sizes", {})
+    recall_at = {k: v["hnsw_recall"] for k, v in sizes.items() if "hnsw_recall" in v}
+    speed = {r["workers"]: r["speed"] for r in out.get("machine_reference", []) if r["speed"]}
+    return targets(out["results"], recall_at, speed)
+
+
+def missed(checked: list[dict[str, Any]]) -> list[str]:
+    """How many targets were missed as written, and how many scaled to this machine."""
+    failed = [t["target"] for t in checked if t["ok"] is False]
+    lines = [f"targets missed: {len(failed)} of {len(checked)}"]
+    scaled = [t for t in checked if "on_this_machine" in t]
+    if scaled:
+        missed = [t["target"] for t in scaled if t["on_this_machine"]["ok"] is False]
+        lines.append(f"speed-scaled targets missed: {len(missed)} of {len(scaled)}")
+    return lines
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'items':>8} {'index':5} {'w':>2} {'rps':>8} {'p50':>7} {'p90':>7} {'p99':>7} "
@@ -190,3 +220,46 @@ def table(results: list[dict[str, Any]]) -> str:
     if any(r.get("warnings") for r in results):
         lines.append("* see the row's warnings in the JSON")
     return "\n".join(lines)
+
+
+def head(args: argparse.Namespace, argv: list[str] | None, use_wrk: bool) -> dict[str, Any]:
+    """The report before any measurement: the command, machine, code and load generator."""
+    warning = None if use_wrk else load.FALLBACK_WARNING
+    if warning:
+        log(f"WARNING: {warning}")
+    out: dict[str, Any] = {
+        "benchmark": "serving",
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "code": code_state(args.tree),
+        "load_generator": {
+            "tool": "wrk" if use_wrk else "python-asyncio",
+            "version": load.wrk_version() if use_wrk else None,
+            "threads": args.wrk_threads if use_wrk else 1,
+            "connections": args.connections,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "single_connection_duration_s": args.single_duration,
+            "k": args.k,
+            "warning": warning,
+        },
+        "complete": False,
+        "sizes": {},
+        "results": [],
+    }
+    return out
+
+
+def summary(out: dict[str, Any]) -> str:
+    """What a complete run prints on stderr: the table, the targets missed, the machine."""
+    written, *scaled = missed(out["targets"])
+    lines = [table(out["results"]), written]
+    for ref in out.get("machine_reference", []):
+        lines.append(
+            f"machine speed ({ref['workers']} worker(s)): {ref['speed']} of the issue's "
+            f"(prototype bare GET {ref['rps']:.0f} rps here, {ref['issue_rps']} there)"
+        )
+    return "\n".join([*lines, *scaled])

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.http.deps import UserIdPath, UsersDep
+from app.http.schemas import (
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    FeaturesRequest,
+    FeaturesResponse,
+)
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid body, unknown feature or wrong-typed value",
+    },
+    503: {"model": ErrorResponse, "description": "Redis unavailable: nothing was stored"},
+}
+
+
+@router.post("/{user_id}/events", responses=ERRORS, summary="Record items the user interacted with")
+async def append_events(
+    user_id: UserIdPath, body: EventsRequest, users: UsersDep
+) -> EventsResponse:
+    """Prepends the items to the user's recent history (newest first, capped at
+    HISTORY_CAP, TTL FEATURE_TTL_S); the next recall sees them."""
+    length = await users.append_events(user_id, body.item_ids)
+    return EventsResponse(user_id=user_id, history_length=length)
+
+
+@router.put("/{user_id}/features", responses=ERRORS, summary="Replace the user's raw features")
+async def put_features(
+    user_id: UserIdPath, body: FeaturesRequest, users: UsersDep
+) -> FeaturesResponse:
+    """Names must be features of the serving model, and values of their kind's type (422
+    otherwise); with no model loaded they are stored unchecked."""
+    names = await users.put_features(user_id, body.features)
+    return FeaturesResponse(user_id=user_id, features=names)

@@ -1,0 +1,102 @@
+"""Where the fleet's pinned version lives: one Redis key that every worker of every replica
+reads (`{REDIS_PREFIX}:model:pinned`), or, without Redis, this process alone."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+
+from redis import exceptions as redis_errors
+
+from app.config import RedisConfig
+from app.store.redis_client import redis_client
+from models.bundle import is_version_name
+
+# What reading or writing the pin may raise (a cluster client's own errors are no RedisError).
+PIN_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
+PIN_CONNECTIONS = 4  # a read per watcher step, a write per reload: a few are plenty
+
+
+class PinUnavailable(Exception):
+    """The shared pin cannot be read or written (Redis down or slow)."""
+
+
+class VersionPin(ABC):
+    """Where the pinned version lives; `shared` says whether other processes see it."""
+
+    shared: bool
+
+    @abstractmethod
+    async def get(self) -> str | None:
+        """The pinned version, None when none. Raises PinUnavailable."""
+
+    @abstractmethod
+    async def set(self, version: str | None) -> None:
+        """Pin `version` (None: unpin, follow LATEST). Raises PinUnavailable."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LocalPin(VersionPin):
+    """REDIS_URL empty: a pin reaches only this process (documented in the README)."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._version: str | None = None
+
+    async def get(self) -> str | None:
+        return self._version
+
+    async def set(self, version: str | None) -> None:
+        self._version = version
+
+
+class RedisPin(VersionPin):
+    """One Redis key read by every worker. Control-plane calls, off the request path, so a
+    timeout of a second or so costs no request anything."""
+
+    shared = True
+
+    def __init__(self, config: RedisConfig) -> None:
+        # One key: any node of a cluster, as its slot says.
+        self.key = f"{config.prefix}:model:pinned"
+        self.timeout_s = config.control_timeout_s
+        self.client = redis_client(
+            config.url,
+            cluster=config.cluster,
+            timeout_s=self.timeout_s,
+            pool_wait_s=config.control_pool_wait_s,
+            max_connections=PIN_CONNECTIONS,
+        )
+
+    # asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
+    # that lands as the call completes, and the watcher's cancellation must never be lost.
+    async def get(self) -> str | None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                value = await self.client.get(self.key)
+        except PIN_ERRORS as exc:
+            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if value is None or not isinstance(value, str) or not is_version_name(value):
+            return None  # absent, or not ours to trust: follow LATEST
+        return value
+
+    async def set(self, version: str | None) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if version is None:
+                    await self.client.delete(self.key)
+                else:
+                    await self.client.set(self.key, version)
+        except PIN_ERRORS as exc:
+            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def build_pin(redis: RedisConfig | None) -> VersionPin:
+    """The pin every worker shares through Redis, else this process's own."""
+    return LocalPin() if redis is None else RedisPin(redis)

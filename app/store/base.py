@@ -1,0 +1,61 @@
+"""The online store's interface: what it holds for a user (`UserRecord`) and what it does
+(`FeatureStore`): raw features and recent history, read in batches, written per user."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+StoreStatus = Literal["ok", "unavailable", "disabled"]
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """What the store holds for one user; `found` is False when it holds nothing."""
+
+    features: Mapping[str, Any]
+    history: tuple[str, ...]
+    found: bool
+
+
+EMPTY = UserRecord({}, (), False)
+
+
+def parse_features(raw: str | bytes | None) -> dict[str, Any]:
+    """A stored JSON object; anything else (absent, corrupt) counts as no features."""
+    if raw is None:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class FeatureStore(ABC):
+    """The online store's interface (Redis, or in process when REDIS_URL is empty)."""
+
+    @abstractmethod
+    async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        """Records of the distinct `user_ids`; a user on a part of the store that is
+        unavailable (one node of a cluster) is left out, as a user the store does not hold.
+        Raises FeatureStoreUnavailable when no part answered."""
+
+    @abstractmethod
+    async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
+        """Push `item_ids` (oldest first, so the last becomes the newest); returns the
+        history length after capping. Raises FeatureStoreUnavailable."""
+
+    @abstractmethod
+    async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
+        """Replace the user's raw features. Raises FeatureStoreUnavailable."""
+
+    @abstractmethod
+    async def health(self) -> StoreStatus: ...
+
+    async def aclose(self) -> None:
+        return None

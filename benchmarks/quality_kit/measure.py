@@ -1,0 +1,159 @@
+"""One split measured: a two-tower training per seed through the trainer's public entry point
+(`models.pipeline.run_training`), the four baselines once (they are deterministic), every
+method by the same evaluation code, then issue 19's ratios and the training times."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from models.dataset import Dataset
+from models.evaluation import CI_RESAMPLES, CI_SEED, EvalResult, measurable_sets, run_baselines
+from models.pipeline import run_training
+from models.splits import Split, make_split
+from models.train_config import TrainConfig
+from quality_kit.references import (
+    MAX_TRAIN_SECONDS,
+    METRICS,
+    PUBLISHED_NEXT_ITEM,
+    TABLE_METRICS,
+    TARGETS,
+    protocol,
+)
+
+
+def applicable(dataset: Dataset, spec: str) -> Split | str:
+    """The split, or why the data cannot make it (the reason of `make_split` or the
+    evaluation's measurability check)."""
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    try:
+        split = make_split(dataset.interactions, spec)
+        measurable_sets(split.train, split.test, item_index)
+    except ValueError as exc:  # DataError included
+        return str(exc)
+    return split
+
+
+def seed_mean(results: Sequence[EvalResult]) -> EvalResult:
+    """One result whose per-user figures are the runs' averages (same test users in each)."""
+    first = results[0]
+    if any(r.user_ids != first.user_ids for r in results):
+        raise RuntimeError("the seeds' runs evaluated different users")
+    per_user = {k: np.mean([r.per_user[k] for r in results], axis=0) for k in first.per_user}
+    return dataclasses.replace(
+        first,
+        means={k: float(v.mean()) for k, v in per_user.items()},
+        per_user=per_user,
+        eval_seconds=sum(r.eval_seconds for r in results),
+    )
+
+
+def figures(result: EvalResult) -> dict[str, Any]:
+    """Every metric of `METRICS` with its 95 % bootstrap interval over users."""
+    means = {m: result.means[m] for m in METRICS if m in result.means}
+    means["pooled_recall@50"] = result.pooled_recall(50)
+    intervals = result.intervals(CI_RESAMPLES, CI_SEED)
+    ci95 = {m: list(intervals[m]) for m in means if m in intervals}
+    ci95["pooled_recall@50"] = list(result.pooled_recall_ci(50, CI_RESAMPLES, CI_SEED))
+    return {"means": means, "ci95": ci95}
+
+
+def compare(methods: Mapping[str, Any], metric: str, against: str) -> dict[str, Any]:
+    """Two-tower / a baseline on `metric`: `against` names one, or is "best baseline" (the
+    best of the four on that metric)."""
+    baselines = {k: v["means"] for k, v in methods.items() if k != "two_tower"}
+    name = against if against in baselines else max(baselines, key=lambda b: baselines[b][metric])
+    ours, value = methods["two_tower"]["means"][metric], baselines[name][metric]
+    return {
+        "baseline": name,
+        "two_tower": ours,
+        "baseline_value": value,
+        "ratio": ours / value if value else None,
+    }
+
+
+def targets(spec: str, methods: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 19's ratios for `spec`, each with its baseline and pass or fail."""
+    rows = []
+    for metric, against, target in TARGETS.get(spec, ()):
+        row = {"metric": metric, "against": against, **compare(methods, metric, against)}
+        row |= {"target": target, "pass": row["two_tower"] >= target * row["baseline_value"]}
+        rows.append(row)
+    return rows
+
+
+def ratios(methods: Mapping[str, Any]) -> dict[str, Any]:
+    """Two-tower / EASE and two-tower / the best baseline on every table metric, for every
+    split (`targets` holds the ones the issue sets)."""
+    return {
+        key: {m: compare(methods, m, against) for m in TABLE_METRICS}
+        for key, against in (("vs_ease", "ease"), ("vs_best_baseline", "best baseline"))
+    }
+
+
+def train_seeds(
+    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig
+) -> tuple[list[EvalResult], list[dict[str, Any]]]:
+    """One two-tower training per seed: each run's test result, and its record."""
+    runs, records = [], []
+    for seed in seeds:
+        start = time.perf_counter()
+        run = run_training(dataset, split.name, dataclasses.replace(config, seed=seed), None)
+        seconds = time.perf_counter() - start
+        runs.append(run.results["two_tower"])
+        records.append(
+            {
+                "seed": seed,
+                "seconds": seconds,
+                "best_epoch": run.trained.best_epoch,
+                "prior_weight": run.trained.prior_weight,
+                "prior_half_life_days": run.trained.prior_half_life_days,
+                "validation": run.validation,
+                "test": figures(runs[-1])["means"],
+            }
+        )
+        recall = runs[-1].means["recall@10"]
+        print(
+            f"{split.name} seed {seed}: recall@10 {recall:.4f} ({seconds:.0f} s)", file=sys.stderr
+        )
+    return runs, records
+
+
+def measure(
+    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig
+) -> dict[str, Any]:
+    """One split: a two-tower training per seed, the baselines once, targets and times."""
+    runs, records = train_seeds(dataset, split, seeds, config)
+    ours = figures(seed_mean(runs))
+    ours["seed_range"] = {
+        m: [min(r["test"][m] for r in records), max(r["test"][m] for r in records)]
+        for m in ours["means"]
+    }
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    methods = {"two_tower": ours}
+    for name, result in run_baselines(split.train, split.test, item_index).items():
+        methods[name] = figures(result) | {"fit_seconds": result.fit_seconds}
+    checks = targets(split.name, methods)
+    longest = max(r["seconds"] for r in records)
+    training = {"seconds": [r["seconds"] for r in records], "limit_seconds": MAX_TRAIN_SECONDS}
+    training["pass"] = longest <= MAX_TRAIN_SECONDS
+    out = {
+        "applicable": True,
+        "protocol": protocol(split.name),
+        "split": split.summary(),
+        "n_test_users": len(runs[0].user_ids),  # evaluated: with an item not seen in train
+        "methods": methods,
+        "two_tower_runs": records,
+        "ratios": ratios(methods),
+        "targets": checks,
+        "training": training,
+        "pass": training["pass"] and all(c["pass"] for c in checks),
+    }
+    if split.name == "leave-last-n:1":
+        out["published_references"] = PUBLISHED_NEXT_ITEM
+    return out
