@@ -106,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--out-dim", type=int, default=64)
     b.add_argument("--history-length", type=int, default=100)
     b.add_argument("--popularity-prior", type=float, help="default: the trainer's")
+    b.add_argument(
+        "--train-args",
+        default="",
+        help="more trainer options, e.g. '--user-tower sequence --negatives mixed'",
+    )
     b.add_argument("--cache-dir", type=Path, default=RESULTS / "bundles")
     i = p.add_argument_group("in-process measurements")
     i.add_argument("--floor-iterations", type=int, default=2000)
@@ -157,6 +162,7 @@ def recipe_of(args: argparse.Namespace, items: int) -> Recipe:
         out_dim=args.out_dim,
         history_length=args.history_length,
         popularity_prior=args.popularity_prior,
+        train_args=args.train_args,
     )
 
 

@@ -8,8 +8,10 @@ mistaken for a cached one. The key names every parameter, so a changed recipe tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,9 @@ class Recipe:
     out_dim: int = 64
     history_length: int = 100
     popularity_prior: float | None = None  # None: the trainer's default
+    # More trainer options, as on its command line (e.g. "--user-tower sequence
+    # --negatives mixed"): the key names them by a digest.
+    train_args: str = ""
 
     @property
     def source(self) -> str:
@@ -56,6 +61,11 @@ class Recipe:
             f"-f{self.field_dim}-h{self.hidden.replace(',', 'x')}-o{self.out_dim}"
             f"-l{self.history_length}"
             + ("" if self.popularity_prior is None else f"-p{self.popularity_prior:g}")
+            + (
+                f"-a{hashlib.sha256(self.train_args.encode()).hexdigest()[:8]}"
+                if self.train_args
+                else ""
+            )
         )
 
     def train_command(self, out: Path) -> list[str]:
@@ -92,6 +102,7 @@ class Recipe:
             "--history-length",
             str(self.history_length),
             *prior,
+            *shlex.split(self.train_args),
         ]
 
 
