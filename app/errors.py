@@ -38,6 +38,13 @@ class BundleRejected(AppError):
     status_code = 409
 
 
+class ItemTowerUnavailable(AppError):
+    """The serving bundle has no item tower (bundle format 1), so items cannot be embedded:
+    re-export it with the current trainer (bundle format 2)."""
+
+    status_code = 409
+
+
 class ModelNotReady(AppError):
     """No bundle is serving (none yet, or the start-up load failed)."""
 
@@ -48,6 +55,18 @@ class FeatureStoreUnavailable(AppError):
     """Redis is down, slow beyond the timeout, or erroring; writes cannot be accepted."""
 
     status_code = 503
+
+
+class ItemChangesUnavailable(AppError):
+    """The item change log (Redis) cannot be written: the change was not made anywhere."""
+
+    status_code = 503
+
+
+class ItemNotFound(AppError):
+    """No catalogue, added or deleted item has this id (`GET /v1/items/{item_id}`)."""
+
+    status_code = 404
 
 
 class FleetUnavailable(AppError):

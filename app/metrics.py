@@ -81,6 +81,20 @@ class Metrics:
         self.feature_source = Counter(
             "tower_recall_feature_source", "Recalls by feature source", ["source"], registry=r
         )
+        self.item_changes = Counter(
+            "tower_recall_item_changes",
+            "Item changes read from the change log and served, by op (put, delete)",
+            ["op"],
+            registry=r,
+        )
+        self.overlay_items = Gauge(
+            "tower_recall_overlay_items",
+            "Items added since the serving bundle, searched beside its index",
+            registry=r,
+        )
+        self.masked_items = Gauge(
+            "tower_recall_masked_items", "Catalogue items of the serving bundle deleted", registry=r
+        )
 
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
@@ -112,6 +126,10 @@ class Metrics:
         self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)
+
+    def set_overlay(self, added: int, masked: int) -> None:
+        self.overlay_items.set(added)
+        self.masked_items.set(masked)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,8 @@
 
 Concurrent `/v1/recall` requests of one worker are served in micro-batches (`app.batcher`):
 one feature fetch, one tower call and one index search for every request waiting. Each
-request is validated on its own before it joins a batch (its 422 is its own), each batch
+request is validated on its own before it joins a batch (its 422 is its own; its filter is
+compiled then, once per model version, `app.filters.FilterCache`), each batch
 reads the serving model once (every response in it names that version), and a failure of
 one request's preparation or retrieval fails that request only.
 """
@@ -22,6 +23,7 @@ from app.batcher import MicroBatcher
 from app.config import RecallLimits
 from app.errors import FeatureStoreUnavailable, InvalidInput, input_error
 from app.feature_checks import Loc, feature_errors
+from app.filters import CompiledFilter, FilterCache, FilterInput
 from app.logs import note_model_version, unbind_request
 from app.metrics import Metrics
 from app.model import ModelRepository, ServingModel
@@ -51,6 +53,8 @@ class RecallInput(Protocol):
     def history(self) -> Sequence[str] | None: ...
     @property
     def exclude_seen(self) -> bool: ...
+    @property
+    def filter(self) -> FilterInput | None: ...
 
 
 class RecallService:
@@ -79,6 +83,7 @@ class RecallService:
         self.metrics = metrics
         self.executor = executor
         self.vectors = vectors
+        self.filters = FilterCache()
         self._batcher = MicroBatcher(
             self._serve_micro_batch, limits.micro_batch, metrics.batch_size.observe
         )
@@ -86,7 +91,9 @@ class RecallService:
     async def recall(self, request: RecallInput) -> bytes:
         """One recall, served together with whatever else is waiting; the JSON response."""
         self._check_limits([request], [("body",)])
-        self._check_features(self.repository.require(), [request], [("body",)])
+        model = self.repository.require()
+        self._check_features(model, [request], [("body",)])
+        self._check_filters(model, [request], [("body",)])
         payload, version = await self._batcher.submit(request)
         note_model_version(version)
         return payload
@@ -100,6 +107,7 @@ class RecallService:
         self._check_limits(requests, locs)
         model = self.repository.require()  # read once: the whole call uses this version
         self._check_features(model, requests, locs)
+        self._check_filters(model, requests, locs)
         note_model_version(model.version)
         outcomes = await self._recall(model, requests)
         for outcome in outcomes:
@@ -127,21 +135,23 @@ class RecallService:
     ) -> list[ResponseData | BaseException]:
         """One response (or the request's own error) per request, all from `model`."""
         outcomes: list[ResponseData | BaseException | None] = [None] * len(requests)
-        live: list[int] = []
+        live: list[tuple[int, CompiledFilter | None]] = []
         for i, request in enumerate(requests):
             # Validated against the model current at submission; a reload since may serve a
             # spec without some name: that request alone gets the 422.
             try:
                 self._check_features(model, [request], [("body",)])
+                filters = self._check_filters(model, [request], [("body",)])
             except InvalidInput as exc:
                 outcomes[i] = exc
             else:
-                live.append(i)
-        stored = await self._fetch(model, [requests[i] for i in live])
+                live.append((i, filters[0]))
+        stored = await self._fetch(model, [requests[i] for i, _ in live])
         prepared: list[tuple[int, Query, FeatureSource]] = []
-        for i in live:
+        for i, compiled in live:
             try:
-                query, source = self._prepare(model, requests[i], stored.get(requests[i].user_id))
+                record = stored.get(requests[i].user_id)
+                query, source = self._prepare(model, requests[i], record, compiled)
             except Exception as exc:
                 outcomes[i] = exc
             else:
@@ -187,6 +197,22 @@ class RecallService:
         if errors:
             raise InvalidInput(errors)
 
+    def _check_filters(
+        self, model: ServingModel, requests: Sequence[RecallInput], locs: Sequence[Loc]
+    ) -> list[CompiledFilter | None]:
+        """Each request's filter compiled for `model` (from the cache when seen before)."""
+        compiled: list[CompiledFilter | None] = []
+        errors: list[Any] = []
+        for request, loc in zip(requests, locs, strict=True):
+            try:
+                spec = request.filter
+                compiled.append(None if spec is None else self.filters.get(model, spec, loc))
+            except InvalidInput as exc:
+                errors.extend(exc.detail)
+        if errors:
+            raise InvalidInput(errors)
+        return compiled
+
     async def _fetch(
         self, model: ServingModel, requests: Sequence[RecallInput]
     ) -> Mapping[str, UserRecord]:
@@ -212,7 +238,10 @@ class RecallService:
 
     @staticmethod
     def _prepare(
-        model: ServingModel, request: RecallInput, record: UserRecord | None
+        model: ServingModel,
+        request: RecallInput,
+        record: UserRecord | None,
+        compiled: CompiledFilter | None = None,
     ) -> tuple[Query, FeatureSource]:
         record = record or EMPTY
         features = {**record.features, **request.features} if request.features else record.features
@@ -229,6 +258,7 @@ class RecallService:
             request.k,
             exclude_seen=request.exclude_seen,
             user_id=request.user_id,
+            filter=compiled,
         )
         return query, source
 

@@ -5,11 +5,16 @@ serve all of them (`/v1/recall/batch`, and the micro-batches of concurrent `/v1/
 requests). User vectors already encoded from the same inputs by the same model version come
 from a `UserVectorCache` instead of the tower. The model's item index decides how it searches
 (`app.search.ItemIndex`); this module only asks it for enough candidates to fill each query's
-top k once its seen items are left out.
+top k once its seen items are left out, among the items its filter allows (queries that share
+a filter are searched together), and fills from an exact search any query it answered short.
+Items changed at serving time (`app.catalogue`) are the model's overlay
+(`app.search.overlay`): its deleted catalogue rows join each query's excluded rows, and its
+added items are scored exactly and merged into each top k (`merge_overlay`).
 """
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from app.filters import CompiledFilter
 from app.model import ServingModel
+from app.search import AllowedRows, ItemIndex
+from app.search.item_index import Candidates
 from app.user_vector_cache import UserVectorCache
 
 StageObserver = Callable[[str, float], None]
@@ -31,9 +39,11 @@ class Query:
         features: raw features after merging (request over stored); missing = default.
         history: item ids, newest first (the vector cache's key).
         history_rows: the catalogue rows of its known items, in order (the tower's input).
-        exclude: catalogue rows never to return (the seen items).
+        exclude: catalogue rows never to return (the seen items, the deleted ones).
         k: results wanted.
         user_id: whose vector this is (the vector cache's key); None: not cached.
+        filter: which items may be returned; None: any.
+        overlay_exclude: rows of the model's overlay never to return (seen added items).
     """
 
     features: Mapping[str, Any]
@@ -42,6 +52,12 @@ class Query:
     exclude: frozenset[int]
     k: int
     user_id: str | None = None
+    filter: CompiledFilter | None = None
+    overlay_exclude: frozenset[int] = frozenset()
+
+    @property
+    def allowed(self) -> AllowedRows | None:
+        return None if self.filter is None else self.filter.allowed
 
     @classmethod
     def prepare(
@@ -53,26 +69,38 @@ class Query:
         *,
         exclude_seen: bool = True,
         user_id: str | None = None,
+        filter: CompiledFilter | None = None,
     ) -> Query:
         """The query for `model`: the history is mapped to catalogue rows once, for the tower
-        and the exclusion both."""
+        and the exclusion both. Added items in the history are unknown to the bundle (the
+        tower skips them) but left out of the overlay's results like any seen item."""
         rows = model.encoder.history_rows(history)
         exclude = frozenset(rows) if exclude_seen else frozenset()
-        return cls(features, history, rows, exclude, k, user_id)
+        overlay = model.overlay
+        if overlay.masked:
+            exclude |= overlay.masked
+        seen_added = overlay.rows_of(history) if exclude_seen and len(overlay) else frozenset()
+        return cls(features, history, rows, exclude, k, user_id, filter, seen_added)
+
+    def available(self, n_items: int) -> int:
+        """How many catalogue rows this query may return: allowed and not excluded."""
+        allowed = self.allowed
+        if allowed is None:
+            return n_items - len(self.exclude)
+        return allowed.count - allowed.allowed_among(self.exclude)
 
 
 Result = list[tuple[str, float]]
 
 
 def search(model: ServingModel, vectors: np.ndarray, queries: Sequence[Query]) -> list[Result]:
-    """Top k per query, seen items excluded: an index search over-fetching by the query's
-    exclusions, then an exact search for any query the index could not fill."""
+    """Top k per query, seen items excluded, filters applied: an index search over-fetching by
+    the query's exclusions, then an exact search for any query the index could not fill."""
     index, ids, n_items = model.index, model.item_ids, model.n_items
-    fetches = [min(n_items, q.k + len(q.exclude)) for q in queries]
-    candidates = index.search_depths(vectors, fetches)
+    candidates = _candidates(index, vectors, queries)
     results: list[Result] = []
     for i, (query, (scores, rows)) in enumerate(zip(queries, candidates, strict=True)):
-        want = min(query.k, n_items - len(query.exclude))
+        want = min(query.k, query.available(n_items))
         out: Result = []
         if want <= 0:
             results.append(out)
@@ -84,10 +112,75 @@ def search(model: ServingModel, vectors: np.ndarray, queries: Sequence[Query]) -
                 if len(out) == want:
                     break
         if len(out) < want:
-            scores, rows = index.exact_top(vectors[i], want, exclude)
+            scores, rows = index.exact_top(vectors[i], want, exclude, query.allowed)
             out = [(ids[row], score) for row, score in zip(rows, scores, strict=True)]
         results.append(out)
     return results
+
+
+def _candidates(
+    index: ItemIndex, vectors: np.ndarray, queries: Sequence[Query]
+) -> list[Candidates]:
+    """Each query's candidates: enough to fill its k once its allowed seen items are dropped.
+    One index search per filter (None: unfiltered) serves every query that has it."""
+    groups: dict[str | None, list[int]] = {}
+    for i, query in enumerate(queries):
+        groups.setdefault(None if query.filter is None else query.filter.key, []).append(i)
+    out: list[Candidates] = [([], [])] * len(queries)
+    for members in groups.values():
+        allowed = queries[members[0]].allowed
+        if allowed is None:
+            fetches = [min(index.n_items, queries[i].k + len(queries[i].exclude)) for i in members]
+        elif allowed.count == 0:
+            continue  # nothing can pass: no search
+        else:
+            fetches = [
+                min(allowed.count, queries[i].k + allowed.allowed_among(queries[i].exclude))
+                for i in members
+            ]
+        found = index.search_depths(vectors[members], fetches, allowed)
+        for i, candidates in zip(members, found, strict=True):
+            out[i] = candidates
+    return out
+
+
+_score = operator.itemgetter(1)
+
+
+def merge_overlay(
+    model: ServingModel, vectors: np.ndarray, queries: Sequence[Query], results: list[Result]
+) -> list[Result]:
+    """Each query's top k of the index's results and the overlay's added items together, by
+    score. The overlay is small: every query scores all of it, exactly (a filtered query
+    judges each added item by its attributes, `CompiledFilter.accepts`)."""
+    overlay = model.overlay
+    if not len(overlay):
+        return results
+    filtered = any(q.filter is not None for q in queries)
+    depth = len(overlay) if filtered else max(q.k + len(q.overlay_exclude) for q in queries)
+    scores, rows = overlay.top(vectors, depth)
+    ids, attributes = overlay.ids, overlay.attributes
+    merged: list[Result] = []
+    for i, (query, found) in enumerate(zip(queries, results, strict=True)):
+        # A full top k takes only added items scoring above its last (the overlay's scores
+        # are in descending order): usually a few, or none.
+        limit = depth
+        if len(found) == query.k:
+            limit = int(np.searchsorted(-scores[i], -found[-1][1], side="left"))
+        skip, accepts = query.overlay_exclude, query.filter.accepts if query.filter else None
+        added: Result = []
+        for row, score in zip(rows[i, :limit].tolist(), scores[i, :limit].tolist(), strict=True):
+            if row in skip or (accepts is not None and not accepts(ids[row], attributes[row])):
+                continue
+            added.append((ids[row], score))
+            if len(added) == query.k:
+                break
+        if not added:
+            merged.append(found)
+            continue
+        both = sorted([*found, *added], key=_score, reverse=True)
+        merged.append(both[: query.k])
+    return merged
 
 
 def encode(
@@ -133,7 +226,7 @@ def retrieve(
     start = time.perf_counter()
     vectors = encode(model, queries, cache)
     encoded = time.perf_counter()
-    results = search(model, vectors, queries)
+    results = merge_overlay(model, vectors, queries, search(model, vectors, queries))
     if observe is not None:
         observe("encode", encoded - start)
         observe("search", time.perf_counter() - encoded)

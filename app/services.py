@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import faiss
 import torch
 
+from app.catalogue import ItemCatalogue
 from app.config import IndexConfig, RecallLimits, StoreConfig
 from app.metrics import Metrics
 from app.model import ModelRepository, ModelSync, build_pin
 from app.recall import RecallService
 from app.settings import Settings
-from app.store import FeatureStore, build_store
+from app.store import FeatureStore, build_item_change_log, build_store
 from app.user_vector_cache import UserVectorCache
 from app.users import UserService
 
@@ -30,15 +31,19 @@ class Services:
     store: FeatureStore
     recall: RecallService
     users: UserService
+    catalogue: ItemCatalogue  # items added and deleted at serving time
     worker: str  # host:pid of this worker process, named in /health/ready
     cpu: ThreadPoolExecutor | None  # the one thread that encodes and searches
 
     def start(self) -> None:
-        """Load the fleet's model version in the background, then keep following it."""
+        """Replay the item changes and load the fleet's model version in the background (the
+        load applies the changes before it serves), then keep following both."""
+        self.catalogue.start()
         self.sync.start()
 
     async def aclose(self) -> None:
         await self.sync.stop()
+        await self.catalogue.stop()
         await self.store.aclose()
         if self.cpu is not None:
             self.cpu.shutdown(wait=False, cancel_futures=True)
@@ -67,6 +72,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         )
     size = settings.vector_cache_size
     vectors = UserVectorCache(size, metrics) if size else None  # 0: every user encoded
+    changes = build_item_change_log(store_config.redis)
+    catalogue = ItemCatalogue(repository, changes, metrics, settings.reload_poll_s)
+    repository.attach(catalogue)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -75,6 +83,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         store=store,
         recall=RecallService(repository, store, limits, metrics, cpu, vectors),
         users=UserService(store, repository, limits.max_history),
+        catalogue=catalogue,
         worker=f"{socket.gethostname()}:{os.getpid()}",
         cpu=cpu,
     )

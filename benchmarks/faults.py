@@ -1,7 +1,7 @@
 """The fault suite: each scenario on loopback with real processes, a table of what happened.
 
     python benchmarks/faults.py                          # every scenario, 10-minute soak
-    python benchmarks/faults.py --scenarios reload,redis --json benchmarks/results/faults.json
+    python benchmarks/faults.py --scenarios reload,items,redis --json benchmarks/results/faults.json
     python benchmarks/faults.py --scenarios soak --soak-duration 3600
     python benchmarks/faults.py --scenarios cluster       # Redis Cluster failover
 
@@ -33,12 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving_kit.report import code_state, loadavg, machine
 
-from harness.faults import cluster_faults, hostile, redis_faults, reload, shutdown, soak
+from harness.faults import cluster_faults, hostile, items, redis_faults, reload, shutdown, soak
 from harness.faults.report import Row, table
 from harness.stack import RECIPE, Stack, Versions, model_dir_with, train_two_versions
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("reload", "redis", "cluster", "hostile", "shutdown", "soak")
+SCENARIOS = ("reload", "items", "redis", "cluster", "hostile", "shutdown", "soak")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("reload")
     g.add_argument("--reloads", type=int, default=20)
     g.add_argument("--replicas", default="2,2", help="worker processes of each replica")
+    g = p.add_argument_group("items")
+    g.add_argument("--item-rounds", type=int, default=8, help="items added and deleted")
     g = p.add_argument_group("redis")
     g.add_argument("--redis-phase", type=float, default=8.0, help="seconds each fault lasts")
     g.add_argument("--redis-workers", type=int, default=2)
@@ -75,6 +77,9 @@ def scenarios(args: argparse.Namespace) -> dict[str, Callable[[Stack, Versions],
     return {
         "reload": lambda stack, v: reload.run(
             stack, v, reload.ReloadOptions(replicas=replicas, reloads=args.reloads)
+        ),
+        "items": lambda stack, v: items.run(
+            stack, v, items.ItemsOptions(replicas=replicas, rounds=args.item_rounds)
         ),
         "redis": lambda stack, v: redis_faults.run(
             stack, v, redis_faults.RedisOptions(

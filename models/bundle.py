@@ -4,8 +4,11 @@ Dependency-light (numpy + standard library) so the online service verifies bundl
 same code the exporter wrote them with. Layout (docs/design.md):
 
     <root>/LATEST                 the current version name, replaced atomically
-    <root>/<version>/manifest.json, user_tower.pt, item_embeddings.npy, item_ids.json,
-                     feature_spec.json
+    <root>/<version>/manifest.json, item_embeddings.npy, item_ids.json, feature_spec.json,
+                     the towers' files (`TOWER_FILES` of the manifest's `tower_format`), and
+                     from format 2 on item_feature_spec.json (`FORMAT_2_FILES`)
+
+Format 1 bundles (a TorchScript user tower only, no item tower) still verify and serve.
 """
 
 from __future__ import annotations
@@ -21,13 +24,30 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 USER_TOWER = "user_tower.pt"
+TOWERS_WEIGHTS = "towers.safetensors"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEM_IDS = "item_ids.json"
 FEATURE_SPEC = "feature_spec.json"
-BUNDLE_FILES = (USER_TOWER, ITEM_EMBEDDINGS, ITEM_IDS, FEATURE_SPEC)
+ITEM_FEATURE_SPEC = "item_feature_spec.json"
+# Every format's files besides the towers'.
+COMMON_FILES = (ITEM_EMBEDDINGS, ITEM_IDS, FEATURE_SPEC)
+# Files a format 2 bundle has besides the common ones and the towers'.
+FORMAT_2_FILES = (ITEM_FEATURE_SPEC,)
+# Format 2's towers' files by the manifest's `tower_format` (docs/design.md, "Bundle format 2";
+# format 1 has a TorchScript user tower alone, `USER_TOWER`).
+TOWER_FILES: dict[str, tuple[str, ...]] = {"safetensors": (TOWERS_WEIGHTS,)}
+# Every file any format may hold (tools that rehash a bundle they edited read this).
+BUNDLE_FILES = tuple(
+    dict.fromkeys((USER_TOWER, *COMMON_FILES, *FORMAT_2_FILES, *sum(TOWER_FILES.values(), ())))
+)
+# The catalogue's raw item attributes (`models.item_attributes`), read by recall filters:
+# optional in every format (older bundles lack it), covered by the manifest's sha256 when there.
+ITEM_ATTRIBUTES = "item_attributes.npz"
+OPTIONAL_FILES = (ITEM_ATTRIBUTES,)
 LATEST = "LATEST"
 # |squared norm - 1| allowed of a unit vector stored in float32 (rounding leaves ~1e-7).
 UNIT_TOLERANCE = 1e-3
@@ -49,6 +69,7 @@ class VerifiedBundle:
         item_embeddings: float32 `(n_items, dim)`, read-only.
         item_ids: external item ids, row order.
         feature_spec: the parsed `feature_spec.json`.
+        item_feature_spec: the parsed `item_feature_spec.json`; None in a format 1 bundle.
     """
 
     path: Path
@@ -56,14 +77,37 @@ class VerifiedBundle:
     item_embeddings: np.ndarray
     item_ids: list[str]
     feature_spec: dict[str, Any]
+    item_feature_spec: dict[str, Any] | None = None
 
     @property
     def version(self) -> str:
         return str(self.manifest["version"])
 
     @property
-    def user_tower_path(self) -> Path:
-        return self.path / USER_TOWER
+    def format_version(self) -> int:
+        return int(self.manifest["format_version"])
+
+    @property
+    def tower_format(self) -> str:
+        """How the towers are stored (`TOWER_FILES`); format 1 is TorchScript."""
+        return str(self.manifest.get("tower_format", "torchscript"))
+
+    @property
+    def has_item_tower(self) -> bool:
+        return self.format_version >= 2
+
+
+def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The files a bundle with this manifest must hold (and its `sha256` list)."""
+    if manifest.get("format_version") == 1:
+        return (USER_TOWER, *COMMON_FILES)
+    tower_files = TOWER_FILES.get(str(manifest.get("tower_format")))
+    if tower_files is None:
+        raise BundleError(
+            f"manifest.json: unknown tower_format {manifest.get('tower_format')!r}; "
+            f"this version reads {sorted(TOWER_FILES)}"
+        )
+    return (*tower_files, *COMMON_FILES, *FORMAT_2_FILES)
 
 
 def sha256_file(path: Path) -> str:
@@ -151,14 +195,21 @@ def verify_bundle(path: Path) -> VerifiedBundle:
     if not path.is_dir():
         raise BundleError(f"bundle {path.name!r} does not exist")
     manifest = _load_json(path / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in FORMAT_VERSIONS:
         raise BundleError("manifest.json: missing or unsupported format_version")
     if manifest.get("version") != path.name:
         raise BundleError(f"manifest names version {manifest.get('version')!r}, not {path.name!r}")
+    files = bundle_files(manifest)
     checksums = manifest.get("sha256")
-    if not isinstance(checksums, dict) or set(checksums) != set(BUNDLE_FILES):
-        raise BundleError(f"manifest.json: sha256 must list exactly {sorted(BUNDLE_FILES)}")
-    for name in BUNDLE_FILES:
+    if not isinstance(checksums, dict) or not set(files) <= set(checksums) <= {
+        *files,
+        *OPTIONAL_FILES,
+    }:
+        raise BundleError(
+            f"manifest.json: sha256 must list exactly {sorted(files)} "
+            f"and any of {sorted(OPTIONAL_FILES)} present"
+        )
+    for name in checksums:
         file = path / name
         if not file.is_file():
             raise BundleError(f"missing {name}")
@@ -176,6 +227,7 @@ def verify_bundle(path: Path) -> VerifiedBundle:
             f"manifest says float32 ({n_items}, {dim})"
         )
     _check_vectors(embeddings, unit=manifest.get("normalized") is True)
+    _check_towers(path, manifest)
     if (
         not isinstance(item_ids, list)
         or len(item_ids) != n_items
@@ -190,4 +242,48 @@ def verify_bundle(path: Path) -> VerifiedBundle:
         item_embeddings=np.asarray(embeddings),
         item_ids=[str(i) for i in item_ids],
         feature_spec=_load_json(path / FEATURE_SPEC),
+        item_feature_spec=_item_feature_spec(path, manifest),
     )
+
+
+def _item_feature_spec(path: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The item encoder's spec of a format 2 bundle (None before), a JSON object with a
+    feature list; the encoder checks the features themselves when it is built from it."""
+    if manifest["format_version"] < 2:
+        return None
+    spec = _load_json(path / ITEM_FEATURE_SPEC)
+    if not isinstance(spec, dict) or not isinstance(spec.get("features"), list):
+        raise BundleError(f"{ITEM_FEATURE_SPEC} must be an object with a features list")
+    return spec
+
+
+def _check_towers(path: Path, manifest: dict[str, Any]) -> None:
+    """`towers.safetensors`' header (JSON after its 8-byte length; read without torch): float32
+    tensors only, and the tables indexed by catalogue row as long as the catalogue + 1 (row 0:
+    ids outside it), so a tower built for another catalogue is refused here, with the reason."""
+    if manifest.get("tower_format") != "safetensors":
+        return
+    n_items, record = manifest["n_items"], manifest.get("towers")
+    if not isinstance(record, dict) or record.get("n_items") != n_items:
+        found = record.get("n_items") if isinstance(record, dict) else None
+        raise BundleError(
+            f"manifest.json: towers record for {found} items, the bundle has {n_items}"
+        )
+    with (path / TOWERS_WEIGHTS).open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(min(size, 1 << 24)))
+            shapes = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BundleError(f"{TOWERS_WEIGHTS} cannot be loaded: bad header: {exc!r}") from exc
+    tables = [k for k in shapes if k.endswith("item_embedding.weight")] + [
+        k for k in shapes if k.endswith("prior_columns.weight")
+    ]
+    if not any(k.endswith("item_embedding.weight") for k in tables):
+        raise BundleError(f"{TOWERS_WEIGHTS} has no item-id table")
+    for name, (dtype, shape) in shapes.items():
+        if dtype != "F32" or (name in tables and shape[0] != n_items + 1):
+            raise BundleError(
+                f"{TOWERS_WEIGHTS}: {name} is {dtype} {shape}; a catalogue of {n_items} items "
+                f"needs float32 tables of {n_items + 1} rows"
+            )

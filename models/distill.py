@@ -5,7 +5,7 @@ training history; the two-tower's user tower reads only the latest items. Beside
 softmax objective, the student is trained to match the teacher's distribution over the items
 the user has not interacted with (its `top_k` best, softmax of their per-user standardised
 scores / `temperature`). Nothing of the teacher is exported: the student stays a two-tower
-(TorchScript user tower, precomputed item vectors, inner-product search).
+(the user tower, precomputed item vectors, inner-product search).
 
 The teacher is a dense `n_items x n_items` matrix (O(n_items^3) to fit), and the student's
 side of the loss scores the whole catalogue every step: meant for catalogues of a few

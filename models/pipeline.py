@@ -22,6 +22,7 @@ from models.evaluation import (
     run_baselines,
 )
 from models.export import export_bundle
+from models.item_attributes import ItemAttributes
 from models.recommender import TwoTowerRecommender
 from models.report import report_json
 from models.splits import (
@@ -129,8 +130,16 @@ def run_training(
             "item_features": trained.item_encoder.to_json(),
         }
         sample_users = [*rec.known_users[:256], "__cold_start_user__"]
+        attributes = ItemAttributes.from_frame(
+            dataset.items, dataset.item_columns, trained.item_ids
+        )
         bundle = export_bundle(
-            trained, out, rec.item_matrix, rec.user_inputs(sample_users), metadata
+            trained,
+            out,
+            rec.item_matrix,
+            rec.user_inputs(sample_users),
+            metadata,
+            item_attributes=attributes,
         )
     return TrainingRun(trained, split, results, report, bundle, validation)
 

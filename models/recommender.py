@@ -16,6 +16,7 @@ from models.evaluation import SCORE_CHUNK
 from models.examples import InteractionLog, encode_table
 from models.features import HISTORY, FeatureEncoder
 from models.popularity_prior import item_prior, serving_item_matrix, serving_user_tower
+from models.tower_format import load_towers
 from models.trained import TrainedModel, item_embeddings
 
 # Items each user keeps by inner product alone when ranking under several bonuses
@@ -212,7 +213,7 @@ class BundleRecommender:
     def __init__(self, path: Path, users: pd.DataFrame, item_index: Mapping[str, int]):
         verified = verify_bundle(path)
         self.manifest = verified.manifest
-        self.tower = torch.jit.load(str(verified.user_tower_path))
+        self.tower = load_towers(verified.path, verified.manifest).user
         self.encoder = FeatureEncoder.from_json(
             verified.feature_spec, {item: i for i, item in enumerate(verified.item_ids)}
         )

@@ -4,7 +4,7 @@ Standard library only, so that the service's workers import it without the train
 dependencies. Both of a user's keys carry the user id as a Redis Cluster hash tag,
 `{prefix}:user:{<id>}` and `{prefix}:hist:{<id>}` (the braces are literal), so they share one
 hash slot: a user's writes stay atomic (one transaction or script), on a standalone Redis and
-on a cluster alike.
+on a cluster alike. The item change log's keys (`item_change_keys`) share the tag `{items}`.
 """
 
 from __future__ import annotations
@@ -35,3 +35,19 @@ def user_key(prefix: str, user_id: str) -> str:
 def history_key(prefix: str, user_id: str) -> str:
     """Recent item ids, a Redis list, newest first, capped."""
     return f"{prefix}:hist:{{{hash_tag(user_id)}}}"
+
+
+# Every key of the item change log carries this hash tag, so they share one Redis Cluster slot
+# and one change (counter, record, order) is written by one script, atomically. No user's keys
+# can collide with it: a user's tag is their id, and these keys are not under `user:`/`hist:`.
+ITEM_CHANGES_TAG = "{items}"
+
+
+def item_change_keys(prefix: str) -> tuple[str, str, str, str]:
+    """The item change log (`app.store.item_changes_redis`), in the order its scripts take
+    them: the sequence counter (INCR), a hash item id -> the latest change as JSON, a sorted set
+    item id -> that change's sequence number (what a reader asks "what changed after n?"), and
+    the log's epoch (a random token written with its first change: a reader that finds another
+    one knows the log was lost or replaced and replays it from the start)."""
+    base = f"{prefix}:catalogue:{ITEM_CHANGES_TAG}"
+    return f"{base}:seq", f"{base}:changes", f"{base}:order", f"{base}:epoch"

@@ -166,7 +166,7 @@ class FieldTower(nn.Module):
 class UserTower(nn.Module):
     """Encoded user features (a dict as `FeatureEncoder.encode` returns) -> `(B, out_dim)`.
 
-    Scripts to TorchScript on its own: it is the bundle's `user_tower.pt`.
+    Scripts with `torch.jit.script` on its own, as the service runs it (`models.tower_format`).
     """
 
     def __init__(

@@ -24,6 +24,7 @@ from app.settings import Settings
 from harness.procs import RedisServer, free_port  # noqa: F401 (re-exported)
 from models import bundle as b
 from models.features import FeatureEncoder
+from models.tower_format import load_towers
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -144,7 +145,7 @@ def copy_version(
 
 class Reference:
     """Exact recall computed independently of the service: the bundle's encoder and
-    TorchScript tower, scores = user @ item_embeddings.T, seen items removed, top k."""
+    user tower, scores = user @ item_embeddings.T, seen items removed, top k."""
 
     def __init__(self, bundle_dir: Path) -> None:
         verified = b.verify_bundle(bundle_dir)
@@ -153,7 +154,7 @@ class Reference:
         self.embeddings = np.asarray(verified.item_embeddings)
         index = {item: row for row, item in enumerate(self.item_ids)}
         self.encoder = FeatureEncoder.from_json(verified.feature_spec, index)
-        self.tower = torch.jit.load(str(verified.user_tower_path)).eval()
+        self.tower = load_towers(verified.path, verified.manifest).user
 
     def user_vector(self, features: Mapping[str, Any], history: Sequence[str]) -> np.ndarray:
         arrays = self.encoder.encode([features], [list(history)])

@@ -22,7 +22,7 @@ from helpers_app import (
     make_settings,
     serve,
 )
-from torch import nn
+from safetensors.torch import load_file, save_file
 
 from app.config import IndexConfig
 from app.main import create_app
@@ -171,24 +171,15 @@ def widen_embeddings(path: Path) -> None:
 
 
 def garble_tower(path: Path) -> None:
-    (path / b.USER_TOWER).write_bytes(b"not a torchscript archive")
-
-
-class NaNTower(nn.Module):
-    """Right inputs, right shape, no numbers."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = inputs["history"].shape[0]
-        return torch.full((batch, self.dim), float("nan"))
+    (path / b.TOWERS_WEIGHTS).write_bytes(b"not a safetensors file")
 
 
 def nan_tower(path: Path) -> None:
-    dim = json.loads((path / b.MANIFEST).read_text())["embedding_dim"]
-    torch.jit.save(torch.jit.script(NaNTower(dim)), str(path / b.USER_TOWER))
+    """Every weight NaN: the towers load, and give no numbers."""
+    weights = load_file(path / b.TOWERS_WEIGHTS)
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, path / b.TOWERS_WEIGHTS
+    )
 
 
 def nest_item_ids(path: Path) -> None:
@@ -214,10 +205,10 @@ def grow_catalogue(path: Path) -> None:
         (tamper_embeddings, False, "checksum mismatch for item_embeddings.npy"),
         (drop_manifest, False, "missing manifest.json"),
         (widen_embeddings, True, "user tower returns shape (1, {dim}), item embeddings have dim"),
-        (garble_tower, True, "user_tower.pt cannot be loaded"),
+        (garble_tower, True, "towers.safetensors cannot be loaded"),
         (nan_tower, True, "user tower returns non-finite values on warm-up"),
         (nest_item_ids, True, "item_ids.json must be a list of 200 string ids"),
-        (grow_catalogue, True, "warm-up failed: "),
+        (grow_catalogue, True, "towers record for 200 items, the bundle has 201"),
     ],
     ids=[
         "tampered",

@@ -14,16 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first; a module may import its own layer and those before it. search and store share
 # a layer but may not import each other; within the services layer, any order without cycles.
 LAYERS: list[set[str]] = [
-    {"app", "app.settings", "app.config", "app.errors", "app.logs", "app.metrics"},
+    {
+        *("app", "app.settings", "app.config", "app.errors", "app.logs", "app.metrics"),
+        "app.background",
+    },
     {"app.search", "app.store"},
     {"app.model"},
     {
         "app.batcher",
         "app.user_vector_cache",
         "app.feature_checks",
+        "app.filters",
         "app.retrieval",
         "app.recall",
         "app.users",
+        "app.catalogue",
         "app.services",
     },
     {"app.http"},

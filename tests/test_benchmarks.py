@@ -157,7 +157,7 @@ def test_recall_lua_is_seeded_and_reports_json(tmp_path: Path) -> None:
     path = tmp_path / "recall.lua"
     tool("wrk-script", str(path), "--users", "20000", "--k", "50", "--seed", "3")
     script = path.read_text()
-    assert "local users, k, seed = 20000, 50, 3" in script
+    assert "local users, k, seed, extra = 20000, 50, 3, [==[]==]" in script
     # The summary line the benchmark parses: its mark, then the JSON.
     assert "done = function(summary, latency, requests)" in script
     assert """'BENCH_JSON {"requests":%d,""" in script

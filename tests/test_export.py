@@ -1,4 +1,4 @@
-"""Bundle export and verification: layout, manifest, TorchScript parity, tampering, versions."""
+"""Bundle export and verification: layout, manifest, tower parity, tampering, versions."""
 
 import dataclasses
 import hashlib
@@ -15,9 +15,9 @@ import torch
 from trainer_helpers import fast_config, small_dataset
 
 from models import bundle as b
-from models import export
+from models import tower_format
 from models.evaluation import evaluate_recommender
-from models.export import export_bundle, script_user_tower
+from models.export import export_bundle
 from models.features import FeatureEncoder
 from models.pipeline import TrainingRun, run_training
 from models.recommender import BundleRecommender, TwoTowerRecommender
@@ -25,10 +25,12 @@ from models.trained import item_embeddings
 
 FILES = {
     "manifest.json",
-    "user_tower.pt",
+    "towers.safetensors",
     "item_embeddings.npy",
     "item_ids.json",
     "feature_spec.json",
+    "item_feature_spec.json",
+    *b.OPTIONAL_FILES,
 }
 
 
@@ -59,7 +61,7 @@ def test_bundle_layout_and_latest(bundle: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == sorted(["LATEST", bundle.name])
     verified = b.verify_bundle(bundle)
     assert verified.version == bundle.name
-    assert verified.user_tower_path == bundle / "user_tower.pt"
+    assert verified.tower_format == "safetensors" and verified.has_item_tower
 
 
 def test_a_service_run_as_another_user_can_read_the_bundle(bundle: Path) -> None:
@@ -75,7 +77,18 @@ def test_manifest_has_the_design_fields(run: TrainingRun, bundle: Path) -> None:
     manifest = manifest_of(bundle)
     dataset = small_dataset()
     config = fast_config(epochs=2)
-    assert manifest["format_version"] == 1
+    assert run.split is not None
+    index = {item: row for row, item in enumerate(dataset.items.index)}
+    counts = np.bincount(run.split.train["item_id"].map(index), minlength=200)
+    prior_max = config.temperature * run.trained.prior_weight * np.log1p(counts.max())
+    assert manifest["format_version"] == 2
+    assert manifest["tower_format"] == "safetensors"
+    assert manifest["towers"] == {
+        "architecture": dataclasses.asdict(config.tower) | {"hidden": [64]},
+        "n_items": 200,
+        "user_prior_folded": True,
+        "item_prior_inverse_norm": pytest.approx(float(1 / np.sqrt(1 + prior_max**2)), rel=1e-6),
+    }
     assert manifest["version"] == bundle.name
     created = datetime.fromisoformat(manifest["created_at"])
     assert created.utcoffset() == timedelta(0)
@@ -87,6 +100,10 @@ def test_manifest_has_the_design_fields(run: TrainingRun, bundle: Path) -> None:
     embeddings = np.load(bundle / "item_embeddings.npy")
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert 0.0 <= manifest["parity_max_abs_diff"] <= 1e-4
+    item_tower = manifest["item_tower"]
+    assert item_tower["inputs"] == ["item_row", "category", "tags", "price"]
+    assert item_tower["prior_folded"] is True
+    assert 0.0 <= item_tower["parity_max_abs_diff"] <= 1e-4
     assert manifest["model"] == {"class": "TwoTower", **dataclasses.asdict(config.tower)} | {
         "hidden": [64]
     }
@@ -128,12 +145,15 @@ def test_files_hold_the_trained_model(run: TrainingRun, bundle: Path) -> None:
     spec = json.loads((bundle / "feature_spec.json").read_text())
     assert spec == run.trained.user_encoder.to_json()
     assert {f["kind"] for f in spec["features"]} == {"categorical", "numeric", "history"}
+    item_spec = json.loads((bundle / "item_feature_spec.json").read_text())
+    assert item_spec == run.trained.item_encoder.to_json()
+    assert [f["kind"] for f in item_spec["features"]] == ["categorical", "multi_hot", "numeric"]
 
 
-def test_torchscript_tower_reproduces_the_eager_tower(run: TrainingRun, bundle: Path) -> None:
+def test_exported_user_tower_reproduces_the_eager_tower(run: TrainingRun, bundle: Path) -> None:
     dataset = small_dataset()
     verified = b.verify_bundle(bundle)
-    scripted = torch.jit.load(str(verified.user_tower_path))
+    scripted = tower_format.load_towers(verified.path, verified.manifest).user
     encoder = FeatureEncoder.from_json(
         verified.feature_spec, {item: row for row, item in enumerate(verified.item_ids)}
     )
@@ -218,17 +238,24 @@ def with_value(key: str, value: Any) -> Callable[[dict[str, Any]], dict[str, Any
 TAMPERING: list[tuple[str, Callable[[Path], object], str]] = [
     ("embeddings byte", lambda p: flip_last_byte(p / "item_embeddings.npy"),
      "checksum mismatch for item_embeddings.npy"),
-    ("tower byte", lambda p: flip_last_byte(p / "user_tower.pt"),
-     "checksum mismatch for user_tower.pt"),
-    ("tower appended", lambda p: (p / "user_tower.pt").write_bytes(
-        (p / "user_tower.pt").read_bytes() + b"\0"), "checksum mismatch for user_tower.pt"),
+    ("towers byte", lambda p: flip_last_byte(p / "towers.safetensors"),
+     "checksum mismatch for towers.safetensors"),
+    ("towers appended", lambda p: (p / "towers.safetensors").write_bytes(
+        (p / "towers.safetensors").read_bytes() + b"\0"),
+     "checksum mismatch for towers.safetensors"),
+    ("item spec", edit_json("item_feature_spec.json", unknown_vocabulary),
+     "checksum mismatch for item_feature_spec.json"),
+    ("towers missing", lambda p: (p / "towers.safetensors").unlink(),
+     "missing towers.safetensors"),
+    ("tower format", edit_json("manifest.json", with_value("tower_format", "onnx")),
+     "unknown tower_format 'onnx'"),
     ("item ids", edit_json("item_ids.json", swap_first_ids), "checksum mismatch for item_ids.json"),
     ("feature spec", edit_json("feature_spec.json", unknown_vocabulary),
      "checksum mismatch for feature_spec.json"),
     ("sha swapped", edit_json("manifest.json", sha(
         lambda s: s.update({"item_ids.json": s["feature_spec.json"]}))),
      "checksum mismatch for item_ids.json"),
-    ("sha missing", edit_json("manifest.json", sha(lambda s: s.pop("user_tower.pt"))),
+    ("sha missing", edit_json("manifest.json", sha(lambda s: s.pop("towers.safetensors"))),
      "sha256 must list exactly"),
     ("sha extra", edit_json("manifest.json", sha(lambda s: s.update({"x.bin": "00"}))),
      "sha256 must list exactly"),
@@ -236,8 +263,10 @@ TAMPERING: list[tuple[str, Callable[[Path], object], str]] = [
      "sha256 must list exactly"),
     ("version", edit_json("manifest.json", with_value("version", "20000101T000000Z-abcdef")),
      "manifest names version"),
-    ("format", edit_json("manifest.json", with_value("format_version", 2)),
+    ("format", edit_json("manifest.json", with_value("format_version", 3)),
      "unsupported format_version"),
+    ("format 1 with format 2 files", edit_json("manifest.json", with_value("format_version", 1)),
+     "sha256 must list exactly"),
     ("dim", edit_json("manifest.json", with_value("embedding_dim", 16)), "manifest says float32"),
     ("n_items", edit_json("manifest.json", with_value("n_items", 201)), "manifest says float32"),
     ("manifest garbage", lambda p: (p / "manifest.json").write_text("{not json"),
@@ -265,7 +294,7 @@ def test_tampered_bundle_is_refused(
 def rehash(bundle: Path) -> None:
     """Make the manifest agree with the files again: only the content checks are left."""
     manifest = manifest_of(bundle)
-    manifest["sha256"] = {name: b.sha256_file(bundle / name) for name in b.BUNDLE_FILES}
+    manifest["sha256"] = {name: b.sha256_file(bundle / name) for name in manifest["sha256"]}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -389,23 +418,28 @@ def test_exporting_the_same_model_twice_never_overwrites(run: TrainingRun, tmp_p
     assert b.read_latest(tmp_path) == second.name
 
 
-def test_a_scripted_tower_that_disagrees_is_never_exported(
-    run: TrainingRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("tower", ["user", "item"])
+def test_an_exported_tower_that_disagrees_is_never_exported(
+    run: TrainingRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tower: str
 ) -> None:
     dataset = small_dataset()
     rec = TwoTowerRecommender(run.trained, dataset.users)
     inputs, matrix = rec.user_inputs(["u0", "nobody"]), rec.item_matrix
     good = export_bundle(run.trained, tmp_path, matrix, inputs, {})
+    save_towers = tower_format.save_towers
 
-    def drifted(trained: Any) -> torch.jit.ScriptModule:
-        scripted = script_user_tower(trained)
+    def drifted(directory: Path, towers: tower_format.Towers) -> None:
+        # The item tower's own layers: the item-id table is the user tower's too.
+        drifting = (
+            towers.user if tower == "user" else getattr(towers.item, "tower", towers.item).body
+        )
         with torch.no_grad():
-            for parameter in scripted.parameters():
+            for parameter in drifting.parameters():
                 parameter.add_(0.1)
-        return scripted
+        save_towers(directory, towers)
 
-    monkeypatch.setattr(export, "script_user_tower", drifted)
-    with pytest.raises(b.BundleError, match="TorchScript parity check failed"):
+    monkeypatch.setattr(tower_format, "save_towers", drifted)
+    with pytest.raises(b.BundleError, match=f"{tower} tower parity check failed"):
         export_bundle(run.trained, tmp_path, matrix, inputs, {})
     # Nothing half-written is left, and LATEST still names the good bundle.
     assert b.list_versions(tmp_path) == [good.name]

@@ -16,7 +16,7 @@ from helpers_app import admin_headers, make_settings
 from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
-from harness.faults import hostile, redis_faults, reload, shutdown, soak
+from harness.faults import hostile, items, redis_faults, reload, shutdown, soak
 from harness.faults.fuzz import fuzz
 from harness.faults.report import Row, table
 from harness.stack import Stack, Versions, model_dir_with
@@ -53,6 +53,18 @@ def test_reloads_under_load_lose_nothing_and_mix_no_versions(
     assert set(good.data["answers_by_version"]) == {versions.v1, versions.v2}
     assert [r["status"] for r in bad.data["refusals"]] == [409] * 5
     assert good.stats.requests > 0 and bad.stats.requests > 0
+
+
+def test_item_changes_during_reloads_under_load_reach_every_worker_and_a_restart(
+    stack: Stack, versions: Versions
+) -> None:
+    options = items.ItemsOptions(replicas=(2, 1), rounds=4, connections=3, poll_s=0.25)
+    rows = items.run(stack, versions, options)
+    assert_behaved(rows)
+    changes, restarted = rows
+    assert len(changes.data["converge_s"]) == 8 and changes.stats.requests > 0
+    assert changes.data["versions"] == sorted([versions.v1, versions.v2])
+    assert restarted.recovery_s is not None
 
 
 def test_redis_faults_degrade_recall_and_refuse_writes_then_heal(

@@ -1,10 +1,10 @@
 from starlette.routing import BaseRoute
 
-from app.http.routes import admin, health, recall, users
+from app.http.routes import admin, health, items, recall, users
 
 # Included one by one into the app, not through a parent router: FastAPI walks nested
 # routers level by level on every request.
-ROUTERS = (recall.router, users.router, health.router, admin.router)
+ROUTERS = (recall.router, users.router, items.router, health.router, admin.router)
 
 
 def service_routes() -> list[BaseRoute]:

@@ -10,22 +10,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
+from app.catalogue import ItemStatus
+from app.http.fields import (  # ID_PATTERN, MAX_ID_LENGTH: for app.http.deps too
+    ID_PATTERN,  # noqa: F401
+    MAX_ID_LENGTH,
+    MAX_STRING_VALUE,
+    ExternalId,
+    Name,
+)
+from app.http.filter_schema import RecallFilter
 from app.recall import FeatureSource
 from app.store import StoreStatus
 
-MAX_ID_LENGTH = 256
 MAX_FEATURES = 64
 MAX_LIST_VALUES = 64
-MAX_STRING_VALUE = 256
-# No control characters: ids become Redis keys and log lines.
-ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
-ExternalId = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)
-]
-FeatureName = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)
-]
+FeatureName = Name
 ShortString = Annotated[str, StringConstraints(max_length=MAX_STRING_VALUE)]
 # Integers within float64's exact range: the encoder turns numerics into floats.
 SafeInt = Annotated[StrictInt, Field(ge=-(2**53), le=2**53)]
@@ -45,6 +45,7 @@ _RECALL_EXAMPLE: dict[str, Any] = {
     "features": {"country": "DE", "age_group": "25-34"},
     "history": ["i17", "i3"],
     "exclude_seen": True,
+    "filter": {"include": {"category": ["c1"]}, "range": {"price": {"lt": 20}}},
 }
 _RECALL_RESPONSE_EXAMPLE: dict[str, Any] = {
     "user_id": "u42",
@@ -67,6 +68,10 @@ class RecallRequest(BaseModel):
         list[ExternalId] | None, Field(description="newest first; at most MAX_HISTORY ids")
     ] = None
     exclude_seen: StrictBool = True
+    filter: Annotated[
+        RecallFilter | None,
+        Field(description="only items that pass it; k of them when that many pass"),
+    ] = None
 
 
 class ScoredItem(BaseModel):
@@ -172,3 +177,45 @@ class ErrorResponse(BaseModel):
     """Every error body: a message, or for input errors the list FastAPI uses."""
 
     detail: str | list[dict[str, Any]]
+
+
+_ITEM_EXAMPLE: dict[str, Any] = {
+    "attributes": {"category": "c3", "tags": ["t1", "t7"], "price": 12.5}
+}
+_ITEM_RESPONSE_EXAMPLE: dict[str, Any] = {
+    "item_id": "new-42",
+    "status": "added",
+    "model_version": "20261122T113000Z-3f9a1c",
+    "worker": "web-1:4242",
+    "seq": 17,
+    "attributes": _ITEM_EXAMPLE["attributes"],
+}
+
+
+class ItemRequest(BaseModel):
+    """An item's raw attributes, as the item table spells them (names the serving bundle's
+    item tower reads; a missing or null one is a missing value)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_ITEM_EXAMPLE]})
+
+    attributes: Features
+
+
+class ItemResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_ITEM_RESPONSE_EXAMPLE]})
+
+    item_id: str
+    status: ItemStatus = Field(
+        description="how the worker that answered serves it: `catalogue` (from the bundle, "
+        "which wins over an added item of the same id), `added` (searched beside the index), "
+        "`deleted` (never returned), `not_served` (added, but the serving bundle has no item "
+        "tower)"
+    )
+    model_version: str | None = Field(description="the bundle serving in that worker")
+    worker: str = Field(description="host:pid of the worker process that answered")
+    seq: int | None = Field(
+        description="the number of the item's latest change in the change log; null: none"
+    )
+    attributes: dict[str, Any] | None = Field(
+        description="the attributes of its latest change; null: deleted or never changed"
+    )

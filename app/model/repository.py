@@ -1,18 +1,25 @@
 """The model repository: holds ONE reference to the serving model and swaps it.
 
-Loading (`ServingModel.load`: verify, TorchScript load, index build, warm-up) runs in a worker
+Loading (`ServingModel.load`: verify, towers load, index build, warm-up) runs in a worker
 thread; the swap is a single attribute assignment on the event loop, so a request that read
 `current` keeps the model it read until it finishes, and the live index is never mutated. The
 service is ready while a model serves. Which version to load, and when, is `app.model.sync`'s
 business. Load outcomes and the serving model's gauges are recorded here, and only here.
+
+Item changes made at serving time (`app.catalogue`) reach every model through a `ModelHook`:
+`prepare` applies them to a loaded model before it may serve (off the request path), `rebase`
+once more at the swap (what changed meanwhile), and `update` serves the current model with
+newer changes, again as one reference assignment.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio.to_thread
 
@@ -31,6 +38,19 @@ class Swap:
     previous: ServingModel | None
 
 
+class ModelHook(Protocol):
+    """What a model gets before it serves (the catalogue's changes); neither call may raise:
+    a hook that cannot apply its part logs why and returns the model as it got it."""
+
+    async def prepare(self, model: ServingModel) -> ServingModel:
+        """A loaded model, before the swap: may take long (runs off the request path)."""
+        ...
+
+    def rebase(self, model: ServingModel) -> ServingModel:
+        """At the swap, on the event loop: only what changed since `prepare`, so quick."""
+        ...
+
+
 class ModelRepository:
     """Args:
     root: MODEL_DIR, the artifacts directory.
@@ -44,6 +64,11 @@ class ModelRepository:
         self.metrics = metrics
         self._current: ServingModel | None = None
         self._not_ready_reason = "no model loaded yet"
+        self._hook: ModelHook | None = None
+
+    def attach(self, hook: ModelHook) -> None:
+        """Apply `hook` to every model loaded from now on (services.py wires the catalogue)."""
+        self._hook = hook
 
     @property
     def current(self) -> ServingModel | None:
@@ -104,7 +129,7 @@ class ModelRepository:
         """
         path = self.resolve(version)
         try:
-            return await anyio.to_thread.run_sync(ServingModel.load, path, self.index_config)
+            model = await anyio.to_thread.run_sync(ServingModel.load, path, self.index_config)
         except Exception as exc:
             if isinstance(exc, BundleRejected):
                 reason = str(exc.detail)
@@ -114,9 +139,12 @@ class ModelRepository:
                 log.exception("bundle %s failed to load", path.name)
             self._count_load("rejected")
             raise BundleRejected(f"bundle {path.name} rejected: {reason}") from exc
+        return model if self._hook is None else await self._hook.prepare(model)
 
     def swap(self, model: ServingModel) -> Swap:
         """Serve `model` from now on: one reference assignment on the event loop."""
+        if self._hook is not None:
+            model = self._hook.rebase(model)
         previous, self._current = self._current, model
         # What is alive now (torch, FAISS, FastAPI, this bundle: ~250k objects) lives as long
         # as the process: move it out of the collector's reach, or each full collection walks
@@ -128,6 +156,16 @@ class ModelRepository:
         self._count_load("loaded", model)
         log.info("serving bundle %s (%s index)", model.version, model.index_type)
         return Swap(model, previous)
+
+    def update(self, change: Callable[[ServingModel], ServingModel]) -> ServingModel | None:
+        """Serve `change(current)` (the same version with other item changes applied) from
+        now on, as one reference assignment on the event loop: a request that read the current
+        model keeps it. Not a load: nothing is counted. None while no model serves."""
+        current = self._current
+        if current is None:
+            return None
+        self._current = updated = change(current)
+        return updated
 
     def _count_load(self, outcome: str, serving: ServingModel | None = None) -> None:
         """A load's outcome (`rejected`, or `loaded` once it serves) and the serving gauges."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 
+from app.background import stop_task
 from app.errors import AppError, BundleRejected, FleetUnavailable, VersionNotFound
 from app.model.repository import ModelRepository, Swap
 from app.model.version_pin import PinUnavailable, VersionPin
@@ -93,15 +94,7 @@ class ModelSync:
 
     async def stop(self) -> None:
         if self._task is not None:
-            # The event ends the watcher even if code it awaits swallows the cancellation.
-            self._stopping.set()
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                caller = asyncio.current_task()
-                if caller is not None and caller.cancelling():  # aimed at stop() itself
-                    raise
+            await stop_task(self._task, self._stopping)
             self._task = None
         await self.pin.aclose()
 

@@ -4,9 +4,17 @@ from one `IndexConfig`; built ANN indexes are kept in an on-disk cache (`ann_cac
 
 Imports the service's foundation (`app.config`, `app.errors`, `app.settings`) only."""
 
+from app.search.allowed import AllowedRows
 from app.search.build import build_item_index
 from app.search.faiss_index import FaissIndex, build_faiss_index
 from app.search.flat import FlatIndex
 from app.search.item_index import ItemIndex
 
-__all__ = ["FaissIndex", "FlatIndex", "ItemIndex", "build_faiss_index", "build_item_index"]
+__all__ = [
+    "AllowedRows",
+    "FaissIndex",
+    "FlatIndex",
+    "ItemIndex",
+    "build_faiss_index",
+    "build_item_index",
+]

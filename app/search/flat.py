@@ -15,6 +15,9 @@ float32.
 
 From 20,000 items a query reads only the k-means clusters that can hold its top k
 (`app.search.cluster_pruning`), and is scanned in full only when they are too many.
+
+A filtered query (`AllowedRows`) stays exact at every selectivity: a selective filter scans
+its rows only (`exact_allowed`), a broad one reads the clusters with the filter in FAISS.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from functools import partial
 import numpy as np
 import torch
 
+from app.search.allowed import AllowedRows
 from app.search.cluster_pruning import ClusterPruning
-from app.search.item_index import ItemIndex
+from app.search.item_index import GATHER_MAX_SHARE, ItemIndex, exact_allowed, padded
 from app.search.topk import best_ms, top_candidates
 from app.settings import BlasMode, IndexType, ScreenMode
 
@@ -59,6 +63,14 @@ RESCAN_SAMPLE = 512
 # Pruning reads at least ~4k items per query: a top k of more than a tenth of the catalogue
 # is scanned.
 PRUNE_MAX_K_SHARE = 10
+
+# A filter allowing at most this share (or rows few enough to keep, `AllowedRows.kept`) is
+# served by a scan of its rows; above it the clusters are read with the filter applied (a
+# query they fail scans the rows: gathered up to GATHER_MAX_SHARE, else all, masked). 1M
+# items, one query, p50 ms clusters / rows gathered each time: 50 % 0.29 / 15.5, 10 % 0.35 /
+# 12.8, 3 % 1.3 / 11.0, 1 % (a price window far from most users: the clusters fail) 2.6 /
+# 1.4, 0.1 % 0.82 / 0.14 (benchmarks/filtered_search.py, `flat_paths`).
+PRUNE_MIN_SHARE = 0.015
 
 # A lone query scanning up to this many items is searched on the event loop (`runs_inline`).
 INLINE_ITEMS = 50_000
@@ -142,13 +154,21 @@ class FlatIndex(ItemIndex):
         loop keeps reading requests meanwhile."""
         return batch == 1 and self.n_items <= INLINE_ITEMS
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: np.ndarray, k: int, allowed: AllowedRows | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top `k` (at most the number of items) inner products of each row of `vectors`
-        `(B, dim)`: (scores float32 `(B, k)`, rows int64 `(B, k)`), best first."""
+        `(B, dim)` (over `allowed` rows when given): (scores float32 `(B, k)`, rows int64
+        `(B, k)`), best first; (-inf, -1) past the allowed count."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if allowed is not None and (allowed.kept or allowed.share <= PRUNE_MIN_SHARE):
+            return exact_allowed(self.matrix, vectors, k, allowed)
         if self.pruning is not None and k * PRUNE_MAX_K_SHARE <= len(self.matrix):
-            scores, rows, done = self.pruning.search(vectors, k)
-            if self.prune_fallbacks.add(len(done), int((~done).sum())):
+            scores, rows, done = self.pruning.search(vectors, k, allowed)
+            # Filtered queries do not count: a filter's own looser bounds say nothing about
+            # whether pruning pays for the others.
+            counted = (0, 0) if allowed is not None else (len(done), int((~done).sum()))
+            if self.prune_fallbacks.add(*counted):
                 log.warning(
                     "exact search scanned %d of %d queries in full: their clusters' bounds "
                     "were too loose to prune; scanning every query from now on",
@@ -157,12 +177,19 @@ class FlatIndex(ItemIndex):
                 )
                 self.pruning = None
             if not done.all():
-                scores[~done], rows[~done] = self._search(vectors[~done], k)
+                scores[~done], rows[~done] = self._search(vectors[~done], k, allowed)
+            scores[rows < 0] = -np.inf  # FAISS's empty slots score its lowest float
             return scores, rows
-        return self._search(vectors, k)
+        return self._search(vectors, k, allowed)
 
-    def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, vectors: np.ndarray, k: int, allowed: AllowedRows | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = torch.from_numpy(vectors)
+        if allowed is not None and allowed.share <= GATHER_MAX_SHARE:
+            return exact_allowed(self.matrix, vectors, k, allowed)
+        if allowed is not None:
+            return self._masked_scan(queries, k, allowed)
         with torch.inference_mode():
             if (
                 self.screen is None
@@ -181,10 +208,24 @@ class FlatIndex(ItemIndex):
             return torch.from_numpy(queries.numpy() @ self.numpy_columns)
         return queries @ self.columns
 
+    def _masked_scan(
+        self, queries: torch.Tensor, k: int, allowed: AllowedRows
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The full float32 scan with the rows `allowed` leaves out scored -inf (a broad
+        filter: never none allowed)."""
+        with torch.inference_mode():
+            scores = self._product(queries)
+            scores.masked_fill_(torch.from_numpy(~allowed.mask), -torch.inf)
+            values, columns = self._top(scores, min(k, allowed.count))
+        return padded(values.numpy(), columns.numpy(), k)
+
+    def _top(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, columns = top_candidates(scores, k)
+        ordered, order = values.sort(dim=1, descending=True)
+        return ordered, columns.gather(1, order)
+
     def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values, columns = top_candidates(self._product(queries), k)
-        scores, order = values.sort(dim=1, descending=True)
-        return scores, columns.gather(1, order)
+        return self._top(self._product(queries), k)
 
     def _screened(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         screen = self.screen

@@ -1,13 +1,22 @@
 """The online user store: features and recent history per user, in Redis (standalone or
-Cluster) or in process, with a TTL feature cache in front (`build_store`).
+Cluster) or in process, with a TTL feature cache in front (`build_store`); and the item change
+log (`item_changes`: items added, changed or deleted at serving time; `build_item_change_log`).
 
 Imports the service's foundation (`app.config`, `app.errors`, `app.metrics`) and
 `models.redis_keys` only."""
 
-from app.config import StoreConfig
+from app.config import RedisConfig, StoreConfig
 from app.metrics import Metrics
 from app.store.base import EMPTY, FeatureStore, StoreStatus, UserRecord
 from app.store.feature_cache import CachedFeatureStore
+from app.store.item_changes import (
+    ChangePage,
+    ItemChange,
+    ItemChangeLog,
+    MemoryItemChangeLog,
+    new_change,
+)
+from app.store.item_changes_redis import RedisItemChangeLog
 from app.store.memory import MemoryFeatureStore
 from app.store.redis_store import RedisFeatureStore
 
@@ -25,13 +34,25 @@ def build_store(config: StoreConfig, metrics: Metrics) -> FeatureStore:
     return store
 
 
+def build_item_change_log(redis: RedisConfig | None) -> ItemChangeLog:
+    """The change log every worker shares through Redis, else this process's own."""
+    return MemoryItemChangeLog() if redis is None else RedisItemChangeLog(redis)
+
+
 __all__ = [
     "EMPTY",
     "CachedFeatureStore",
+    "ChangePage",
     "FeatureStore",
+    "ItemChange",
+    "ItemChangeLog",
     "MemoryFeatureStore",
+    "MemoryItemChangeLog",
     "RedisFeatureStore",
+    "RedisItemChangeLog",
     "StoreStatus",
     "UserRecord",
+    "build_item_change_log",
     "build_store",
+    "new_change",
 ]

@@ -118,7 +118,7 @@ class RedisFeatureStore(FeatureStore):
 
     def _stalled(self, exc: BaseException, started: float) -> bool:
         """A timeout that fired long past its deadline: this worker's event loop was blocked
-        (a reload's `torch.jit.load` holds the GIL for the whole load, ~0.2 s at 1M items),
+        (a reload's tower load holds the GIL for the whole load, ~0.2 s at 1M items),
         so the reply could not be read in time, however fast Redis was. Backing off would
         cost every call of the next RETRY_AFTER its Redis data for nothing; the next call
         finds out whether Redis itself is slow."""

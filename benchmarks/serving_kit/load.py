@@ -2,8 +2,9 @@
 asyncio generator (raw HTTP/1.1 keep-alive; far slower than wrk, so on a small box it can be
 the bottleneck itself, and its results say so).
 
-Recall bodies are `{"user_id": "u<random published user>", "k": K}`: every request reads
-that user's features and history from Redis, as production traffic would.
+Recall bodies are `{"user_id": "u<random published user>", "k": K}` (plus the target's
+`extra` fields, e.g. a filter): every request reads that user's features and history from
+Redis, as production traffic would.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FALLBACK_WARNING = (
 
 # Each wrk thread has its own Lua state: seed it per thread so runs are reproducible.
 RECALL_LUA = """
-local users, k, seed = %(users)d, %(k)d, %(seed)d
+local users, k, seed, extra = %(users)d, %(k)d, %(seed)d, [==[%(extra)s]==]
 local counter = 0
 setup = function(thread)
   counter = counter + 1
@@ -39,7 +40,7 @@ init = function(args)
   wrk.headers["Content-Type"] = "application/json"
 end
 request = function()
-  local body = string.format('{"user_id":"u%%d","k":%%d}', math.random(0, users - 1), k)
+  local body = string.format('{"user_id":"u%%d","k":%%d%%s}', math.random(0, users - 1), k, extra)
   return wrk.format(nil, nil, nil, body)
 end
 """
@@ -65,6 +66,7 @@ class Target:
     users: int = 0  # 0: GET without a body
     k: int = 50
     seed: int = 0
+    extra: str = ""  # more body fields, JSON after a comma: ',"filter":{...}'
 
     @property
     def is_recall(self) -> bool:
@@ -150,7 +152,7 @@ def run_wrk(target: Target, connections: int, threads: int, duration_s: float) -
 def _request_bytes(target: Target, host: str, path: str, rng: random.Random) -> bytes:
     if not target.is_recall:
         return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    body = f'{{"user_id":"u{rng.randrange(target.users)}","k":{target.k}}}'.encode()
+    body = f'{{"user_id":"u{rng.randrange(target.users)}","k":{target.k}{target.extra}}}'.encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"

@@ -43,7 +43,7 @@ def _widen_embeddings(path: Path) -> None:
 
 
 def _garble_tower(path: Path) -> None:
-    (path / b.USER_TOWER).write_bytes(b"PK\x03\x04 not a TorchScript archive")
+    (path / b.TOWERS_WEIGHTS).write_bytes(b"not a safetensors file")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ CORRUPTIONS = (
     Corruption("missing manifest", _drop_manifest, False, "missing manifest.json"),
     Corruption("wrong checksum", _flip_a_byte, False, "checksum mismatch for item_embeddings.npy"),
     Corruption("mismatched dimension", _widen_embeddings, True, "item embeddings have dim"),
-    Corruption("tower fails to load", _garble_tower, True, "user_tower.pt cannot be loaded"),
+    Corruption("tower fails to load", _garble_tower, True, "towers.safetensors cannot be loaded"),
 )
 
 
@@ -74,7 +74,7 @@ def make_bad_version(model_dir: Path, good: Path, n: int, corruption: Corruption
     corruption.damage(target)
     if corruption.rehash:
         manifest = json.loads((target / b.MANIFEST).read_text())
-        for file in b.BUNDLE_FILES:
+        for file in manifest["sha256"]:  # the files this bundle's format lists
             manifest["sha256"][file] = b.sha256_file(target / file)
         (target / b.MANIFEST).write_text(json.dumps(manifest))
     return name

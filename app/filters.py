@@ -1,0 +1,233 @@
+"""Recall filters: a request's `filter` compiled against one model version's catalogue.
+
+A filter (`app.http.schemas.RecallFilter`, docs/design.md) keeps the items whose attributes
+pass every clause: `include` (a categorical value in the set, or a multi_hot value shared
+with it), `exclude` (none of the values), `range` (a numeric value within the bounds; a
+missing value never is), `allow_ids` (only these) and `deny_ids` (never these). Compiled, it
+is a boolean mask over the catalogue's rows (`AllowedRows`, built with numpy from the bundle's
+`ItemAttributes`) and a judge of one item's raw attributes (`accepts`), for items that are
+not in the bundle. The same filter on many requests compiles once per model version
+(`FilterCache`). Ids outside the catalogue are accepted in id lists (items can be added while
+serving); an unknown attribute or value, or a clause the attribute's kind cannot take, is the
+request's 422.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from app.errors import InvalidInput, input_error
+from app.feature_checks import Loc
+from app.model import ServingModel
+from app.search.allowed import AllowedRows
+from models.feature_spec import as_float
+from models.item_attributes import AttributeColumn, ItemAttributes
+
+# Compiled filters kept per worker: each holds a mask of one byte per catalogue item (1 MB at
+# 1M) and, for a selective filter, its rows' vectors (at most 8.7 MB: `AllowedRows.kept`).
+CACHE_SIZE = 16
+_BOUNDS: dict[str, Callable[[Any, Any], Any]] = {
+    "gte": operator.ge,
+    "gt": operator.gt,
+    "lte": operator.le,
+    "lt": operator.lt,
+}
+
+
+class RangeInput(Protocol):
+    @property
+    def gte(self) -> float | None: ...
+    @property
+    def gt(self) -> float | None: ...
+    @property
+    def lte(self) -> float | None: ...
+    @property
+    def lt(self) -> float | None: ...
+
+
+class FilterInput(Protocol):
+    """A request's filter as validated (`app.http.schemas.RecallFilter`)."""
+
+    @property
+    def include(self) -> Mapping[str, Sequence[str]] | None: ...
+    @property
+    def exclude(self) -> Mapping[str, Sequence[str]] | None: ...
+    @property
+    def range(self) -> Mapping[str, RangeInput] | None: ...
+    @property
+    def allow_ids(self) -> Sequence[str] | None: ...
+    @property
+    def deny_ids(self) -> Sequence[str] | None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledFilter:
+    """One filter for one model version.
+
+    Attributes:
+        key: the filter's canonical JSON (the cache key, with the version).
+        allowed: the catalogue rows that pass.
+        include, exclude: attribute -> values.
+        ranges: attribute -> {bound name: value}.
+        allow_ids: None when the filter has no allow list.
+        deny_ids: ids never returned.
+    """
+
+    key: str
+    allowed: AllowedRows
+    include: Mapping[str, frozenset[str]]
+    exclude: Mapping[str, frozenset[str]]
+    ranges: Mapping[str, Mapping[str, float]]
+    allow_ids: frozenset[str] | None
+    deny_ids: frozenset[str]
+    columns: Mapping[str, AttributeColumn]
+
+    def accepts(self, item_id: str, attributes: Mapping[str, Any]) -> bool:
+        """Whether an item with these raw attributes (as the item table holds them; absent
+        = missing) passes: how items outside the bundle are judged."""
+        if item_id in self.deny_ids or (
+            self.allow_ids is not None and item_id not in self.allow_ids
+        ):
+            return False
+        for name, values in self.include.items():
+            if values.isdisjoint(self.columns[name].raw_values(attributes.get(name))):
+                return False
+        for name, values in self.exclude.items():
+            if not values.isdisjoint(self.columns[name].raw_values(attributes.get(name))):
+                return False
+        for name, bounds in self.ranges.items():
+            number = as_float(attributes.get(name))
+            if not all(_BOUNDS[op](number, bound) for op, bound in bounds.items()):
+                return False  # NaN (missing) fails every comparison
+        return True
+
+
+def canonical(spec: FilterInput) -> str:
+    """The filter as JSON with sets sorted and duplicates dropped: equal filters, equal keys."""
+    ranges = {
+        name: {op: float(getattr(bounds, op)) for op in _BOUNDS if getattr(bounds, op) is not None}
+        for name, bounds in (spec.range or {}).items()
+    }
+    return json.dumps(
+        {
+            "include": {n: sorted(set(v)) for n, v in (spec.include or {}).items()},
+            "exclude": {n: sorted(set(v)) for n, v in (spec.exclude or {}).items()},
+            "range": ranges,
+            "allow_ids": None if spec.allow_ids is None else sorted(set(spec.allow_ids)),
+            "deny_ids": sorted(set(spec.deny_ids or ())),
+        },
+        sort_keys=True,
+    )
+
+
+def compile_filter(model: ServingModel, spec: FilterInput, loc: Loc) -> CompiledFilter:
+    """`spec` against `model`'s catalogue.
+
+    Raises:
+        InvalidInput: every clause the catalogue cannot take, each with its reason.
+    """
+    return _compile(model, canonical(spec), loc)
+
+
+def _compile(model: ServingModel, key: str, loc: Loc) -> CompiledFilter:
+    data = json.loads(key)
+    attributes = model.item_attributes
+    errors = _check(attributes, data, (*loc, "filter"), model.overlay.attributes)
+    if errors:
+        raise InvalidInput(errors)
+    columns = {} if attributes is None else dict(attributes.columns)
+    mask = np.ones(model.n_items, dtype=bool)
+    for clause, keep in (("include", True), ("exclude", False)):
+        for name, values in data[clause].items():
+            column = columns[name]
+            hit = column.rows_with_any(column.lookup(values)[0])
+            mask &= hit if keep else ~hit
+    for name, bounds in data["range"].items():
+        numbers = columns[name].numbers
+        for op, bound in bounds.items():
+            mask &= _BOUNDS[op](numbers, bound)
+    rows = model.encoder.item_index
+    if data["allow_ids"] is not None:
+        listed = np.zeros(model.n_items, dtype=bool)
+        listed[[rows[i] for i in data["allow_ids"] if i in rows]] = True
+        mask &= listed
+    mask[[rows[i] for i in data["deny_ids"] if i in rows]] = False
+    return CompiledFilter(
+        key=key,
+        allowed=AllowedRows(mask),
+        include={n: frozenset(v) for n, v in data["include"].items()},
+        exclude={n: frozenset(v) for n, v in data["exclude"].items()},
+        ranges=data["range"],
+        allow_ids=None if data["allow_ids"] is None else frozenset(data["allow_ids"]),
+        deny_ids=frozenset(data["deny_ids"]),
+        columns=columns,
+    )
+
+
+def _check(
+    attributes: ItemAttributes | None,
+    data: dict[str, Any],
+    loc: Loc,
+    added: Sequence[Mapping[str, Any]],
+) -> list[Any]:
+    """The 422 entries for attributes the catalogue lacks, values that neither its dictionary
+    nor an item added at serving time (`added`: their raw attributes) has, and clauses the
+    attribute's kind cannot take."""
+    errors = []
+    columns = {} if attributes is None else attributes.columns
+    known = ", ".join(sorted(columns)) or "none: this model version has no item attributes"
+    for clause in ("include", "exclude", "range"):
+        for name, values in data[clause].items():
+            where = (*loc, clause, name)
+            column = columns.get(name)
+            if column is None:
+                msg = f"unknown item attribute {name!r} (attributes: {known})"
+                errors.append(input_error(where, msg, name, "filter_unknown_attribute"))
+            elif (clause == "range") != (column.kind == "numeric"):
+                msg = (
+                    f"attribute {name!r} is numeric: filter it with range"
+                    if clause != "range"
+                    else f"range needs a numeric attribute; {name!r} is {column.kind}"
+                )
+                errors.append(input_error(where, msg, name, "filter_wrong_kind"))
+            elif clause != "range":
+                unknown = column.lookup(values)[1]
+                if unknown and added:  # a value that only added items have is known too
+                    seen = {v for item in added for v in column.raw_values(item.get(name))}
+                    unknown = [value for value in unknown if value not in seen]
+                if unknown:
+                    msg = f"unknown value(s) of item attribute {name!r}: {unknown[:10]}"
+                    errors.append(input_error(where, msg, unknown[:10], "filter_unknown_value"))
+    return errors
+
+
+class FilterCache:
+    """The last CACHE_SIZE compiled filters of this worker, by (model version, filter)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._compiled: OrderedDict[tuple[str, str], CompiledFilter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: ServingModel, spec: FilterInput, loc: Loc) -> CompiledFilter:
+        """The compiled filter, compiled now if absent (raising its InvalidInput)."""
+        key = (model.version, canonical(spec))
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self._compiled.move_to_end(key)
+                return found
+        compiled = _compile(model, key[1], loc)
+        with self._lock:
+            self._compiled[key] = compiled
+            if len(self._compiled) > self.size:
+                self._compiled.popitem(last=False)
+        return compiled

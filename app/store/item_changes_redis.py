@@ -1,0 +1,98 @@
+"""The item change log in Redis (standalone or Redis Cluster): four keys under one hash tag
+(`models.redis_keys.item_change_keys`), each change written and each page read by one Lua
+script, so a change is atomic and a page consistent on a cluster too (one slot, one node).
+
+    {prefix}:catalogue:{items}:seq      INCR counter: the last sequence number given
+    {prefix}:catalogue:{items}:changes  hash: item id -> its latest change (JSON)
+    {prefix}:catalogue:{items}:order    sorted set: item id -> that change's number
+    {prefix}:catalogue:{items}:epoch    random token, set with the log's first change
+
+Calls are control plane (an admin write, a watcher's poll), bounded like the version pin's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from app.config import RedisConfig
+from app.errors import ItemChangesUnavailable
+from app.store.item_changes import ChangePage, ItemChange, ItemChangeLog
+from app.store.redis_client import redis_client, redis_reason
+from models.redis_keys import check_prefix, item_change_keys
+
+# What a call may raise (a cluster client's own errors are no RedisError).
+ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
+CONNECTIONS = 4  # an admin write and a poll at a time per worker: a few are plenty
+
+# KEYS: seq, changes, order, epoch. ARGV: item id, record, a new epoch (used if none yet).
+APPEND = """
+if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SET', KEYS[4], ARGV[3]) end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+return {seq, redis.call('GET', KEYS[4])}
+"""
+# KEYS: as APPEND. ARGV: after, limit. -> {epoch | nil, head, id, seq, record, id, ...}
+READ = """
+local out = {redis.call('GET', KEYS[4]) or false, tonumber(redis.call('GET', KEYS[1]) or '0')}
+local found = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES',
+                         'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #found, 2 do
+  out[#out + 1] = found[i]
+  out[#out + 1] = found[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[2], found[i]) or false
+end
+return out
+"""
+
+
+class RedisItemChangeLog(ItemChangeLog):
+    """The change log every worker of every replica reads (REDIS_URL set)."""
+
+    shared = True
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.keys = item_change_keys(check_prefix(config.prefix))
+        self.timeout_s = config.control_timeout_s
+        self.client = redis_client(
+            config.url,
+            cluster=config.cluster,
+            timeout_s=self.timeout_s,
+            pool_wait_s=config.control_pool_wait_s,
+            max_connections=CONNECTIONS,
+        )
+
+    async def _eval(self, script: str, *args: str | int) -> Any:
+        # asyncio.timeout, not wait_for: see app.model.version_pin. Every Redis error is the
+        # log's unavailability to the caller (a 503 for a write, a retry for a poll); the
+        # reason says which (e.g. OOM, READONLY, a timeout).
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self.client.eval(script, len(self.keys), *self.keys, *args)
+        except ERRORS as exc:
+            reason = redis_reason(exc) or type(exc).__name__
+            raise ItemChangesUnavailable(f"the item change log is unavailable: {reason}") from exc
+
+    async def append(self, change: ItemChange) -> tuple[str, ItemChange]:
+        record = change.record().decode()
+        seq, epoch = await self._eval(APPEND, change.item_id, record, uuid.uuid4().hex)
+        return str(epoch), ItemChange(change.item_id, int(seq), change.attributes, change.at)
+
+    async def read(self, after: int, limit: int) -> ChangePage:
+        reply = await self._eval(READ, after, limit)
+        epoch, head, rest = reply[0], int(reply[1]), reply[2:]
+        changes, last = [], after
+        for i in range(0, len(rest), 3):
+            item_id, seq, raw = rest[i], int(float(rest[i + 1])), rest[i + 2]
+            change = ItemChange.parse(item_id, seq, raw) if raw is not None else None
+            if change is not None:
+                changes.append(change)
+            last = max(last, seq)
+        return ChangePage(epoch if isinstance(epoch, str) else None, head, changes, last)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,154 @@
+"""How a bundle stores its towers, and the one place that reads them back.
+
+`save_towers` writes the serving user and item towers (`models.serving_towers`);
+`load_towers` reads a verified bundle's towers back, whatever its format, for the service,
+the bundle recommender and the tests alike:
+
+- format 1 (`torchscript`): `user_tower.pt`, the scripted user tower alone (TorchScript is
+  deprecated from torch 2.13 on); written only to test that such bundles still load.
+- format 2 (`safetensors`): `towers.safetensors`, both towers' weights alone (the shared
+  item-id table once), rebuilt by this package's own tower code from the manifest's `towers`
+  record and the bundle's feature specs (docs/design.md, "Bundle format 2", says why).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models import bundle as b
+from models.features import FeatureEncoder
+from models.serving_towers import rebuild_towers
+from models.tower_config import TowerConfig
+
+# The tower format of format 2 bundles (docs/design.md, "Bundle format 2").
+TOWER_FORMAT = "safetensors"
+
+
+class TowerLoadError(ValueError):
+    """A tower file cannot be read back as the tower its manifest describes."""
+
+
+@dataclass(frozen=True)
+class Towers:
+    """A bundle's serving towers.
+
+    Attributes:
+        user: `Dict[str, Tensor]` -> float32 `(B, dim)`.
+        item: `(B,)` catalogue rows (-1 = not in the catalogue) + `Dict[str, Tensor]` ->
+            float32 `(B, dim)`; None in a format 1 bundle.
+    """
+
+    user: nn.Module
+    item: nn.Module | None
+
+
+def towers_record(
+    config: TowerConfig, n_items: int, user_prior: bool, inverse_norm: float | None
+) -> dict[str, Any]:
+    """The manifest's `towers` record: what rebuilding the towers from their weights needs
+    besides the feature specs."""
+    return {
+        "architecture": asdict(config),
+        "n_items": n_items,
+        "user_prior_folded": user_prior,
+        "item_prior_inverse_norm": inverse_norm,
+    }
+
+
+def save_towers(directory: Path, towers: Towers) -> None:
+    """Write the towers' files to `directory`: format 2's `towers.safetensors`, or with no
+    item tower format 1's `user_tower.pt` (a TorchScript user tower alone)."""
+    if towers.item is None:
+        torch.jit.save(torch.jit.script(towers.user), str(directory / b.USER_TOWER))
+        return
+    both = nn.ModuleDict({"user": towers.user, "item": towers.item})
+    tensors: dict[str, Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in both.state_dict().items():
+        # The item-id embedding is shared by both towers: stored once, tied again on load.
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, directory / b.TOWERS_WEIGHTS)
+    # safetensors writes 0600: a service run as another user could not read it.
+    (directory / b.TOWERS_WEIGHTS).chmod(0o644)
+
+
+def load_towers(directory: Path, manifest: Mapping[str, Any], *, script: bool = True) -> Towers:
+    """The towers of the verified bundle in `directory` with `manifest`.
+
+    Towers rebuilt from their weights run scripted (`torch.jit.script` of the rebuilt module,
+    which shares its weights): eager PyTorch costs 3-4x more per call on these small towers
+    (docs/design.md, "Bundle format 2"); `script=False` keeps them eager (the benchmark's
+    baseline, and the fallback of a torch without TorchScript).
+
+    Raises:
+        TowerLoadError: a file is not a tower of the manifest's format, or its weights do
+            not fit the architecture the manifest records.
+    """
+    if manifest.get("format_version") == 1:
+        return Towers(_load_script(directory / b.USER_TOWER), None)
+    tower_format = manifest.get("tower_format")
+    if tower_format not in b.TOWER_FILES:
+        raise TowerLoadError(f"unknown tower format {tower_format!r}")
+    user, item = _load_weights(directory, manifest)
+    if script and hasattr(torch, "jit"):
+        user, item = torch.jit.script(user), torch.jit.script(item)
+    return Towers(user, item)
+
+
+def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Module, nn.Module]:
+    try:
+        record = manifest["towers"]
+        architecture = dict(record["architecture"])
+        config = TowerConfig(**architecture | {"hidden": tuple(architecture["hidden"])})
+        user_encoder = _encoder(directory / b.FEATURE_SPEC)
+        item_encoder = _encoder(directory / b.ITEM_FEATURE_SPEC)
+        user, item = rebuild_towers(
+            config,
+            user_encoder,
+            item_encoder,
+            int(record["n_items"]),
+            user_prior=bool(record["user_prior_folded"]),
+            inverse_norm=record["item_prior_inverse_norm"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TowerLoadError(f"manifest.json: bad towers record: {exc!r}") from exc
+    try:
+        # Copied out of the file's memory map: safetensors aligns tensors to 8 bytes only, and
+        # the sequential tower ran 3% slower on the mapped weights than on torch's own memory.
+        weights = {k: v.clone() for k, v in load_file(directory / b.TOWERS_WEIGHTS).items()}
+        both = nn.ModuleDict({"user": user, "item": item})
+        unexpected = both.load_state_dict(weights, strict=False, assign=True).unexpected_keys
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise TowerLoadError(f"{b.TOWERS_WEIGHTS} cannot be loaded: {exc}") from exc
+    if unexpected:
+        raise TowerLoadError(f"{b.TOWERS_WEIGHTS} holds unknown weights: {unexpected[:5]}")
+    # Names left out were the shared table's other names, filled through the one stored.
+    empty = [n for n, t in [*both.named_parameters(), *both.named_buffers()] if t.is_meta]
+    if empty:
+        raise TowerLoadError(f"{b.TOWERS_WEIGHTS} lacks weights: {', '.join(empty[:5])}")
+    return user.eval(), item.eval()
+
+
+def _encoder(path: Path) -> FeatureEncoder:
+    # The towers read only the features and the history length: no item index needed.
+    return FeatureEncoder.from_json(json.loads(path.read_text()), {})
+
+
+def _load_script(path: Path) -> nn.Module:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors...
+        raise TowerLoadError(f"{path.name} cannot be loaded: {exc}") from exc
+    return module.eval()

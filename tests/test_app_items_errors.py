@@ -1,0 +1,111 @@
+"""Item writes refused, through HTTP in process (the app's real lifespan): bad input of every
+kind, a bundle without item tower, the admin API off, Redis down. Each refusal is a 4xx (or a
+503 for Redis) with its reason, and changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers_app import RedisServer, admin_headers, make_settings, serve
+from helpers_items import (
+    ADMIN,
+    ItemBundles,
+    add_format_1,
+    delete,
+    kind_of,
+    model_dir_of,
+    put,
+    recall,
+    state,
+    trained_item_bundles,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def item_bundles(tmp_path_factory: pytest.TempPathFactory) -> ItemBundles:
+    return trained_item_bundles(tmp_path_factory)
+
+
+@pytest.fixture
+def item_model_dir(tmp_path: Path, item_bundles: ItemBundles) -> Path:
+    return model_dir_of(tmp_path / "artifacts", item_bundles)
+
+
+async def test_bad_item_writes_get_4xx_with_the_reason_and_change_nothing(
+    item_model_dir: Path, item_bundles: ItemBundles
+) -> None:
+    old = add_format_1(item_model_dir, item_bundles)
+    good = {"attributes": {"category": "c0"}}
+    async with serve(make_settings(item_model_dir)) as client:
+        unknown = await client.put(
+            "/v1/items/x", json={"attributes": {"colour": "red"}}, headers=ADMIN
+        )
+        assert (unknown.status_code, unknown.json()) == (422, {"detail": [{
+            "type": "unknown_attribute", "loc": ["body", "attributes", "colour"],
+            "msg": "Unknown item attribute 'colour'; this model's item tower reads: "
+            "category, tags, price",
+            "input": "colour",
+        }]})  # fmt: skip
+        typed = await client.put(
+            "/v1/items/x", json={"attributes": {"price": "cheap"}}, headers=ADMIN
+        )
+        assert typed.status_code == 422
+        assert [(e["type"], e["loc"]) for e in typed.json()["detail"]] == [
+            ("attribute_type", ["body", "attributes", "price"])
+        ]
+        for body, kind in (
+            ({**good, "extra": 1}, "extra_forbidden"),
+            ({}, "missing"),
+            ({"attributes": {"tags": [1, 2]}}, "string_type"),
+        ):
+            response = await client.put("/v1/items/x", json=body, headers=ADMIN)
+            assert response.status_code == 422
+            assert kind in {e["type"] for e in response.json()["detail"]}
+        for path in ("/v1/items/" + "x" * 257, "/v1/items/a%01b"):
+            assert (await client.put(path, json=good, headers=ADMIN)).status_code == 422
+            assert (await client.delete(path, headers=ADMIN)).status_code == 422
+        assert (await client.put("/v1/items/x", json=good)).status_code == 401
+        wrong = admin_headers("wrong")
+        assert (await client.delete("/v1/items/x", headers=wrong)).status_code == 401
+        missing = await client.get("/v1/items/x")
+        assert (missing.status_code, missing.json()) == (
+            404, {"detail": "no item 'x' in the catalogue or its changes"}
+        )  # fmt: skip
+        assert (await put(client, "kept", {"category": "c0"}))["status"] == "added"
+        # A bundle without item tower cannot add items; deletions still work.
+        reload = await client.post("/admin/reload", json={"version": old}, headers=ADMIN)
+        assert reload.status_code == 200, reload.text
+        refused = await client.put("/v1/items/x", json=good, headers=ADMIN)
+        assert refused.status_code == 409
+        assert refused.json()["detail"].startswith(f"bundle {old} has no item tower")
+        assert (await client.get("/v1/items/x")).status_code == 404
+        assert await state(client, "kept") == ("not_served", old)
+        assert (await delete(client, "i3"))["status"] == "deleted"
+        found = await recall(client, [], k=250)
+        assert "i3" not in found and "kept" not in found and len(found) == 199
+    async with serve(make_settings(item_model_dir, admin_token="")) as client:
+        assert (await client.put("/v1/items/x", json=good, headers=ADMIN)).status_code == 403
+
+
+async def test_with_redis_down_a_write_is_refused_and_the_changes_serve_on(
+    item_model_dir: Path, item_bundles: ItemBundles
+) -> None:
+    kind = kind_of(item_bundles.dataset, "c0")
+    server = RedisServer().start()
+    try:
+        async with serve(make_settings(item_model_dir, redis_url=server.url)) as client:
+            await put(client, "new-1", kind.like)
+            server.kill()
+            response = await client.put(
+                "/v1/items/new-2", json={"attributes": kind.like}, headers=ADMIN
+            )
+            assert response.status_code == 503
+            assert response.json()["detail"].startswith("the item change log is unavailable: ")
+            assert (await client.delete("/v1/items/new-1", headers=ADMIN)).status_code == 503
+            assert (await client.get("/v1/items/new-2")).status_code == 404
+            assert "new-1" in await recall(client, kind.history, k=250)
+    finally:
+        server.stop()
