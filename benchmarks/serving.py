@@ -106,11 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--out-dim", type=int, default=64)
     b.add_argument("--history-length", type=int, default=100)
     b.add_argument("--popularity-prior", type=float, help="default: the trainer's")
-    b.add_argument(
-        "--train-args",
-        default="",
-        help="more trainer options, e.g. '--user-tower sequence --negatives mixed'",
-    )
+    b.add_argument("--train-args", default="", help="more trainer options: '--user-tower ...'")
     b.add_argument("--cache-dir", type=Path, default=RESULTS / "bundles")
     i = p.add_argument_group("in-process measurements")
     i.add_argument("--floor-iterations", type=int, default=2000)

@@ -71,7 +71,6 @@ def refit(dataset: Dataset, train: pd.DataFrame, trained: TrainedModel) -> Train
     return again
 
 
-# Over 60 lines by the manifest's metadata, kept whole so the bundle's record reads as one.
 def run_training(
     dataset: Dataset,
     split_spec: str,
@@ -114,34 +113,47 @@ def run_training(
         report = report_json(split.name, split.test, results)
     bundle = None
     if out is not None:
-        metadata = {
-            "model": {"class": "TwoTower", **dataclasses.asdict(config.tower)},
-            "training": {
-                **{k: v for k, v in dataclasses.asdict(config).items() if k != "tower"},
-                "best_epoch": trained.best_epoch,
-                "popularity_prior_chosen": trained.prior_weight,
-                "prior_half_life_days_chosen": trained.prior_half_life_days,
-                "popularity_prior_search": prior_search,
-                "validation": validation,
-                "history": trained.history,
-            },
-            "data": dataset.summary() | (split.summary() if split else {"split": "none"}),
-            "evaluation": report,
-            "item_features": trained.item_encoder.to_json(),
-        }
-        sample_users = [*rec.known_users[:256], "__cold_start_user__"]
-        attributes = ItemAttributes.from_frame(
-            dataset.items, dataset.item_columns, trained.item_ids
-        )
-        bundle = export_bundle(
-            trained,
-            out,
-            rec.item_matrix,
-            rec.user_inputs(sample_users),
-            metadata,
-            item_attributes=attributes,
-        )
+        record = {"prior_search": prior_search, "validation": validation, "evaluation": report}
+        bundle = _export(dataset, split, trained, rec, out, record)
     return TrainingRun(trained, split, results, report, bundle, validation)
+
+
+def _export(
+    dataset: Dataset,
+    split: Split | None,
+    trained: TrainedModel,
+    rec: TwoTowerRecommender,
+    out: Path,
+    record: dict[str, Any],
+) -> Path:
+    """The bundle of `trained` under `out`, its manifest the run's record (`record`: the
+    prior's search, the chosen validation metrics, the evaluation report)."""
+    config = trained.config
+    metadata = {
+        "model": {"class": "TwoTower", **dataclasses.asdict(config.tower)},
+        "training": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "tower"},
+            "best_epoch": trained.best_epoch,
+            "popularity_prior_chosen": trained.prior_weight,
+            "prior_half_life_days_chosen": trained.prior_half_life_days,
+            "popularity_prior_search": record["prior_search"],
+            "validation": record["validation"],
+            "history": trained.history,
+        },
+        "data": dataset.summary() | (split.summary() if split else {"split": "none"}),
+        "evaluation": record["evaluation"],
+        "item_features": trained.item_encoder.to_json(),
+    }
+    sample_users = [*rec.known_users[:256], "__cold_start_user__"]
+    attributes = ItemAttributes.from_frame(dataset.items, dataset.item_columns, trained.item_ids)
+    return export_bundle(
+        trained,
+        out,
+        rec.item_matrix,
+        rec.user_inputs(sample_users),
+        metadata,
+        item_attributes=attributes,
+    )
 
 
 def _train(
