@@ -192,6 +192,10 @@ def _sparse_member(rank: int, port: int, out: Path) -> None:
     table = trained.model.item_embedding
     summary = {"sparse": table.sparse, "table": table.weight.detach().sum().item()}
     (out / f"{rank}.json").write_text(json.dumps(summary))
+    # Leave without the interpreter's teardown: a gloo thread still joinable there aborted it
+    # once in CI ("terminate called without an active exception", SIGABRT) after the work
+    # was done and written; what this test judges is in the files.
+    os._exit(0)
 
 
 @pytest.mark.slow
