@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from trainer_helpers import SMALL_SOURCE
 
 from models import bundle as b
 from models.distributed import World, join_world, leave_world
+
+ABORT = "terminate called without an active exception"
 
 
 def _member(rank: int, port: int, out: Path) -> None:
@@ -80,16 +83,23 @@ def test_a_world_of_one_never_communicates() -> None:
 @pytest.mark.slow
 def test_torchrun_trains_one_model_that_rank_zero_exports(tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "models", "-v", "train", "--data", SMALL_SOURCE, "--out", str(out),
-            "--epochs", "3", "--patience", "1", "--batch-size", "256", "--history-length", "20",
-            "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--baselines",
-        ],
-        capture_output=True, text=True, timeout=300, check=False,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    # One more try after the known flake of a member aborting with "terminate called without
+    # an active exception" (SIGABRT; twice in CI on 2026-12-06, still open): twice is a fail.
+    for _ in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "models", "-v", "train", "--data", SMALL_SOURCE,
+                "--out", str(out),
+                "--epochs", "3", "--patience", "1", "--batch-size", "256", "--history-length", "20",
+                "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--baselines",
+            ],
+            capture_output=True, text=True, timeout=300, check=False,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        if done.returncode == 0 or ABORT not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     # Each process checks at the end of training that all hold the same parameters (DDP
     # averaged the gradients); rank 0 alone evaluates, exports and prints the bundle.

@@ -192,14 +192,17 @@ def _sparse_member(rank: int, port: int, out: Path) -> None:
     table = trained.model.item_embedding
     summary = {"sparse": table.sparse, "table": table.weight.detach().sum().item()}
     (out / f"{rank}.json").write_text(json.dumps(summary))
-    # Leave without the interpreter's teardown: a gloo thread still joinable there aborted it
-    # once in CI ("terminate called without an active exception", SIGABRT) after the work
-    # was done and written; what this test judges is in the files.
-    os._exit(0)
 
 
 @pytest.mark.slow
 def test_data_parallel_training_reduces_sparse_gradients(tmp_path: Path) -> None:
-    mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
+    # One more try after the known flake of a member aborting (SIGABRT, "terminate called
+    # without an active exception"; in CI on 2026-12-06, still open): twice is a fail.
+    try:
+        mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name != "SIGABRT":
+            raise
+        mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
     first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert first["sparse"] and first == second
