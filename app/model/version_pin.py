@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from redis import exceptions as redis_errors
 
 from app.config import RedisConfig
-from app.store.redis_client import redis_client
+from app.store.redis_client import control_client
 from models.bundle import is_version_name
 
 # What reading or writing the pin may raise (a cluster client's own errors are no RedisError).
@@ -63,13 +63,7 @@ class RedisPin(VersionPin):
         # One key: any node of a cluster, as its slot says.
         self.key = f"{config.prefix}:model:pinned"
         self.timeout_s = config.control_timeout_s
-        self.client = redis_client(
-            config.url,
-            cluster=config.cluster,
-            timeout_s=self.timeout_s,
-            pool_wait_s=config.control_pool_wait_s,
-            max_connections=PIN_CONNECTIONS,
-        )
+        self.client = control_client(config, PIN_CONNECTIONS)
 
     # asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
     # that lands as the call completes, and the watcher's cancellation must never be lost.

@@ -21,7 +21,7 @@ from redis import exceptions as redis_errors
 from app.config import RedisConfig
 from app.errors import ItemChangesUnavailable
 from app.store.item_changes import ChangePage, ItemChange, ItemChangeLog
-from app.store.redis_client import redis_client, redis_reason
+from app.store.redis_client import control_client, redis_reason
 from models.redis_keys import check_prefix, item_change_keys
 
 # What a call may raise (a cluster client's own errors are no RedisError).
@@ -58,13 +58,7 @@ class RedisItemChangeLog(ItemChangeLog):
     def __init__(self, config: RedisConfig) -> None:
         self.keys = item_change_keys(check_prefix(config.prefix))
         self.timeout_s = config.control_timeout_s
-        self.client = redis_client(
-            config.url,
-            cluster=config.cluster,
-            timeout_s=self.timeout_s,
-            pool_wait_s=config.control_pool_wait_s,
-            max_connections=CONNECTIONS,
-        )
+        self.client = control_client(config, CONNECTIONS)
 
     async def _eval(self, script: str, *args: str | int) -> Any:
         # asyncio.timeout, not wait_for: see app.model.version_pin. Every Redis error is the

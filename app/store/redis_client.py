@@ -11,6 +11,8 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from app.config import RedisConfig
+
 # A cluster client re-reads the slot map (CLUSTER SLOTS) after a connection error at most this
 # often: after a failover, the promoted replica's users are read again this soon after the
 # first call that finds their old primary gone (redis-py's default is one second).
@@ -59,6 +61,18 @@ def redis_client(
         url, max_connections=max_connections, timeout=pool_wait_s, **common
     )
     return Redis.from_pool(pool)  # owns the pool: closing the client closes it
+
+
+def control_client(config: RedisConfig, max_connections: int) -> Any:
+    """A client for control-plane calls (the version pin, the item change log): off the
+    request path, with the control timeout and pool wait `RedisConfig` derives."""
+    return redis_client(
+        config.url,
+        cluster=config.cluster,
+        timeout_s=config.control_timeout_s,
+        pool_wait_s=config.control_pool_wait_s,
+        max_connections=max_connections,
+    )
 
 
 def is_wrong_type(exc: BaseException) -> bool:
