@@ -86,12 +86,18 @@ def test_flat_is_exact_under_any_filter(
         assert rows.shape == (len(queries), K)
         np.testing.assert_array_equal(rows, want, err_msg=name)
         assert np.isneginf(scores[rows < 0]).all()
-    # The exact scan of a subset, both ways it runs (gathered and masked).
+    # The exact scan of a subset, every way it runs: gathered, masked (a batch), and FAISS's
+    # scan with the selector (a lone query).
     for gather in (0.0, 1.0):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("app.search.item_index.GATHER_MAX_SHARE", gather)
             _, rows = exact_allowed(torch.from_numpy(items), queries, K, allowed)
-        np.testing.assert_array_equal(rows, want)
+            np.testing.assert_array_equal(rows, want)
+            for i in range(3):
+                one = queries[i : i + 1]
+                scores, rows = exact_allowed(torch.from_numpy(items), one, K, allowed)
+                np.testing.assert_array_equal(rows[0], want[i])
+                assert np.isneginf(scores[rows < 0]).all()
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
