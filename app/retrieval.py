@@ -8,8 +8,10 @@ from a `UserVectorCache` instead of the tower. The model's item index decides ho
 top k once its seen items are left out, among the items its filter allows (queries that share
 a filter are searched together), and fills from an exact search any query it answered short.
 Items changed at serving time (`app.catalogue`) are the model's overlay
-(`app.search.overlay`): its deleted catalogue rows join each query's excluded rows, and its
-added items are scored exactly and merged into each top k (`merge_overlay`).
+(`app.search.overlay`): its deleted catalogue rows join each query's excluded rows while they
+are few, and are a mask of the rows it may return (`Query.allowed`, with its filter's) once
+they are many; its added items are scored exactly and merged into each top k
+(`merge_overlay`).
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ class Query:
         features: raw features after merging (request over stored); missing = default.
         history: item ids, newest first (the vector cache's key).
         history_rows: the catalogue rows of its known items, in order (the tower's input).
-        exclude: catalogue rows never to return (the seen items, the deleted ones).
+        exclude: catalogue rows never to return (the seen items; the deleted ones while the
+            overlay does not mask them, `ItemOverlay.excluded`).
         k: results wanted.
         user_id: whose vector this is (the vector cache's key); None: not cached.
         filter: which items may be returned; None: any.
         overlay_exclude: rows of the model's overlay never to return (seen added items).
+        allowed: the catalogue rows it may return (the filter's, less the deleted ones when
+            the overlay masks them); None: every row. Left out, the filter's.
     """
 
     features: Mapping[str, Any]
@@ -54,10 +59,11 @@ class Query:
     user_id: str | None = None
     filter: CompiledFilter | None = None
     overlay_exclude: frozenset[int] = frozenset()
+    allowed: AllowedRows | None = None
 
-    @property
-    def allowed(self) -> AllowedRows | None:
-        return None if self.filter is None else self.filter.allowed
+    def __post_init__(self) -> None:
+        if self.allowed is None and self.filter is not None:
+            object.__setattr__(self, "allowed", self.filter.allowed)
 
     @classmethod
     def prepare(
@@ -73,14 +79,16 @@ class Query:
     ) -> Query:
         """The query for `model`: the history is mapped to catalogue rows once, for the tower
         and the exclusion both. Added items in the history are unknown to the bundle (the
-        tower skips them) but left out of the overlay's results like any seen item."""
+        tower skips them) but left out of the overlay's results like any seen item. The
+        deleted rows are the overlay's mask or join the excluded rows (`ItemOverlay`)."""
         rows = model.encoder.history_rows(history)
         exclude = frozenset(rows) if exclude_seen else frozenset()
         overlay = model.overlay
-        if overlay.masked:
-            exclude |= overlay.masked
+        if overlay.excluded:
+            exclude |= overlay.excluded
         seen_added = overlay.rows_of(history) if exclude_seen and len(overlay) else frozenset()
-        return cls(features, history, rows, exclude, k, user_id, filter, seen_added)
+        allowed = overlay.allowed_with(None if filter is None else filter.allowed)
+        return cls(features, history, rows, exclude, k, user_id, filter, seen_added, allowed)
 
     def available(self, n_items: int) -> int:
         """How many catalogue rows this query may return: allowed and not excluded."""
@@ -122,13 +130,13 @@ def _candidates(
     index: ItemIndex, vectors: np.ndarray, queries: Sequence[Query]
 ) -> list[Candidates]:
     """Each query's candidates: enough to fill its k once its allowed seen items are dropped.
-    One index search per filter (None: unfiltered) serves every query that has it."""
-    groups: dict[str | None, list[int]] = {}
+    One index search per set of allowed rows (a filter's, the overlay's mask, both; None:
+    every row) serves every query that has it."""
+    groups: dict[AllowedRows | None, list[int]] = {}
     for i, query in enumerate(queries):
-        groups.setdefault(None if query.filter is None else query.filter.key, []).append(i)
+        groups.setdefault(query.allowed, []).append(i)
     out: list[Candidates] = [([], [])] * len(queries)
-    for members in groups.values():
-        allowed = queries[members[0]].allowed
+    for allowed, members in groups.items():
         if allowed is None:
             fetches = [min(index.n_items, queries[i].k + len(queries[i].exclude)) for i in members]
         elif allowed.count == 0:

@@ -206,11 +206,15 @@ async def test_a_filter_value_only_added_items_have_is_known_while_they_are(
         assert await recall(client, kind.history, k=5, filter=where) == ["fresh"]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["excluded", "masked"])
 async def test_recall_with_changes_is_the_exact_top_k_of_the_changed_catalogue(
-    item_model_dir: Path, item_bundles: ItemBundles
+    item_model_dir: Path, item_bundles: ItemBundles, masked: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against a brute-force search of the bundle's vectors and the added items' vectors
-    together, deleted and seen items left out."""
+    together, deleted and seen items left out: the deleted rows excluded per query, or (past
+    MASK_MIN_ROWS, here lowered to 1) the overlay's mask; filtered too."""
+    if masked:
+        monkeypatch.setattr("app.search.overlay.MASK_MIN_ROWS", 1)
     app = create_app(make_settings(item_model_dir))
     async with serve(app) as client:
         for category in categories(item_bundles.dataset)[:6]:
@@ -222,12 +226,21 @@ async def test_recall_with_changes_is_the_exact_top_k_of_the_changed_catalogue(
         model = app.state.services.repository.require()
         overlay = model.overlay
         assert (len(overlay), len(overlay.masked)) == (6, 4)
+        assert (overlay.allowed is not None) == masked
         user = model.encode([{}], [kind.history])[0]
         ids = [*model.item_ids, *overlay.ids]
         scores = np.concatenate([model.index.matrix.numpy() @ user, overlay.vectors @ user])
         hidden = set(kind.history) | {model.item_ids[row] for row in overlay.masked}
-        order = [i for i in np.argsort(-scores, kind="stable") if ids[i] not in hidden][:60]
+        ranked = [i for i in np.argsort(-scores, kind="stable") if ids[i] not in hidden]
+        order = ranked[:60]
         body = {"user_id": "u-exact", "k": 60, "history": kind.history}
         items = (await client.post("/v1/recall", json=body)).json()["items"]
         assert [i["item_id"] for i in items] == [ids[i] for i in order]
         np.testing.assert_allclose([i["score"] for i in items], scores[order], atol=1e-5)
+        # Filtered: the items of every other category (the deleted ones among them).
+        table = item_bundles.dataset.items
+        c0 = {str(i) for i in table.index[table["category"] == "c0"]} | {"like-c0"}
+        assert {model.item_ids[row] for row in overlay.masked} - c0
+        where = {"exclude": {"category": ["c0"]}}
+        found = await recall(client, kind.history, k=60, filter=where)
+        assert found == [ids[i] for i in ranked if ids[i] not in c0][:60]

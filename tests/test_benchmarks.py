@@ -211,3 +211,24 @@ def test_tower_encode_benchmark_reports_each_tower(tmp_path: Path) -> None:
     assert len(report["towers"]) == 3
     for figures in report["towers"].values():
         assert figures["batch_1_ms_per_user"] > 0 and figures["batch_64_ms_per_user"] > 0
+
+
+def test_deletions_benchmark_times_exclusions_against_the_mask(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "deletions.py"
+    out = tmp_path / "deletions.json"
+    args = ["--items", "3000", "--indexes", "flat,hnsw", "--deleted", "0,600", "--batches", "1,4"]
+    args += ["--queries", "8", "--rounds", "1", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    for kind in ("flat", "hnsw"):
+        assert set(report[kind]) == {"unfiltered", "filter 0.1"}
+        for by_count in report[kind].values():
+            assert set(by_count) == {"0", "600"}
+            for row in by_count.values():
+                for batch in ("batch 1", "batch 4"):
+                    assert set(row[batch]) == {"exclude", "mask"}
+                    assert all(ms > 0 for ms in row[batch].values())
+    assert report["hnsw"]["filter 0.1"]["600"]["combine_ms"] >= 0

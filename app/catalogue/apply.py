@@ -69,6 +69,7 @@ def apply_changes(model: ServingModel, changes: ChangeSet) -> ServingModel:
         masked,
         changes.revision,
         {c.item_id: changes.tag(c) for c in items},
+        model.n_items,
     )
     return dataclasses.replace(model, overlay=overlay)
 
