@@ -134,8 +134,12 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} cannot be loaded: {exc}") from exc
     if unexpected:
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} holds unknown weights: {unexpected[:5]}")
-    # Names left out were the shared table's other names, filled through the one stored.
-    empty = [n for n, t in [*both.named_parameters(), *both.named_buffers()] if t.is_meta]
+    # Every weight must now be one of the file's: a name the file left out is the shared
+    # table's other name, filled through the one stored; any other kept its initial value.
+    stored = {t.untyped_storage().data_ptr() for t in weights.values()}
+    empty = [
+        n for n, t in both.state_dict().items() if t.untyped_storage().data_ptr() not in stored
+    ]
     if empty:
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} lacks weights: {', '.join(empty[:5])}")
     return user.eval(), item.eval()
