@@ -13,6 +13,7 @@ here communicates and training is the single-process loop.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import os
 from collections.abc import Callable
@@ -98,6 +99,10 @@ def join_world(device: torch.device) -> World:
         return World()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        # A member killed by a signal prints every thread's Python stack first: one has
+        # aborted in CI ("terminate called without an active exception", SIGABRT) at a point
+        # no log line pinned down.
+        faulthandler.enable(all_threads=True)
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         # NCCL carries the GPUs' gradients; gloo the CPU tensors (the epoch's order, sums).

@@ -4,8 +4,10 @@ that embeds once and ranks in chunks."""
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,6 +187,8 @@ def _sparse_member(rank: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     fields.SPARSE_ROWS = 100  # a spawned process: the test's monkeypatch does not reach it
     join_world(torch.device("cpu"))
+    # Where a member dies of a signal, its threads' stacks (the test reports them).
+    faulthandler.enable((out / f"{rank}.fault").open("w"), all_threads=True)
     dataset = small_dataset(SMALL_SOURCE)
     trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, device="cpu"))
     trained = trainer.fit()  # checks that both processes end with the same parameters
@@ -203,6 +207,8 @@ def test_data_parallel_training_reduces_sparse_gradients(tmp_path: Path) -> None
     except mp.ProcessExitedException as exc:
         if exc.signal_name != "SIGABRT":
             raise
+        stacks = [path.read_text() for path in sorted(tmp_path.glob("*.fault"))]
+        warnings.warn(f"a member aborted, tried again; its stacks: {stacks}", stacklevel=1)
         mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
     first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert first["sparse"] and first == second
