@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def make_filters(model: ServingModel, shares: list[float]) -> list[Filter]:
 
 
 def exact_reference(
-    embeddings: np.ndarray, vectors: np.ndarray, masks: list[np.ndarray | None], k: int
+    embeddings: np.ndarray, vectors: np.ndarray, masks: Sequence[np.ndarray | None], k: int
 ) -> list[set[int]]:
     """Exact top k rows per query among its allowed rows (seen ones already removed)."""
     out = []
