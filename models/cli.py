@@ -202,12 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "publish-features": cmd_publish}
+    from models.distributed import end_process, leave_world
+
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
     except (DataError, ValueError, OSError) as exc:  # a clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
-        from models.distributed import leave_world
-
-        leave_world()
+        distributed = leave_world()
+    if distributed:
+        end_process(code)
+    return code

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +17,7 @@ from helpers_app import free_port
 from trainer_helpers import SMALL_SOURCE
 
 from models import bundle as b
-from models.distributed import World, join_world, leave_world
-
-ABORT = "terminate called without an active exception"
+from models.distributed import World, end_process, join_world, leave_world
 
 
 def _member(rank: int, port: int, out: Path) -> None:
@@ -49,8 +45,9 @@ def _member(rank: int, port: int, out: Path) -> None:
         seen["diverged"] = "not detected"
     except RuntimeError as exc:
         seen["diverged"] = str(exc)
-    leave_world()
+    assert leave_world()
     (out / f"{rank}.json").write_text(json.dumps(seen))
+    end_process(0)  # as the command line ends a member (models.distributed.end_process)
 
 
 @pytest.mark.slow
@@ -84,25 +81,17 @@ def test_a_world_of_one_never_communicates() -> None:
 @pytest.mark.slow
 def test_torchrun_trains_one_model_that_rank_zero_exports(tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
-    # One more try after the known flake of a member aborting with "terminate called without
-    # an active exception" (SIGABRT; twice in CI on 2026-12-06, still open): twice is a fail.
-    for _ in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        done = subprocess.run(
-            [
-                sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2", "-m", "models", "-v", "train", "--data", SMALL_SOURCE,
-                "--out", str(out),
-                "--epochs", "3", "--patience", "1", "--batch-size", "256", "--history-length", "20",
-                "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--baselines",
-            ],
-            capture_output=True, text=True, timeout=300, check=False,
-            env=os.environ | {"OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-        if done.returncode == 0 or ABORT not in done.stderr:
-            break
-        # The members' stacks (models.distributed enables faulthandler), for the cause.
-        warnings.warn(f"a member aborted, tried again: {done.stderr[-6000:]}", stacklevel=1)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", "-m", "models", "-v", "train", "--data", SMALL_SOURCE,
+            "--out", str(out),
+            "--epochs", "3", "--patience", "1", "--batch-size", "256", "--history-length", "20",
+            "--field-dim", "16", "--hidden", "64", "--out-dim", "32", "--baselines",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     # Each process checks at the end of training that all hold the same parameters (DDP
     # averaged the gradients); rank 0 alone evaluates, exports and prints the bundle.

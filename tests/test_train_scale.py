@@ -4,10 +4,8 @@ that embeds once and ranks in chunks."""
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from trainer_helpers import SMALL_SOURCE, fast_config, small_dataset
 
 from models import evaluation, fields
 from models.dataset import Dataset
-from models.distributed import join_world, leave_world
+from models.distributed import end_process, join_world, leave_world
 from models.evaluation import evaluate_recommender, top_k
 from models.optim import EmbeddingAdam
 from models.pipeline import run_training
@@ -187,8 +185,6 @@ def _sparse_member(rank: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     fields.SPARSE_ROWS = 100  # a spawned process: the test's monkeypatch does not reach it
     join_world(torch.device("cpu"))
-    # Where a member dies of a signal, its threads' stacks (the test reports them).
-    faulthandler.enable((out / f"{rank}.fault").open("w"), all_threads=True)
     dataset = small_dataset(SMALL_SOURCE)
     trainer = Trainer(dataset, dataset.interactions, fast_config(epochs=1, device="cpu"))
     trained = trainer.fit()  # checks that both processes end with the same parameters
@@ -196,19 +192,11 @@ def _sparse_member(rank: int, port: int, out: Path) -> None:
     table = trained.model.item_embedding
     summary = {"sparse": table.sparse, "table": table.weight.detach().sum().item()}
     (out / f"{rank}.json").write_text(json.dumps(summary))
+    end_process(0)  # as the command line ends a member (models.distributed.end_process)
 
 
 @pytest.mark.slow
 def test_data_parallel_training_reduces_sparse_gradients(tmp_path: Path) -> None:
-    # One more try after the known flake of a member aborting (SIGABRT, "terminate called
-    # without an active exception"; in CI on 2026-12-06, still open): twice is a fail.
-    try:
-        mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
-    except mp.ProcessExitedException as exc:
-        if exc.signal_name != "SIGABRT":
-            raise
-        stacks = [path.read_text() for path in sorted(tmp_path.glob("*.fault"))]
-        warnings.warn(f"a member aborted, tried again; its stacks: {stacks}", stacklevel=1)
-        mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_sparse_member, args=(free_port(), tmp_path), nprocs=2, join=True)
     first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert first["sparse"] and first == second
