@@ -25,10 +25,6 @@ from models.task import ItemRows, TrainingData, example_probabilities, positive_
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
-# Batches per window within which `epoch_order` groups users by history length: wide enough
-# that a batch's users are of nearly one length, narrow enough that which users meet in a
-# batch still changes every epoch.
-LENGTH_WINDOW = 50
 # The full softmax scores every item at every position of a batch (64 users x 200 positions x
 # the catalogue): past this many items it would not fit in memory; sample negatives instead.
 FULL_SOFTMAX_MAX_ITEMS = 100_000
@@ -75,6 +71,13 @@ class SequenceTask:
         sizes = log.user_end - log.user_start[log.user_end - 1] if len(log.user_end) else []
         # Users with a next item to predict: two training items at least.
         self.users = np.flatnonzero(np.asarray(sizes) >= 2)
+        ends = log.user_end[self.users]
+        # Each user's sequence length (its latest history_length + 1 items at most).
+        self.lengths = np.minimum(ends - log.user_start[ends - 1], config.history_length + 1)
+        # Positions (next-item predictions) in a batch on average: grouped batches hold
+        # unequal numbers of them, and each weighs its loss by its own over this.
+        n_batches = max(1, -(-len(self.users) // config.batch_size))
+        self.mean_positions = float((self.lengths - 1).sum()) / n_batches
         self.hard: Tensor | None = None  # (n_examples, hard_negatives) rows, per epoch
 
     def start_epoch(self) -> None:
@@ -122,18 +125,20 @@ class SequenceTask:
         return np.ascontiguousarray(newest_first[:, ::-1])
 
     def epoch_order(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """A random order of the examples in which each run of `batch_size` holds users of
-        similar history length, so a batch pads little (`loss` drops the columns that are
-        padding for the whole batch). Users are shuffled, sorted by length within windows
-        of `LENGTH_WINDOW` batches, cut into batches, and the batches shuffled: every epoch
-        still mixes users freely across windows."""
+        """A random order of the examples. With `length_window` W, each run of `batch_size`
+        holds users of similar history length, so a batch pads little (`loss` drops the
+        columns that are padding for the whole batch): users are shuffled, sorted by length
+        within windows of W batches, cut into batches, and the batches shuffled. On ML-1M
+        (2,999 users, 64 a batch) a window of 50 batches held every user, so the same users
+        met in the same batch every epoch; a plain shuffle (W = 0) validated better."""
         order = rng.permutation(len(self.users))
-        ends = self.log.user_end[self.users]
-        lengths = np.minimum(ends - self.log.user_start[ends - 1], self.config.history_length)
-        window = batch_size * LENGTH_WINDOW
+        windows = self.config.length_window
+        if not windows:
+            return order
+        window = batch_size * windows
         for lo in range(0, len(order), window):
             chunk = order[lo : lo + window]
-            order[lo : lo + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+            order[lo : lo + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
         batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
         return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
@@ -154,7 +159,12 @@ class SequenceTask:
         if self.hard is not None:  # each user's hard negatives, for each of their positions
             per_user = self.hard[torch.from_numpy(batch)].to(self.device)
             hard = per_user.unsqueeze(1).expand(-1, inputs.shape[1], -1)[wanted]
-        return self._softmax(outputs[wanted], targets[wanted] - 1, hard)
+        loss = self._softmax(outputs[wanted], targets[wanted] - 1, hard)
+        if self.config.length_window:
+            # A batch of short sequences must not weigh as much as one of long ones: the
+            # epoch's objective stays the mean over positions, as with a plain shuffle.
+            loss = loss * (int(wanted.sum()) / self.mean_positions)
+        return loss
 
     def _softmax(self, users: Tensor, targets: Tensor, hard: Tensor | None = None) -> Tensor:
         """Cross-entropy of `(N, D)` user vectors against their `(N,)` target rows: over the

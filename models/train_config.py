@@ -111,6 +111,12 @@ class TrainConfig:
         "sequential tower with sampled negatives: per user, the K items the model ranks "
         "highest that the user did not take, mined again every epoch (0: off)",
     )
+    length_window: int = option(
+        0,
+        "sequential tower: group each epoch's users by history length within windows of this "
+        "many batches, so that batches pad less (faster epochs), each batch's loss weighed by "
+        "its positions; 0: a plain shuffle (better on the ML-1M validation)",
+    )
     tower: TowerConfig = field(default_factory=TowerConfig)
     patience: int = option(2, "epochs without validation improvement before stopping (0: never)")
     validation_fraction: float = option(
@@ -157,7 +163,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         not_negative = ("weight_decay", "num_negatives", "hard_negatives", "history_length",
-                        "patience", "user_balance", "validation_min_gap_days")  # fmt: skip
+                        "patience", "user_balance", "validation_min_gap_days",
+                        "length_window")  # fmt: skip
         optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
         for name in (*not_negative, *optional):
             value = getattr(self, name)

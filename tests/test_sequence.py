@@ -127,9 +127,11 @@ def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> Non
     assert task.sequences(np.array([0]))[0].tolist()[:3] == [0, 0, 0]
 
 
-def test_an_epoch_visits_every_user_once_in_batches_of_like_lengths() -> None:
+@pytest.mark.parametrize("window", [0, 50])
+def test_an_epoch_visits_every_user_once_grouped_by_length_when_asked(window: int) -> None:
     dataset = cycle_dataset(n_users=400)
-    task = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(history_length=30)))
+    config = sequence_config(history_length=30, length_window=window)
+    task = sequence_task(Trainer(dataset, dataset.interactions, config))
     rng = np.random.default_rng(0)
     first, second = task.epoch_order(rng, 16), task.epoch_order(rng, 16)
     assert sorted(first.tolist()) == list(range(task.n_examples))
@@ -140,7 +142,28 @@ def test_an_epoch_visits_every_user_once_in_batches_of_like_lengths() -> None:
         batches = [lengths[order[i : i + 16]] for i in range(0, len(order), 16)]
         return sum(int((b.max() - b).sum()) for b in batches)
 
-    assert padding(first) < padding(rng.permutation(task.n_examples)) / 3
+    shuffled = padding(rng.permutation(task.n_examples))
+    if window:
+        assert padding(first) < shuffled / 3
+    else:  # a plain shuffle
+        assert padding(first) > shuffled / 3
+
+
+def test_a_grouped_batch_weighs_its_loss_by_its_positions() -> None:
+    # Grouped batches of short and long sequences: each weighs by its positions over the
+    # epoch's mean, so the epoch's objective is the mean over positions, as when shuffled.
+    dataset = cycle_dataset(n_users=30)
+    plain = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(seed=3)))
+    config = sequence_config(seed=3, length_window=4)
+    grouped = sequence_task(Trainer(dataset, dataset.interactions, config))
+    grouped.model.load_state_dict(plain.model.state_dict())
+    plain.model.eval()
+    grouped.model.eval()
+    batch = np.arange(8)
+    positions = int((plain.lengths[batch] - 1).sum())
+    assert grouped.mean_positions == (plain.lengths - 1).sum()  # 30 users: one batch of 256
+    weighted = plain.loss(batch) * positions / grouped.mean_positions
+    torch.testing.assert_close(grouped.loss(batch), weighted, rtol=1e-5, atol=1e-6)
 
 
 def test_dropping_the_batch_wide_padding_leaves_the_loss_as_it_was() -> None:
