@@ -92,6 +92,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="torch threads per run (the model is small: more threads mostly synchronise, and "
         "on a shared 2-core machine they made training several times slower)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds trained at once, one process each with --threads threads (the runs' "
+        "wall times then share the machine)",
+    )
     add_train_args(parser)
     add_tower_args(parser)
     # `--train-args X` as `--train-args=X`: argparse would take a lone "--no-refit" for an option.
@@ -161,7 +168,7 @@ def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str])
         "data": dataset.summary(),
         "command": shlex.join(["python", "benchmarks/quality.py", *argv]),
         "commit": commit(),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "jobs": args.jobs},
         "seeds": seeds,
         "trainer": trainer_record(args),
         "intervals": f"95 % percentile bootstrap over users, {CI_RESAMPLES} resamples",
@@ -177,7 +184,7 @@ def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str])
         table["splits"][spec] = (
             {"applicable": False, "protocol": protocol(spec), "reason": split}
             if isinstance(split, str)
-            else measure(dataset, split, seeds, train_config(args))
+            else measure(dataset, split, seeds, train_config(args), args.jobs)
         )
     table["pass"] = passed(table["splits"])
     return table

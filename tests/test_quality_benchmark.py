@@ -155,6 +155,24 @@ def test_a_split_the_data_cannot_make_is_reported_not_applicable(tmp_path: Path)
     assert rendered.stdout == markdown.read_text()
 
 
+@pytest.mark.slow
+def test_seeds_trained_in_parallel_processes_give_what_one_process_gives(tmp_path: Path) -> None:
+    common = ("--data", "synthetic:seed=1,users=200,items=150,per_user=30", *TINY)
+    common += ("--splits", "leave-last-n:1", "--train-args", TINY_TRAINER)
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}.json"
+        done = run(*common, "--jobs", jobs, "--json", str(out))
+        assert done.returncode == 0, done.stderr
+        tables.append(json.loads(out.read_text()))
+    one, two = (t["splits"]["leave-last-n:1"] for t in tables)
+    assert [r["seed"] for r in two["two_tower_runs"]] == [0, 1]
+    assert [r["test"] for r in two["two_tower_runs"]] == [r["test"] for r in one["two_tower_runs"]]
+    for name, figures in two["methods"].items():  # all but the baselines' fit times
+        assert figures["means"] == one["methods"][name]["means"]
+    assert tables[1]["machine"]["jobs"] == 2
+
+
 def test_no_applicable_split_measures_nothing_and_fails(tmp_path: Path) -> None:
     data = write_csv_log(tmp_path / "log")
     done = run("--data", str(data), "--source", "csv", "--splits", "seed-2003")

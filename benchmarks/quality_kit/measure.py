@@ -5,12 +5,17 @@ method by the same evaluation code, then issue 19's ratios and the training time
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from models.dataset import Dataset
 from models.evaluation import CI_RESAMPLES, CI_SEED, EvalResult, measurable_sets, run_baselines
@@ -97,38 +102,57 @@ def ratios(methods: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def train_seeds(
-    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig
+    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig, jobs: int = 1
 ) -> tuple[list[EvalResult], list[dict[str, Any]]]:
-    """One two-tower training per seed: each run's test result, and its record."""
-    runs, records = [], []
-    for seed in seeds:
-        start = time.perf_counter()
-        run = run_training(dataset, split.name, dataclasses.replace(config, seed=seed), None)
-        seconds = time.perf_counter() - start
-        runs.append(run.results["two_tower"])
-        records.append(
-            {
-                "seed": seed,
-                "seconds": seconds,
-                "best_epoch": run.trained.best_epoch,
-                "prior_weight": run.trained.prior_weight,
-                "prior_half_life_days": run.trained.prior_half_life_days,
-                "validation": run.validation,
-                "test": figures(runs[-1])["means"],
-            }
-        )
-        recall = runs[-1].means["recall@10"]
-        print(
-            f"{split.name} seed {seed}: recall@10 {recall:.4f} ({seconds:.0f} s)", file=sys.stderr
-        )
-    return runs, records
+    """One two-tower training per seed, `jobs` at a time (one process each, with this
+    process's torch threads): each run's test result, and its record, in seed order."""
+    if jobs <= 1 or len(seeds) == 1:
+        done = [train_seed(dataset, split.name, config, seed) for seed in seeds]
+    else:
+        # Spawned, not forked: a child forked from a process that has run torch's thread
+        # pool can hang in it. Each child gets the dataset pickled and the parent's threads.
+        context = multiprocessing.get_context("spawn")
+        threads = torch.get_num_threads()
+        with ProcessPoolExecutor(
+            min(jobs, len(seeds)), mp_context=context, initializer=_child, initargs=(threads,)
+        ) as pool:
+            done = list(pool.map(partial(train_seed, dataset, split.name, config), seeds))
+    return [run for run, _ in done], [record for _, record in done]
+
+
+def _child(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.getLogger().level, format="%(asctime)s %(name)s: %(message)s")
+
+
+def train_seed(
+    dataset: Dataset, split_name: str, config: TrainConfig, seed: int
+) -> tuple[EvalResult, dict[str, Any]]:
+    """One two-tower training: its test result and its record."""
+    start = time.perf_counter()
+    run = run_training(dataset, split_name, dataclasses.replace(config, seed=seed), None)
+    seconds = time.perf_counter() - start
+    result = run.results["two_tower"]
+    record = {
+        "seed": seed,
+        "seconds": seconds,
+        "best_epoch": run.trained.best_epoch,
+        "prior_weight": run.trained.prior_weight,
+        "prior_half_life_days": run.trained.prior_half_life_days,
+        "validation": run.validation,
+        "test": figures(result)["means"],
+    }
+    recall = result.means["recall@10"]
+    print(f"{split_name} seed {seed}: recall@10 {recall:.4f} ({seconds:.0f} s)", file=sys.stderr)
+    return result, record
 
 
 def measure(
-    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig
+    dataset: Dataset, split: Split, seeds: Sequence[int], config: TrainConfig, jobs: int = 1
 ) -> dict[str, Any]:
-    """One split: a two-tower training per seed, the baselines once, targets and times."""
-    runs, records = train_seeds(dataset, split, seeds, config)
+    """One split: a two-tower training per seed (`jobs` at a time), the baselines once,
+    targets and times."""
+    runs, records = train_seeds(dataset, split, seeds, config, jobs)
     ours = figures(seed_mean(runs))
     ours["seed_range"] = {
         m: [min(r["test"][m] for r in records), max(r["test"][m] for r in records)]
