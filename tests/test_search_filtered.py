@@ -121,7 +121,6 @@ def test_selector_skips_rows_past_the_mask() -> None:
     allowed = AllowedRows(np.array([False, True, False, True, True]))
     members = [i for i in range(16) if allowed.selector().is_member(i)]
     assert members == [1, 3, 4]
-    assert allowed.without(frozenset({3})).rows.tolist() == [1, 4]
     assert allowed.allowed_among(frozenset({0, 3, 4})) == 2
     assert isinstance(allowed.selector(), faiss.IDSelectorBitmap)
     matrix = torch.arange(10.0).reshape(5, 2)
@@ -129,6 +128,32 @@ def test_selector_skips_rows_past_the_mask() -> None:
     assert kept.tolist() == [[2.0, 3.0], [6.0, 7.0], [8.0, 9.0]]
     assert allowed.gathered(matrix) is kept  # gathered once per filter and matrix
     assert allowed.gathered(matrix.clone()) is not kept
+
+
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("share", (0.5, 0.1, 0.02, 0.001))
+def test_exact_top_is_the_brute_force_top_k_of_allowed_unexcluded_rows(
+    items: np.ndarray,
+    queries: np.ndarray,
+    share: float,
+    kept: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fill of a short ANN answer: gathered (kept or not) or FAISS's selector scan, each
+    # with seen rows among the allowed ones and the best of them excluded.
+    if not kept:
+        monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
+    index = FlatIndex(torch.from_numpy(items), screen="off")
+    allowed = _mask(share)
+    for vector in queries:
+        best = _brute(items, vector[None], allowed, 2 * K)[0]
+        exclude = frozenset(best[best >= 0][::2].tolist()) | {int(np.flatnonzero(~allowed.mask)[0])}
+        scores, rows = index.exact_top(vector, K, exclude, allowed)
+        mask = allowed.mask.copy()
+        mask[list(exclude)] = False
+        want = _brute(items, vector[None], AllowedRows(mask), K)[0]
+        assert rows == want[want >= 0].tolist()
+        assert np.allclose(scores, items[rows] @ vector, atol=1e-5)
 
 
 def test_retrieval_fills_k_allowed_unseen_items_from_a_coarse_graph(

@@ -81,15 +81,6 @@ class AllowedRows:
                     )
         return self._selector
 
-    def without(self, rows: frozenset[int]) -> AllowedRows:
-        """The same rows less `rows` (a query's seen items): a fresh object, for a fallback
-        scan."""
-        if not rows:
-            return self
-        mask = self.mask.copy()
-        mask[np.fromiter(rows, dtype=np.int64, count=len(rows))] = False
-        return AllowedRows(mask)
-
     def allowed_among(self, rows: frozenset[int]) -> int:
         """How many of `rows` are allowed."""
         if not rows:

@@ -95,9 +95,16 @@ class ItemIndex(ABC):
         `allowed`), rows in `exclude` left out: what fills a query an approximate index
         answered too few for. Fewer than `k` only when fewer rows qualify."""
         if allowed is not None:
-            best, rows = exact_allowed(self.matrix, vector[None], k, allowed.without(exclude))
-            found = rows[0] >= 0
-            return best[0][found].tolist(), rows[0][found].tolist()
+            # Deeper by the excluded rows it allows, then drop them: the filter's own bitmap
+            # and kept rows serve the scan (a mask without them would be built per query).
+            deeper = k + allowed.allowed_among(exclude)
+            best, rows = exact_allowed(self.matrix, vector[None], deeper, allowed)
+            kept = [
+                (score, row)
+                for score, row in zip(best[0].tolist(), rows[0].tolist(), strict=True)
+                if row >= 0 and row not in exclude
+            ][:k]
+            return [s for s, _ in kept], [r for _, r in kept]
         with torch.inference_mode():
             scores = self.matrix @ torch.from_numpy(vector)
             if exclude:
