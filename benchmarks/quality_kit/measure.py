@@ -110,19 +110,20 @@ def train_seeds(
         done = [train_seed(dataset, split.name, config, seed) for seed in seeds]
     else:
         # Spawned, not forked: a child forked from a process that has run torch's thread
-        # pool can hang in it. Each child gets the dataset pickled and the parent's threads.
+        # pool can hang in it. Each child gets the dataset pickled, the parent's threads and
+        # log level.
         context = multiprocessing.get_context("spawn")
-        threads = torch.get_num_threads()
+        settings = (torch.get_num_threads(), logging.getLogger().level)
         with ProcessPoolExecutor(
-            min(jobs, len(seeds)), mp_context=context, initializer=_child, initargs=(threads,)
+            min(jobs, len(seeds)), mp_context=context, initializer=_child, initargs=settings
         ) as pool:
             done = list(pool.map(partial(train_seed, dataset, split.name, config), seeds))
     return [run for run, _ in done], [record for _, record in done]
 
 
-def _child(threads: int) -> None:
+def _child(threads: int, level: int) -> None:
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.getLogger().level, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
 
 def train_seed(
