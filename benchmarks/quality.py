@@ -23,7 +23,6 @@ time of every run. JSON on stdout (and `--json`); the markdown table on stderr (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -116,12 +115,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def trainer_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The trainer options given (by their field's name), and the whole config."""
+    """The trainer options given (by their field's name). Each split records the whole
+    config it trained with: the defaults (the user tower first) follow the split's protocol."""
     given = given_options(args, TrainConfig)
     options = {path.rpartition(".")[2]: value for path, value in given.items()}
-    config = dataclasses.asdict(train_config(args))
-    config.pop("seed")
-    return {"train_args": args.train_args, "options": options, "config": config}
+    return {"train_args": args.train_args, "options": options}
 
 
 def load(args: argparse.Namespace) -> Dataset:
@@ -184,7 +182,7 @@ def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str])
         table["splits"][spec] = (
             {"applicable": False, "protocol": protocol(spec), "reason": split}
             if isinstance(split, str)
-            else measure(dataset, split, seeds, train_config(args), args.jobs)
+            else measure(dataset, split, seeds, train_config(args, spec), args.jobs)
         )
     table["pass"] = passed(table["splits"])
     return table

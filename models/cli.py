@@ -38,9 +38,11 @@ def add_tower_args(p: argparse.ArgumentParser) -> None:
     add_options(group, TowerConfig, prefix="tower.", note=_preset_note)
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The options given, over the defaults of the user tower asked for."""
-    return TrainConfig.create(**given_options(args, TrainConfig))
+def train_config(args: argparse.Namespace, split: str | None = None) -> TrainConfig:
+    """The options given, over the defaults of the user tower asked for (none asked: the
+    default of `split`'s protocol; by default `args.split`)."""
+    split = split if split is not None else getattr(args, "split", None)
+    return TrainConfig.create(split, **given_options(args, TrainConfig))
 
 
 def parser() -> argparse.ArgumentParser:

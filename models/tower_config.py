@@ -35,7 +35,8 @@ class TowerConfig:
         "fields",
         "fields: every feature and the pooled history as fields of an MLP, trained one example "
         "per interaction; sequence: a causal transformer over the history, every position "
-        "trained to predict the next item (its own defaults: models.train_config.PRESETS)",
+        "trained to predict the next item (its own defaults: models.train_config.PRESETS). "
+        "Unless given: sequence on a next-item split (leave-last-n:N), fields otherwise",
     )
     blocks: int = option(2, "the sequential tower's transformer blocks")
     heads: int = option(2, "the sequential tower's attention heads (must divide field_dim)")

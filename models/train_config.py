@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from models.options import option
+from models.splits import is_next_item
 from models.towers import TowerConfig
 
 LossName = Literal["softmax", "bce", "hinge", "logistic"]
@@ -140,10 +141,12 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA when present), cpu, cuda:0, ...")
 
     @classmethod
-    def create(cls, **given: Any) -> TrainConfig:
+    def create(cls, split: str | None = None, **given: Any) -> TrainConfig:
         """A config from `{dotted field path: value}` (`tower.field_dim`...) over the
-        defaults of the user tower asked for (`PRESETS`)."""
-        user_tower = given.get("tower.user_tower", TowerConfig().user_tower)
+        defaults of the user tower asked for (`PRESETS`); with none asked for, that of the
+        protocol of `split` (`default_user_tower`)."""
+        user_tower = given.get("tower.user_tower", default_user_tower(split))
+        given = given | {"tower.user_tower": user_tower}
         values = PRESETS[user_tower] | given
         tower = {k.removeprefix("tower."): v for k, v in values.items() if k.startswith("tower.")}
         rest = {k: v for k, v in values.items() if not k.startswith("tower.")}
@@ -212,6 +215,14 @@ class TrainConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available here")
         return device
+
+
+def default_user_tower(split: str | None) -> str:
+    """The user tower a run trains unless told: the one that won the validation of the
+    split's protocol on ML-1M ("Retrieval quality" in the README). On a next-item split
+    (`leave-last-n:N`) the sequential tower (validation NDCG@10 several times the field
+    tower's); on a time split, or none (a production run), the field tower."""
+    return "sequence" if split is not None and is_next_item(split) else TowerConfig().user_tower
 
 
 # Defaults that differ by user tower, as `TrainConfig.create` takes them. The sequential

@@ -352,6 +352,23 @@ def test_the_sequence_tower_brings_its_own_defaults_and_given_options_win() -> N
     assert fields == TrainConfig() and fields.batch_size == 512
 
 
+def test_the_default_user_tower_follows_the_splits_protocol() -> None:
+    def config(*extra: str) -> TrainConfig:
+        return train_config(parser().parse_args(["train", "--data", "synthetic", *extra]))
+
+    # Next-item: the sequential tower with its own defaults; a time split or none: fields.
+    assert config("--split", "leave-last-n:1") == TrainConfig.create(
+        **{"tower.user_tower": "sequence"}
+    )
+    assert config("--split", "leave-last-n:2").history_length == 200
+    for split in ("last-10pct", "seed-2003", "none"):
+        assert config("--split", split) == TrainConfig()
+    # A tower asked for wins, with its own defaults.
+    assert config("--split", "leave-last-n:1", "--user-tower", "fields") == TrainConfig()
+    chosen = config("--split", "none", "--user-tower", "sequence")
+    assert chosen.tower.user_tower == "sequence" and chosen.negatives == "all"
+
+
 def test_a_bad_option_value_is_a_clear_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parser().parse_args(["train", "--data", "synthetic", "--hidden", "64,x"])

@@ -48,7 +48,12 @@ def test_every_split_method_metric_interval_ratio_and_target(tmp_path: Path) -> 
     assert table["seeds"] == [0, 1]
     assert table["trainer"]["train_args"] == TINY_TRAINER
     assert table["trainer"]["options"] == {"epochs": 1, "batch_size": 256, "popularity_prior": 0}
-    assert table["trainer"]["config"]["popularity_prior"] == 0
+    # Each split's config: the options given over its protocol's default user tower.
+    configs = {spec: split["trainer_config"] for spec, split in table["splits"].items()}
+    towers = {spec: config["tower"]["user_tower"] for spec, config in configs.items()}
+    assert towers == {"leave-last-n:1": "sequence", "last-10pct": "fields", "seed-2003": "fields"}
+    for config in configs.values():
+        assert (config["popularity_prior"], config["epochs"], config["batch_size"]) == (0, 1, 256)
     for split in table["splits"].values():
         assert split["applicable"] and split["protocol"]["name"]
         methods = split["methods"]
@@ -184,7 +189,7 @@ def test_no_applicable_split_measures_nothing_and_fails(tmp_path: Path) -> None:
 def test_runs_with_other_settings_do_not_render_as_one_table(tmp_path: Path) -> None:
     paths = []
     for seeds in ([0, 1, 2], [0]):
-        table = {"data": {"source": "x"}, "seeds": seeds, "trainer": {"config": {}}, "splits": {}}
+        table = {"data": {"source": "x"}, "seeds": seeds, "trainer": {"options": {}}, "splits": {}}
         paths.append(tmp_path / f"{len(seeds)}.json")
         paths[-1].write_text(json.dumps(table | {"command": "c", "commit": None}))
     done = run("--render", *map(str, paths))

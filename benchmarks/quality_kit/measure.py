@@ -167,9 +167,12 @@ def measure(
     longest = max(r["seconds"] for r in records)
     training = {"seconds": [r["seconds"] for r in records], "limit_seconds": MAX_TRAIN_SECONDS}
     training["pass"] = longest <= MAX_TRAIN_SECONDS
+    trainer = dataclasses.asdict(config)
+    trainer.pop("seed")
     out = {
         "applicable": True,
         "protocol": protocol(split.name),
+        "trainer_config": trainer,  # the options given over this split's defaults
         "split": split.summary(),
         "n_test_users": len(runs[0].user_ids),  # evaluated: with an item not seen in train
         "methods": methods,

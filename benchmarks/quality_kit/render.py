@@ -42,7 +42,7 @@ def merge(tables: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     merged = dict(tables[0])
     for other in tables[1:]:
         differ = [k for k in ("data", "seeds") if other[k] != merged[k]]
-        if other["trainer"]["config"] != merged["trainer"]["config"]:
+        if other["trainer"] != merged["trainer"]:
             differ.append("trainer options")
         if differ:
             raise ValueError(f"the runs differ in {', '.join(differ)}: not one table")
@@ -98,7 +98,7 @@ def _summary_row(spec: str, s: Mapping[str, Any]) -> str:
 
 def _split_table(spec: str, s: Mapping[str, Any]) -> list[str]:
     return [
-        f"### `{spec}` ({s['protocol']['name']})",
+        f"### `{spec}` ({s['protocol']['name']}; {_tower(s)})",
         "",
         *_method_rows(s),
         "",
@@ -106,6 +106,11 @@ def _split_table(spec: str, s: Mapping[str, Any]) -> list[str]:
         "",
         _ratio_line(s["ratios"]),
     ]
+
+
+def _tower(s: Mapping[str, Any]) -> str:
+    config = s.get("trainer_config")  # absent from JSON saved before 2026-12-06
+    return "user tower: " + (config["tower"]["user_tower"] if config else "see the trainer")
 
 
 def _method_rows(s: Mapping[str, Any]) -> list[str]:
