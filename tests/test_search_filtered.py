@@ -5,7 +5,9 @@ exactly k allowed unseen items from an approximate index too."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -115,6 +117,33 @@ def test_ann_returns_only_allowed_rows_with_high_recall(
     hits = sum(len(set(r[r >= 0]) & set(w[w >= 0])) for r, w in zip(rows, want, strict=True))
     if paths == "chosen" or share >= ANN_MIN_SHARE:  # where the selector serves
         assert hits >= 0.95 * (want >= 0).sum()
+
+
+def test_a_short_filtered_answer_is_searched_deeper_before_any_exact_fill(
+    items: np.ndarray, queries: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)  # the selector, not a scan
+    config = IndexConfig(kind="hnsw", hnsw_m=16, hnsw_ef_search=64)
+    index = FaissIndex(build_faiss_index(items, config), items, "hnsw")
+    # The first answer comes back short, as the 1M benchmark's clustered category filter's
+    # does for ~3 % of queries; each search's efSearch is recorded.
+    search, ef_searches = index.faiss.search, []
+
+    def short_once(vectors: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        ef_searches.append(params.efSearch)
+        scores, rows = search(vectors, k, params=params)
+        if len(ef_searches) == 1:
+            scores[:, -1], rows[:, -1] = -np.inf, -1
+        return scores, rows
+
+    index.faiss.search = short_once
+    allowed = AllowedRows(np.random.default_rng(2).random(N) < 0.4)
+    scores, rows = index.search(queries, K, allowed)
+    depth = max(config.hnsw_ef_search, K)  # searched as deep in allowed items as unfiltered
+    deeper = math.ceil(depth * faiss_index.RETRY_DEPTHS[0] / allowed.share)
+    assert ef_searches == [math.ceil(depth / allowed.share), deeper]
+    assert (rows >= 0).all() and allowed.mask[rows].all()  # the retry answered in full
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
 def test_selector_skips_rows_past_the_mask() -> None:
