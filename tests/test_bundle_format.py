@@ -169,6 +169,42 @@ def format_1(run: TrainingRun, tmp_path_factory: pytest.TempPathFactory) -> Path
     return export_bundle(run.trained, root, rec.item_matrix, inputs, {}, format_version=1)
 
 
+def _mapped_from(path: Path, tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s memory lies in a mapping of the file `path` (Linux's maps)."""
+    ptr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= ptr < high:
+            return name.strip() == str(path)
+    return False
+
+
+def test_the_big_tables_stay_in_the_files_memory_map_and_serve_alike(
+    run: TrainingRun, model: ServingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tables of 1M+ elements stay mapped (here: every weight of 64+, the id table among them);
+    # the rest are copied out. The towers answer exactly as fully copied ones.
+    from models import tower_format
+
+    assert run.bundle is not None
+    path = run.bundle / b.TOWERS_WEIGHTS
+    monkeypatch.setattr(tower_format, "MAPPED_MIN_ELEMENTS", 64)
+    mapped = ServingModel.load(run.bundle, IndexConfig())
+    weights = load_file(path)
+    table = "user.tower.body.fields.history.item_embedding.weight"
+    assert weights[table].numel() >= 64
+    name = table.removeprefix("user.")
+    assert _mapped_from(path, dict(mapped.tower.named_parameters())[name])
+    assert not _mapped_from(path, dict(model.tower.named_parameters())[name])
+    ids = list(model.item_ids[:5])
+    np.testing.assert_array_equal(
+        mapped.embed_items(raw_items(ids), ids), model.embed_items(raw_items(ids), ids)
+    )
+    features, history = [{}, {}], [ids[:3], []]
+    np.testing.assert_array_equal(mapped.encode(features, history), model.encode(features, history))
+
+
 def test_a_format_1_bundle_has_the_earlier_layout(format_1: Path) -> None:
     manifest = json.loads((format_1 / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and "tower_format" not in manifest
