@@ -198,6 +198,11 @@ class TrainConfig:
                 "hard_negatives applies to the sequential user tower with sampled negatives "
                 "(the full softmax, negatives 'all', already scores every item)"
             )
+        if self.length_window and self.tower.user_tower != "sequence":
+            raise ValueError(
+                "length_window applies to the sequential user tower (the field tower's "
+                "examples are single interactions, all of one length)"
+            )
         self.resolved_device()  # a device this machine does not have
 
     @property

@@ -303,6 +303,12 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
 
 
+def test_length_grouping_needs_the_sequence_tower() -> None:
+    with pytest.raises(ValueError, match="length_window applies to the sequential"):
+        TrainConfig(length_window=50)
+    assert TrainConfig(tower=SEQUENCE, length_window=50).length_window == 50
+
+
 def test_hard_negatives_need_the_sequence_tower_and_sampled_negatives() -> None:
     with pytest.raises(ValueError, match="hard_negatives"):
         TrainConfig(tower=SEQUENCE, negatives="all", hard_negatives=5)
