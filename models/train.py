@@ -165,17 +165,20 @@ class Trainer:
         order = world.shard(self.task.epoch_order(self.rng, cfg.batch_size))
         if world.size > 1:
             log.info("epoch %d: rank %d trains on %d examples", epoch, world.rank, len(order))
-        total = 0.0
+        # Summed where the loss is: reading it back each step would wait for a GPU.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = range(0, len(order), cfg.batch_size)
         quiet = None if world.is_main else True  # one progress bar, not one per process
+        dtype = cfg.autocast_dtype(self.device)
         for start in tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=quiet):
-            loss = self.step(order[start : start + cfg.batch_size])
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = self.step(order[start : start + cfg.batch_size])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += loss.item()
-        total, count = world.sum([total, len(steps)])
-        return total / count
+            total += loss.detach()
+        summed, count = world.sum([float(total), len(steps)])
+        return summed / count
 
     def result(self, history: list[dict[str, float]], best_epoch: int) -> TrainedModel:
         self.model.eval()

@@ -20,6 +20,7 @@ LossName = Literal["softmax", "bce", "hinge", "logistic"]
 NegativesName = Literal["in-batch", "uniform", "popularity", "mixed", "all"]
 HistoryMode = Literal["before", "latest"]
 ValidationMetric = Literal["recall@50", "pooled_recall@50", "recall@10", "ndcg@10", "ndcg@50"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 # Shared sampled negatives per batch of the softmax when `num_negatives` is 0.
 DEFAULT_SOFTMAX_NEGATIVES = 1024
@@ -139,6 +140,13 @@ class TrainConfig:
     )
     seed: int = option(0, "seeds every random draw of the run")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda:0, ...")
+    precision: Precision = option(
+        "auto",
+        "training arithmetic: bf16 (mixed precision: each step's forward and loss under "
+        "torch.autocast to bfloat16; weights, gradients and the optimiser stay float32), fp32, "
+        "or auto: bf16 on a CUDA device that has it, fp32 elsewhere (CPUs without bfloat16 "
+        "units run it slower than fp32)",
+    )
 
     @classmethod
     def create(cls, split: str | None = None, **given: Any) -> TrainConfig:
@@ -159,6 +167,7 @@ class TrainConfig:
             ("negatives", get_args(NegativesName)),
             ("history_mode", get_args(HistoryMode)),
             ("validation_metric", get_args(ValidationMetric)),
+            ("precision", get_args(Precision)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}")
@@ -209,6 +218,15 @@ class TrainConfig:
     def softmax_negatives(self) -> int:
         """Sampled negatives the softmax adds to a batch (with a sampled `negatives` kind)."""
         return self.num_negatives or DEFAULT_SOFTMAX_NEGATIVES
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype a training step's forward runs in under autocast on `device`; None:
+        float32 throughout."""
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -122,6 +122,8 @@ def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> Non
         own = log.items[log.users == user]
         expected = own[-6:] + 1  # history_length + 1 items: inputs and their next items
         assert task.sequences(np.array([user]))[0].tolist() == expected.tolist()
+    # What batches are gathered from, held on the model's device: every example's sequence.
+    np.testing.assert_array_equal(task.examples.numpy(), task.sequences(task.users))
     short = dataset.interactions[dataset.interactions["user_id"] == "u0"].head(3)
     task = sequence_task(Trainer(dataset, short, config))
     assert task.sequences(np.array([0]))[0].tolist()[:3] == [0, 0, 0]
@@ -171,10 +173,11 @@ def test_dropping_the_batch_wide_padding_leaves_the_loss_as_it_was() -> None:
     task = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(history_length=60)))
     task.model.eval()  # no dropout: the same inputs give the same loss
     batch = np.arange(8)
-    seqs = torch.from_numpy(task.sequences(task.users[batch]))
+    examples = torch.from_numpy(batch)
+    seqs = task.examples[examples].long()  # the full width, padding included
     assert (seqs[:, :10] == 0).all()  # the users here have 25 items at most
     inputs, targets = seqs[:, :-1], seqs[:, 1:]
-    outputs = task.tower.sequence(task.user_features(task.users[batch]), inputs)
+    outputs = task.tower.sequence(task.example_features(examples), inputs)
     wanted = inputs > 0
     full = task._softmax(outputs[wanted], targets[wanted] - 1)
     torch.testing.assert_close(task.loss(batch), full, rtol=1e-5, atol=1e-6)
@@ -263,6 +266,24 @@ def test_sampled_softmax_trains_the_sequence_tower(negatives: str) -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"negatives": "mixed", "num_negatives": 16, "hard_negatives": 3}],
+)
+def test_mixed_precision_trains_the_sequence_tower_as_float32_does(
+    overrides: dict[str, object],
+) -> None:
+    dataset = cycle_dataset(n_users=60)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = sequence_config(epochs=4, batch_size=16, precision=precision, **overrides)
+        trained = Trainer(dataset, dataset.interactions, config).fit()
+        losses[precision] = [record["loss"] for record in trained.history]
+    assert losses["bf16"][-1] < losses["bf16"][0] - 0.5, losses
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)
+    assert losses["bf16"] != losses["fp32"]  # and it did run in bfloat16
+
+
 def test_the_full_softmax_refuses_a_catalogue_too_large_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -296,8 +317,9 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         taken = set(log.items[log.users == user].tolist())
         assert not taken & set(mined[example].tolist())
         latest = torch.from_numpy(task.sequences(np.array([user]))[:, 1:])
+        features = task.example_features(torch.tensor([example]))
         with torch.no_grad():
-            vector = task.tower.encode(task.user_features(np.array([user])), latest, 1)[0, 0]
+            vector = task.tower.encode(features, latest, 1)[0, 0]
         scores = vector.numpy() @ items.T
         scores[list(taken)] = -np.inf
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())

@@ -30,6 +30,33 @@ def test_device_auto_is_cuda_only_when_present() -> None:
     assert {p.device.type for p in trainer.model.parameters()} == {expected}
 
 
+def test_precision_auto_is_bf16_only_on_a_cuda_device_that_has_it() -> None:
+    cpu = torch.device("cpu")
+    assert TrainConfig().autocast_dtype(cpu) is None  # fp32 on a CPU unless asked
+    assert TrainConfig(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        assert TrainConfig().autocast_dtype(torch.device("cuda")) == expected
+    assert TrainConfig(precision="fp32").autocast_dtype(torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")  # type: ignore[arg-type]
+
+
+def test_mixed_precision_trains_as_float32_does_with_float32_weights() -> None:
+    # bf16 autocast runs on a CPU too: the same run in both precisions learns alike.
+    dataset = small_dataset()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = fast_config(epochs=4, precision=precision, negatives="mixed", num_negatives=16)
+        trainer = Trainer(dataset, dataset.interactions, config)
+        runs[precision] = [record["loss"] for record in trainer.fit().history]
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert bf16[-1] < bf16[0] - 0.1, bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0.02)
+    assert bf16 != fp32  # and it did run in bfloat16
+
+
 def train_with_seed(seed: int) -> TrainedModel:
     dataset = small_dataset()
     # Every source of randomness is in play: init, shuffling, dropout, sampled negatives.
