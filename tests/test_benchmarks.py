@@ -232,3 +232,22 @@ def test_deletions_benchmark_times_exclusions_against_the_mask(tmp_path: Path) -
                     assert set(row[batch]) == {"exclude", "mask"}
                     assert all(ms > 0 for ms in row[batch].values())
     assert report["hnsw"]["filter 0.1"]["600"]["combine_ms"] >= 0
+
+
+def test_train_epoch_benchmark_times_each_run_in_both_precisions(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "train_epoch.py"
+    out = tmp_path / "epochs.json"
+    args = ["--data", "synthetic:seed=1,users=120,items=200", "--epochs", "2", "--threads", "1"]
+    args += ["--runs", "cpu:fp32,cpu:bf16", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["real_data"] is False and report["split"] == "leave-last-n:1"
+    fp32, bf16 = report["runs"]["cpu:fp32"], report["runs"]["cpu:bf16"]
+    for run in (fp32, bf16):
+        assert run["user_tower"] == "sequence"  # the next-item protocol's default
+        assert len(run["epoch_s"]) == 2 and all(s > 0 for s in run["epoch_s"])
+        assert len(run["loss"]) == 2 and run["loss"][1] < run["loss"][0]
+    assert fp32["loss"] != bf16["loss"]  # each ran in its own arithmetic
