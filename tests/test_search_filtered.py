@@ -190,19 +190,30 @@ def test_retrieval_fills_k_allowed_unseen_items_from_a_coarse_graph(
 ) -> None:
     monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)  # the selector at any share
     monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
+    # efSearch never widened past the depth asked for: a filtered search finds about
+    # share x depth allowed rows, too few.
+    monkeypatch.setattr("app.search.faiss_index.MAX_FILTERED_EF", 1)
     model = ServingModel.load(model_dir / read_latest(model_dir), IndexConfig())
     rng = np.random.default_rng(4)
     wide = rng.standard_normal((N, model.dim)).astype(np.float32)
     wide /= np.linalg.norm(wide, axis=1, keepdims=True)
     vectors = rng.standard_normal((6, model.dim)).astype(np.float32)
     # efSearch 1 on a graph of degree 4: the selector's answers fall short, the exact
-    # fallback fills them.
+    # fallback fills them (and equals the exact search).
     config = IndexConfig(kind="hnsw", hnsw_m=4, hnsw_ef_search=1, hnsw_ef_construction=4)
     ids = tuple(f"x{i}" for i in range(N))
     hnsw = dataclasses.replace(
         model, index=FaissIndex(build_faiss_index(wide, config), wide, "hnsw"), item_ids=ids
     )
     flat = dataclasses.replace(model, index=FlatIndex(torch.from_numpy(wide)), item_ids=ids)
+    fills = []
+    real_fill = FaissIndex.exact_top
+
+    def counted_fill(self: FaissIndex, *args: Any, **kwargs: Any) -> Any:
+        fills.append(args[1])
+        return real_fill(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaissIndex, "exact_top", counted_fill)
     for share in (0.5, 0.1, 0.01):
         allowed = _mask(share, seed=3)
         seen = frozenset(allowed.rows[:20].tolist()) | {0, 1, 2}
@@ -212,6 +223,8 @@ def test_retrieval_fills_k_allowed_unseen_items_from_a_coarse_graph(
             assert len(got) == len(want) == 60
             rows = [int(item[1:]) for item, _ in got]
             assert allowed.mask[rows].all() and not set(rows) & seen
+            assert [item for item, _ in got] == [item for item, _ in want]  # filled exactly
+    assert len(fills) == 3 * len(vectors)  # the graph did answer short, and the exact fill ran
 
 
 def _compiled(allowed: AllowedRows) -> CompiledFilter:
