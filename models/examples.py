@@ -71,20 +71,11 @@ class InteractionLog:
     def histories(
         self, ends: np.ndarray, starts: np.ndarray, length: int, skip: np.ndarray | None = None
     ) -> np.ndarray:
-        """History matrix `(B, length)`: item rows + 1 before `ends`, newest first, 0-padded.
-
-        `skip` (`(B,)` event indices) leaves one event out of each row (the older ones move up).
-        """
-        if skip is None:
-            positions = ends[:, None] - 1 - np.arange(length)[None, :]
-        else:
-            positions = ends[:, None] - 1 - np.arange(length + 1)[None, :]
-            keep = positions != skip[:, None]
-            # Stable sort of the kept positions to the front drops the skipped one.
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :length]
-            positions = np.take_along_axis(positions, order, axis=1)
-        valid = positions >= starts[:, None]
-        return np.where(valid, self.items[np.clip(positions, 0, None)] + 1, 0)
+        """History matrix `(B, length)`: item rows + 1 before `ends`, newest first, 0-padded
+        (`history_rows` over this log's items)."""
+        items, ends_t, starts_t = (as_tensor(a) for a in (self.items, ends, starts))
+        skipped = None if skip is None else as_tensor(skip)
+        return history_rows(items, ends_t, starts_t, length, skipped).numpy()
 
     def user_histories(self, length: int) -> np.ndarray:
         """Each user's latest `length` items (as of the end of the log), `(n_users, length)`."""
@@ -175,6 +166,32 @@ def encode_table(
     encoded = encoder.encode_columns(columns, None, batch_size=len(ids))
     encoded.pop(HISTORY, None)
     return {name: torch.from_numpy(values) for name, values in encoded.items()}
+
+
+def history_rows(
+    items: Tensor, ends: Tensor, starts: Tensor, length: int, skip: Tensor | None = None
+) -> Tensor:
+    """History matrix `(B, length)`: the rows + 1 of `items` (a user-grouped log's, `(N,)`)
+    at the events before each of `ends` and from `starts` on (`(B,)`), newest first,
+    0-padded; on the device the tensors are on.
+
+    `skip` (`(B,)` event indices) leaves one event out of each row (the older ones move up).
+    """
+    steps = torch.arange(length if skip is None else length + 1, device=ends.device)
+    positions = ends.unsqueeze(1) - 1 - steps
+    if skip is not None:
+        dropped = (positions == skip.unsqueeze(1)).to(torch.uint8)
+        # A stable sort of the kept positions to the front drops the skipped one.
+        order = torch.argsort(dropped, dim=1, stable=True)[:, :length]
+        positions = positions.gather(1, order)
+    valid = positions >= starts.unsqueeze(1)
+    return torch.where(valid, items[positions.clamp(min=0)] + 1, 0)
+
+
+def as_tensor(array: np.ndarray) -> Tensor:
+    """A tensor over `array`'s memory, copied first only when it is read-only (a pandas
+    column's view), which torch cannot share."""
+    return torch.from_numpy(np.require(array, requirements="W"))
 
 
 def gather(table: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

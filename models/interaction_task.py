@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.distill import DistillationLoss, TeacherTargets, ease_targets
-from models.examples import gather
+from models.examples import as_tensor, gather, history_rows
 from models.features import HISTORY
 from models.losses import (
     BinaryCrossEntropyLoss,
@@ -39,8 +39,9 @@ from models.task import ItemRows, TrainingData, example_probabilities, positive_
 from models.towers import TwoTower
 from models.train_config import LossName, TrainConfig
 
-# The scores of one batch whose user vectors are `(B, D)`: (examples, targets, users) -> loss.
-Objective = Callable[[np.ndarray, np.ndarray, Tensor], Tensor]
+# The scores of one batch whose user vectors are `(B, D)`: (examples, targets, users) -> loss;
+# the examples and their target events are indices into the log, on the model's device.
+Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def per_example_loss(loss: LossName, logits: Logits) -> nn.Module | None:
@@ -76,8 +77,20 @@ class InteractionTask:
         device: torch.device,
     ) -> None:
         self.model, self.log, self.config, self.device = model, data.log, config, device
-        self.user_table, self.n_items = data.user_table, data.n_items
+        self.n_items = data.n_items
         self.generator, self.rng = generator, rng
+        # The log and the users' attributes, held where the model is: a batch's features and
+        # histories are gathered there, with no per-batch assembly on the CPU and copy to a
+        # GPU. History dropout draws there too, from a generator seeded by the run's.
+        log = data.log
+        self.events = {
+            name: as_tensor(values).to(device)
+            for name, values in (("items", log.items), ("users", log.users),
+                                 ("user_start", log.user_start),
+                                 ("history_end", log.history_end), ("user_end", log.user_end))
+        }  # fmt: skip
+        self.user_table = {k: v.to(device) for k, v in data.user_table.items()}
+        self.dropout_generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         self.items = ItemRows(model, data, device)
         self.example_probs = example_probabilities(self.log, config.user_balance)
         logq = positive_log_q(data, config.target_window, self.example_probs)
@@ -121,12 +134,14 @@ class InteractionTask:
 
     def loss(self, batch: np.ndarray) -> Tensor:
         """The loss of a batch of event indices into the log, distillation included."""
-        targets = self.targets(batch)
-        users = self.model.user_tower(self.user_features(batch, targets))
-        loss = self.objective(batch, targets, users)
+        drawn = self.targets(batch)
+        examples = torch.from_numpy(batch).to(self.device)
+        targets = examples if drawn is batch else torch.from_numpy(drawn).to(self.device)
+        users = self.model.user_tower(self.user_features(examples, targets))
+        loss = self.objective(examples, targets, users)
         if self.teacher is None:
             return loss
-        return loss + self.config.distill_weight * self._distill(batch, users)
+        return loss + self.config.distill_weight * self._distill(examples, users)
 
     def targets(self, batch: np.ndarray) -> np.ndarray:
         """Event indices whose items are the batch's positives (`InteractionLog.draw_targets`:
@@ -134,97 +149,108 @@ class InteractionTask:
         over a horizon, not only next)."""
         return self.log.draw_targets(batch, self.config.target_window, self.rng)
 
-    def user_features(self, batch: np.ndarray, targets: np.ndarray) -> dict[str, Tensor]:
-        """The user tower's inputs for a batch of examples whose positives are `targets`."""
-        log_, length = self.log, self.config.history_length
-        feats = gather(self.user_table, torch.from_numpy(log_.users[batch]))
+    def user_features(self, examples: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """The user tower's inputs for `examples` whose positives are the events `targets`
+        (both indices into the log, on the model's device)."""
+        events, length = self.events, self.config.history_length
+        users = events["users"][examples]
+        feats = gather(self.user_table, users)
         if length:
-            starts = log_.user_start[batch]
+            items, starts = events["items"], events["user_start"][examples]
             if self.config.history_mode == "latest":
-                ends = log_.user_end[log_.users[batch]]
-                hist = log_.histories(ends, starts, length, skip=targets)
+                ends = events["user_end"][users]
+                hist = history_rows(items, ends, starts, length, skip=targets)
             else:
-                hist = log_.histories(log_.history_end[batch], starts, length)
+                hist = history_rows(items, events["history_end"][examples], starts, length)
             if self.config.history_dropout > 0:
-                hist = np.where(self.rng.random(hist.shape) < self.config.history_dropout, 0, hist)
+                draws = torch.rand(hist.shape, generator=self.dropout_generator, device=hist.device)
+                hist = hist.masked_fill(draws < self.config.history_dropout, 0)
                 # Close the gaps, newest first, as serving encodes a shorter history (encoders
                 # that read positions, like the transformer's newest slot, see no holes).
-                hist = np.take_along_axis(hist, np.argsort(hist == 0, axis=1, kind="stable"), 1)
-            feats[HISTORY] = torch.from_numpy(hist)
-        return {k: v.to(self.device) for k, v in feats.items()}
+                order = torch.argsort((hist == 0).to(torch.uint8), dim=1, stable=True)
+                hist = hist.gather(1, order)
+            feats[HISTORY] = hist
+        return feats
 
-    def seen(self, batch: np.ndarray, candidates: Tensor) -> Tensor | None:
+    def seen(self, examples: Tensor, candidates: Tensor) -> Tensor | None:
         """`(B, C)` bool: candidate rows each example's user has in the training log (None
-        unless `mask_seen_negatives`)."""
+        unless `mask_seen_negatives`; looked up on the CPU)."""
         if not self.config.mask_seen_negatives:
             return None
-        keys = self.log.users[batch][:, None] * self.n_items + candidates.numpy()[None, :]
+        users = self.log.users[examples.cpu().numpy()]
+        keys = users[:, None] * self.n_items + candidates.cpu().numpy()[None, :]
         found = np.searchsorted(self.user_items, keys).clip(max=len(self.user_items) - 1)
         return torch.from_numpy(self.user_items[found] == keys).to(self.device)
 
-    def _full_softmax(self, batch: np.ndarray, targets: np.ndarray, users: Tensor) -> Tensor:
+    def _full_softmax(self, examples: Tensor, targets: Tensor, users: Tensor) -> Tensor:
         """Cross-entropy over the whole catalogue, the users' other own items masked out if
         `mask_seen_negatives`."""
-        pos_rows = torch.from_numpy(self.log.items[targets])
-        everything = torch.arange(self.n_items)
+        pos_rows = self.events["items"][targets]
+        everything = self.items.all_rows
         logits = self.model.logits(users @ self.items(everything).T)
-        seen = self.seen(batch, everything)
+        seen = self.seen(examples, everything)
         if seen is not None:
-            seen[torch.arange(len(batch)), pos_rows] = False
+            seen[torch.arange(len(examples), device=seen.device), pos_rows] = False
             logits = logits.masked_fill(seen, torch.finfo(logits.dtype).min)
-        return F.cross_entropy(logits, pos_rows.to(self.device))
+        return F.cross_entropy(logits, pos_rows)
 
-    def _sampled_softmax(self, batch: np.ndarray, targets: np.ndarray, users: Tensor) -> Tensor:
+    def _sampled_softmax(self, examples: Tensor, targets: Tensor, users: Tensor) -> Tensor:
         """The batch's positives as one another's negatives, plus the shared sampled ones."""
-        pos_rows = torch.from_numpy(self.log.items[targets])
+        pos_rows = self.events["items"][targets]
         positives = self.items(pos_rows)
-        pos_ids = pos_rows.to(self.device)
-        pos_logq = self.in_batch_logq[pos_ids]
+        pos_logq = self.in_batch_logq[pos_rows]
         if self.config.negatives == "in-batch":
-            seen = self.seen(batch, pos_rows)
-            return self.softmax(users, positives, pos_ids, pos_logq, seen=seen)
+            seen = self.seen(examples, pos_rows)
+            return self.softmax(users, positives, pos_rows, pos_logq, seen=seen)
         rows, logq = self._negative_rows(self.config.softmax_negatives, pos_rows)
         return self.softmax(
             users,
             positives,
-            pos_ids,
+            pos_rows,
             pos_logq,
             self.items(rows),
-            rows.to(self.device),
-            logq.to(self.device),
-            seen=self.seen(batch, torch.cat([pos_rows, rows])),
+            rows,
+            logq,
+            seen=self.seen(examples, torch.cat([pos_rows, rows])),
         )
 
-    def _per_example(self, batch: np.ndarray, targets: np.ndarray, users: Tensor) -> Tensor:
+    def _per_example(self, examples: Tensor, targets: Tensor, users: Tensor) -> Tensor:
         """Each positive against its own `num_negatives` (at least 1) negatives."""
         assert self.per_example is not None
-        pos_rows = torch.from_numpy(self.log.items[targets])
+        pos_rows = self.events["items"][targets]
         positives = self.items(pos_rows)
         k = max(self.config.num_negatives, 1)
-        rows, _ = self._negative_rows(len(batch) * k, pos_rows)
-        negatives = self.items(rows).view(len(batch), k, -1)
-        valid = (rows.view(len(batch), k) != pos_rows.unsqueeze(1)).to(self.device)
+        rows, _ = self._negative_rows(len(examples) * k, pos_rows)
+        negatives = self.items(rows).view(len(examples), k, -1)
+        valid = rows.view(len(examples), k) != pos_rows.unsqueeze(1)
         return self.per_example(users, positives, negatives, valid)
 
     def _negative_rows(self, n: int, positives: Tensor) -> tuple[Tensor, Tensor]:
-        """`n` negative rows and their log q: the batch's positives drawn again (`in-batch`),
-        the sampler's, or (`mixed`, per-example losses) half of each."""
+        """`n` negative rows and their log q, on the model's device: the batch's positives
+        drawn again (`in-batch`), the sampler's, or (`mixed`, per-example losses) half of
+        each. (The draws come from the run's CPU generator: a few thousand indices a step.)"""
         neg = self.config.negatives
         if neg == "in-batch" or (neg == "mixed" and self.per_example is not None):
             picks = torch.randint(len(positives), (n,), generator=self.generator)
-            rows = positives[picks]
-            inb = rows, self.in_batch_logq[rows.to(self.device)].cpu()
+            rows = positives[picks.to(self.device)]
             if neg == "in-batch":
-                return inb
+                return rows, self.in_batch_logq[rows]
             assert self.sampler is not None
-            half = self.sampler.sample(n - n // 2)
-            return torch.cat([inb[0][: n // 2], half[0]]), torch.cat([inb[1][: n // 2], half[1]])
+            sampled, sampled_logq = self.sampler.sample(n - n // 2)
+            kept = rows[: n // 2]
+            return (
+                torch.cat([kept, sampled.to(self.device)]),
+                torch.cat([self.in_batch_logq[kept], sampled_logq.to(self.device)]),
+            )
         assert self.sampler is not None
-        return self.sampler.sample(n)
+        rows, logq = self.sampler.sample(n)
+        return rows.to(self.device), logq.to(self.device)
 
-    def _distill(self, batch: np.ndarray, users: Tensor) -> Tensor:
-        """The distillation term: the student's catalogue softmax vs the teacher's targets."""
+    def _distill(self, examples: Tensor, users: Tensor) -> Tensor:
+        """The distillation term: the student's catalogue softmax vs the teacher's targets
+        (held on the CPU, gathered per batch)."""
         assert self.teacher is not None
+        batch = examples.cpu().numpy()
         logits = self.model.logits(users @ self.items(self.items.all_rows).T)
         seen = self.teacher.seen_mask(self.log.users[batch]).to(self.device)
         logits = logits.masked_fill(seen, torch.finfo(logits.dtype).min)

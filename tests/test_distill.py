@@ -75,7 +75,7 @@ def overlap_with_teacher(weight: float) -> float:
     teacher = ease_targets(trainer.log, len(trainer.item_ids), top_k=10)
     users = torch.from_numpy(trainer.log.user_end - 1)
     with torch.no_grad():
-        features = interaction_task(trainer).user_features(users.numpy(), users.numpy())
+        features = interaction_task(trainer).user_features(users, users)
         vectors = trained.model.user_tower(features)
         scores = vectors @ torch.from_numpy(item_embeddings(trained)).T
     scores = scores.masked_fill(teacher.seen_mask(np.arange(len(users))), -torch.inf)

@@ -69,14 +69,14 @@ def test_trainer_masks_each_users_own_items_as_negatives() -> None:
     log = trainer.log
     batch = np.arange(0, len(log.items), 7)
     candidates = torch.from_numpy(log.items[batch])
-    seen = interaction_task(trainer).seen(batch, candidates)
+    seen = interaction_task(trainer).seen(torch.from_numpy(batch), candidates)
     assert seen is not None
     owned = [set(log.items[log.users == u].tolist()) for u in range(len(log.user_ids))]
     expected = [[int(c) in owned[log.users[e]] for c in candidates] for e in batch]
     np.testing.assert_array_equal(seen.numpy(), expected)
     assert seen.diagonal().all() and not seen.all()
     plain = Trainer(dataset, dataset.interactions, fast_config())
-    assert interaction_task(plain).seen(batch, candidates) is None
+    assert interaction_task(plain).seen(torch.from_numpy(batch), candidates) is None
 
 
 def test_softmax_masks_sampled_negatives_equal_to_the_positive() -> None:

@@ -209,7 +209,8 @@ def test_latest_history_mode_reads_what_serving_reads_minus_the_positive() -> No
     trainer = Trainer(dataset, dataset.interactions, config)
     log = trainer.log
     batch = np.arange(len(log.items))
-    hist = interaction_task(trainer).user_features(batch, batch)[HISTORY].numpy()
+    examples = torch.from_numpy(batch)
+    hist = interaction_task(trainer).user_features(examples, examples)[HISTORY].numpy()
     latest = log.user_histories(8)[log.users[batch]]
     for e in batch:
         # The user's latest items (as the service will see them), with the positive removed.
@@ -229,7 +230,7 @@ def test_history_dropout_hides_a_share_of_the_training_history_and_closes_the_ga
     dropped = Trainer(
         dataset, dataset.interactions, dataclasses.replace(plain, history_dropout=0.5)
     )
-    batch = np.arange(len(full.log.items))
+    batch = torch.arange(len(full.log.items))
     before = interaction_task(full).user_features(batch, batch)[HISTORY].numpy()
     after = interaction_task(dropped).user_features(batch, batch)[HISTORY].numpy()
     for kept, full_row in zip(after, before, strict=True):
