@@ -79,11 +79,16 @@ def test_prior_search_equals_one_full_validation_pass_per_prior() -> None:
     reference = reference_validator(dataset, carve.train, carve.test)  # every user sampled
     pairs = [(0.0, 0.0)] + [(w, h) for w in PRIOR_GRID if w for h in PRIOR_HALF_LIVES]
     expected = []
+    # The same figures up to float rounding: the reference scores with the prior folded into
+    # the served vectors, the search adds it to the plain scores, so a near tie may flip.
     for weight, half_life in pairs:
         prior = dataclasses.replace(trained, prior_weight=weight, prior_half_life_days=half_life)
         expected.append(reference(prior))
-        assert fast(prior) == expected[-1]
-    assert fast.search(trained, pairs) == expected
+        assert fast(prior) == pytest.approx(expected[-1], rel=1e-4)
+    searched = fast.search(trained, pairs)
+    assert len(searched) == len(expected)
+    for got, want in zip(searched, expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-4)
     # The search itself: the same scores and the same choice as one validation per pair.
     again = dataclasses.replace(trained)
     assert choose_prior_weight(trained, fast, "recall@50") == choose_prior_weight(
