@@ -136,6 +136,7 @@ class InteractionTask:
         """The loss of a batch of event indices into the log, distillation included."""
         drawn = self.targets(batch)
         examples = torch.from_numpy(batch).to(self.device)
+        # Next-item targets are the batch itself (`draw_targets` returns it): no second copy.
         targets = examples if drawn is batch else torch.from_numpy(drawn).to(self.device)
         users = self.model.user_tower(self.user_features(examples, targets))
         loss = self.objective(examples, targets, users)
