@@ -175,7 +175,9 @@ class SequenceTask:
         `(N, H)` hard negatives, not sampled and so not corrected."""
         logits = self.model.logits
         if self.config.negatives == "all":
-            return F.cross_entropy(logits(users @ self.items(self.items.all_rows).T), targets)
+            # The temperature divides the (N, D) user vectors, not the (N, catalogue) product:
+            # the same logits, one pass fewer over the largest tensor, forward and backward.
+            return F.cross_entropy(logits(users) @ self.items(self.items.all_rows).T, targets)
         negatives = self._negatives(targets)
         positives = self.items(targets)
         pos_logits = logits((users * positives).sum(-1, keepdim=True))

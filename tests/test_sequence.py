@@ -183,6 +183,20 @@ def test_dropping_the_batch_wide_padding_leaves_the_loss_as_it_was() -> None:
     torch.testing.assert_close(task.loss(batch), full, rtol=1e-5, atol=1e-6)
 
 
+def test_the_full_softmax_is_the_cross_entropy_of_every_items_cosine_over_the_temperature() -> None:
+    dataset = cycle_dataset(n_users=30)
+    task = sequence_task(Trainer(dataset, dataset.interactions, sequence_config(temperature=0.2)))
+    task.model.eval()  # the item tower's dropout off: both sides read the same item vectors
+    users = torch.nn.functional.normalize(
+        torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    targets = torch.arange(12) % task.items.all_rows.shape[0]
+    with torch.no_grad():
+        cosines = users @ task.items(task.items.all_rows).T
+        want = torch.nn.functional.cross_entropy(cosines / 0.2, targets)
+        torch.testing.assert_close(task._softmax(users, targets), want, rtol=1e-5, atol=1e-6)
+
+
 def test_next_item_validation_holds_out_each_training_users_last_items() -> None:
     dataset = cycle_dataset()
     split = make_split(dataset.interactions, "leave-last-n:1")
