@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.examples import gather
+from models.losses import full_softmax_cross_entropy
 from models.samplers import negative_sampler, proposal_log_q
 from models.sequence_tower import SequenceUserTower
 from models.task import ItemRows, TrainingData, example_probabilities, positive_log_q
@@ -26,7 +27,8 @@ from models.towers import TwoTower
 from models.train_config import TrainConfig
 
 # The full softmax scores every item at every position of a batch (64 users x 200 positions x
-# the catalogue): past this many items it would not fit in memory; sample negatives instead.
+# the catalogue), twice a step: past this many items that costs more than it is worth; sample
+# negatives instead.
 FULL_SOFTMAX_MAX_ITEMS = 100_000
 
 
@@ -54,8 +56,8 @@ class SequenceTask:
             raise TypeError("the sequential objective trains a SequenceUserTower")
         if config.negatives == "all" and data.n_items > FULL_SOFTMAX_MAX_ITEMS:
             raise ValueError(
-                f"the full softmax (negatives 'all', the sequential tower's default) over "
-                f"{data.n_items} items would not fit in memory (at most "
+                f"the full softmax (negatives 'all', the sequential tower's default) would "
+                f"score all {data.n_items} items at every position of every batch (at most "
                 f"{FULL_SOFTMAX_MAX_ITEMS}): sample them, e.g. --negatives mixed"
             )
         self.tower = model.user_tower
@@ -175,9 +177,10 @@ class SequenceTask:
         `(N, H)` hard negatives, not sampled and so not corrected."""
         logits = self.model.logits
         if self.config.negatives == "all":
-            # The temperature divides the (N, D) user vectors, not the (N, catalogue) product:
-            # the same logits, one pass fewer over the largest tensor, forward and backward.
-            return F.cross_entropy(logits(users) @ self.items(self.items.all_rows).T, targets)
+            # The temperature divides the (N, D) user vectors, not the (N, catalogue) logits.
+            return full_softmax_cross_entropy(
+                logits(users), self.items(self.items.all_rows), targets
+            )
         negatives = self._negatives(targets)
         positives = self.items(targets)
         pos_logits = logits((users * positives).sum(-1, keepdim=True))

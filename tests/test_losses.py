@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 from trainer_helpers import fast_config, interaction_task, small_dataset
 
+from models import losses
 from models.losses import (
     BinaryCrossEntropyLoss,
     Logits,
     PairwiseLogisticLoss,
     SampledSoftmaxLoss,
     TripletHingeLoss,
+    full_softmax_cross_entropy,
 )
 from models.samplers import in_batch_log_q, popularity_sampler, uniform_sampler
 from models.train import Trainer
@@ -291,3 +293,46 @@ def test_each_loss_decreases_with_each_negative_sampler(
     assert after < 0.8 * before, (before, after)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     assert result.history[1]["loss"] < result.history[0]["loss"]
+
+
+def _full_softmax_case(n: int, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(n + c)
+    users = (torch.randn(n, 8, generator=g, dtype=dtype) * 3).requires_grad_()
+    items = torch.randn(c, 8, generator=g, dtype=dtype).requires_grad_()
+    return users, items, torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 13 * 4, 13 * 7, 1 << 21])  # 1 row .. all at once
+def test_the_chunked_full_softmax_is_torchs_cross_entropy_and_its_gradients(
+    chunk_logits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", chunk_logits)
+    users, items, targets = _full_softmax_case(30, 13, torch.float64)
+    loss = full_softmax_cross_entropy(users, items, targets)
+    (grad_users, grad_items) = torch.autograd.grad(loss, (users, items))
+    want = torch.nn.functional.cross_entropy(users @ items.T, targets)
+    (want_users, want_items) = torch.autograd.grad(want, (users, items))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_users, want_users, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_items, want_items, rtol=1e-12, atol=1e-12)
+
+
+def test_the_chunked_full_softmax_under_autocast_runs_as_torchs_cross_entropy_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 13 * 4)
+    users, items, targets = _full_softmax_case(30, 13, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = full_softmax_cross_entropy(users, items, targets)
+        want = torch.nn.functional.cross_entropy(users @ items.T, targets)
+    assert loss.dtype == want.dtype == torch.float32
+    got, expected = (
+        torch.autograd.grad(loss, (users, items)),
+        torch.autograd.grad(want, (users, items)),
+    )
+    exact = torch.nn.functional.cross_entropy(users @ items.T, targets)
+    torch.testing.assert_close(loss, want, rtol=1e-2, atol=1e-2)
+    assert loss != exact  # the products did run in bfloat16
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.02)
