@@ -37,6 +37,7 @@ class IndexConfig:
     exact_screen: ScreenMode = "auto"  # flat only: see `app.search.flat`
     exact_blas: BlasMode = "auto"  # flat only: see `app.search.flat`
     exact_prune: PruneMode = "auto"  # flat only: see `app.search.cluster_pruning`
+    filter_index_after: int = 0  # HNSW/IVF only: see `app.search.filter_index`
     cache_root: Path | None = None  # INDEX_CACHE_DIR (`app.search.ann_cache.cache_dir`)
 
     @classmethod
@@ -52,6 +53,7 @@ class IndexConfig:
             exact_screen=s.exact_screen,
             exact_blas=s.exact_blas,
             exact_prune=s.exact_prune,
+            filter_index_after=s.filter_index_after,
             cache_root=s.index_cache_dir,
         )
 

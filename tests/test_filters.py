@@ -17,6 +17,7 @@ from helpers_app import Reference, copy_version, make_settings, serve
 from app.config import IndexConfig
 from app.filters import FilterCache, compile_filter
 from app.http.schemas import RecallFilter
+from app.main import create_app
 from app.model import ServingModel
 from models.bundle import ITEM_ATTRIBUTES, verify_bundle, write_latest
 from models.item_attributes import ItemAttributes
@@ -164,6 +165,32 @@ async def test_hnsw_selective_filter_still_returns_exactly_k(
             ]
             assert len(got) == k
             assert set(got) <= set(items.index[np.asarray(passes(items))])
+
+
+async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
+    model_dir: Path, reference: Reference, items: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test catalogue is small: every filter is let through to the graph's path, where a
+    # filter searched once gets an index of its own rows (`app.search.filter_index`).
+    monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
+    monkeypatch.setattr("app.search.faiss_index.OWN_INDEX_MAX_SHARE", 1.0)
+    monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
+    app = create_app(make_settings(model_dir, index_type="hnsw", filter_index_after=1))
+    history = ["i3", "i17", "i150", "i5"]
+    async with serve(app) as client:
+        services = app.state.services
+        model = services.repository.require()
+        own = model.index.filter_indexes
+        own.max_rows = 10 * model.n_items  # every filter's index at once
+        for spec, passes in FILTERS:
+            body = {"user_id": "u1", "k": 20, "history": history, "filter": spec}
+            assert (await client.post("/v1/recall", json=body)).status_code == 200
+            own.wait(60)
+            compiled = services.recall.filters.get(model, RecallFilter(**spec), ("body",))
+            assert own.ready(compiled.allowed), spec
+            response = await client.post("/v1/recall", json=body)
+            got = [i["item_id"] for i in response.json()["items"]]
+            assert got == _expected(reference, items, passes, history, 20), spec
 
 
 async def test_batch_with_mixed_filters_answers_each_alone(

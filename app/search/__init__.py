@@ -1,6 +1,8 @@
 """Item search: one `ItemIndex` interface (`search`, `exact_top`), exact (`FlatIndex`, pruned by
 clusters when that pays) or approximate (`FaissIndex`: HNSW, IVF), built by `build_item_index`
-from one `IndexConfig`; built ANN indexes are kept in an on-disk cache (`ann_cache`).
+from one `IndexConfig`; built ANN indexes are kept in an on-disk cache (`ann_cache`). A search
+may be restricted to a filter's rows (`AllowedRows`); an ANN index gives a filter searched
+often an index of its own rows (`filter_index`).
 
 Imports the service's foundation (`app.config`, `app.errors`, `app.settings`) only."""
 

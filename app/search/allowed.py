@@ -22,11 +22,16 @@ MAX_GATHERED_ROWS = 32_768
 
 
 class AllowedRows:
-    """Rows `mask` (bool `(n_items,)`, True = may be returned; not copied, never written)."""
+    """Rows `mask` (bool `(n_items,)`, True = may be returned; not copied, never written).
 
-    def __init__(self, mask: np.ndarray) -> None:
+    `base`: the rows these were cut from, when they are a filter's rows less the deleted
+    items: what a filter's own index (`app.search.filter_index`) is built over and kept by.
+    """
+
+    def __init__(self, mask: np.ndarray, base: AllowedRows | None = None) -> None:
         mask.setflags(write=False)
         self.mask = mask
+        self.base = base
         self.count = int(np.count_nonzero(mask))
         self._rows: np.ndarray | None = None
         self._bits: np.ndarray | None = None

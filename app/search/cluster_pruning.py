@@ -45,19 +45,24 @@ MAX_PROBED_SHARE_FILTERED = 1.0
 
 
 class ClusterPruning:
-    """Exact top-k over the items of `ivf` (an inner-product `IndexIVFFlat`, item i = id i),
-    reading only the clusters that can hold it.
+    """Exact top-k over the items of `ivf` (an inner-product `IndexIVFFlat`), reading only the
+    clusters that can hold it.
 
     Args:
         ivf: the trained, filled index.
-        matrix: the same items, float32 `(n_items, dim)`, to measure each cluster's radius.
+        matrix: the same items, float32 `(n, dim)`, to measure each cluster's radius.
+        rows: the ids the items were added under, ascending (None: item i = id i). A
+            filter's own index holds only its rows, under their catalogue rows.
     """
 
-    def __init__(self, ivf: faiss.Index, matrix: np.ndarray) -> None:
+    def __init__(
+        self, ivf: faiss.Index, matrix: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
         self.index = ivf  # owns the C++ index that the views below point into
         # Any: FAISS's stubs type the SWIG signatures, not the numpy wrappers used here.
         self.ivf: Any = faiss.extract_index_ivf(ivf)
         n, dim = matrix.shape
+        self.size = n
         lists: Any = self.ivf.invlists
         self.nlist = int(self.ivf.nlist)
         quantizer: Any = faiss.downcast_index(self.ivf.quantizer)
@@ -68,12 +73,12 @@ class ClusterPruning:
         assign = np.empty(n, dtype=np.int64)
         for i in range(self.nlist):
             ids = faiss.rev_swig_ptr(lists.get_ids(i), int(self.sizes[i]))
-            assign[ids] = i
+            assign[ids if rows is None else np.searchsorted(rows, ids)] = i
         self.radii = np.zeros(self.nlist, dtype=np.float64)
         for start in range(0, n, 65_536):  # bounded temporary memory at 1M items
-            rows = slice(start, start + 65_536)
-            distance = np.linalg.norm(matrix[rows] - self.centroids[assign[rows]], axis=1)
-            np.maximum.at(self.radii, assign[rows], distance)
+            part = slice(start, start + 65_536)
+            distance = np.linalg.norm(matrix[part] - self.centroids[assign[part]], axis=1)
+            np.maximum.at(self.radii, assign[part], distance)
         self.radii = self.radii.astype(np.float32)
         self.slack = ROUNDING_MARGIN * (np.linalg.norm(self.centroids, axis=1) + self.radii)
         self.probed = self.queries = 0  # clusters read and queries served, since load
@@ -100,7 +105,8 @@ class ClusterPruning:
         # First pass: the best-bounded clusters until they hold FIRST_PASS_ITEMS_PER_K * k
         # items (clusters differ in size; this cluster count is per query).
         held = np.cumsum(self.sizes[order], axis=1)
-        share = 1.0 if allowed is None else max(allowed.share, 1e-9)
+        # The share of this index's items allowed (`allowed` never reaches outside them).
+        share = 1.0 if allowed is None else min(1.0, max(allowed.count / self.size, 1e-9))
         first_items = FIRST_PASS_ITEMS_PER_K * k / share
         first = np.minimum((held < first_items).sum(axis=1) + 1, self.nlist)
         scores, rows = self._read(queries, k, _columns(order, 0, first), allowed)

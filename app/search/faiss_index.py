@@ -8,7 +8,9 @@ A filtered search (`AllowedRows`) uses FAISS's own id selection when the filter 
 share of the catalogue, and scans the allowed rows exactly when it is selective. FAISS's HNSW
 stops once efSearch visited candidates, allowed or not, beat the next one, so a filter that
 allows a share s keeps about s * efSearch allowed candidates: efSearch is widened to
-efSearch / s to keep the unfiltered search's depth (and recall); IVF's nprobe likewise.
+efSearch / s to keep the unfiltered search's depth (and recall); IVF's nprobe likewise. That
+costs ~1 / s times an unfiltered search, so a filter of 2-20 % searched often gets an index of
+its own rows (`app.search.filter_index`), exact and several times cheaper.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from app.config import IndexConfig
 from app.search.allowed import AllowedRows
+from app.search.filter_index import FilterIndexes
 from app.search.item_index import ItemIndex, exact_allowed, shared_tensor
 from app.settings import IndexType
 
@@ -39,6 +42,12 @@ MIN_POINTS_PER_LIST = 39
 ANN_MIN_SHARE = 0.02
 # The widened efSearch never goes past this (a cap reached only near ANN_MIN_SHARE).
 MAX_FILTERED_EF = 8192
+# A filter allowing at most this share of the catalogue (and not selective enough for the
+# exact scan) gets an index of its own rows once searched often (`app.search.filter_index`).
+# 1M-item HNSW, one query, p50 ms selector / own index (benchmarks/filtered_search.py,
+# `hnsw_paths`): 10 % 0.71-0.79 / 0.16-0.33, 15 % 0.35 / 0.17, 20 % 0.25 / 0.17, 30 % 0.17 /
+# 0.19, 50 % 0.12 / 0.25-0.42. Its build grows with its rows (one thread: 100k 1.5 s, 300k 6 s).
+OWN_INDEX_MAX_SHARE = 0.2
 # A query the filtered search answers short is searched again this many times deeper, then
 # (if still short) deeper again, before the caller's exact fill. Short answers are nearly full
 # (35-49 of 50): a filter whose items sit together in the graph (1M HNSW, the benchmark's 10 %
@@ -83,7 +92,13 @@ class FaissIndex(ItemIndex):
     kind: hnsw | ivf.
     """
 
-    def __init__(self, index: faiss.Index, embeddings: np.ndarray, kind: IndexType) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        embeddings: np.ndarray,
+        kind: IndexType,
+        filter_index_after: int = 0,
+    ) -> None:
         self.faiss = index
         self.kind = kind
         # Some FAISS versions widen an HNSW search to max(efSearch, depth): the top d of a
@@ -96,6 +111,9 @@ class FaissIndex(ItemIndex):
             )
             embeddings.setflags(write=False)
         self.matrix = shared_tensor(embeddings)
+        self.filter_indexes = FilterIndexes(
+            embeddings, after=filter_index_after, max_rows=len(embeddings)
+        )
 
     def runs_inline(self, batch: int) -> bool:
         # ~0.2 ms a query: on the event loop, the hop to the recall thread costs more (1M
@@ -110,15 +128,29 @@ class FaissIndex(ItemIndex):
         elif allowed.kept or allowed.share < ANN_MIN_SHARE:
             scores, rows = exact_allowed(self.matrix, vectors, k, allowed)
         else:
-            scores, rows = self.faiss.search(vectors, k, params=self._filtered(k, allowed))
-            # Allowed items far from where the search went: deeper, before the caller's exact
-            # scan of every allowed row (~8-13 ms at 1M items for a 10 % filter).
-            for depth in RETRY_DEPTHS if allowed.count >= k else ():
-                short = np.flatnonzero(rows[:, -1] < 0)
-                if not len(short):
-                    break
-                deeper = self._filtered(k, allowed, depth)
-                scores[short], rows[short] = self.faiss.search(vectors[short], k, params=deeper)
+            found = None
+            if (allowed.base or allowed).share <= OWN_INDEX_MAX_SHARE:
+                found = self.filter_indexes.search(vectors, k, allowed)
+            if found is None:
+                return self._selector_search(vectors, k, allowed)
+            scores, rows, done = found
+            todo = np.flatnonzero(~done)
+            if len(todo):
+                scores[todo], rows[todo] = self._selector_search(vectors[todo], k, allowed)
+        return scores, rows
+
+    def _selector_search(
+        self, vectors: np.ndarray, k: int, allowed: AllowedRows
+    ) -> tuple[np.ndarray, np.ndarray]:
+        scores, rows = self.faiss.search(vectors, k, params=self._filtered(k, allowed))
+        # Allowed items far from where the search went: deeper, before the caller's exact
+        # scan of every allowed row (~8-13 ms at 1M items for a 10 % filter).
+        for depth in RETRY_DEPTHS if allowed.count >= k else ():
+            short = np.flatnonzero(rows[:, -1] < 0)
+            if not len(short):
+                break
+            deeper = self._filtered(k, allowed, depth)
+            scores[short], rows[short] = self.faiss.search(vectors[short], k, params=deeper)
         return scores, rows
 
     def _filtered(self, k: int, allowed: AllowedRows, depth: float = 1.0) -> Any:

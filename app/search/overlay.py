@@ -109,7 +109,7 @@ class ItemOverlay:
         with self._lock:
             combined = self._combined.get(allowed)
             if combined is None:
-                combined = AllowedRows(allowed.mask & self.allowed.mask)
+                combined = AllowedRows(allowed.mask & self.allowed.mask, base=allowed)
                 self._combined[allowed] = combined
         return combined
 
