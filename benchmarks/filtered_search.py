@@ -15,14 +15,19 @@ In process (one thread, the service's settings, `app.retrieval.search` on one qu
 time, seen items excluded, for real users' vectors): per filter and index, p50/p99 latency,
 recall@K of the index's own answer (`index`: before the exact fill) and of the answer the
 service returns (`served`), against an exact filtered top K computed apart (numpy over the
-embeddings); and each search path forced at every share (HNSW: the selector or the exact
-scan; flat: clusters with the selector or the gathered scan), what the thresholds between
-them (`app.search.faiss_index.ANN_MIN_SHARE`, `app.search.item_index.GATHER_MAX_SHARE`)
-are chosen from.
+embeddings); and each search path forced at every share (HNSW: the selector, the filter's
+own index or the exact scan; flat: clusters with the selector or the gathered scan), what
+the thresholds between them (`app.search.faiss_index.ANN_MIN_SHARE`,
+`app.search.faiss_index.OWN_INDEX_MAX_SHARE`, `app.search.item_index.GATHER_MAX_SHARE`) are
+chosen from. Each filter is measured warm: searched FILTER_INDEX_AFTER times first and, where
+that builds its own index (`app.search.filter_index`), after the build (`own_index_s`: the
+seconds from its first search to a ready index).
 
 Over HTTP (`python -m app`, `--workers` workers, Redis with every user published, wrk or the
 Python generator from `serving_kit.load`): requests/s and p99 per filter, and their ratio to
-the unfiltered run. JSON on stdout (and `--json`), progress on stderr.
+the unfiltered run, after `--warmup` seconds of the same load (enough for a filter's own
+index to be built in each worker: `own_indexes` counts those the service has logged). JSON on
+stdout (and `--json`), progress on stderr.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,8 @@ from app.filters import compile_filter
 from app.http.schemas import RecallFilter
 from app.model import ServingModel
 from app.retrieval import Query, search
-from app.search import allowed, faiss_index, flat
+from app.search import AllowedRows, allowed, faiss_index, flat
+from app.search.filter_index import FilterIndexes
 from harness import procs
 from harness.bundles import Recipe, ensure_bundle
 from models.bundle import read_latest
@@ -70,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-http", action="store_true", help="the in-process part only")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/tower-recall-bench"))
     p.add_argument(
@@ -121,6 +128,22 @@ def _pcts(ms: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(ms, q)), 3) for q in (50, 99)}
 
 
+def warm(
+    model: ServingModel, allowed: AllowedRows | None, run: Callable[[], object]
+) -> float | None:
+    """`run` (a search with the filter of `allowed`) as often as it takes to build the
+    filter's own index, and wait for the build: the seconds from the first search to a ready
+    index (None: it gets none)."""
+    own: FilterIndexes | None = getattr(model.index, "filter_indexes", None)
+    if own is None or allowed is None:
+        return None
+    start = time.perf_counter()
+    for _ in range(own.after):
+        run()
+    own.wait(300)
+    return round(time.perf_counter() - start, 2) if own.ready(allowed) else None
+
+
 def measure_inprocess(
     model: ServingModel,
     users: list[tuple[dict[str, Any], list[str]]],
@@ -143,6 +166,8 @@ def measure_inprocess(
             mask[list(query.exclude)] = False
             masks.append(mask)
         reference = exact_reference(embeddings, vectors, masks, k)
+        first = partial(search, model, vectors[:1], [queries[0]])
+        own_index_s = warm(model, queries[0].allowed, first)
         latencies, served, own = [], [], []
         for i, query in enumerate(queries):
             start = time.perf_counter()
@@ -159,6 +184,7 @@ def measure_inprocess(
             "latency_ms": _pcts(latencies),
             "recall_at_k_served": round(float(np.mean(served)), 4),
             "recall_at_k_index": round(float(np.mean(own)), 4),
+            "own_index_s": own_index_s,
         }
         log(f"  {model.index.kind} {name}: {json.dumps(out[name])}")
     return out
@@ -169,7 +195,16 @@ def measure_inprocess(
 Forced = dict[tuple[Any, str], float]
 PATHS: dict[str, dict[str, Forced]] = {
     "hnsw": {
-        "selector": {(faiss_index, "ANN_MIN_SHARE"): 0.0, (allowed, "MAX_GATHERED_ROWS"): 0},
+        "selector": {
+            (faiss_index, "ANN_MIN_SHARE"): 0.0,
+            (faiss_index, "OWN_INDEX_MAX_SHARE"): -1.0,
+            (allowed, "MAX_GATHERED_ROWS"): 0,
+        },
+        "own": {
+            (faiss_index, "ANN_MIN_SHARE"): 0.0,
+            (faiss_index, "OWN_INDEX_MAX_SHARE"): 2.0,
+            (allowed, "MAX_GATHERED_ROWS"): 0,
+        },
         "exact": {(faiss_index, "ANN_MIN_SHARE"): 2.0},
     },
     "flat": {
@@ -200,6 +235,9 @@ def index_paths(
                     setattr(module, name, value)
                 rows = compile_filter(model, RecallFilter(**spec), ("b",)).allowed
                 row["allowed_share"] = round(rows.share, 5)
+                built = warm(model, rows, partial(model.index.search, vectors[:1], k, rows))
+                if built is not None:
+                    row[f"{path}_build_s"] = built
                 ms = []
                 for i in range(len(vectors)):
                     start = time.perf_counter()
@@ -214,13 +252,18 @@ def index_paths(
     return out
 
 
+# What a worker logs when a filter's own index is built (`app.search.filter_index`).
+OWN_INDEX_LOGGED = "filter index:"
+
+
 def measure_http(
     args: argparse.Namespace, model_dir: Path, users: int, index: str, filters: list[Filter]
 ) -> dict[str, Any]:
     """rps and p99 per filter against the real service, beside the unfiltered run."""
     redis = procs.RedisServer().start()
     logs = args.cache_dir / "logs"
-    service = procs.Service(model_dir, redis.url, index, args.workers, logs / f"{index}.log")
+    service_log = logs / f"{index}.log"
+    service = procs.Service(model_dir, redis.url, index, args.workers, service_log)
     out: dict[str, Any] = {}
     try:
         procs.publish_features(f"synthetic:seed={args.seed},users={users},items={args.items}",
@@ -233,7 +276,10 @@ def measure_http(
             extra = "" if spec is None else ',"filter":' + json.dumps(spec)
             target = load.Target(service.base_url + "/v1/recall", users, args.k, args.seed, extra)
             runs.run(target, args.connections, args.warmup)
+            built = service_log.read_text(errors="replace").count(OWN_INDEX_LOGGED)
             result = runs.run(target, args.connections, args.duration)
+            result["own_indexes"] = built  # in all workers, this filter's and earlier ones'
+
             base = out.get("unfiltered", result)
             result["rps_vs_unfiltered"] = round(result["rps"] / base["rps"], 3)
             result["p99_vs_unfiltered"] = round(result["p99_ms"] / base["p99_ms"], 3)

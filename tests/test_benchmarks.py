@@ -234,6 +234,33 @@ def test_deletions_benchmark_times_exclusions_against_the_mask(tmp_path: Path) -
     assert report["hnsw"]["filter 0.1"]["600"]["combine_ms"] >= 0
 
 
+def test_filtered_search_benchmark_reports_recall_and_every_path_warm(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    script = SCRIPT.parent / "filtered_search.py"
+    out = tmp_path / "filtered.json"
+    # The conftest bundle (model_dir's LATEST: SOURCE_V1), its users from the same source.
+    args = ["--model-dir", str(model_dir), "--items", "200", "--users", "300", "--seed", "1"]
+    args += ["--indexes", "flat,hnsw", "--shares", "0.5,0.1", "--queries", "8", "--k", "10"]
+    args += ["--no-http", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    flat, hnsw = report["inprocess"]["flat"], report["inprocess"]["hnsw"]
+    assert set(flat) == set(hnsw) == {"unfiltered", "price 0.5", "price 0.1", "category c0",
+                                      "tags t0"}  # fmt: skip
+    for row in flat.values():
+        assert row["recall_at_k_served"] == 1.0 and row["latency_ms"]["p50"] > 0
+        assert row["own_index_s"] is None  # an exact index gets none
+    # HNSW's paths forced at every share: the filter's own index is built (before timing).
+    for row in report["inprocess"]["hnsw_paths"].values():
+        assert {"selector", "own", "exact"} <= set(row)
+        assert row["own_build_s"] >= 0  # built (None: it was not)
+    assert all(row["recall_at_k_served"] == 1.0 for row in hnsw.values())
+
+
 def test_train_epoch_benchmark_times_each_run_in_both_precisions(tmp_path: Path) -> None:
     script = SCRIPT.parent / "train_epoch.py"
     out = tmp_path / "epochs.json"
