@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers_vectors import clustered_items, queries_near
 
 from app.config import IndexConfig
 from app.search import AllowedRows, FaissIndex, build_faiss_index
@@ -20,19 +21,14 @@ N, DIM, K = 20_000, 16, 50
 
 @pytest.fixture(scope="module")
 def items() -> np.ndarray:
-    # Clustered unit vectors, as trained ones are: tight enough for a 10 % filter's 51
-    # clusters to bound every query's top 50 (a query they cannot bound goes to the graph).
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((64, DIM)).astype(np.float32)
-    vectors = centres[rng.integers(64, size=N)] + 0.1 * rng.standard_normal((N, DIM))
-    vectors = vectors.astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Tight enough for a 10 % filter's 51 clusters to bound every query's top 50 (a query
+    # they cannot bound goes to the graph).
+    return clustered_items(N, DIM, noise=0.1)
 
 
 @pytest.fixture(scope="module")
 def queries(items: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    return (items[rng.integers(N, size=8)] + 0.1 * rng.standard_normal((8, DIM))).astype(np.float32)
+    return queries_near(items)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from helpers_vectors import clustered_items, queries_near
 
 from app.config import IndexConfig
 from app.filters import CompiledFilter
@@ -30,18 +31,12 @@ ANN_MIN_SHARE = faiss_index.ANN_MIN_SHARE  # as chosen, before a test forces ano
 
 @pytest.fixture(scope="module")
 def items() -> np.ndarray:
-    # Clustered unit vectors, as trained ones are: pruning by clusters has something to prune.
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((64, DIM)).astype(np.float32)
-    vectors = centres[rng.integers(64, size=N)] + 0.3 * rng.standard_normal((N, DIM))
-    vectors = vectors.astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return clustered_items(N, DIM, noise=0.3)
 
 
 @pytest.fixture(scope="module")
 def queries(items: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    return (items[rng.integers(N, size=8)] + 0.1 * rng.standard_normal((8, DIM))).astype(np.float32)
+    return queries_near(items)
 
 
 def _mask(share: float, seed: int = 2) -> AllowedRows:
