@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -95,6 +95,11 @@ class Metrics:
         self.masked_items = Gauge(
             "tower_recall_masked_items", "Catalogue items of the serving bundle deleted", registry=r
         )
+        self.filter_indexes = Gauge(
+            "tower_recall_filter_indexes",
+            "Filters searched often that have an index of their own rows in this worker",
+            registry=r,
+        )
 
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
@@ -122,10 +127,14 @@ class Metrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def set_model(self, version: str, n_items: int) -> None:
+    def set_model(
+        self, version: str, n_items: int, filter_indexes: Callable[[], int] = lambda: 0
+    ) -> None:
+        """The serving model's gauges; `filter_indexes` is read at each scrape."""
         self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)
+        self.filter_indexes.set_function(filter_indexes)
 
     def set_overlay(self, added: int, masked: int) -> None:
         self.overlay_items.set(added)

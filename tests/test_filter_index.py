@@ -53,7 +53,8 @@ def _brute(items: np.ndarray, queries: np.ndarray, mask: np.ndarray, k: int) -> 
 
 
 def _selector_calls(index: FaissIndex) -> list[int]:
-    """Records each search of the HNSW graph with a selector (the path an own index spares)."""
+    """Records each search of the HNSW graph (or IVF) with a selector (the path an own index
+    spares)."""
     calls: list[int] = []
     graph: Any = index.faiss
     search = graph.search
@@ -67,10 +68,14 @@ def _selector_calls(index: FaissIndex) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_a_filter_searched_often_gets_its_own_exact_index(
-    items: np.ndarray, queries: np.ndarray, hnsw: Any
+    items: np.ndarray, queries: np.ndarray, hnsw: Any, kind: str
 ) -> None:
-    index = FaissIndex(hnsw, items, "hnsw", filter_index_after=3)
+    graph = hnsw
+    if kind == "ivf":
+        graph = build_faiss_index(items, IndexConfig(kind="ivf", ivf_nlist=128, ivf_nprobe=8))
+    index = FaissIndex(graph, items, kind, filter_index_after=3)  # type: ignore[arg-type]
     calls = _selector_calls(index)
     allowed = AllowedRows(_mask(0.1))
     for _ in range(3):

@@ -191,6 +191,8 @@ async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
             response = await client.post("/v1/recall", json=body)
             got = [i["item_id"] for i in response.json()["items"]]
             assert got == _expected(reference, items, passes, history, 20), spec
+        metrics = (await client.get("/metrics")).text
+        assert f"tower_recall_filter_indexes {float(len(FILTERS))}" in metrics
 
 
 async def test_batch_with_mixed_filters_answers_each_alone(

@@ -171,7 +171,8 @@ class ModelRepository:
         """A load's outcome (`rejected`, or `loaded` once it serves) and the serving gauges."""
         self.metrics.reloads.labels(outcome).inc()
         if serving is not None:
-            self.metrics.set_model(serving.version, serving.n_items)
+            index = serving.index
+            self.metrics.set_model(serving.version, serving.n_items, index.filter_index_count)
 
     def versions(self) -> list[str]:
         try:

@@ -60,6 +60,10 @@ class ItemIndex(ABC):
         given. Row -1 (score -inf or FAISS's lowest) is no result: past the allowed count, or
         where an ANN index found too few."""
 
+    def filter_index_count(self) -> int:
+        """Filters with an index of their own rows (`app.search.filter_index`): none here."""
+        return 0
+
     @abstractmethod
     def runs_inline(self, batch: int) -> bool:
         """Whether searching a batch of `batch` queries costs less on the event loop than a
