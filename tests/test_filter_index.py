@@ -5,7 +5,6 @@ tests/test_filters.py.)"""
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import numpy as np
@@ -125,26 +124,51 @@ def test_no_own_index_when_switched_off_or_where_the_graph_is_cheap(
     assert not on.filter_indexes.ready(wide)
 
 
-def test_own_indexes_hold_at_most_max_rows_and_an_evicted_filter_frees_them(
+def test_own_indexes_hold_at_most_max_rows_the_least_recently_searched_going_first(
     items: np.ndarray, queries: np.ndarray
 ) -> None:
-    first, second = AllowedRows(_mask(0.1, seed=3)), AllowedRows(_mask(0.1, seed=4))
-    indexes = FilterIndexes(items, after=1, max_rows=first.count + second.count - 1)
-    assert indexes.search(queries, K, first) is None  # counted, built in the background
+    first, second, third = (AllowedRows(_mask(0.1, seed=seed)) for seed in (3, 4, 5))
+    indexes = FilterIndexes(items, after=1, max_rows=first.count + second.count + 100)
+    indexes.pause = 0.0
+    for allowed in (first, second):
+        assert indexes.search(queries, K, allowed) is None  # counted, built in the background
+        indexes.wait(60)
+    assert indexes.ready(first) and indexes.ready(second) and len(indexes) == 2
+    indexes.search(queries, K, first)  # now the most recently searched
+    indexes.search(queries, K, third)
     indexes.wait(60)
-    assert indexes.ready(first)
-    indexes.search(queries, K, second)
-    indexes.wait(60)
-    assert not indexes.ready(second)  # both would pass the cap
-    del first  # the filter cache let it go: its index goes with it
-    gc.collect()
-    indexes.search(queries, K, second)
-    indexes.wait(60)
-    assert indexes.ready(second)
-    found = indexes.search(queries, K, second)
+    assert indexes.ready(third) and indexes.ready(first) and not indexes.ready(second)
+    found = indexes.search(queries, K, third)
     assert found is not None
     _, rows, done = found
-    np.testing.assert_array_equal(rows[done], _brute(items, queries, second.mask, K)[done])
+    assert done.all()
+    np.testing.assert_array_equal(rows, _brute(items, queries, third.mask, K))
+
+
+def test_a_filter_compiled_again_finds_its_index(items: np.ndarray, queries: np.ndarray) -> None:
+    indexes = FilterIndexes(items, after=1, max_rows=N)
+    mask = _mask(0.1)
+    indexes.search(queries, K, AllowedRows(mask))
+    indexes.wait(60)
+    # The worker's filter cache let the compiled filter go; the same filter compiles anew.
+    again = AllowedRows(mask.copy())
+    assert indexes.ready(again)
+    assert indexes.search(queries, K, again) is not None
+
+
+def test_builds_pause_in_proportion_to_their_time(items: np.ndarray, queries: np.ndarray) -> None:
+    indexes = FilterIndexes(items, after=1, max_rows=N)
+    indexes.pause = 1e6  # after any build, none for a very long time
+    first, second = AllowedRows(_mask(0.1, seed=3)), AllowedRows(_mask(0.1, seed=4))
+    for allowed in (first, second, second, second):
+        indexes.search(queries, K, allowed)
+        indexes.wait(60)
+    assert indexes.ready(first) and not indexes.ready(second)
+    indexes.pause = 0.0
+    indexes._idle_until = 0.0
+    indexes.search(queries, K, second)  # its uses were counted meanwhile
+    indexes.wait(60)
+    assert indexes.ready(second)
 
 
 def test_a_failed_build_leaves_the_graph_serving_and_is_not_retried(

@@ -182,6 +182,7 @@ async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
         model = services.repository.require()
         own = model.index.filter_indexes
         own.max_rows = 10 * model.n_items  # every filter's index at once
+        own.pause = 0.0  # and each built right after the one before
         for spec, passes in FILTERS:
             body = {"user_id": "u1", "k": 20, "history": history, "filter": spec}
             assert (await client.post("/v1/recall", json=body)).status_code == 200

@@ -7,6 +7,7 @@ for a gathered scan, the bitmap a FAISS `IDSelector` reads) are built once, on f
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -35,6 +36,7 @@ class AllowedRows:
         self.count = int(np.count_nonzero(mask))
         self._rows: np.ndarray | None = None
         self._bits: np.ndarray | None = None
+        self._digest: bytes | None = None
         self._selector: Any = None
         self._gathered: tuple[int, torch.Tensor] | None = None  # (matrix's data_ptr, rows)
         self._lock = threading.Lock()  # the event loop and the recall thread may both search
@@ -73,17 +75,31 @@ class AllowedRows:
             self._gathered = (matrix.data_ptr(), rows)
         return rows
 
+    @property
+    def bits(self) -> np.ndarray:
+        """The mask packed 8 rows a byte, little-endian bit order (what FAISS's bitmap reads)."""
+        if self._bits is None:
+            with self._lock:
+                if self._bits is None:
+                    self._bits = np.packbits(self.mask, bitorder="little")
+        return self._bits
+
+    @property
+    def digest(self) -> bytes:
+        """A 16-byte hash of the mask: equal rows, equal digests, whichever filter made them."""
+        if self._digest is None:
+            self._digest = hashlib.blake2b(self.bits.data, digest_size=16).digest()
+        return self._digest
+
     def selector(self) -> Any:
         """A FAISS `IDSelectorBitmap` over the mask (ids = rows); it reads the packed bits in
-        place, so they are kept alive here for as long as the selector."""
+        place, which this object keeps alive as long as the selector."""
         if self._selector is None:
+            bits = self.bits
             with self._lock:
                 if self._selector is None:
-                    self._bits = np.packbits(self.mask, bitorder="little")
                     # Its size is in bytes of the bitmap; rows past the mask are not members.
-                    self._selector = faiss.IDSelectorBitmap(
-                        len(self._bits), faiss.swig_ptr(self._bits)
-                    )
+                    self._selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
         return self._selector
 
     def allowed_among(self, rows: frozenset[int]) -> int:

@@ -10,9 +10,12 @@ rows: an IVF over them, under their catalogue rows, read by cluster bounds
 until it is ready, and for the few queries whose bounds prune nothing, the caller's own
 filtered search serves.
 
-An index lives as long as its filter's `AllowedRows` (the compiled filter, `FilterCache`) and
-the model's index; a filter narrowed by deleted items (`AllowedRows.base`) is searched in
-its base's index with the narrower selector. Their rows together are capped (`max_rows`).
+Indexes are kept by the digest of their rows, so a filter evicted from the worker's filter
+cache and compiled again finds its index; a filter narrowed by deleted items
+(`AllowedRows.base`) is searched in its base's index with the narrower selector. Their rows
+together are capped (`max_rows`; the least recently searched go first), and after each build
+the builder pauses `pause` times the build's time, so that filters that keep displacing each
+other cost at most a share of one core.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import math
 import threading
 import time
-import weakref
+from collections import OrderedDict
 from typing import Any
 
 import faiss
@@ -40,8 +43,13 @@ log = logging.getLogger(__name__)
 LISTS_PER_SQRT_ROWS = 2
 MAX_LISTS = 1024
 MIN_ROWS_PER_LIST = 39
-# A build that failed is not tried again for this filter: this marks it.
+# A build that failed is not tried again for these rows: this marks it.
 _FAILED: Any = object()
+# Filters counted towards a build, at most (the least recently searched forgotten first).
+MAX_COUNTED = 1024
+# After a build of t seconds the next waits PAUSE * t: builds take at most ~1 / (1 + PAUSE)
+# of one core however often filters displace each other.
+PAUSE = 4.0
 
 
 class FilterIndexes:
@@ -50,16 +58,19 @@ class FilterIndexes:
     Args:
         matrix: the catalogue's item vectors, float32 `(n_items, dim)`, never written.
         after: searches of one filter before its index is built (0: never built).
-        max_rows: the most rows all live filter indexes may hold together.
+        max_rows: the most rows all filter indexes may hold together.
     """
 
     def __init__(self, matrix: np.ndarray, *, after: int, max_rows: int) -> None:
         self.matrix = matrix
         self.after = after
         self.max_rows = max_rows
-        self._uses: weakref.WeakKeyDictionary[AllowedRows, int] = weakref.WeakKeyDictionary()
-        self._built: weakref.WeakKeyDictionary[AllowedRows, Any] = weakref.WeakKeyDictionary()
+        self.pause = PAUSE
+        self._indexes: OrderedDict[bytes, Any] = OrderedDict()  # digest -> index, LRU first
+        self._rows: dict[bytes, int] = {}  # digest -> rows its index holds
+        self._uses: OrderedDict[bytes, int] = OrderedDict()
         self._building: threading.Thread | None = None
+        self._idle_until = 0.0  # time.monotonic() before which no build starts
         self._lock = threading.Lock()
 
     def search(
@@ -69,23 +80,27 @@ class FilterIndexes:
         (scores, rows, done) as `ClusterPruning.search` answers, rows not `done` unsearched;
         None while the filter has no index (this search counts towards building one)."""
         base = allowed.base or allowed
-        own = self._built.get(base)
-        if own is None:
-            self._count(base)
-            return None
+        key = base.digest
+        with self._lock:
+            own = self._indexes.get(key)
+            if own is None:
+                self._count(key, base)
+                return None
+            self._indexes.move_to_end(key)
         if own is _FAILED:
             return None
         pruning: ClusterPruning = own
         return pruning.search(vectors, k, None if allowed is base else allowed)
 
     def __len__(self) -> int:
-        """Filter indexes built and alive."""
+        """Filter indexes built."""
         with self._lock:
-            return sum(own is not _FAILED for own in self._built.values())
+            return sum(own is not _FAILED for own in self._indexes.values())
 
     def ready(self, allowed: AllowedRows) -> bool:
         """Whether `allowed` (or the filter it was cut from) has its index."""
-        own = self._built.get(allowed.base or allowed)
+        with self._lock:
+            own = self._indexes.get((allowed.base or allowed).digest)
         return own is not None and own is not _FAILED
 
     def wait(self, timeout: float | None = None) -> None:
@@ -94,24 +109,25 @@ class FilterIndexes:
         if building is not None:
             building.join(timeout)
 
-    def _count(self, base: AllowedRows) -> None:
-        if self.after <= 0:
+    def _count(self, key: bytes, base: AllowedRows) -> None:
+        """One more search of `base`'s rows; a build starts at the `after`-th (under the lock)."""
+        if self.after <= 0 or base.count > self.max_rows:
             return
-        with self._lock:
-            uses = self._uses.get(base, 0) + 1
-            self._uses[base] = uses
-            if uses < self.after or self._building is not None:
-                return
-            held = sum(rows.count for rows, own in self._built.items() if own is not _FAILED)
-            if held + base.count > self.max_rows:
-                return  # counted again later: an evicted filter frees its rows
-            thread = threading.Thread(
-                target=self._build, args=(base,), name="filter-index", daemon=True
-            )
-            self._building = thread
+        uses = self._uses.pop(key, 0) + 1
+        self._uses[key] = uses
+        if len(self._uses) > MAX_COUNTED:
+            self._uses.popitem(last=False)
+        if uses < self.after or self._building is not None:
+            return
+        if time.monotonic() < self._idle_until:
+            return  # counted again after the pause
+        thread = threading.Thread(
+            target=self._build, args=(key, base), name="filter-index", daemon=True
+        )
+        self._building = thread
         thread.start()
 
-    def _build(self, base: AllowedRows) -> None:
+    def _build(self, key: bytes, base: AllowedRows) -> None:
         start = time.perf_counter()
         faiss.omp_set_num_threads(1)  # this thread's own count: serving keeps its cores
         try:
@@ -126,9 +142,16 @@ class FilterIndexes:
                 own.nlist,
                 time.perf_counter() - start,
             )
+        took = time.perf_counter() - start
         with self._lock:
-            self._built[base] = own
-            self._uses.pop(base, None)
+            rows = 0 if own is _FAILED else base.count
+            while self._indexes and sum(self._rows.values()) + rows > self.max_rows:
+                evicted, _ = self._indexes.popitem(last=False)
+                del self._rows[evicted]
+            self._indexes[key] = own
+            self._rows[key] = rows
+            self._uses.pop(key, None)
+            self._idle_until = time.monotonic() + self.pause * took
             self._building = None
 
 
