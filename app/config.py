@@ -38,6 +38,7 @@ class IndexConfig:
     exact_blas: BlasMode = "auto"  # flat only: see `app.search.flat`
     exact_prune: PruneMode = "auto"  # flat only: see `app.search.cluster_pruning`
     filter_index_after: int = 0  # HNSW/IVF only: see `app.search.filter_index`
+    filter_index_rows: float = 0.5  # their rows together, a share of the catalogue's
     cache_root: Path | None = None  # INDEX_CACHE_DIR (`app.search.ann_cache.cache_dir`)
 
     @classmethod
@@ -54,6 +55,7 @@ class IndexConfig:
             exact_blas=s.exact_blas,
             exact_prune=s.exact_prune,
             filter_index_after=s.filter_index_after,
+            filter_index_rows=s.filter_index_rows,
             cache_root=s.index_cache_dir,
         )
 

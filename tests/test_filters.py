@@ -175,12 +175,16 @@ async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
     monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
     monkeypatch.setattr("app.search.faiss_index.OWN_INDEX_MAX_SHARE", 1.0)
     monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
-    app = create_app(make_settings(model_dir, index_type="hnsw", filter_index_after=1))
+    settings = make_settings(
+        model_dir, index_type="hnsw", filter_index_after=1, filter_index_rows=0.25
+    )
+    app = create_app(settings)
     history = ["i3", "i17", "i150", "i5"]
     async with serve(app) as client:
         services = app.state.services
         model = services.repository.require()
         own = model.index.filter_indexes
+        assert own.max_rows == model.n_items // 4  # FILTER_INDEX_ROWS
         own.max_rows = 10 * model.n_items  # every filter's index at once
         own.pause = 0.0  # and each built right after the one before
         for spec, passes in FILTERS:

@@ -48,7 +48,13 @@ def build_item_index(
     """
     if config.kind != "flat":
         index = _ann_index(bundle_dir, embeddings, checksum, config)
-        return FaissIndex(index, embeddings, config.kind, config.filter_index_after)
+        return FaissIndex(
+            index,
+            embeddings,
+            config.kind,
+            filter_index_after=config.filter_index_after,
+            filter_index_rows=config.filter_index_rows,
+        )
     pruning = None
     if _prunes(config.exact_prune, len(embeddings)):
         ivf = _ann_index(bundle_dir, embeddings, checksum, replace(config, kind="ivf"))

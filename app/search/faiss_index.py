@@ -90,6 +90,9 @@ class FaissIndex(ItemIndex):
     embeddings: the same items, float32 `(n_items, dim)`, for `exact_top` unless `index`
         holds its own flat copy of them (HNSW).
     kind: hnsw | ivf.
+    filter_index_after, filter_index_rows: when a filter gets an index of its own rows, and
+        how many rows (a share of the catalogue's) they may hold together
+        (`app.search.filter_index`).
     """
 
     def __init__(
@@ -97,7 +100,9 @@ class FaissIndex(ItemIndex):
         index: faiss.Index,
         embeddings: np.ndarray,
         kind: IndexType,
+        *,
         filter_index_after: int = 0,
+        filter_index_rows: float = 0.5,
     ) -> None:
         self.faiss = index
         self.kind = kind
@@ -112,7 +117,7 @@ class FaissIndex(ItemIndex):
             embeddings.setflags(write=False)
         self.matrix = shared_tensor(embeddings)
         self.filter_indexes = FilterIndexes(
-            embeddings, after=filter_index_after, max_rows=len(embeddings)
+            embeddings, after=filter_index_after, max_rows=int(filter_index_rows * len(embeddings))
         )
 
     def filter_index_count(self) -> int:
