@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     # (`app.search.filter_index`); 0: never.
     filter_index_after: Annotated[int, Field(ge=0)] = 20
     # ... and all of a worker's filter indexes together hold at most this share of the
-    # catalogue's rows (their vectors again: at 1M items of 66 floats, 0.5 is 132 MB).
-    filter_index_rows: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # catalogue's rows (their vectors again and ~25 %: at 1M items of 66 floats, 0.25 is ~86 MB).
+    filter_index_rows: Annotated[float, Field(ge=0, le=1)] = 0.25
 
     # -- online store ---------------------------------------------------------------------
     redis_url: str = ""

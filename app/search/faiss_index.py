@@ -102,7 +102,7 @@ class FaissIndex(ItemIndex):
         kind: IndexType,
         *,
         filter_index_after: int = 0,
-        filter_index_rows: float = 0.5,
+        filter_index_rows: float = 0.25,
     ) -> None:
         self.faiss = index
         self.kind = kind
