@@ -53,7 +53,7 @@ from app.filters import compile_filter
 from app.http.schemas import RecallFilter
 from app.model import ServingModel
 from app.retrieval import Query, search
-from app.search import AllowedRows, allowed, faiss_index, flat
+from app.search import AllowedRows, FaissIndex, allowed, faiss_index, flat
 from app.search.filter_index import FilterIndexes
 from harness import procs
 from harness.bundles import Recipe, ensure_bundle
@@ -231,6 +231,8 @@ def index_paths(
             continue
         row: dict[str, Any] = {}
         for path, forced in PATHS[model.index.kind].items():
+            if path == "own" and isinstance(model.index, FaissIndex):  # FILTER_INDEX_ROWS too
+                forced = {**forced, (model.index.filter_indexes, "max_rows"): model.n_items}
             saved = {key: getattr(*key) for key in forced}
             try:
                 for (module, name), value in forced.items():
