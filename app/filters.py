@@ -15,6 +15,7 @@ request's 422.
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import threading
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import anyio
 import numpy as np
 
 from app.errors import InvalidInput, input_error
@@ -30,6 +32,8 @@ from app.model import ServingModel
 from app.search.allowed import AllowedRows
 from models.feature_spec import as_float
 from models.item_attributes import AttributeColumn, ItemAttributes
+
+log = logging.getLogger(__name__)
 
 # Compiled filters kept per worker: each holds a mask of one byte per catalogue item (1 MB at
 # 1M) and, for a selective filter, its rows' vectors (at most 8.7 MB: `AllowedRows.kept`).
@@ -219,15 +223,60 @@ class FilterCache:
 
     def get(self, model: ServingModel, spec: FilterInput, loc: Loc) -> CompiledFilter:
         """The compiled filter, compiled now if absent (raising its InvalidInput)."""
-        key = (model.version, canonical(spec))
+        return self.compiled(model, canonical(spec), loc)
+
+    def compiled(self, model: ServingModel, key: str, loc: Loc = ("filter",)) -> CompiledFilter:
+        """The filter of canonical JSON `key` compiled for `model`, from the cache or now."""
+        entry = (model.version, key)
         with self._lock:
-            found = self._compiled.get(key)
+            found = self._compiled.get(entry)
             if found is not None:
-                self._compiled.move_to_end(key)
+                self._compiled.move_to_end(entry)
                 return found
-        compiled = _compile(model, key[1], loc)
+        compiled = _compile(model, key, loc)
         with self._lock:
-            self._compiled[key] = compiled
+            self._compiled[entry] = compiled
             if len(self._compiled) > self.size:
                 self._compiled.popitem(last=False)
         return compiled
+
+    def recent(self, version: str) -> list[CompiledFilter]:
+        """The filters compiled for `version`, the most recently used first."""
+        with self._lock:
+            return [f for (v, _), f in reversed(self._compiled.items()) if v == version]
+
+
+class FilterWarmup:
+    """The model hook (`app.model.repository.ModelHook`) that gives a model, before it serves,
+    the filter indexes the serving model has (`app.search.filter_index`): each such filter
+    compiled for the new model and its index built off the request path, so a hot reload
+    does not send the worker's hot filters back to the slow filtered search.
+
+    Args:
+        current: the serving model (None: none yet).
+        cache: this worker's compiled filters.
+    """
+
+    def __init__(self, current: Callable[[], ServingModel | None], cache: FilterCache) -> None:
+        self.current = current
+        self.cache = cache
+
+    async def prepare(self, model: ServingModel) -> ServingModel:
+        serving = self.current()
+        if serving is None:
+            return model
+        try:
+            for old in self.cache.recent(serving.version):
+                if not serving.index.has_filter_index(old.allowed):
+                    continue
+                try:
+                    new = self.cache.compiled(model, old.key)
+                except InvalidInput:
+                    continue  # an attribute or value the new catalogue does not have
+                await anyio.to_thread.run_sync(model.index.build_filter_index, new.allowed)
+        except Exception:  # never refuse a bundle for a warm-up: it serves, colder
+            log.exception("cannot build filter indexes for bundle %s", model.version)
+        return model
+
+    def rebase(self, model: ServingModel) -> ServingModel:
+        return model

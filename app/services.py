@@ -13,6 +13,7 @@ import torch
 
 from app.catalogue import ItemCatalogue
 from app.config import IndexConfig, RecallLimits, StoreConfig
+from app.filters import FilterWarmup
 from app.metrics import Metrics
 from app.model import ModelRepository, ModelSync, build_pin
 from app.recall import RecallService
@@ -75,13 +76,15 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     changes = build_item_change_log(store_config.redis)
     catalogue = ItemCatalogue(repository, changes, metrics, settings.reload_poll_s)
     repository.attach(catalogue)
+    recall = RecallService(repository, store, limits, metrics, cpu, vectors)
+    repository.attach(FilterWarmup(lambda: repository.current, recall.filters))
     return Services(
         settings=settings,
         metrics=metrics,
         repository=repository,
         sync=ModelSync(repository, build_pin(store_config.redis), settings.reload_poll_s),
         store=store,
-        recall=RecallService(repository, store, limits, metrics, cpu, vectors),
+        recall=recall,
         users=UserService(store, repository, limits.max_history),
         catalogue=catalogue,
         worker=f"{socket.gethostname()}:{os.getpid()}",

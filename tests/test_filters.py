@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import Bundles
-from helpers_app import Reference, copy_version, make_settings, serve
+from helpers_app import Reference, admin_headers, copy_version, make_settings, serve
 
 from app.config import IndexConfig
 from app.filters import FilterCache, compile_filter
@@ -198,6 +198,45 @@ async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
             assert got == _expected(reference, items, passes, history, 20), spec
         metrics = (await client.get("/metrics")).text
         assert f"tower_recall_filter_indexes {float(len(FILTERS))}" in metrics
+
+
+async def test_a_reload_builds_the_serving_models_filter_indexes_before_the_swap(
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above: every filter on the graph's path, with an index of its own once searched.
+    monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
+    monkeypatch.setattr("app.search.faiss_index.OWN_INDEX_MAX_SHARE", 1.0)
+    monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
+    settings = make_settings(
+        model_dir, index_type="hnsw", filter_index_after=2, filter_index_rows=1.0
+    )
+    app = create_app(settings)
+    gone, cold, hot = FILTERS[1][0], FILTERS[4][0], FILTERS[0][0]
+    async with serve(app) as client:
+        services = app.state.services
+        services.recall.filters.size = 2  # the worker's filter cache keeps the last two only
+        old = services.repository.require()
+        old.index.filter_indexes.pause = 0.0
+        # `gone` gets an index, then leaves the cache; `cold` is searched once (no index).
+        for spec, times in ((gone, 2), (cold, 1), (hot, 2)):
+            body = {"user_id": "u1", "k": 20, "filter": spec}
+            for _ in range(times):
+                assert (await client.post("/v1/recall", json=body)).status_code == 200
+            old.index.filter_indexes.wait(60)
+        assert len(old.index.filter_indexes) == 2
+        body = {"version": bundles.v2.name}
+        response = await client.post("/admin/reload", json=body, headers=admin_headers())
+        assert response.status_code == 200, response.text
+        new = services.repository.require()
+        assert new.version == bundles.v2.name
+        # Before any search on the new model: the hot filter's index is there; neither the
+        # filter the cache let go nor the cold one got one.
+        assert len(new.index.filter_indexes) == 1
+        compiled = services.recall.filters.get(new, RecallFilter(**hot), ("body",))
+        assert new.index.has_filter_index(compiled.allowed)
+        response = await client.post("/v1/recall", json={"user_id": "u1", "k": 20, "filter": hot})
+        assert response.status_code == 200
+        assert response.json()["model_version"] == bundles.v2.name
 
 
 async def test_batch_with_mixed_filters_answers_each_alone(

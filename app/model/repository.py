@@ -64,11 +64,12 @@ class ModelRepository:
         self.metrics = metrics
         self._current: ServingModel | None = None
         self._not_ready_reason = "no model loaded yet"
-        self._hook: ModelHook | None = None
+        self._hooks: list[ModelHook] = []
 
     def attach(self, hook: ModelHook) -> None:
-        """Apply `hook` to every model loaded from now on (services.py wires the catalogue)."""
-        self._hook = hook
+        """Apply `hook` to every model loaded from now on, after those attached before
+        (services.py wires the catalogue, then the filter warm-up)."""
+        self._hooks.append(hook)
 
     @property
     def current(self) -> ServingModel | None:
@@ -139,12 +140,14 @@ class ModelRepository:
                 log.exception("bundle %s failed to load", path.name)
             self._count_load("rejected")
             raise BundleRejected(f"bundle {path.name} rejected: {reason}") from exc
-        return model if self._hook is None else await self._hook.prepare(model)
+        for hook in self._hooks:
+            model = await hook.prepare(model)
+        return model
 
     def swap(self, model: ServingModel) -> Swap:
         """Serve `model` from now on: one reference assignment on the event loop."""
-        if self._hook is not None:
-            model = self._hook.rebase(model)
+        for hook in self._hooks:
+            model = hook.rebase(model)
         previous, self._current = self._current, model
         # What is alive now (torch, FAISS, FastAPI, this bundle: ~250k objects) lives as long
         # as the process: move it out of the collector's reach, or each full collection walks

@@ -127,8 +127,25 @@ class FilterIndexes:
         self._building = thread
         thread.start()
 
+    def build(self, allowed: AllowedRows) -> None:
+        """Build the index of `allowed`'s rows now, in the calling thread (for a model before
+        it serves), unless it has one or its rows would pass the cap alone."""
+        base = allowed.base or allowed
+        with self._lock:
+            if base.digest in self._indexes or base.count > self.max_rows:
+                return
+        self._make(base.digest, base)
+
     def _build(self, key: bytes, base: AllowedRows) -> None:
+        try:
+            self._make(key, base)
+        finally:
+            with self._lock:
+                self._building = None
+
+    def _make(self, key: bytes, base: AllowedRows) -> None:
         start = time.perf_counter()
+        threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)  # this thread's own count: serving keeps its cores
         try:
             own: Any = build_filter_index(self.matrix, base.rows)
@@ -142,6 +159,8 @@ class FilterIndexes:
                 own.nlist,
                 time.perf_counter() - start,
             )
+        finally:
+            faiss.omp_set_num_threads(threads)
         took = time.perf_counter() - start
         with self._lock:
             rows = 0 if own is _FAILED else base.count
@@ -152,7 +171,6 @@ class FilterIndexes:
             self._rows[key] = rows
             self._uses.pop(key, None)
             self._idle_until = time.monotonic() + self.pause * took
-            self._building = None
 
 
 def build_filter_index(matrix: np.ndarray, rows: np.ndarray) -> ClusterPruning:

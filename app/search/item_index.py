@@ -64,6 +64,15 @@ class ItemIndex(ABC):
         """Filters with an index of their own rows (`app.search.filter_index`): none here."""
         return 0
 
+    def has_filter_index(self, allowed: AllowedRows) -> bool:
+        """Whether the filter of these rows has an index of its own rows: never here."""
+        return False
+
+    def build_filter_index(self, allowed: AllowedRows) -> None:
+        """Give the filter of these rows an index of its own rows now, where this index would
+        once the filter is searched often (a model warmed before it serves): none here."""
+        return None
+
     @abstractmethod
     def runs_inline(self, batch: int) -> bool:
         """Whether searching a batch of `batch` queries costs less on the event loop than a
