@@ -167,14 +167,19 @@ async def test_hnsw_selective_filter_still_returns_exactly_k(
             assert set(got) <= set(items.index[np.asarray(passes(items))])
 
 
-async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
-    model_dir: Path, reference: Reference, items: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The test catalogue is small: every filter is let through to the graph's path, where a
-    # filter searched once gets an index of its own rows (`app.search.filter_index`).
+@pytest.fixture
+def any_filter_indexed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test catalogue is small: every filter is let through to the graph's path, where a
+    filter searched often gets an index of its own rows (`app.search.filter_index`)."""
     monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
     monkeypatch.setattr("app.search.faiss_index.OWN_INDEX_MAX_SHARE", 1.0)
     monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
+
+
+@pytest.mark.usefixtures("any_filter_indexed")
+async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
+    model_dir: Path, reference: Reference, items: pd.DataFrame
+) -> None:
     settings = make_settings(
         model_dir, index_type="hnsw", filter_index_after=1, filter_index_rows=0.25
     )
@@ -200,13 +205,10 @@ async def test_hnsw_filters_served_by_their_own_indexes_are_the_exact_top_k(
         assert f"tower_recall_filter_indexes {float(len(FILTERS))}" in metrics
 
 
+@pytest.mark.usefixtures("any_filter_indexed")
 async def test_a_reload_builds_the_serving_models_filter_indexes_before_the_swap(
-    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, bundles: Bundles
 ) -> None:
-    # As above: every filter on the graph's path, with an index of its own once searched.
-    monkeypatch.setattr("app.search.faiss_index.ANN_MIN_SHARE", 0.0)
-    monkeypatch.setattr("app.search.faiss_index.OWN_INDEX_MAX_SHARE", 1.0)
-    monkeypatch.setattr("app.search.allowed.MAX_GATHERED_ROWS", 0)
     settings = make_settings(
         model_dir, index_type="hnsw", filter_index_after=2, filter_index_rows=1.0
     )
