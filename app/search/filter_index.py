@@ -15,7 +15,8 @@ cache and compiled again finds its index; a filter narrowed by deleted items
 (`AllowedRows.base`) is searched in its base's index with the narrower selector. Their rows
 together are capped (`max_rows`; the least recently searched go first), and after each build
 the builder pauses `pause` times the build's time, so that filters that keep displacing each
-other cost at most a share of one core.
+other cost at most a share of one core. A model about to replace the serving one gets the
+serving one's hot filters built at once (`build`, from `app.filters.FilterWarmup`).
 """
 
 from __future__ import annotations
