@@ -37,7 +37,7 @@ class IndexConfig:
     exact_screen: ScreenMode = "auto"  # flat only: see `app.search.flat`
     exact_blas: BlasMode = "auto"  # flat only: see `app.search.flat`
     exact_prune: PruneMode = "auto"  # flat only: see `app.search.cluster_pruning`
-    filter_index_after: int = 0  # HNSW/IVF only: see `app.search.filter_index`
+    filter_index_after: int = 20  # HNSW/IVF only: see `app.search.filter_index`
     filter_index_rows: float = 0.25  # their rows together, a share of the catalogue's
     cache_root: Path | None = None  # INDEX_CACHE_DIR (`app.search.ann_cache.cache_dir`)
 

@@ -127,9 +127,7 @@ class Metrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def set_model(
-        self, version: str, n_items: int, filter_indexes: Callable[[], int] = lambda: 0
-    ) -> None:
+    def set_model(self, version: str, n_items: int, filter_indexes: Callable[[], int]) -> None:
         """The serving model's gauges; `filter_indexes` is read at each scrape."""
         self.model_info.clear()
         self.model_info.labels(version).set(1)

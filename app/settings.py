@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # k (`app.search.cluster_pruning`; still exact); auto: for catalogues of 20,000 items or more.
     # The clusters are an IVF index of IVF_NLIST lists, cached beside the bundle.
     exact_prune: PruneMode = "auto"
-    # HNSW/IVF: a filter allowing 2-30 % of the catalogue gets an index of its own rows once
+    # HNSW/IVF: a filter allowing 2-20 % of the catalogue gets an index of its own rows once
     # one worker has searched it this many times, built in the background and searched exactly
     # (`app.search.filter_index`); 0: never.
     filter_index_after: Annotated[int, Field(ge=0)] = 20

@@ -90,9 +90,9 @@ class FaissIndex(ItemIndex):
     embeddings: the same items, float32 `(n_items, dim)`, for `exact_top` unless `index`
         holds its own flat copy of them (HNSW).
     kind: hnsw | ivf.
-    filter_index_after, filter_index_rows: when a filter gets an index of its own rows, and
-        how many rows (a share of the catalogue's) they may hold together
-        (`app.search.filter_index`).
+    filter_index_after, filter_index_rows: when a filter gets an index of its own rows (0, the
+        default here: never), and how many rows (a share of the catalogue's) they may hold
+        together (`app.search.filter_index`).
     """
 
     def __init__(
@@ -102,7 +102,7 @@ class FaissIndex(ItemIndex):
         kind: IndexType,
         *,
         filter_index_after: int = 0,
-        filter_index_rows: float = 0.25,
+        filter_index_rows: float = IndexConfig.filter_index_rows,
     ) -> None:
         self.faiss = index
         self.kind = kind
