@@ -54,7 +54,6 @@ from app.http.schemas import RecallFilter
 from app.model import ServingModel
 from app.retrieval import Query, search
 from app.search import AllowedRows, FaissIndex, allowed, faiss_index, flat
-from app.search.filter_index import FilterIndexes
 from harness import procs
 from harness.bundles import Recipe, ensure_bundle
 from models.bundle import read_latest
@@ -135,9 +134,9 @@ def warm(
     """`run` (a search with the filter of `allowed`) as often as it takes to build the
     filter's own index, and wait for the build: the seconds from the first search to a ready
     index (None: it gets none)."""
-    own: FilterIndexes | None = getattr(model.index, "filter_indexes", None)
-    if own is None or allowed is None:
-        return None
+    if not isinstance(model.index, FaissIndex) or allowed is None:
+        return None  # an exact index gets none
+    own = model.index.filter_indexes
     own.pause = 0.0  # filters measured one after another: no pause between their builds
     start = time.perf_counter()
     for _ in range(own.after):
