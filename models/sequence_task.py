@@ -103,8 +103,8 @@ class SequenceTask:
         for lo in range(0, len(self.users), chunk):
             users = self.users[lo : lo + chunk]
             examples = torch.arange(lo, lo + len(users), device=self.device)
-            latest = self.examples[examples, 1:].long()
-            scores = self.tower.encode(self.example_features(examples), latest, 1)[:, 0] @ items.T
+            newest_first = self.examples[examples, 1:].long().flip(1)
+            scores = self.tower.newest(self.example_features(examples), newest_first) @ items.T
             ends = self.log.user_end[users]
             starts = self.log.user_start[ends - 1]
             owner = np.repeat(np.arange(len(users)), ends - starts)

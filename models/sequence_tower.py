@@ -20,10 +20,13 @@ from models.tower_config import TowerConfig
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where only the last `queries` positions ask (the others still
-    answer as keys and values): serving wants the newest position alone from the last block.
+    """Multi-head self-attention where every position asks, or only the positions `rows` name
+    (the others still answer as keys and values): serving wants each user's newest position
+    alone from the last block.
 
-    Shapes: `x` `(B, L, D)`; `allowed` `(B, 1, Q, L)` bool, True where query i may look at j.
+    Shapes: `x` `(B, L, D)`; `rows` `(B, Q)` positions or None for all; `allowed`
+    `(B, 1, Q, L)` bool, True where query i may look at j, or None for plain causal attention
+    (position i sees j <= i), which needs no mask.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
@@ -33,20 +36,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, queries: int, allowed: Tensor) -> Tensor:
-        batch, length, dim = x.shape
+    def forward(self, x: Tensor, rows: Tensor | None, allowed: Tensor | None) -> Tensor:
+        batch, _, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=-1)
-        q = q[:, length - queries :]
+        if rows is not None:
+            q = q.gather(1, rows.unsqueeze(-1).expand(-1, -1, dim))
+        queries = q.shape[1]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None
+        )
         return self.out(attended.transpose(1, 2).reshape(batch, queries, dim))
 
 
 class CausalBlock(nn.Module):
     """Pre-norm transformer block: causal self-attention, then a feed-forward, each residual.
 
-    Shapes: `x` `(B, L, D)` -> `(B, Q, D)`, the outputs at its last `queries` positions.
+    Shapes: `x` `(B, L, D)` -> `(B, Q, D)`, the outputs at positions `rows` `(B, Q)` (None:
+    all L); `allowed` as `CausalSelfAttention` takes it.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
@@ -59,9 +67,11 @@ class CausalBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, queries: int, allowed: Tensor) -> Tensor:
-        attended = self.attention(self.attention_norm(x), queries, allowed)
-        out = x[:, x.shape[1] - queries :] + self.dropout(attended)
+    def forward(self, x: Tensor, rows: Tensor | None, allowed: Tensor | None) -> Tensor:
+        attended = self.attention(self.attention_norm(x), rows, allowed)
+        if rows is not None:
+            x = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        out = x + self.dropout(attended)
         return out + self.dropout(self.feed_forward(self.feed_forward_norm(out)))
 
 
@@ -106,31 +116,50 @@ class SequenceUserTower(nn.Module):
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """The user vector: the newest position's output over the newest-first history."""
-        items = features[self.history].flip(1)
-        # Columns that are padding for every user change nothing (positions count from the
-        # newest item): a batch of short histories costs what its longest one needs.
-        present = (items > 0).any(dim=0).nonzero()
-        start = int(present[0, 0]) if present.shape[0] > 0 else items.shape[1] - 1
-        return self.encode(features, items[:, start:], 1).squeeze(1)
+        return self.newest(features, features[self.history])
+
+    def newest(self, features: dict[str, Tensor], history: Tensor) -> Tensor:
+        """`(B, L)` item indices newest first, 0-padded at the end -> `(B, out_dim)`: the
+        output at each user's newest position, as `sequence` gives it at its last.
+
+        The items are laid out oldest first from column 0 (padding after them), so plain
+        causal attention keeps every item off the padding: no `(B, L, L)` mask to build or
+        apply but the last block's one row. Each column's position still counts from the
+        user's newest item. A batch of short histories costs what its longest one needs.
+        It reads the items before the first 0 (`FeatureEncoder` writes no 0 before an item).
+        """
+        lengths = (history > 0).cumprod(dim=1).sum(dim=1, keepdim=True)  # (B, 1)
+        width = max(int(lengths.max()), 1)
+        columns = torch.arange(width, device=history.device).unsqueeze(0)  # (1, W)
+        back = lengths - 1 - columns  # column j holds the item `back` places from the newest
+        items = history[:, :width].gather(1, back.clamp(min=0)) * (back >= 0)
+        window = self.position.shape[0]
+        positions = self.position[(window - lengths + columns).clamp(max=window - 1)]
+        newest = (lengths - 1).clamp(min=0)  # (B, 1): the column of the newest item
+        x = self._embed(items, positions)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if i == last:  # only the newest position, over the columns up to it
+                x = block(x, newest, (columns <= newest).unsqueeze(1).unsqueeze(1))
+            else:
+                x = block(x, None, None)
+        return self._output(features, x).squeeze(1)
 
     def sequence(self, features: dict[str, Tensor], items: Tensor) -> Tensor:
         """`(B, L)` item indices oldest first, left-padded with 0 -> `(B, L, out_dim)`: at
         each position, the user vector as of that item (what training predicts from)."""
-        return self.encode(features, items, items.shape[1])
-
-    def encode(self, features: dict[str, Tensor], items: Tensor, queries: int) -> Tensor:
-        """Outputs `(B, queries, out_dim)` at the last `queries` positions of `items`
-        (`(B, L)`, oldest first, left-padded, L at most the history length)."""
-        length = items.shape[1]
-        x = self.item_embedding(items) * self.scale + self.position[-length:]
-        x = self.input_dropout(x) * (items > 0).unsqueeze(-1).to(x.dtype)
+        x = self._embed(items, self.position[-items.shape[1] :])
         allowed = self._allowed(items)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # Only the last block narrows to the wanted positions: the others all feed it.
-            wanted = queries if i == last else length
-            x = block(x, wanted, allowed[:, :, length - wanted :])
-        out = self.final_norm(x) + self._context(features, items.shape[0]).unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, None, allowed)
+        return self._output(features, x)
+
+    def _embed(self, items: Tensor, positions: Tensor) -> Tensor:
+        x = self.item_embedding(items) * self.scale + positions
+        return self.input_dropout(x) * (items > 0).unsqueeze(-1).to(x.dtype)
+
+    def _output(self, features: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = self.final_norm(x) + self._context(features, x.shape[0]).unsqueeze(1)
         return F.normalize(self.project(out), dim=-1)
 
     def _allowed(self, items: Tensor) -> Tensor:

@@ -112,6 +112,23 @@ def test_serving_reads_the_newest_first_history_as_training_reads_the_last_posit
     assert torch.isfinite(served[2]).all()  # no history: cold start, still a unit vector
 
 
+def test_serving_reads_a_batch_of_any_lengths_as_each_user_alone() -> None:
+    """A micro-batch pads every history to its longest: no user's vector may depend on the
+    others', and a history holding a 0 reads only the items before it."""
+    tower, encoder = trained_tower()
+    catalogue = list(encoder.item_index)
+    histories = [catalogue[:n] for n in (1, 3, encoder.history_length + 2, 0, 2)]
+    with torch.no_grad():
+        together = tower(encoded(encoder, histories))
+        alone = torch.cat([tower(encoded(encoder, [h])) for h in histories])
+        history = encoded(encoder, [catalogue[:3]])["history"]
+        history[0, 3] = 0  # already padding: the 0 at position 3 ends the history...
+        history[0, 4] = 7  # ...so this item after it is not read
+        cut = tower({**encoded(encoder, [[]]), "history": history})
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(cut[0], together[1])
+
+
 def test_sequences_are_each_users_latest_items_oldest_first_left_padded() -> None:
     dataset = cycle_dataset(n_users=3)
     config = sequence_config(history_length=5)
@@ -333,7 +350,7 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         latest = torch.from_numpy(task.sequences(np.array([user]))[:, 1:])
         features = task.example_features(torch.tensor([example]))
         with torch.no_grad():
-            vector = task.tower.encode(features, latest, 1)[0, 0]
+            vector = task.tower.sequence(features, latest)[0, -1]
         scores = vector.numpy() @ items.T
         scores[list(taken)] = -np.inf
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
