@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.redis_keys import check_prefix
+from models.redis_keys import DEFAULT_HISTORY_CAP, check_prefix
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     cache_ttl_s: Annotated[float, Field(ge=0)] = 2.0  # 0 (or CACHE_SIZE 0): no cache
     cache_size: Annotated[int, Field(ge=0)] = 10_000
     feature_ttl_s: Annotated[int, Field(ge=0)] = 0  # TTL of written keys; 0 = none
-    history_cap: Annotated[int, Field(ge=1)] = 100  # stored history length (LTRIM)
+    history_cap: Annotated[int, Field(ge=1)] = DEFAULT_HISTORY_CAP  # stored and read (LTRIM)
 
     # -- request limits ---------------------------------------------------------------------
     max_k: Annotated[int, Field(ge=1)] = 500

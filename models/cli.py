@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.dataset import DataError
 from models.options import add_options, given_options
+from models.redis_keys import DEFAULT_HISTORY_CAP
 from models.tower_config import TowerConfig
 from models.train_config import PRESETS, TrainConfig
 
@@ -85,7 +86,12 @@ def parser() -> argparse.ArgumentParser:
         help="--redis-url names any node of a Redis Cluster (as REDIS_CLUSTER=true)",
     )
     p.add_argument("--prefix", default="tr")
-    p.add_argument("--history-length", type=int, default=100)
+    p.add_argument(
+        "--history-length",
+        type=int,
+        default=DEFAULT_HISTORY_CAP,
+        help="newest items kept per user (as the service's HISTORY_CAP, whose default it is)",
+    )
     p.add_argument("--ttl", type=int, default=None, help="key TTL in seconds (default: none)")
     return root
 

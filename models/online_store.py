@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from models.dataset import DataError, Dataset
 from models.redis_keys import (  # noqa: F401 (re-exported: the layout's old home)
+    DEFAULT_HISTORY_CAP,
     DEFAULT_PREFIX,
     check_prefix,
     hash_tag,
@@ -89,7 +90,7 @@ def publish(
     dataset: Dataset,
     *,
     prefix: str = DEFAULT_PREFIX,
-    history_length: int = 100,
+    history_length: int = DEFAULT_HISTORY_CAP,
     ttl_seconds: int | None = None,
     chunk: int = 1000,
 ) -> int:

@@ -10,6 +10,9 @@ on a cluster alike. The item change log's keys (`item_change_keys`) share the ta
 from __future__ import annotations
 
 DEFAULT_PREFIX = "tr"
+# Newest history items kept per user (publish-features, HISTORY_CAP): at least the longest
+# history a trainer default reads (the sequential tower's 200), or the tower sees fewer.
+DEFAULT_HISTORY_CAP = 200
 
 
 def hash_tag(user_id: str) -> str:

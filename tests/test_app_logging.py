@@ -242,6 +242,31 @@ async def test_application_logs_name_the_request_they_belong_to(
     assert logged.access()["reload-1"]["model_version"] == bundles.v2.name
 
 
+@pytest.mark.parametrize("history_cap", [60, 100])
+async def test_a_model_reading_more_history_than_the_store_keeps_is_named(
+    model_dir: Path, bundles: Bundles, logged: Logged, history_cap: int
+) -> None:
+    """The test bundles read 100 items: under HISTORY_CAP 60 the store gives them 60 at most,
+    which the operator must hear about; the model still serves."""
+    async with serve(make_settings(model_dir, history_cap=history_cap)) as client:
+        with logged(JsonFormatter()):
+            reload = await client.post(
+                "/admin/reload", json={"version": bundles.v2.name}, headers=admin_headers()
+            )
+        assert reload.status_code == 200, reload.text
+        assert (await client.post("/v1/recall", json={"user_id": "u1"})).status_code == 200
+    warned = [line for line in logged.json() if line["logger"] == "app.model.history_check"]
+    if history_cap >= 100:
+        assert warned == []
+        return
+    assert [line["level"] for line in warned] == ["WARNING"]
+    assert warned[0]["msg"] == (
+        f"bundle {bundles.v2.name} reads the newest 100 history items but HISTORY_CAP keeps 60: "
+        "stored histories give it 60 at most; set HISTORY_CAP=100 (and publish-features "
+        "--history-length 100)"
+    )
+
+
 async def test_a_server_error_is_logged_and_answered_with_the_request_id(
     model_dir: Path, logged: Logged
 ) -> None:

@@ -11,6 +11,8 @@ from redis import Redis, RedisCluster
 from redis.crc import key_slot
 from trainer_helpers import stored_json, stored_list
 
+from app.settings import Settings
+from models.cli import parser
 from models.dataset import ColumnSpec, Dataset
 from models.online_store import (
     DEFAULT_PREFIX,
@@ -21,6 +23,7 @@ from models.online_store import (
     user_key,
     user_records,
 )
+from models.train_config import PRESETS, TrainConfig
 
 
 @pytest.fixture
@@ -173,3 +176,16 @@ def test_a_long_history_is_written_whole(store: tuple[Redis, str]) -> None:
     )
     publish(client, dataset, prefix=prefix, history_length=9000)
     assert stored_list(client, history_key(prefix, "u3")) == [f"i{n}" for n in range(8999, -1, -1)]
+
+
+def test_the_stored_history_holds_what_every_default_tower_reads() -> None:
+    """publish-features and the service keep the same newest items by default, and no user
+    tower the trainer makes by default reads more of them than that."""
+    stored = Settings.model_fields["history_cap"].default
+    publish_default = parser().parse_args(
+        ["publish-features", "--data", "synthetic", "--redis-url", "redis://unused"]
+    )
+    assert publish_default.history_length == stored
+    for tower in PRESETS:
+        config = TrainConfig.create(**{"tower.user_tower": tower})
+        assert config.history_length <= stored

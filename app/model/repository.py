@@ -68,7 +68,7 @@ class ModelRepository:
 
     def attach(self, hook: ModelHook) -> None:
         """Apply `hook` to every model loaded from now on, after those attached before
-        (services.py wires the catalogue, then the filter warm-up)."""
+        (services.py wires the catalogue, the filter warm-up, then the history check)."""
         self._hooks.append(hook)
 
     @property
