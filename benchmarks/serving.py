@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b = p.add_argument_group("bundles (trained by `python -m models train`)")
     b.add_argument("--users", type=int, default=20_000)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--per-user",
+        type=int,
+        help="synthetic interactions per user (default: the source's 45, histories of 30-60 "
+        "items; e.g. 300 fills a 200-item history)",
+    )
     b.add_argument("--epochs", type=int, default=1)
     b.add_argument("--batch-size", type=int, default=8192)
     b.add_argument("--field-dim", type=int, default=32)
@@ -151,6 +157,7 @@ def recipe_of(args: argparse.Namespace, items: int) -> Recipe:
         items=items,
         users=args.users,
         seed=args.seed,
+        per_user=args.per_user,
         epochs=args.epochs,
         batch_size=args.batch_size,
         field_dim=args.field_dim,

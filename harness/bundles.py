@@ -32,6 +32,8 @@ class Recipe:
         items: catalogue size.
         users: synthetic users (all of them are published to Redis and queried).
         seed: synthetic data and training seed.
+        per_user: the synthetic source's mean interactions per user (None: its default, 45,
+            so histories of 30-60 items); set it to fill a longer tower's history.
         epochs, batch_size, field_dim, hidden, out_dim, history_length, popularity_prior:
             trainer options (a None prior leaves the trainer's default).
     """
@@ -39,6 +41,7 @@ class Recipe:
     items: int
     users: int
     seed: int = 0
+    per_user: int | None = None
     epochs: int = 1
     batch_size: int = 2048
     field_dim: int = 32
@@ -52,12 +55,15 @@ class Recipe:
 
     @property
     def source(self) -> str:
-        return f"synthetic:seed={self.seed},users={self.users},items={self.items}"
+        per_user = "" if self.per_user is None else f",per_user={self.per_user}"
+        return f"synthetic:seed={self.seed},users={self.users},items={self.items}{per_user}"
 
     @property
     def key(self) -> str:
         return (
-            f"synthetic-s{self.seed}-u{self.users}-i{self.items}-e{self.epochs}-b{self.batch_size}"
+            f"synthetic-s{self.seed}-u{self.users}-i{self.items}"
+            + ("" if self.per_user is None else f"-n{self.per_user}")
+            + f"-e{self.epochs}-b{self.batch_size}"
             f"-f{self.field_dim}-h{self.hidden.replace(',', 'x')}-o{self.out_dim}"
             f"-l{self.history_length}"
             + ("" if self.popularity_prior is None else f"-p{self.popularity_prior:g}")

@@ -20,6 +20,7 @@ import pytest
 from conftest import Bundles
 
 from harness.bundles import RECIPE_FILE, Recipe
+from models.sources import load_dataset
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
 TOOLS = SCRIPT.parent / "serving_tools.py"
@@ -43,6 +44,18 @@ def _cache_bundle(cache_dir: Path, trained: Path, recipe: Recipe) -> None:
     (model_dir / "LATEST").write_text(trained.name + "\n")
     meta = {"recipe": asdict(recipe), "train_s": 0.0, "version": trained.name}
     (model_dir / RECIPE_FILE).write_text(json.dumps(meta))
+
+
+def test_a_recipe_can_fill_a_long_history_and_is_cached_apart() -> None:
+    """The synthetic default gives 30-60 items a user, so a 200-item tower's serving cost is
+    only measured with `per_user` raised; bundles cached before it keep their keys."""
+    plain = Recipe(items=100_000, users=50)
+    dense = Recipe(items=100_000, users=50, per_user=300)
+    assert plain.key == "synthetic-s0-u50-i100000-e1-b2048-f32-h256-o64-l100"
+    assert dense.key == "synthetic-s0-u50-i100000-n300-e1-b2048-f32-h256-o64-l100"
+    lengths = load_dataset(dense.source).interactions.groupby("user_id").size()
+    assert lengths.quantile(0.1) >= 200  # a few repeats of an item are dropped
+    assert load_dataset(plain.source).interactions.groupby("user_id").size().max() <= 60
 
 
 @pytest.mark.slow
