@@ -156,6 +156,23 @@ async def test_history_is_capped_newest_first(
     assert_same_recall(recall["items"], reference.top_k({}, kept, 10))
 
 
+async def test_the_store_reads_as_many_history_items_as_the_tower(
+    model_dir: Path, reference: Reference, store: dict[str, str]
+) -> None:
+    """HISTORY_CAP keeps 200 items, the test bundles' tower reads 100: a recall reads (and
+    excludes as seen) the newest 100, so the 50 older items may come back."""
+    settings = make_settings(model_dir, **store, history_cap=200, feature_ttl_s=60)
+    oldest_first = reference.item_ids[:150]
+    async with serve(settings) as client:
+        events = await client.post("/v1/users/h1/events", json={"item_ids": oldest_first})
+        assert events.json() == {"user_id": "h1", "history_length": 150}  # all of it kept
+        recall = (await client.post("/v1/recall", json={"user_id": "h1", "k": 100})).json()
+    read = oldest_first[::-1][:100]
+    expected = reference.top_k({}, read, 100)
+    assert_same_recall(recall["items"], expected)
+    assert set(oldest_first[:50]) <= {item for item, _ in expected}
+
+
 async def test_stored_state_expires_after_its_ttl(model_dir: Path, store: dict[str, str]) -> None:
     settings = make_settings(model_dir, **store, feature_ttl_s=1, cache_ttl_s=0)
     async with serve(settings) as client:

@@ -68,7 +68,7 @@ class ModelRepository:
 
     def attach(self, hook: ModelHook) -> None:
         """Apply `hook` to every model loaded from now on, after those attached before
-        (services.py wires the catalogue, the filter warm-up, then the history check)."""
+        (services.py wires the catalogue, the filter warm-up, then the history read)."""
         self._hooks.append(hook)
 
     @property
