@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     cache_ttl_s: Annotated[float, Field(ge=0)] = 2.0  # 0 (or CACHE_SIZE 0): no cache
     cache_size: Annotated[int, Field(ge=0)] = 10_000
     feature_ttl_s: Annotated[int, Field(ge=0)] = 0  # TTL of written keys; 0 = none
-    history_cap: Annotated[int, Field(ge=1)] = DEFAULT_HISTORY_CAP  # stored and read (LTRIM)
+    # Newest history items stored per user (LTRIM); a recall reads as many of them as the
+    # serving model's user tower reads, at most these (`app.model.HistoryReads`).
+    history_cap: Annotated[int, Field(ge=1)] = DEFAULT_HISTORY_CAP
 
     # -- request limits ---------------------------------------------------------------------
     max_k: Annotated[int, Field(ge=1)] = 500

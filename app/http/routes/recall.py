@@ -56,9 +56,9 @@ async def recall_response(service: RecallService, request: RecallRequest) -> JSO
 async def recall(body: RecallRequest, service: RecallDep) -> JSONBytes:
     """Features: request over stored over defaults; history: the request's, else the stored
     list's newest items, as many as the model's user tower reads. Seen items (that history)
-    are excluded unless `exclude_seen` is false, and `k`
-    items are still returned when the catalogue has them. Unknown users get a cold-start
-    recall (`feature_source` = `default`); an unavailable Redis degrades the same way."""
+    are excluded unless `exclude_seen` is false, and `k` items are still returned when the
+    catalogue has them. Unknown users get a cold-start recall (`feature_source` =
+    `default`); an unavailable Redis degrades the same way."""
     return await recall_response(service, body)
 
 
