@@ -28,6 +28,13 @@ def _preset_note(path: str) -> str:
     return "" if value is None else f"; sequence tower: {value}"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
+    return value
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The training options: one per `TrainConfig` field."""
     add_options(p.add_argument_group("training"), TrainConfig, note=_preset_note)
@@ -70,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--bundle", type=Path, help="a bundle version directory")
     e.add_argument("--baselines", action="store_true")
     e.add_argument("--include-seen", action="store_true", help="do not exclude seen items")
+    e.add_argument(
+        "--history-cap",
+        type=_positive,
+        help="score the bundle as the service does under HISTORY_CAP=N: each user's tower "
+        "reads the newest N history items at most (seen items are still all excluded)",
+    )
     e.add_argument(
         "--any-split",
         action="store_true",
@@ -150,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     exclude_seen = not args.include_seen
     results = {}
     if args.bundle is not None:
-        rec = BundleRecommender(args.bundle, dataset.users, item_index)
+        rec = BundleRecommender(args.bundle, dataset.users, item_index, args.history_cap)
         if not args.any_split:
             _check_trained_on(rec.manifest, split)
         rec.fit(split.train, item_index)
@@ -159,7 +172,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.baselines:
         results |= run_baselines(split.train, split.test, item_index, exclude_seen)
-    _write_report(report_json(split.name, split.test, results), args.json)
+    report = report_json(split.name, split.test, results)
+    if args.history_cap is not None:
+        report["history_cap"] = args.history_cap
+    _write_report(report, args.json)
     return 0
 
 

@@ -206,11 +206,19 @@ class BundleRecommender:
         users: the raw user attribute table.
         item_index: the evaluation catalogue; bundle items outside it are ignored and
             catalogue items outside the bundle score -inf.
+        history_cap: the service's `HISTORY_CAP`: the tower reads at most this many of a
+            user's newest items (None: all it was trained to read).
     """
 
     name = "two_tower"
 
-    def __init__(self, path: Path, users: pd.DataFrame, item_index: Mapping[str, int]):
+    def __init__(
+        self,
+        path: Path,
+        users: pd.DataFrame,
+        item_index: Mapping[str, int],
+        history_cap: int | None = None,
+    ):
         verified = verify_bundle(path)
         self.manifest = verified.manifest
         self.tower = load_towers(verified.path, verified.manifest).user
@@ -222,11 +230,13 @@ class BundleRecommender:
         rows = [(item_index[i], r) for r, i in enumerate(verified.item_ids) if i in item_index]
         self._columns = np.array([c for c, _ in rows], dtype=np.int64)
         self._embeddings = verified.item_embeddings[[r for _, r in rows]]
+        self.history_cap = history_cap
         self._history: dict[str, list[str]] = {}
 
     def fit(self, train: pd.DataFrame, item_index: Mapping[str, int]) -> None:
         ordered = train.sort_values("timestamp", kind="stable")
         length, known = self.encoder.history_length, self.encoder.item_index
+        length = min(length, self.history_cap or length)
         grouped = ordered.groupby("user_id", sort=False)["item_id"]
         # Items the bundle does not know are dropped before the history is cut to length, as
         # the encoder does and training did.

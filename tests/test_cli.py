@@ -163,6 +163,32 @@ def test_evaluate_intervals_are_reproducible(
 
 
 @pytest.mark.slow
+def test_evaluate_reads_the_history_a_capped_service_reads(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--history-cap N` scores the bundle with each user's newest N items, as the service
+    under HISTORY_CAP=N serves it; a cap at the tower's own length changes nothing."""
+    _, bundle = trained  # a tower reading 20 items
+    args = ["evaluate", "--data", SMALL_SOURCE, "--split", "last-10pct", "--bundle", str(bundle)]
+    reports = {}
+    for cap in (None, 20, 1):
+        path = tmp_path / f"cap-{cap}.json"
+        given = [] if cap is None else ["--history-cap", str(cap)]
+        assert main([*args, *given, "--json", str(path)]) == 0
+        reports[cap] = json.loads(path.read_text())
+    capsys.readouterr()
+    assert "history_cap" not in reports[None]
+    assert reports[20]["history_cap"] == 20 and reports[1]["history_cap"] == 1
+    assert reports[20]["results"] == reports[None]["results"]
+    assert reports[1]["results"]["two_tower"] != reports[None]["results"]["two_tower"]
+    assert reports[1]["n_test_users"] == reports[None]["n_test_users"]
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--history-cap", "0"])
+    assert refused.value.code == 2
+    assert "--history-cap: 0: expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_a_split_the_bundle_was_not_trained_on(
     trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
