@@ -14,8 +14,9 @@ class HistoryReads:
     """Sets the store's history read to what the serving model's user tower reads, at the swap
     (a 50-item tower fetches, maps and excludes 50 items, a 200-item one 200), and warns, once
     per loaded model, when the tower reads more than HISTORY_CAP keeps: it would then see only
-    the newest HISTORY_CAP items, not what it was trained and validated on. It still serves;
-    the warning names the setting that fixes it."""
+    the newest HISTORY_CAP items, not what it was trained and validated on. It still serves
+    (a shorter read is also a way to serve faster); the warning names the setting that fixes
+    it and the command that measures what the shorter read costs."""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
@@ -26,13 +27,15 @@ class HistoryReads:
             log.warning(
                 "bundle %s reads the newest %d history items but HISTORY_CAP keeps %d: stored "
                 "histories give it %d at most; set HISTORY_CAP=%d (and publish-features "
-                "--history-length %d)",
+                "--history-length %d), unless the shorter read is meant (`python -m models "
+                "evaluate --history-cap %d` measures its cost in quality)",
                 model.version,
                 reads,
                 cap,
                 cap,
                 reads,
                 reads,
+                cap,
             )
         return model
 
