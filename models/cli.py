@@ -165,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         rec = BundleRecommender(args.bundle, dataset.users, item_index, args.history_cap)
         if not args.any_split:
-            _check_trained_on(rec.manifest, split)
+            check_trained_on(rec.manifest, split)
         rec.fit(split.train, item_index)
         results["two_tower"] = evaluate_recommender(
             rec, split.train, split.test, item_index, exclude_seen=exclude_seen
@@ -179,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
+def check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
     """A bundle is only measured fairly on the split it was trained on: another split's test
     period may lie inside its training data (and its prior's counts)."""
     from models.splits import fingerprint

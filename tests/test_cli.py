@@ -15,7 +15,7 @@ from redis import Redis
 from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
 
 from models import bundle as b
-from models.cli import _check_trained_on, main, parser, train_config
+from models.cli import check_trained_on, main, parser, train_config
 from models.dataset import DataError
 from models.sources import load_dataset
 from models.splits import make_split
@@ -210,10 +210,10 @@ def test_evaluate_refuses_other_data_of_the_same_size(trained: tuple[Path, Path]
     _, bundle = trained
     manifest = b.verify_bundle(bundle).manifest
     split = make_split(load_dataset(SMALL_SOURCE).interactions, "last-10pct")
-    _check_trained_on(manifest, split)  # its own data: accepted
+    check_trained_on(manifest, split)  # its own data: accepted
     other = split.train.assign(item_id=np.roll(split.train["item_id"].to_numpy(), 1))
     with pytest.raises(DataError, match="the training rows differ"):
-        _check_trained_on(manifest, replace(split, train=other))
+        check_trained_on(manifest, replace(split, train=other))
 
 
 @pytest.mark.slow

@@ -221,3 +221,95 @@ def test_bad_options_are_refused_before_any_work(
 ) -> None:
     done = run("--data", str(tmp_path / "missing"), *args)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+
+
+CAP_SCRIPT = SCRIPT.parent / "history_cap.py"
+CAP_DATA = "synthetic:seed=1,users=200,items=150,per_user=30"
+
+
+@pytest.fixture(scope="module")
+def next_item_bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two sequential-tower bundles (seeds 0 and 1, 8 history items) trained by the real CLI
+    on the next-item split of `CAP_DATA`."""
+    root = tmp_path_factory.mktemp("caps")
+    paths = []
+    for seed in ("0", "1"):
+        command = [
+            sys.executable, "-m", "models", "train", "--data", CAP_DATA,
+            "--split", "leave-last-n:1", "--seed", seed, "--out", str(root / seed),
+            "--epochs", "1", "--batch-size", "64", "--history-length", "8",
+            "--popularity-prior", "0", "--validation-fraction", "0",
+        ]  # fmt: skip
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env=env, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        paths.append(Path(done.stdout.strip().splitlines()[-1]))
+    return paths
+
+
+def run_caps(*args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(CAP_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_history_caps_score_each_read_as_the_service_would(
+    next_item_bundles: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "caps.json"
+    done = run_caps(
+        *("--data", CAP_DATA, "--split", "leave-last-n:1", "--caps", "8,3,1"),
+        *("--bundles", *map(str, next_item_bundles), "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert json.loads(done.stdout) == report
+    assert report["tower_reads"] == 8
+    rows = report["caps"]
+    assert list(rows) == ["full", "8", "3", "1"]
+    assert [row["reads"] for row in rows.values()] == [8, 8, 3, 1]
+    # The full read is what the trainer measured on the same bundles, averaged over seeds.
+    trained = [
+        json.loads((b / "manifest.json").read_text())["evaluation"]["results"]["two_tower"]
+        for b in next_item_bundles
+    ]
+    for metric in ("hit_rate@10", "ndcg@10", "recall@50"):
+        assert rows["full"]["means"][metric] == pytest.approx(
+            sum(t[metric] for t in trained) / len(trained)
+        )
+        low, high = rows["full"]["seed_range"][metric]
+        assert low == min(t[metric] for t in trained) and high == max(t[metric] for t in trained)
+        for row in rows.values():
+            assert interval_holds(row, metric)
+    # A cap at the tower's own length reads what it reads; a shorter one reads less.
+    assert rows["8"]["means"] == rows["full"]["means"]
+    assert rows["full"]["vs_full"] == {m: 1.0 for m in rows["full"]["vs_full"]}
+    assert rows["1"]["means"] != rows["full"]["means"]
+    ease = report["ease"]["means"]["hit_rate@10"]
+    assert rows["3"]["vs_ease"]["hit_rate@10"] == pytest.approx(
+        rows["3"]["means"]["hit_rate@10"] / ease
+    )
+    table = done.stderr.splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + 4  # the header and four caps
+
+
+@pytest.mark.slow
+def test_history_caps_refuse_a_bundle_of_another_split(
+    next_item_bundles: list[Path],
+) -> None:
+    done = run_caps(
+        *("--data", CAP_DATA, "--split", "last-10pct"),
+        *("--bundles", str(next_item_bundles[0])),
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: the bundle was trained on split 'leave-last-n:1'")
+    assert done.stdout == ""
