@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="tr")
     p.add_argument(
         "--history-length",
-        type=int,
+        type=_positive,
         default=DEFAULT_HISTORY_CAP,
         help="newest items kept per user (as the service's HISTORY_CAP, whose default it is)",
     )

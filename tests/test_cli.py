@@ -480,3 +480,18 @@ def test_publish_features_writes_the_service_layout(
         history = stored_list(client, f"{prefix}:hist:{{{user_id}}}")
         mine = newest_first.loc[newest_first["user_id"] == user_id, "item_id"].tolist()
         assert history == mine[:5] and len(history) == min(5, len(mine))
+
+
+@pytest.mark.parametrize("length", ["0", "-5"])
+def test_publish_features_refuses_a_history_length_below_one(
+    length: str, store: tuple[Redis, str], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 would publish no histories, and -5 every item but the oldest five: both are refused
+    before anything is written, as HISTORY_CAP below 1 is."""
+    client, prefix = store
+    args = ["publish-features", "--data", "synthetic:users=20", "--redis-url", redis_url]
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--prefix", prefix, "--history-length", length])
+    assert refused.value.code == 2
+    assert f"--history-length: {length}: expected an integer >= 1" in capsys.readouterr().err
+    assert list(client.scan_iter(match=f"{prefix}:*")) == []
