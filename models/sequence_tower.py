@@ -114,6 +114,15 @@ class SequenceUserTower(nn.Module):
         nn.init.zeros_(self.context.bias)
         self.project = nn.Linear(dim, config.out_dim)
 
+    def keep_newest(self, length: int) -> None:
+        """From now on read each user's newest `length` items only: the window's last `length`
+        positions, which count from the newest item as before. Training saw every history
+        length from 1 up, so the shorter window reads a long history as it read a user who
+        had only `length` items (`TrainConfig.serve_history_length`)."""
+        if not 1 <= length <= self.position.shape[0]:
+            raise ValueError(f"length must be in [1, {self.position.shape[0]}], got {length}")
+        self.position = nn.Parameter(self.position.detach()[-length:].clone())
+
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """The user vector: the newest position's output over the newest-first history."""
         return self.newest(features, features[self.history])

@@ -30,7 +30,7 @@ from models.sequence_task import SequenceTask
 from models.task import Task, TrainingData
 from models.towers import TwoTower
 from models.train_config import TrainConfig
-from models.trained import TrainedModel
+from models.trained import TrainedModel, read_newest
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class Trainer:
         if best_state is not None:
             self.model.load_state_dict(best_state)
         world.check_in_sync(self.model)
-        return self.result(history, best_epoch)
+        # Trained on history_length items, kept reading what it will serve from here on.
+        return read_newest(self.result(history, best_epoch), cfg.serve_history_length)
 
     def _train_epoch(self, epoch: int, optimiser: EmbeddingAdam) -> float:
         """One pass over this process's share of the task's examples; the mean batch loss

@@ -61,6 +61,11 @@ class TrainConfig:
     )
     temperature: float = option(0.05, "cosine scores are divided by it")
     history_length: int = option(100, "items of recent behaviour the user tower reads")
+    serve_history_length: int = option(
+        0,
+        "sequential tower: the newest items the trained (evaluated, exported, served) tower "
+        "reads, fewer than history_length for a cheaper encode; 0: history_length",
+    )
     popularity_prior: float | None = option(
         None,
         "weight of log(1 + training count) added to the scaled score at retrieval (score = "
@@ -175,8 +180,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         not_negative = ("weight_decay", "num_negatives", "hard_negatives", "history_length",
-                        "patience", "user_balance", "validation_min_gap_days",
-                        "length_window")  # fmt: skip
+                        "serve_history_length", "patience", "user_balance",
+                        "validation_min_gap_days", "length_window")  # fmt: skip
         optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
         for name in (*not_negative, *optional):
             value = getattr(self, name)
@@ -206,6 +211,13 @@ class TrainConfig:
             raise ValueError(
                 "hard_negatives applies to the sequential user tower with sampled negatives "
                 "(the full softmax, negatives 'all', already scores every item)"
+            )
+        if self.serve_history_length and (
+            self.tower.user_tower != "sequence" or self.serve_history_length > self.history_length
+        ):
+            raise ValueError(
+                "serve_history_length applies to the sequential user tower, at most "
+                f"history_length ({self.history_length})"
             )
         if self.length_window and self.tower.user_tower != "sequence":
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from models.examples import gather
 from models.features import FeatureEncoder
+from models.sequence_tower import SequenceUserTower
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
@@ -41,6 +43,21 @@ class TrainedModel:
     config: TrainConfig
     prior_weight: float
     prior_half_life_days: float = 0.0
+
+
+def read_newest(trained: TrainedModel, length: int) -> TrainedModel:
+    """`trained` with its sequential user tower cut, in place, to read each user's newest
+    `length` items (0 or its own length: unchanged): what `serve_history_length` serves, and
+    so what validation after training, evaluation and export see."""
+    encoder = trained.user_encoder
+    if not length or length == encoder.history_length:
+        return trained
+    tower = trained.model.user_tower
+    if not isinstance(tower, SequenceUserTower):
+        raise ValueError("only the sequential user tower can read fewer items than it trained on")
+    tower.keep_newest(length)
+    shorter = FeatureEncoder(encoder.features, length, encoder.item_index)
+    return dataclasses.replace(trained, user_encoder=shorter)
 
 
 @torch.no_grad()

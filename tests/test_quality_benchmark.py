@@ -227,26 +227,28 @@ CAP_SCRIPT = SCRIPT.parent / "history_cap.py"
 CAP_DATA = "synthetic:seed=1,users=200,items=150,per_user=30"
 
 
+def train_next_item_bundle(out: Path, seed: str, *options: str) -> Path:
+    """A sequential-tower bundle (8 history items) trained by the real CLI on the next-item
+    split of `CAP_DATA`."""
+    command = [
+        sys.executable, "-m", "models", "train", "--data", CAP_DATA,
+        "--split", "leave-last-n:1", "--seed", seed, "--out", str(out),
+        "--epochs", "1", "--batch-size", "64", "--history-length", "8",
+        "--popularity-prior", "0", "--validation-fraction", "0", *options,
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def next_item_bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two sequential-tower bundles (seeds 0 and 1, 8 history items) trained by the real CLI
-    on the next-item split of `CAP_DATA`."""
+    """Two sequential-tower bundles, seeds 0 and 1 (`train_next_item_bundle`)."""
     root = tmp_path_factory.mktemp("caps")
-    paths = []
-    for seed in ("0", "1"):
-        command = [
-            sys.executable, "-m", "models", "train", "--data", CAP_DATA,
-            "--split", "leave-last-n:1", "--seed", seed, "--out", str(root / seed),
-            "--epochs", "1", "--batch-size", "64", "--history-length", "8",
-            "--popularity-prior", "0", "--validation-fraction", "0",
-        ]  # fmt: skip
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=300, env=env, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        paths.append(Path(done.stdout.strip().splitlines()[-1]))
-    return paths
+    return [train_next_item_bundle(root / seed, seed) for seed in ("0", "1")]
 
 
 def run_caps(*args: str) -> subprocess.CompletedProcess[str]:
@@ -316,3 +318,26 @@ def test_history_caps_refuse_a_bundle_of_another_split(
     assert done.returncode == 2
     assert done.stderr.startswith("error: the bundle was trained on split 'leave-last-n:1'")
     assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_bundle_trained_to_serve_fewer_items_scores_as_the_full_one_capped(
+    next_item_bundles: list[Path], tmp_path: Path
+) -> None:
+    """`train --serve-history-length 3` exports the tower `HISTORY_CAP=3` would serve of the
+    same training, and its own evaluation is what the cap measured of the full bundle."""
+    served = train_next_item_bundle(tmp_path / "served", "0", "--serve-history-length", "3")
+    out = tmp_path / "caps.json"
+    done = run_caps(
+        *("--data", CAP_DATA, "--split", "leave-last-n:1", "--caps", "3"),
+        *("--bundles", str(next_item_bundles[0]), "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    capped = json.loads(out.read_text())["caps"]["3"]["means"]
+    manifest = json.loads((served / "manifest.json").read_text())
+    assert manifest["training"]["serve_history_length"] == 3
+    own = manifest["evaluation"]["results"]["two_tower"]
+    for metric in ("hit_rate@10", "ndcg@10", "recall@50"):
+        assert own[metric] == pytest.approx(capped[metric])
+    spec = json.loads((served / "feature_spec.json").read_text())
+    assert [f["length"] for f in spec["features"] if f["kind"] == "history"] == [3]

@@ -272,6 +272,50 @@ def test_the_exported_sequence_tower_scores_as_the_trained_one(tmp_path: Path) -
     assert exported.manifest["model"]["user_tower"] == "sequence"
 
 
+def test_a_tower_kept_to_its_newest_items_reads_a_long_history_as_the_full_one_its_newest(
+    tmp_path: Path,
+) -> None:
+    """`serve_history_length` N: the trained, evaluated and exported tower reads each user's
+    newest N items, as the full tower reads a history of those N; training is unchanged."""
+    dataset = small_dataset()
+    full = Trainer(dataset, dataset.interactions, sequence_config()).fit()
+    run = run_training(dataset, "leave-last-n:1", sequence_config(serve_history_length=3), tmp_path)
+    assert run.bundle is not None and run.split is not None
+    short = Trainer(dataset, dataset.interactions, sequence_config(serve_history_length=3)).fit()
+    assert short.user_encoder.history_length == 3 and full.user_encoder.history_length == 20
+    assert short.history == full.history  # the same training, then the cut
+    catalogue = list(full.user_encoder.item_index)
+    histories = [catalogue[:12], catalogue[5:8], catalogue[:1], []]
+    newest = [h[:3] for h in histories]
+    with torch.no_grad():
+        served = short.model.user_tower(encoded(short.user_encoder, histories))
+        cut = full.model.user_tower(encoded(full.user_encoder, newest))
+        uncut = full.model.user_tower(encoded(full.user_encoder, histories))
+    torch.testing.assert_close(served, cut)
+    assert not torch.allclose(served[0], uncut[0])  # 12 items read are not 3
+    # The bundle serves the shorter read: its feature spec, its tower, its own evaluation.
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    exported = BundleRecommender(run.bundle, dataset.users, item_index)
+    assert exported.encoder.history_length == 3
+    assert exported.manifest["training"]["serve_history_length"] == 3
+    assert exported.manifest["training"]["history_length"] == 20
+    exported.fit(run.split.train, item_index)
+    eager = TwoTowerRecommender(run.trained, dataset.users)
+    eager.fit(run.split.train, item_index)
+    users = eager.known_users[:50]
+    np.testing.assert_allclose(exported.score(users), eager.score(users), atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{"serve_history_length": 21}, {"tower": TowerConfig()}])
+def test_a_shorter_served_history_needs_the_sequence_tower_and_at_most_its_length(
+    overrides: dict[str, object],
+) -> None:
+    with pytest.raises(ValueError, match="serve_history_length applies to the sequential"):
+        sequence_config(**({"serve_history_length": 3} | overrides))
+    with pytest.raises(ValueError, match="serve_history_length must be >= 0"):
+        sequence_config(serve_history_length=-1)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
