@@ -264,7 +264,8 @@ async def test_a_model_reading_more_history_than_the_store_keeps_is_named(
         f"bundle {bundles.v2.name} reads the newest 100 history items but HISTORY_CAP keeps 60: "
         "stored histories give it 60 at most; set HISTORY_CAP=100 (and publish-features "
         "--history-length 100), unless the shorter read is meant (`python -m models evaluate "
-        "--history-cap 60` measures its cost in quality)"
+        "--history-cap 60` measures its cost in quality; `train --serve-history-length 60` "
+        "makes it the bundle's own)"
     )
 
 

@@ -16,7 +16,8 @@ class HistoryReads:
     per loaded model, when the tower reads more than HISTORY_CAP keeps: it would then see only
     the newest HISTORY_CAP items, not what it was trained and validated on. It still serves
     (a shorter read is also a way to serve faster); the warning names the setting that fixes
-    it and the command that measures what the shorter read costs."""
+    it, the command that measures what the shorter read costs and the training option that
+    makes a shorter read the bundle's own."""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
@@ -28,13 +29,15 @@ class HistoryReads:
                 "bundle %s reads the newest %d history items but HISTORY_CAP keeps %d: stored "
                 "histories give it %d at most; set HISTORY_CAP=%d (and publish-features "
                 "--history-length %d), unless the shorter read is meant (`python -m models "
-                "evaluate --history-cap %d` measures its cost in quality)",
+                "evaluate --history-cap %d` measures its cost in quality; `train "
+                "--serve-history-length %d` makes it the bundle's own)",
                 model.version,
                 reads,
                 cap,
                 cap,
                 reads,
                 reads,
+                cap,
                 cap,
             )
         return model
