@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,16 +39,19 @@ class Query:
 
     Attributes:
         features: raw features after merging (request over stored); missing = default.
-        history: item ids, newest first (the vector cache's key).
+        history: the item ids the user tower reads, newest first (the vector cache's key).
         history_rows: the catalogue rows of its known items, in order (the tower's input).
-        exclude: catalogue rows never to return (the seen items; the deleted ones while the
-            overlay does not mask them, `ItemOverlay.excluded`).
+        exclude: catalogue rows never to return (the seen items the tower reads; the deleted
+            ones while the overlay does not mask them, `ItemOverlay.excluded`).
         k: results wanted.
         user_id: whose vector this is (the vector cache's key); None: not cached.
         filter: which items may be returned; None: any.
         overlay_exclude: rows of the model's overlay never to return (seen added items).
         allowed: the catalogue rows it may return (the filter's, less the deleted ones when
             the overlay masks them); None: every row. Left out, the filter's.
+        older_seen: ids of the seen items older than the tower reads, never to return: kept
+            as ids and checked only against the candidates, since mapping a long history to
+            rows costs a cache miss or two per item in a large catalogue (`search`).
     """
 
     features: Mapping[str, Any]
@@ -60,6 +63,7 @@ class Query:
     filter: CompiledFilter | None = None
     overlay_exclude: frozenset[int] = frozenset()
     allowed: AllowedRows | None = None
+    older_seen: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.allowed is None and self.filter is not None:
@@ -77,18 +81,26 @@ class Query:
         user_id: str | None = None,
         filter: CompiledFilter | None = None,
     ) -> Query:
-        """The query for `model`: the history is mapped to catalogue rows once, for the tower
-        and the exclusion both. Added items in the history are unknown to the bundle (the
-        tower skips them) but left out of the overlay's results like any seen item. The
-        deleted rows are the overlay's mask or join the excluded rows (`ItemOverlay`)."""
-        rows = model.encoder.history_rows(history)
+        """The query for `model`: the newest items the user tower reads are mapped to catalogue
+        rows once, for the tower and the exclusion both; the older ones are excluded by id.
+        Added items in the history are unknown to the bundle (the tower skips them) but left
+        out of the overlay's results like any seen item. The deleted rows are the overlay's
+        mask or join the excluded rows (`ItemOverlay`)."""
+        read = history[: model.encoder.history_length]
+        rows = model.encoder.history_rows(read)
         exclude = frozenset(rows) if exclude_seen else frozenset()
+        older = frozenset(history[len(read) :]) if exclude_seen else frozenset()
         overlay = model.overlay
         if overlay.excluded:
             exclude |= overlay.excluded
         seen_added = overlay.rows_of(history) if exclude_seen and len(overlay) else frozenset()
         allowed = overlay.allowed_with(None if filter is None else filter.allowed)
-        return cls(features, history, rows, exclude, k, user_id, filter, seen_added, allowed)
+        return cls(features, read, rows, exclude, k, user_id, filter, seen_added, allowed, older)
+
+    def resolved(self, model: ServingModel) -> Query:
+        """The same query with its older seen items mapped to rows and excluded as rows."""
+        older = model.encoder.history_rows(self.older_seen)
+        return replace(self, exclude=self.exclude | frozenset(older), older_seen=frozenset())
 
     def available(self, n_items: int) -> int:
         """How many catalogue rows this query may return: allowed and not excluded."""
@@ -107,22 +119,34 @@ def search(model: ServingModel, vectors: np.ndarray, queries: Sequence[Query]) -
     index, ids, n_items = model.index, model.item_ids, model.n_items
     candidates = _candidates(index, vectors, queries)
     results: list[Result] = []
+    again: list[int] = []
     for i, (query, (scores, rows)) in enumerate(zip(queries, candidates, strict=True)):
+        # An upper bound while older seen items are ids (some may be unknown or repeated).
         want = min(query.k, query.available(n_items))
         out: Result = []
         if want <= 0:
             results.append(out)
             continue
-        exclude = query.exclude
+        exclude, older = query.exclude, query.older_seen
         for row, score in zip(rows, scores, strict=True):
             if row >= 0 and row not in exclude:
-                out.append((ids[row], score))
+                item = ids[row]
+                if item in older:
+                    continue
+                out.append((item, score))
                 if len(out) == want:
                     break
         if len(out) < want:
-            scores, rows = index.exact_top(vectors[i], want, exclude, query.allowed)
-            out = [(ids[row], score) for row, score in zip(rows, scores, strict=True)]
+            if older:  # the older seen items took the slack: search again, all as rows
+                again.append(i)
+            else:
+                scores, rows = index.exact_top(vectors[i], want, exclude, query.allowed)
+                out = [(ids[row], score) for row, score in zip(rows, scores, strict=True)]
         results.append(out)
+    if again:
+        resolved = [queries[i].resolved(model) for i in again]
+        for i, out in zip(again, search(model, vectors[again], resolved), strict=True):
+            results[i] = out
     return results
 
 

@@ -15,7 +15,7 @@ from app.catalogue import ItemCatalogue
 from app.config import IndexConfig, RecallLimits, StoreConfig
 from app.filters import FilterWarmup
 from app.metrics import Metrics
-from app.model import HistoryReads, ModelRepository, ModelSync, build_pin
+from app.model import HistoryCapCheck, ModelRepository, ModelSync, build_pin
 from app.recall import RecallService
 from app.settings import Settings
 from app.store import FeatureStore, build_item_change_log, build_store
@@ -78,7 +78,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     repository.attach(catalogue)
     recall = RecallService(repository, store, limits, metrics, cpu, vectors)
     repository.attach(FilterWarmup(lambda: repository.current, recall.filters))
-    repository.attach(HistoryReads(store))
+    repository.attach(HistoryCapCheck(store))
     return Services(
         settings=settings,
         metrics=metrics,

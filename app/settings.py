@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     cache_ttl_s: Annotated[float, Field(ge=0)] = 2.0  # 0 (or CACHE_SIZE 0): no cache
     cache_size: Annotated[int, Field(ge=0)] = 10_000
     feature_ttl_s: Annotated[int, Field(ge=0)] = 0  # TTL of written keys; 0 = none
-    # Newest history items stored per user (LTRIM); a recall reads as many of them as the
-    # serving model's user tower reads, at most these (`app.model.HistoryReads`).
+    # Newest history items stored per user (LTRIM); a recall reads them all and excludes them
+    # as seen, its user tower reads the newest it needs (`app.retrieval.Query`).
     history_cap: Annotated[int, Field(ge=1)] = DEFAULT_HISTORY_CAP
 
     # -- request limits ---------------------------------------------------------------------

@@ -69,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class RowsOf:
-    """The feature encoder's one use here: a history of row numbers is its rows."""
+    """The feature encoder's one use here: a history of row numbers is its rows, and a tower
+    that reads all of it (every seen item excluded as a row)."""
+
+    history_length = 1 << 30
 
     def history_rows(self, history: list[str]) -> list[int]:
         return [int(item) for item in history]

@@ -12,9 +12,9 @@ N`), seen items excluded (all of a user's training items, whatever the cap). Per
 first for the tower's own length: the per-user figures averaged over the bundles with 95 %
 bootstrap intervals over users, the bundles' min..max, and the ratios to the full read and to
 EASE on the same split. Beside them, `served_exclusion`: the same scores with only the items
-the service reads excluded (it excludes what it fetches, so an older seen item can come back;
-a test item among the older ones counts as found). JSON on stdout (and `--json`); a markdown
-table on stderr.
+the service stores excluded (it excludes the newest HISTORY_CAP items, the default 200 for the
+tower's own length, so an older seen item can come back; a test item among the older ones
+counts as found). JSON on stdout (and `--json`); a markdown table on stderr.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from models.cli import check_trained_on
 from models.dataset import DataError
 from models.evaluation import evaluate_recommender, run_baselines
 from models.recommender import BundleRecommender
+from models.redis_keys import DEFAULT_HISTORY_CAP
 from models.sources import load_dataset
 from models.splits import make_split
 
@@ -59,8 +60,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def newest(train: pd.DataFrame, n: int) -> pd.DataFrame:
-    """Each user's newest `n` training interactions: the history a service reading `n` items
-    fetches, and the only seen items it excludes."""
+    """Each user's newest `n` training interactions: the history a service under
+    `HISTORY_CAP=n` stores, and the only seen items it excludes."""
     ordered = train.sort_values("timestamp", kind="stable")
     return ordered.groupby("user_id", sort=False).tail(n)
 
@@ -80,13 +81,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for cap in [None, *args.caps]:
         reads = min(cap or length, length)
-        read = newest(split.train, reads)  # what the service reads, and so excludes
+        stored = newest(split.train, cap or max(length, DEFAULT_HISTORY_CAP))  # excluded
         runs, served = [], []
         for rec in recommenders:
             rec.history_cap = cap
             rec.fit(split.train, item_index)
             runs.append(evaluate_recommender(rec, split.train, split.test, item_index))
-            served.append(evaluate_recommender(rec, read, split.test, item_index))
+            served.append(evaluate_recommender(rec, stored, split.test, item_index))
         mean = seed_mean(runs)
         n_users = len(mean.user_ids)
         row = figures(mean)
@@ -118,7 +119,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         "| HISTORY_CAP | tower reads | HR@10 [95 % CI] | NDCG@10 [95 % CI] | recall@50 "
         "| HR@10 seeds | x full read (HR@10 / NDCG@10) | x EASE (HR@10 / NDCG@10) "
-        "| HR@10 / NDCG@10, only the items read excluded |",
+        "| HR@10 / NDCG@10, only the stored items excluded |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for cap, row in report["caps"].items():

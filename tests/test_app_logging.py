@@ -255,7 +255,7 @@ async def test_a_model_reading_more_history_than_the_store_keeps_is_named(
             )
         assert reload.status_code == 200, reload.text
         assert (await client.post("/v1/recall", json={"user_id": "u1"})).status_code == 200
-    warned = [line for line in logged.json() if line["logger"] == "app.model.history_reads"]
+    warned = [line for line in logged.json() if line["logger"] == "app.model.history_cap_check"]
     if history_cap >= 100:
         assert warned == []
         return

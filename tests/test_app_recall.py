@@ -156,21 +156,27 @@ async def test_history_is_capped_newest_first(
     assert_same_recall(recall["items"], reference.top_k({}, kept, 10))
 
 
-async def test_the_store_reads_as_many_history_items_as_the_tower(
+async def test_every_stored_item_is_excluded_though_the_tower_reads_the_newest(
     model_dir: Path, reference: Reference, store: dict[str, str]
 ) -> None:
-    """HISTORY_CAP keeps 200 items, the test bundles' tower reads 100: a recall reads (and
-    excludes as seen) the newest 100, so the 50 older items may come back."""
+    """HISTORY_CAP keeps 200 items, the test bundles' tower reads 100: the recall is the
+    tower's on the newest 100, and none of the 150 stored items comes back, though the 50
+    older ones rank high among the rest (they are excluded by id, not read)."""
     settings = make_settings(model_dir, **store, history_cap=200, feature_ttl_s=60)
     oldest_first = reference.item_ids[:150]
+    newest_first = oldest_first[::-1]
     async with serve(settings) as client:
         events = await client.post("/v1/users/h1/events", json={"item_ids": oldest_first})
         assert events.json() == {"user_id": "h1", "history_length": 150}  # all of it kept
-        recall = (await client.post("/v1/recall", json={"user_id": "h1", "k": 100})).json()
-    read = oldest_first[::-1][:100]
-    expected = reference.top_k({}, read, 100)
-    assert_same_recall(recall["items"], expected)
-    assert set(oldest_first[:50]) <= {item for item, _ in expected}
+        recalls = {
+            k: (await client.post("/v1/recall", json={"user_id": "h1", "k": k})).json()
+            for k in (5, 50, 100)  # 50: every unseen item of the 200; 100: more than there are
+        }
+    read_only = [item for item, _ in reference.top_k({}, newest_first[:100], 50)]
+    assert set(oldest_first[:50]) & set(read_only[:25])  # what excluding the read alone gives
+    for k, recall in recalls.items():
+        assert_same_recall(recall["items"], reference.top_k({}, newest_first, k))
+    assert len(recalls[100]["items"]) == 50
 
 
 async def test_stored_state_expires_after_its_ttl(model_dir: Path, store: dict[str, str]) -> None:

@@ -300,7 +300,10 @@ def test_history_caps_score_each_read_as_the_service_would(
     assert rows["3"]["vs_ease"]["hit_rate@10"] == pytest.approx(
         rows["3"]["means"]["hit_rate@10"] / ease
     )
-    # The service excludes only the items it reads: with one read, older seen items come back.
+    # The service excludes the items it stores: all of them under the default HISTORY_CAP
+    # (200, longer than any synthetic history here), and with one stored, older seen items
+    # come back.
+    assert rows["full"]["served_exclusion"]["means"] == rows["full"]["means"]
     assert rows["1"]["served_exclusion"]["means"] != rows["1"]["means"]
     assert interval_holds(rows["1"]["served_exclusion"], "ndcg@10")
     table = done.stderr.splitlines()

@@ -43,6 +43,27 @@ def test_hnsw_answers_do_not_depend_on_the_batch(model_dir: Path) -> None:
     assert batched == alone
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_seen_items_older_than_the_tower_reads_are_excluded_by_id(
+    model_dir: Path, kind: str
+) -> None:
+    """The tower reads the newest `history_length` items (rows); the older ones, an unknown
+    id and a repeat among them, are excluded by id: the answer is the exact top of every
+    unseen item, as many as there are, though the candidates run short of them."""
+    model = ServingModel.load(model_dir / read_latest(model_dir), IndexConfig(kind=kind))
+    ids, read = list(model.item_ids), model.encoder.history_length
+    history = [*ids[:read], "not-an-item", ids[0], *ids[read : read + 40], "gone"]
+    query = Query.prepare(model, {}, history, len(ids))
+    assert list(query.history) == ids[:read] and len(query.exclude) == read
+    assert query.older_seen == {"not-an-item", ids[0], *ids[read : read + 40], "gone"}
+    vector = model.encode([{}], history_rows=[query.history_rows])
+    scores = model.index.matrix @ torch.from_numpy(vector[0])
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    unseen = [ids[row] for row in order if ids[row] not in set(history)]
+    (got,) = search(model, vector, [query])
+    assert [item for item, _ in got] == unseen  # 200 - 140 items, in the exact order
+
+
 # Deleted catalogue rows: per-query exclusions below MASK_MIN_ROWS, the overlay's mask from it.
 
 N, DIM, K = 20_000, 16, 60

@@ -39,24 +39,3 @@ async def test_a_read_overlapping_a_write_is_not_cached() -> None:
     inner.hold = None
     # Had the stale read been cached, this would still be ("i1",) for the TTL's 60 s.
     assert (await store.fetch_many(["u1"]))["u1"].history == ("i2", "i1")
-
-
-@pytest.mark.anyio
-async def test_a_new_history_read_drops_the_cached_records() -> None:
-    """A model that reads more history than the one before is not served the shorter records
-    cached for the one before, nor a read in flight across the change."""
-    inner = HeldStore()
-    store = CachedFeatureStore(inner, size=10, ttl_s=60.0, metrics=Metrics())
-    await store.append_events("u1", ["i1", "i2", "i3", "i4"])
-    store.read_history(2)
-    assert (await store.fetch_many(["u1"]))["u1"].history == ("i4", "i3")  # now cached
-    store.read_history(3)
-    inner.hold = asyncio.Event()
-    slow = asyncio.create_task(store.fetch_many(["u1"]))  # a miss: reads 3, then waits
-    await asyncio.sleep(0)
-    store.read_history(30)  # at most HISTORY_CAP (10): all 4
-    inner.hold.set()
-    assert (await slow)["u1"].history == ("i4", "i3", "i2")
-    inner.hold = None
-    assert (await store.fetch_many(["u1"]))["u1"].history == ("i4", "i3", "i2", "i1")
-    assert store.history_read == inner.history_read == 10

@@ -39,23 +39,18 @@ def parse_features(raw: str | bytes | None) -> dict[str, Any]:
 class FeatureStore(ABC):
     """The online store's interface (Redis, or in process when REDIS_URL is empty).
 
-    It keeps each user's newest `history_cap` items (HISTORY_CAP) and reads the newest
-    `history_read` of them: what the serving model's user tower reads (`read_history`), so a
-    tower of 50 items neither fetches, maps nor excludes the 200 a longer one needs.
+    It keeps each user's newest `history_cap` items (HISTORY_CAP) and reads all of them: every
+    stored item is excluded as seen, however few of them the user tower reads (it takes the
+    newest it needs, `app.retrieval.Query`).
     """
 
     history_cap: int
-    history_read: int
-
-    def read_history(self, length: int) -> None:
-        """Read the newest `length` items of each history from now on (at most the cap)."""
-        self.history_read = min(length, self.history_cap)
 
     @abstractmethod
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
-        """Records of the distinct `user_ids`, each with its newest `history_read` history
-        items; a user on a part of the store that is unavailable (one node of a cluster) is
-        left out, as a user the store does not hold. Raises FeatureStoreUnavailable when no
+        """Records of the distinct `user_ids`, each with its stored history (newest first); a
+        user on a part of the store that is unavailable (one node of a cluster) is left out,
+        as a user the store does not hold. Raises FeatureStoreUnavailable when no
         part answered."""
 
     @abstractmethod

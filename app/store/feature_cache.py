@@ -60,18 +60,9 @@ class CachedFeatureStore(FeatureStore):
     def __init__(self, inner: FeatureStore, size: int, ttl_s: float, metrics: Metrics) -> None:
         self.inner = inner
         self.history_cap = inner.history_cap
-        self.history_read = inner.history_read
         self.cache = TTLCache(size, ttl_s)
         self.metrics = metrics
         self._writes = 0
-
-    def read_history(self, length: int) -> None:
-        """Also drops the cached records when the length changes: they hold the old one."""
-        self.inner.read_history(length)
-        if self.inner.history_read != self.history_read:
-            self.history_read = self.inner.history_read
-            self._writes += 1  # a read in flight must not cache what it got either
-            self.cache.clear()
 
     async def fetch_many(self, user_ids: Sequence[str]) -> dict[str, UserRecord]:
         now = time.monotonic()

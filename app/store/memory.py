@@ -14,7 +14,7 @@ class MemoryFeatureStore(FeatureStore):
     newest first, TTL). Per process, unbounded in users: for development and single boxes."""
 
     def __init__(self, history_cap: int, ttl_s: int = 0) -> None:
-        self.history_cap = self.history_read = history_cap
+        self.history_cap = history_cap
         self.ttl_s = ttl_s
         self._features: dict[str, dict[str, Any]] = {}
         self._history: dict[str, list[str]] = {}
@@ -38,8 +38,7 @@ class MemoryFeatureStore(FeatureStore):
             features = self._features.get(user_id)
             history = self._history.get(user_id, [])
             found = features is not None or bool(history)
-            read = tuple(history[: self.history_read])
-            out[user_id] = UserRecord(dict(features or {}), read, found)
+            out[user_id] = UserRecord(dict(features or {}), tuple(history), found)
         return out
 
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:

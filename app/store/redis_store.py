@@ -65,7 +65,7 @@ class RedisFeatureStore(FeatureStore):
         self, config: RedisConfig, *, history_cap: int, ttl_s: int, metrics: Metrics
     ) -> None:
         self.prefix = check_prefix(config.prefix)
-        self.history_cap = self.history_read = history_cap
+        self.history_cap = history_cap
         self.ttl_s = ttl_s
         self.timeout_s = config.timeout_s
         self.stall_s = config.stall_s
@@ -192,7 +192,7 @@ class RedisFeatureStore(FeatureStore):
             else:
                 pipe.mget([features for features, _ in pairs])
             for _, history in pairs:
-                pipe.lrange(history, 0, self.history_read - 1)
+                pipe.lrange(history, 0, self.history_cap - 1)
             replies = await pipe.execute(raise_on_error=False)
             # A key of the wrong type is one user's bad data, not an outage: read as absent
             # (MGET answers nil for it, GET an error). Any other error (NOPERM, LOADING,

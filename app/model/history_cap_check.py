@@ -1,4 +1,4 @@
-"""A model hook that has the store read as much of each user's history as the model reads."""
+"""A model hook that warns when the user tower reads more history than HISTORY_CAP keeps."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from app.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
-class HistoryReads:
-    """Sets the store's history read to what the serving model's user tower reads, at the swap
-    (a 50-item tower fetches, maps and excludes 50 items, a 200-item one 200), and warns, once
-    per loaded model, when the tower reads more than HISTORY_CAP keeps: it would then see only
-    the newest HISTORY_CAP items, not what it was trained and validated on. It still serves
-    (a shorter read is also a way to serve faster); the warning names the setting that fixes
-    it, the command that measures what the shorter read costs and the training option that
-    makes a shorter read the bundle's own."""
+class HistoryCapCheck:
+    """Warns, once per loaded model, when its user tower reads more than HISTORY_CAP keeps: it
+    would then see only the newest HISTORY_CAP items, not what it was trained and validated
+    on. It still serves (a shorter read is also a way to serve faster); the warning names the
+    setting that fixes it, the command that measures what the shorter read costs and the
+    training option that makes a shorter read the bundle's own. (A tower that reads fewer
+    items than are stored takes the newest it needs; every stored item is still excluded.)"""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
@@ -43,6 +42,4 @@ class HistoryReads:
         return model
 
     def rebase(self, model: ServingModel) -> ServingModel:
-        # A model with no history feature reads none, but the seen items still come from it.
-        self.store.read_history(model.encoder.history_length or self.store.history_cap)
         return model
