@@ -163,6 +163,20 @@ class FeatureEncoder:
         history once, for the encoder and the seen-item exclusion both."""
         return [row for row in map(self.item_index.get, items) if row is not None]
 
+    def newest_rows(self, items: Sequence[str]) -> tuple[list[int], int]:
+        """The rows of the newest `history_length` known items of `items` (newest first;
+        unknown ids skipped, as `encode_history` and training skip them), and how many ids
+        that took: what the tower reads. Serving maps no more than that (`app.retrieval`)."""
+        rows: list[int] = []
+        get, wanted = self.item_index.get, self.history_length
+        for taken, item in enumerate(items):
+            if len(rows) == wanted:
+                return rows, taken
+            row = get(item)
+            if row is not None:
+                rows.append(row)
+        return rows, len(items)
+
     def encode_history(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """Item ids (newest first) -> int64 `(B, history_length)`; unknown ids are skipped."""
         return self.encode_history_rows([self.history_rows(items) for items in histories])

@@ -47,14 +47,17 @@ def test_hnsw_answers_do_not_depend_on_the_batch(model_dir: Path) -> None:
 def test_seen_items_older_than_the_tower_reads_are_excluded_by_id(
     model_dir: Path, kind: str
 ) -> None:
-    """The tower reads the newest `history_length` items (rows); the older ones, an unknown
-    id and a repeat among them, are excluded by id: the answer is the exact top of every
-    unseen item, as many as there are, though the candidates run short of them."""
+    """The tower reads the newest `history_length` known items (rows; an unknown id among
+    them is skipped, as training skips it); the older ones, an unknown id and a repeat among
+    them, are excluded by id: the answer is the exact top of every unseen item, as many as
+    there are, though the candidates run short of them."""
     model = ServingModel.load(model_dir / read_latest(model_dir), IndexConfig(kind=kind))
     ids, read = list(model.item_ids), model.encoder.history_length
-    history = [*ids[:read], "not-an-item", ids[0], *ids[read : read + 40], "gone"]
+    newest = [ids[0], "added-later", *ids[1:read]]
+    history = [*newest, "not-an-item", ids[0], *ids[read : read + 40], "gone"]
     query = Query.prepare(model, {}, history, len(ids))
-    assert list(query.history) == ids[:read] and len(query.exclude) == read
+    assert list(query.history) == newest and list(query.history_rows) == list(range(read))
+    assert len(query.exclude) == read
     assert query.older_seen == {"not-an-item", ids[0], *ids[read : read + 40], "gone"}
     vector = model.encode([{}], history_rows=[query.history_rows])
     scores = model.index.matrix @ torch.from_numpy(vector[0])
