@@ -69,10 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class RowsOf:
-    """The feature encoder's one use here: a history of row numbers is its rows, and a tower
-    that reads all of it (every seen item excluded as a row)."""
+    """The feature encoder's one use here: a history of row numbers is its rows, all of which
+    a tower reads (every seen item excluded as a row, as `--seen` says)."""
 
-    history_length = 1 << 30
+    def newest_rows(self, history: list[str]) -> tuple[list[int], int]:
+        return self.history_rows(history), len(history)
 
     def history_rows(self, history: list[str]) -> list[int]:
         return [int(item) for item in history]
