@@ -83,14 +83,14 @@ class Query:
     ) -> Query:
         """The query for `model`: the newest items the user tower reads (its `history_length`
         known ones) are mapped to catalogue rows once, for the tower and the exclusion both;
-        the older ones are excluded by id.
-        Added items in the history are unknown to the bundle (the tower skips them) but left
-        out of the overlay's results like any seen item. The deleted rows are the overlay's
-        mask or join the excluded rows (`ItemOverlay`)."""
+        the older ones are excluded by id. Added items in the history are unknown to the
+        bundle (the tower skips them) but left out of the overlay's results like any seen
+        item. The deleted rows are the overlay's mask or join the excluded rows
+        (`ItemOverlay`)."""
         rows, taken = model.encoder.newest_rows(history)
         read = history[:taken]
         exclude = frozenset(rows) if exclude_seen else frozenset()
-        older = frozenset(history[len(read) :]) if exclude_seen else frozenset()
+        older = frozenset(history[taken:]) if exclude_seen else frozenset()
         overlay = model.overlay
         if overlay.excluded:
             exclude |= overlay.excluded
