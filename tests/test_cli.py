@@ -378,6 +378,23 @@ def test_the_sequence_tower_brings_its_own_defaults_and_given_options_win() -> N
     assert fields == TrainConfig() and fields.batch_size == 512
 
 
+def test_the_sequence_tower_serves_its_newest_50_items_within_any_window() -> None:
+    """The preset trains on 200 items and serves the newest 50; a shorter window given is
+    served whole, and a read given (0: the whole window) wins."""
+
+    def config(*extra: str) -> TrainConfig:
+        base = ["train", "--data", "synthetic", "--user-tower", "sequence", *extra]
+        return train_config(parser().parse_args(base))
+
+    assert (config().history_length, config().serve_history_length) == (200, 50)
+    assert config("--history-length", "8").serve_history_length == 8
+    assert config("--history-length", "80").serve_history_length == 50
+    assert config("--serve-history-length", "0").serve_history_length == 0
+    assert config("--serve-history-length", "120").serve_history_length == 120
+    with pytest.raises(ValueError, match="at most history_length"):
+        config("--history-length", "8", "--serve-history-length", "50")
+
+
 def test_the_default_user_tower_follows_the_splits_protocol() -> None:
     def config(*extra: str) -> TrainConfig:
         return train_config(parser().parse_args(["train", "--data", "synthetic", *extra]))
