@@ -144,6 +144,22 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
+def proportional_set_kb(pid: int) -> int | None:
+    """PSS of a process in kB (/proc/PID/smaps_rollup): its private pages plus each shared
+    page divided by the processes mapping it, so the workers' PSS add up to what they hold
+    together (the bundle's memory-mapped id table is counted once, not once per worker as in
+    VmRSS). None where the kernel does not have the file."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except (FileNotFoundError, PermissionError):
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name == "Pss":
+            return int(value.split()[0])
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (0 when it is gone)."""
     try:
@@ -268,11 +284,13 @@ class Service:
                 pids.append(pid)
         return pids
 
-    def memory(self) -> list[dict[str, float]]:
-        """Resident memory (MB) of each worker: total, peak, anonymous, file-backed."""
+    def memory(self) -> list[dict[str, float | None]]:
+        """Resident memory (MB) of each worker: total, peak, anonymous, file-backed, and its
+        proportional share (PSS; None where unknown)."""
         out = []
         for pid in self.worker_pids():
             status = read_status(pid)
+            pss = proportional_set_kb(pid)
             out.append(
                 {
                     "pid": pid,
@@ -280,6 +298,7 @@ class Service:
                     "peak_rss_mb": round(status.get("VmHWM", 0) / 1024, 1),
                     "anon_mb": round(status.get("RssAnon", 0) / 1024, 1),
                     "file_mb": round(status.get("RssFile", 0) / 1024, 1),
+                    "pss_mb": None if pss is None else round(pss / 1024, 1),
                 }
             )
         return out

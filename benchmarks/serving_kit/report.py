@@ -198,7 +198,7 @@ def table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'items':>8} {'index':5} {'w':>2} {'rps':>8} {'p50':>7} {'p90':>7} {'p99':>7} "
         f"{'err':>5} {'bare':>8} {'ratio':>6} {'1c p50':>7} {'floor':>7} {'rss MB':>7} "
-        f"{'ready s':>7}"
+        f"{'pss MB':>7} {'ready s':>7}"
     )
     lines = [head]
     for r in results:
@@ -209,13 +209,14 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         rec, bare = r["recall"], r["bare"]
         rss = max((w["rss_mb"] for w in r["memory_after_load"]), default=0.0)
+        pss = max((w.get("pss_mb") or 0.0 for w in r["memory_after_load"]), default=0.0)
         flag = "*" if r.get("warnings") else " "
         lines.append(
             f"{r['items']:>8} {r['index']:5} {r['workers']:>2}{flag}{rec['rps']:>8.0f} "
             f"{rec['p50_ms']:>7.2f} {rec['p90_ms']:>7.2f} {rec['p99_ms']:>7.2f} "
             f"{rec['total_errors']:>5} {bare['rps']:>8.0f} {r['ratios']['rps_vs_bare']:>6.3f} "
             f"{r['single']['p50_ms']:>7.2f} {r['floor_p50_ms']:>7.3f} {rss:>7.0f} "
-            f"{r['startup']['ready_s']:>7.1f}"
+            f"{pss:>7.0f} {r['startup']['ready_s']:>7.1f}"
         )
     if any(r.get("warnings") for r in results):
         lines.append("* see the row's warnings in the JSON")
