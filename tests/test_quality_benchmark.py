@@ -74,6 +74,7 @@ def test_every_split_method_metric_interval_ratio_and_target(tmp_path: Path) -> 
         training = split["training"]
         assert training["seconds"] == [r["seconds"] for r in runs]
         assert training["limit_seconds"] == 1800 and training["pass"] is True
+        assert training["runs_at_once"] == 1
         # Informative ratios on every split, against EASE and the best baseline per metric.
         for metric, ratio in split["ratios"]["vs_best_baseline"].items():
             best = max(BASELINES, key=lambda b: methods[b]["means"][metric])
@@ -176,6 +177,12 @@ def test_seeds_trained_in_parallel_processes_give_what_one_process_gives(tmp_pat
     for name, figures in two["methods"].items():  # all but the baselines' fit times
         assert figures["means"] == one["methods"][name]["means"]
     assert tables[1]["machine"]["jobs"] == 2
+    # Two runs shared the cores: timed, but not judged against the one-run budget.
+    assert two["training"]["runs_at_once"] == 2 and two["training"]["pass"] is None
+    assert one["training"]["pass"] is True
+    rendered = run("--render", str(tmp_path / "jobs2.json"))
+    assert rendered.returncode == 0, rendered.stderr
+    assert "not judged (2 runs shared the cores)" in rendered.stdout
 
 
 def test_no_applicable_split_measures_nothing_and_fails(tmp_path: Path) -> None:

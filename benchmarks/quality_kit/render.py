@@ -92,7 +92,7 @@ def _summary_row(spec: str, s: Mapping[str, Any]) -> str:
         if s["targets"]
         else "no ratio target"
     )
-    training = "met" if s["training"]["pass"] else "**not met**"
+    training = _training_verdict(s["training"], met="met", failed="**not met**")
     return f"| `{spec}` | {what} | {s['n_test_users']} | {verdict}; training time {training} |"
 
 
@@ -165,9 +165,17 @@ def _target_rows(s: Mapping[str, Any]) -> list[str]:
     times = " / ".join(f"{t:.0f}" for t in training["seconds"])
     lines.append(
         f"| training per run | {times} s | | | ≤ {training['limit_seconds']:.0f} s "
-        f"| {'pass' if training['pass'] else '**fail**'} |"
+        f"| {_training_verdict(training, met='pass', failed='**fail**')} |"
     )
     return lines
+
+
+def _training_verdict(training: Mapping[str, Any], *, met: str, failed: str) -> str:
+    """Met / failed, or not judged where runs shared the machine (`runs_at_once`; JSON from
+    before that field judged every run)."""
+    if training["pass"] is None:
+        return f"not judged ({training['runs_at_once']} runs shared the cores)"
+    return met if training["pass"] else failed
 
 
 def _ratio_line(ratios: Mapping[str, Any]) -> str:
