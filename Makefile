@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make run` (train on built-in data and serve) and `make test`.
-.PHONY: run test test-latest lock format bench-quality bench-serving clean
+.PHONY: run test test-latest lock format bench-quality bench-serving bench-tools clean
 
 run:
 	./scripts/run.sh
@@ -23,6 +23,10 @@ bench-quality:
 
 bench-serving:
 	.venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
+
+# wrk (apt-get or brew) and py-spy (into .venv): what bench-serving and its --profile use.
+bench-tools:
+	./scripts/bench-tools.sh
 
 clean:
 	rm -rf .venv .venv-latest artifacts .pytest_cache .mypy_cache .ruff_cache
