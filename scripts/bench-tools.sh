@@ -18,5 +18,5 @@ if ! command -v wrk >/dev/null; then
     fi
 fi
 source scripts/bootstrap.sh
-.venv/bin/python -m pip install --quiet py-spy
-echo "bench-tools: $(wrk --version 2>&1 | head -n 1); py-spy $(.venv/bin/py-spy --version | cut -d' ' -f2)"
+python -m pip install --quiet py-spy  # into the venv bootstrap.sh put first on the PATH
+echo "bench-tools: $(wrk --version 2>&1 | head -n 1); py-spy $(py-spy --version | cut -d' ' -f2)"

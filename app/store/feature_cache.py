@@ -19,8 +19,9 @@ class TTLCache:
 
     Every entry lives the same `ttl_s`, so insertion order is expiry order: `put` drops the
     expired entries from the front, since a record past its TTL is never served again (left to
-    the size bound, a worker kept 10,000 records of 200-item histories, ~140 MB, where a 2 s
-    TTL at ~1,900 recalls/s keeps ~3,800 alive), and when full the oldest, nearest to expiring.
+    the size bound, a worker kept 10,000 records of 200-item histories, ~90 MB more than the
+    ~3,800 a 2 s TTL at ~1,900 recalls/s keeps alive: docs/performance.md), and when full the
+    oldest, nearest to expiring.
     """
 
     def __init__(self, size: int, ttl_s: float) -> None:
