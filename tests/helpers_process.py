@@ -15,6 +15,12 @@ import httpx
 
 T = TypeVar("T")
 
+# The fault scenarios' recall p99 bound in the tests. The benchmark holds 250 ms
+# (benchmarks/faults.py), a speed goal that a CI host running other tests beside the stack can
+# miss; here the bound proves only that no recall waits out a fault (a hung Redis without the
+# timeout holds a recall for the whole phase, 1.5 s).
+FAULT_P99_BUDGET_MS = 1000.0
+
 
 class Proc:
     def __init__(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:

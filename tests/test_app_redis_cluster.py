@@ -23,6 +23,7 @@ from helpers_cluster import (  # noqa: F401 (fixtures)
     private_cluster,
     slow_failover_cluster,
 )
+from helpers_process import FAULT_P99_BUDGET_MS
 from redis.asyncio.cluster import ClusterNode
 
 from app.main import create_app
@@ -240,7 +241,9 @@ def test_a_primary_killed_under_load_and_the_whole_cluster_down_and_back(
     private_cluster: LocalCluster,  # noqa: F811
 ) -> None:
     versions = model_dir_with(tmp_path / "artifacts", bundles.v1, bundles.v2, SOURCE_V1)
-    options = cluster_faults.ClusterOptions(steady_s=1.0, down_s=2.0, users=300)
+    options = cluster_faults.ClusterOptions(
+        steady_s=1.0, down_s=2.0, users=300, p99_budget_ms=FAULT_P99_BUDGET_MS
+    )
     with Stack(tmp_path / "procs") as stack:
         rows = cluster_faults.run(stack, versions, options, private_cluster)
     assert rows and all(not row.problems for row in rows), "\n" + table(rows)

@@ -17,6 +17,7 @@ import pytest
 import schemathesis
 from conftest import SOURCE_V1, Bundles
 from helpers_app import admin_headers, make_settings
+from helpers_process import FAULT_P99_BUDGET_MS
 from schemathesis.python.asgi import shutdown_lifespans
 
 from app.main import create_app
@@ -89,7 +90,12 @@ def test_redis_faults_degrade_recall_and_refuse_writes_then_heal(
     stack: Stack, versions: Versions
 ) -> None:
     options = redis_faults.RedisOptions(
-        workers=1, phase_s=1.5, users=300, timeout_ms=100, grace_s=0.3
+        workers=1,
+        phase_s=1.5,
+        users=300,
+        timeout_ms=100,
+        grace_s=0.3,
+        p99_budget_ms=FAULT_P99_BUDGET_MS,
     )
     rows = redis_faults.run(stack, versions, options)
     assert_behaved(rows)
