@@ -157,6 +157,25 @@ def render_saved(paths: Sequence[Path]) -> int:
     return 0
 
 
+# Options that say where the report goes or how much it logs, not what it measures.
+OUTPUT_OPTIONS = {"--json": 1, "--markdown": 1, "-v": 0, "--verbose": 0}
+
+
+def reproducing(argv: Sequence[str]) -> list[str]:
+    """`argv` without the output options: the command that measures the same figures (the
+    JSON records it, and a path on the measuring machine means nothing elsewhere)."""
+    kept: list[str] = []
+    skip = 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in OUTPUT_OPTIONS:
+            skip = OUTPUT_OPTIONS[arg]
+        elif arg.split("=", 1)[0] not in OUTPUT_OPTIONS:
+            kept.append(arg)
+    return kept
+
+
 def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Every split: measured, or reported not applicable with the reason."""
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -164,7 +183,7 @@ def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str])
         "benchmark": "quality",
         "dataset": f"ML-1M (users 1{DASH}2999)" if "ml-1m-half" in args.data else args.data,
         "data": dataset.summary(),
-        "command": shlex.join(["python", "benchmarks/quality.py", *argv]),
+        "command": shlex.join(["python", "benchmarks/quality.py", *reproducing(argv)]),
         "commit": commit(),
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "jobs": args.jobs},
         "seeds": seeds,
