@@ -128,8 +128,11 @@ def _check_outputs(out: Path | None, report: Path | None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from models.pipeline import run_training
     from models.sources import load_dataset
+    from models.splits import split_name
 
     config = train_config(args)
+    if args.split != "none":  # as run_training reads it
+        split_name(args.split)  # refused before the data loads
     _check_outputs(args.out, args.json)
     run = run_training(
         load_dataset(args.data), args.split, config, args.out, baselines=args.baselines
@@ -150,11 +153,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.recommender import BundleRecommender
     from models.report import report_json
     from models.sources import load_dataset
-    from models.splits import make_split
+    from models.splits import make_split, split_name
 
     if args.bundle is None and not args.baselines:
         raise DataError("nothing to evaluate: give --bundle PATH and/or --baselines")
     _check_outputs(None, args.json)
+    split_name(args.split)  # refused before the data loads
     dataset = load_dataset(args.data)
     if args.baselines:
         check_dense_fits(len(dataset.items), "--baselines")

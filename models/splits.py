@@ -93,17 +93,29 @@ def make_split(interactions: pd.DataFrame, spec: str) -> Split:
     Example:
         >>> split = make_split(dataset.interactions, "leave-last-n:1")
     """
+    name = split_name(spec)
     _check_columns(interactions)
+    log = _time_sorted(interactions)
+    if name == "seed-2003":
+        return _cut_at(log, SEED_2003_CUTOFF, name)
+    if name == "last-10pct":
+        return _last_fraction(log, 0.1, name)
+    return _leave_last_n(log, int(name.removeprefix("leave-last-n:")), name)
+
+
+def split_name(spec: str) -> str:
+    """The normalised name of a `--split` spec, as `make_split` names its split: the check a
+    command runs before it reads any data.
+
+    Raises:
+        ValueError: an unknown spec, or `none` (not a split).
+    """
     spec = spec.strip()
-    if spec == "seed-2003":
-        log = _time_sorted(interactions)
-        return _cut_at(log, SEED_2003_CUTOFF, "seed-2003")
-    if spec == "last-10pct":
-        return _last_fraction(_time_sorted(interactions), 0.1, "last-10pct")
+    if spec in ("seed-2003", "last-10pct"):
+        return spec
     match = _LEAVE_LAST_N.fullmatch(spec)
     if match is not None and int(match.group(1)) >= 1:
-        n = int(match.group(1))
-        return _leave_last_n(_time_sorted(interactions), n, f"leave-last-n:{n}")
+        return f"leave-last-n:{int(match.group(1))}"
     if spec == "none":
         raise ValueError(f"split 'none' means train on everything; expected {VALID_FORMS}")
     raise ValueError(f"unknown split {spec!r}; expected {VALID_FORMS}")

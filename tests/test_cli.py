@@ -237,6 +237,10 @@ def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
             "needs a directory",
         ),
         (["evaluate", "--data", "synthetic:users=40", "--split", "bogus", "--baselines"], "bogus"),
+        (  # the split is refused before the data loads
+            ["evaluate", "--data", "nosuch:x", "--split", "leave-last-n:0", "--baselines"],
+            "unknown split 'leave-last-n:0'",
+        ),
         (
             ["evaluate", "--data", "synthetic:users=40", "--split", "last-10pct"],
             "nothing to evaluate",
@@ -277,6 +281,7 @@ def test_bad_arguments_exit_2_in_process(
         (["--out-dim", "0"], "out_dim"),
         (["--loss", "bce", "--mask-seen-negatives"], "softmax' only"),
         (["--device", "bogus"], "device 'bogus'"),
+        (["--split", "last-5pct"], "unknown split 'last-5pct'"),
         (["--json", "/nonexistent-dir/report.json"], "no directory /nonexistent-dir"),
     ],
 )
