@@ -50,6 +50,12 @@ async def test_no_bundle_process_lives_but_is_not_ready(tmp_path: Path, bundles:
         assert put.status_code == 200
         events = await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
         assert events.json() == {"user_id": "u1", "history_length": 1}
+        # An item put needs the model's item tower to embed it; a delete does not.
+        item = await client.put("/v1/items/new-1", json={"attributes": {}}, headers=admin_headers())
+        assert item.status_code == 503 and item.json() == ready.json()
+        gone = await client.delete("/v1/items/i1", headers=admin_headers())
+        assert gone.status_code == 200
+        assert (gone.json()["status"], gone.json()["model_version"]) == ("deleted", None)
         # Once a bundle appears, a reload makes the service ready without a restart.
         import shutil
 
@@ -60,6 +66,14 @@ async def test_no_bundle_process_lives_but_is_not_ready(tmp_path: Path, bundles:
         reload = await client.post("/admin/reload", headers=admin_headers())
         assert reload.json() == {"model_version": bundles.v1.name, "previous_version": None}
         assert (await client.get("/health/ready")).status_code == 200
+        served = await client.get("/v1/items/i1")  # the bundle holds i1: the delete hides it
+        assert (served.json()["status"], served.json()["model_version"]) == (
+            "deleted",
+            bundles.v1.name,
+        )
+        everything = {"user_id": "u2", "k": 500, "exclude_seen": False}
+        items = (await client.post("/v1/recall", json=everything)).json()["items"]
+        assert len(items) == 199 and "i1" not in {i["item_id"] for i in items}  # of 200
 
 
 async def test_bad_bundle_at_start_up_is_not_served(model_dir: Path, bundles: Bundles) -> None:

@@ -3,7 +3,7 @@ token; reading an item's state does not."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path
 
@@ -17,13 +17,7 @@ router = APIRouter(prefix="/v1/items", tags=["items"])
 ItemIdPath = Annotated[
     str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["new-42"])
 ]
-UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {
-        "model": ErrorResponse,
-        "description": "The change log (Redis) cannot be written: nothing changed; or no "
-        "model serves yet",
-    },
-}
+LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
 
 
 @router.put(
@@ -31,7 +25,7 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     dependencies=[AdminDep],
     responses={
         **AUTH_ERRORS,
-        **UNAVAILABLE,
+        503: {"model": ErrorResponse, "description": f"{LOG_UNAVAILABLE}; or no model serves yet"},
         409: {"model": ErrorResponse, "description": "The serving bundle has no item tower"},
         413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
         422: {"model": ErrorResponse, "description": "Unknown attribute or wrong-typed value"},
@@ -50,13 +44,14 @@ async def put_item(item_id: ItemIdPath, body: ItemRequest, services: ServicesDep
 @router.delete(
     "/{item_id}",
     dependencies=[AdminDep],
-    responses={**AUTH_ERRORS, **UNAVAILABLE},
+    responses={**AUTH_ERRORS, 503: {"model": ErrorResponse, "description": LOG_UNAVAILABLE}},
     summary="Delete an item: never returned again",
 )
 async def delete_item(item_id: ItemIdPath, services: ServicesDep) -> ItemResponse:
     """A catalogue item, an added one, or an id a later bundle may bring: never returned by
     any worker (within RELOAD_POLL_S), on every bundle, until it is put again. Answers once
-    the change is durable and served by the worker that answers."""
+    the change is durable and served by the worker that answers; with no model serving yet,
+    once durable (`model_version` null): the bundle that loads next hides it."""
     return _response(await services.catalogue.delete(item_id), services.worker)
 
 
