@@ -10,7 +10,7 @@ items=N --split none`; trained, structured item vectors, never random ones), sta
 `redis-server` on a free port and publishes every user's features and history into it
 (`python -m models publish-features`). Then, per index type:
 
-- the in-process floor: the same bundle loaded by `app.bundle_loader` with the service's
+- the in-process floor: the same bundle loaded as `app.model.ServingModel` with the service's
   settings, one thread; p50/p90/p99 of one whole recall (parse, Redis fetch without the L1
   cache, encode, search, JSON) and of each stage, over random published users;
 - for HNSW, recall@K of the index against exact search for a sample of real user vectors, at

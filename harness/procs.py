@@ -19,11 +19,11 @@ from typing import Any
 
 import redis
 
-# app.repository logs this once per worker when its first bundle serves (uvicorn's "startup
+# app.model.repository logs this once per worker when its first bundle serves (uvicorn's "startup
 # complete" comes before: a worker listens while its first bundle loads).
 STARTUP_LINE = "serving bundle "
-LOAD_FAILED_LINE = "start-up model load failed"  # app.repository: up, but never ready
-INDEX_CACHED_LINE = "index read from the cache"  # app.bundle_loader, per worker
+LOAD_FAILED_LINE = "start-up model load failed"  # app.model.sync: up, but never ready
+INDEX_CACHED_LINE = "index read from the cache"  # app.search.build, per worker
 INDEX_BUILT_LINE = "index built in"
 # Ready answers in a row (each on a fresh connection, so any worker may answer) once every
 # worker has started: with several workers one 200 proves only one of them.

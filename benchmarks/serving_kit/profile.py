@@ -68,7 +68,7 @@ def start_recording(
 
 
 def _frame_name(frame: str) -> str:
-    """`encode (app/bundle_loader.py)` -> `encode (app/bundle_loader.py)`, with site-packages
+    """`encode (app/model/serving_model.py)` stays as it is, with site-packages
     paths shortened to the package: `dump_json (pydantic/type_adapter.py)`."""
     frame = frame.strip()
     marker = "site-packages/"
