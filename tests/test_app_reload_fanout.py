@@ -6,6 +6,7 @@ is in tests/test_smoke.py (WORKERS=2)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import anyio
@@ -100,11 +101,12 @@ async def test_a_failed_version_is_tried_again_after_the_back_off(
 ) -> None:
     # A version whose files are still being copied when LATEST names it: the retry, once the
     # back-off has passed, serves it without anyone calling /admin/reload.
-    monkeypatch.setattr(model_sync, "RETRY_FIRST_S", 0.3)
+    monkeypatch.setattr(model_sync, "RETRY_FIRST_S", 1.0)
     target = copy_version(model_dir, bundles.v2, BAD_VERSION)
     manifest = (target / b.MANIFEST).read_bytes()
     (target / b.MANIFEST).unlink()
     async with serve(make_settings(model_dir, reload_poll_s=0.05)) as client:
+        named_at = time.monotonic()  # the rejection comes after this, the retry 1 s after it
         write_latest(model_dir, BAD_VERSION)
         await eventually(
             client, "reload_error", f"bundle {BAD_VERSION} rejected: missing manifest.json"
@@ -112,6 +114,7 @@ async def test_a_failed_version_is_tried_again_after_the_back_off(
         (target / b.MANIFEST).write_bytes(manifest)  # the copy completes
         body = await eventually(client, "model_version", BAD_VERSION)
         assert body["reload_error"] is None
+        assert time.monotonic() - named_at >= 1.0  # not retried at the next poll, 50 ms on
         metrics = (await client.get("/metrics")).text
         assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
 

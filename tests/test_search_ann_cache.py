@@ -116,16 +116,22 @@ def test_unwritable_bundle_dir_builds_without_cache(
 
 
 @pytest.mark.anyio
-async def test_service_serves_exact_results_from_a_cached_hnsw_index(model_dir: Path) -> None:
+async def test_service_serves_exact_results_from_a_cached_hnsw_index(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = bundle_dir(model_dir)
     reference = Reference(path)
     ServingModel.load(path, HNSW)  # leaves the cache the service then reads
     settings = make_settings(
         model_dir, index_type="hnsw", hnsw_m=8, hnsw_ef_search=200, hnsw_ef_construction=40
     )
-    async with serve(settings) as client:
-        body = {"user_id": "x", "k": 10, "history": ["i3"]}
-        items = (await client.post("/v1/recall", json=body)).json()["items"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app"):
+        async with serve(settings) as client:
+            body = {"user_id": "x", "k": 10, "history": ["i3"]}
+            items = (await client.post("/v1/recall", json=body)).json()["items"]
+    how = [m for r in caplog.records if (m := r.getMessage()).startswith("hnsw index")]
+    assert len(how) == 1 and "read from the cache" in how[0], how
     # 200 items with efSearch 200: the graph search visits them all, so it is exact.
     assert [i["item_id"] for i in items] == [i for i, _ in reference.top_k({}, ["i3"], 10)]
 

@@ -245,13 +245,19 @@ def test_queries_the_bounds_cannot_prune_are_scanned_and_pruning_that_never_pays
     assert search.pruning is None  # 12 of 12 scanned: pruning is dropped
 
 
-def test_a_loaded_flat_bundle_prunes_from_its_cached_clusters(model_dir: Path) -> None:
+def test_a_loaded_flat_bundle_prunes_from_its_cached_clusters(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = model_dir / read_latest(model_dir)
     config = IndexConfig(exact_prune="on", ivf_nlist=8)
     first = ServingModel.load(path, config)
     assert isinstance(first.index, FlatIndex) and first.index.pruning is not None
     assert any(p.name.startswith("ivf-nlist8-") for p in (path / "index-cache").iterdir())
-    again = ServingModel.load(path, config)  # the clusters read back from the cache
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="app"):
+        again = ServingModel.load(path, config)
+    how = [m for r in caplog.records if (m := r.getMessage()).startswith("ivf index")]
+    assert len(how) == 1 and "read from the cache" in how[0], how  # not clustered again
     plain = ServingModel.load(path, IndexConfig(exact_prune="off"))
     assert isinstance(plain.index, FlatIndex) and plain.index.pruning is None
     rng = np.random.default_rng(0)

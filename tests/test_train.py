@@ -294,10 +294,11 @@ def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
     fixed = dataclasses.replace(
         trained, config=dataclasses.replace(trained.config, prior_half_life_days=30.0)
     )
-    assert set(choose_prior_weight(fixed, validate, "recall@50")) == {"0.0"} | {
-        f"{w}@30d" for w in PRIOR_GRID if w
-    }
-    assert fixed.prior_half_life_days in (0.0, 30.0)
+    searched = choose_prior_weight(fixed, validate, "recall@50")
+    assert set(searched) == {"0.0"} | {f"{w}@30d" for w in PRIOR_GRID if w}
+    weight, half_life = fixed.prior_weight, fixed.prior_half_life_days
+    assert half_life == 30.0 or (weight == 0 and half_life == 0.0)
+    assert searched[f"{weight}@30d" if weight else "0.0"] == max(searched.values())
 
 
 def test_refit_trains_again_on_the_whole_training_period() -> None:
