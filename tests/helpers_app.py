@@ -41,7 +41,9 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "max_batch": 16,
         "history_cap": 100,
         "max_body_bytes": 64 * 1024,
-        "redis_timeout_ms": 100,
+        # Generous: a Redis call on a busy CI host may take tens of ms, and a timeout turns
+        # it into a quiet fall-back to defaults. The tests about timeouts set their own.
+        "redis_timeout_ms": 1000,
         "redis_retry_after_ms": 100,
         "cache_ttl_s": 2.0,
         "feature_ttl_s": 0,
