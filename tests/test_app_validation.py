@@ -156,26 +156,35 @@ async def test_recall_body_errors(
     assert response.json() == {"detail": detail}
 
 
+COUNTRY = ["body", "features", "country"]
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "loc", "kind"),
     [
-        {"user_id": "a\nb"},
-        {"user_id": "x" * 257},
-        {"user_id": "u1", "features": {"country": {"nested": 1}}},
-        {"user_id": "u1", "features": {"country": ["DE", 1]}},
-        {"user_id": "u1", "features": {f"f{n}": 1 for n in range(65)}},
-        {"user_id": "u1", "features": {"country": "x" * 257}},
-        {"user_id": "u1", "history": "i1"},
-        {"user_id": "u1", "history": [""]},
-        {"user_id": "u1", "exclude_seen": "yes"},
-        {"user_id": 42},
-        [{"user_id": "u1"}],
+        ({"user_id": "a\nb"}, ["body", "user_id"], "string_pattern_mismatch"),
+        ({"user_id": "x" * 257}, ["body", "user_id"], "string_too_long"),
+        # A feature value is one of several shapes: one error per shape it is not.
+        ({"user_id": "u1", "features": {"country": {"nested": 1}}}, COUNTRY, "list_type"),
+        ({"user_id": "u1", "features": {"country": ["DE", 1]}}, COUNTRY, "string_type"),
+        ({"user_id": "u1", "features": {f"f{n}": 1 for n in range(65)}}, ["body", "features"],
+         "too_long"),
+        ({"user_id": "u1", "features": {"country": "x" * 257}}, COUNTRY, "string_too_long"),
+        ({"user_id": "u1", "history": "i1"}, ["body", "history"], "list_type"),
+        ({"user_id": "u1", "history": [""]}, ["body", "history"], "string_too_short"),
+        ({"user_id": "u1", "exclude_seen": "yes"}, ["body", "exclude_seen"], "bool_type"),
+        ({"user_id": 42}, ["body", "user_id"], "string_type"),
+        ([{"user_id": "u1"}], ["body"], "model_attributes_type"),
     ],
-)
-async def test_recall_rejects_wrong_shapes(client: httpx.AsyncClient, body: Any) -> None:
+)  # fmt: skip
+async def test_recall_rejects_wrong_shapes(
+    client: httpx.AsyncClient, body: Any, loc: list[str], kind: str
+) -> None:
     response = await client.post("/v1/recall", json=body)
     assert response.status_code == 422
-    assert isinstance(response.json()["detail"], list)
+    errors = response.json()["detail"]
+    assert errors and all(e["loc"][: len(loc)] == loc for e in errors), errors  # that field
+    assert kind in {e["type"] for e in errors}, errors  # for that reason
 
 
 async def test_non_finite_numbers_are_refused_not_crashed(client: httpx.AsyncClient) -> None:
