@@ -14,8 +14,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def free_ports(count: int) -> list[int]:
@@ -34,6 +37,15 @@ def free_ports(count: int) -> list[int]:
                 continue
         ports.append(port)
     return ports
+
+
+# Starts on fresh ports when a node exits at once: a port free when chosen can be taken
+# before the node binds it (by an outgoing connection's ephemeral port, on a busy host).
+START_ATTEMPTS = 3
+
+
+class NodeExited(RuntimeError):
+    """A node's redis-server exited while it was awaited (its log's tail in the message)."""
 
 
 def _state_ok(client: redis.Redis) -> bool:
@@ -65,7 +77,7 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 30.0) -> LocalCluster:
         try:
-            self.start_nodes(self.ports)
+            self._start_nodes_on_free_ports()
             nodes = [f"127.0.0.1:{port}" for port in self.ports]
             subprocess.run(
                 ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas",
@@ -78,8 +90,23 @@ class LocalCluster:
             raise
         return self
 
+    def _start_nodes_on_free_ports(self) -> None:
+        for attempt in range(START_ATTEMPTS):
+            try:
+                self.start_nodes(self.ports)
+                return
+            except NodeExited:
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                self._stop_nodes()
+                self.ports = free_ports(len(self.ports))
+
     def start_nodes(self, ports: Iterable[int]) -> None:
-        """Start (or restart, after `kill`) the nodes on `ports`, each answering PING."""
+        """Start (or restart, after `kill`) the nodes on `ports`, each answering PING.
+
+        Raises:
+            NodeExited: a node's process exited (its port taken, say) instead.
+        """
         for port in ports:
             args = [
                 "redis-server", "--port", str(port), "--bind", "127.0.0.1",
@@ -90,9 +117,8 @@ class LocalCluster:
                 # 5 s wait for more replicas before the (diskless) transfer starts.
                 "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
-            self.procs[port] = subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            with self._log(port).open("ab") as log:
+                self.procs[port] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         for port in ports:
             self._wait(lambda c: c.ping(), port, 10.0, "did not start")
 
@@ -108,17 +134,39 @@ class LocalCluster:
     def _wait(
         self, ready: Callable[[redis.Redis], object], port: int, timeout_s: float, what: str
     ) -> None:
-        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        # One try a turn (redis-py retries thrice by default): a node that exited is noticed
+        # within a second even when something else answers on its port.
+        client = redis.Redis(
+            port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0), decode_responses=True
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(redis.RedisError):
                     if ready(client):
                         return
+                proc = self.procs.get(port)
+                if proc is not None and proc.poll() is not None:
+                    raise NodeExited(
+                        f"Redis Cluster node 127.0.0.1:{port} exited ({proc.returncode}): "
+                        f"{self._log_tail(port)}"
+                    )
                 time.sleep(0.05)
         finally:
             client.close()
-        raise RuntimeError(f"Redis Cluster node 127.0.0.1:{port} {what} in {timeout_s:g} s")
+        raise RuntimeError(
+            f"Redis Cluster node 127.0.0.1:{port} {what} in {timeout_s:g} s: {self._log_tail(port)}"
+        )
+
+    def _log(self, port: int) -> Path:
+        return Path(self.workdir.name) / f"node-{port}.log"
+
+    def _log_tail(self, port: int) -> str:
+        try:
+            lines = self._log(port).read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-3:]) or "empty log"
 
     def master_of(self, key: str) -> int:
         """The port of the primary that serves `key`'s slot now, as a live node sees it."""
@@ -139,6 +187,10 @@ class LocalCluster:
         proc.wait(10)
 
     def stop(self) -> None:
+        self._stop_nodes()
+        self.workdir.cleanup()
+
+    def _stop_nodes(self) -> None:
         for port in list(self.procs):
             proc = self.procs.pop(port)
             if proc.poll() is None:
@@ -148,7 +200,6 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        self.workdir.cleanup()
 
 
 class ClusterRedis:

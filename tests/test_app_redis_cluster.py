@@ -8,6 +8,7 @@ load, and the whole cluster down and back: the fault suite's scenario, on a clus
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -247,3 +248,25 @@ def test_a_primary_killed_under_load_and_the_whole_cluster_down_and_back(
     with Stack(tmp_path / "procs") as stack:
         rows = cluster_faults.run(stack, versions, options, private_cluster)
     assert rows and all(not row.problems for row in rows), "\n" + table(rows)
+
+
+def test_a_cluster_starts_on_fresh_ports_when_a_chosen_one_is_taken() -> None:
+    """A port free when the launcher chose it can be taken before its node binds it (on a busy
+    host, by an outgoing connection): the node exits at once, and the launcher starts the
+    nodes again on fresh ports rather than waiting out its timeout and failing."""
+    cluster = LocalCluster()
+    taken = cluster.ports[0]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        cluster.start()
+        try:
+            assert taken not in cluster.ports and len(set(cluster.ports)) == 6
+            client = redis.RedisCluster.from_url(cluster.url)
+            try:
+                client.set("started", "yes")
+                assert client.get("started") == b"yes"
+            finally:
+                client.close()
+        finally:
+            cluster.stop()
