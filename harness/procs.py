@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # app.model.repository logs this once per worker when its first bundle serves (uvicorn's "startup
 # complete" comes before: a worker listens while its first bundle loads).
@@ -51,6 +53,9 @@ class RedisServer:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
+        # A port chosen here may move to a fresh one at the first start: free when chosen,
+        # it can be taken before redis-server binds it (an outgoing connection, on a busy host).
+        self._may_move = port is None
         self.workdir = tempfile.TemporaryDirectory(prefix="bench-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -64,21 +69,40 @@ class RedisServer:
         return self.proc.pid
 
     def start(self) -> RedisServer:
+        """Start (or start again, after `kill`, on the same port) and wait for PING."""
+        for _ in range(3):
+            if self._launch():
+                self._may_move = False
+                return self
+            if not self._may_move:
+                break
+            self.port = free_port()
+        log = (Path(self.workdir.name) / "redis.log").read_text(errors="replace")
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {log[-500:]}")
+
+    def _launch(self) -> bool:
+        """Whether a redis-server started on `self.port` answers PING (False: it exited at
+        once). Raises RuntimeError when it neither answers nor exits in 10 s."""
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", self.workdir.name]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        with (Path(self.workdir.name) / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
         try:
             for _ in range(200):
                 try:
                     client.ping()
-                    return self
-                except redis.ConnectionError:
+                    return True
+                except redis.RedisError:
+                    if self.proc.poll() is not None:
+                        self.proc = None
+                        return False
                     time.sleep(0.05)
         finally:
             client.close()
         self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"redis-server on port {self.port} did not answer in 10 s")
 
     def flush(self) -> None:
         client = redis.Redis.from_url(self.url)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -400,3 +401,25 @@ async def test_a_transaction_error_reads_as_redis_own_reason(
 )
 def test_redis_reason_is_read_from_every_framing_redis_py_has_used(message: str) -> None:
     assert redis_reason(redis.ResponseError(message)) == WRONG_KIND
+
+
+def test_a_redis_server_starts_on_a_fresh_port_when_its_chosen_one_is_taken() -> None:
+    """A port free when chosen can be taken before redis-server binds it: the launcher starts
+    it again on a fresh port (its first start only: a restart keeps its port)."""
+    server = RedisServer()
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        server.start()
+        try:
+            assert server.port != taken
+            moved = server.port
+            server.kill()
+            server.start()  # again, on the port it has
+            assert server.port == moved
+            client = redis.Redis.from_url(server.url)
+            assert client.ping()
+            client.close()
+        finally:
+            server.stop()
