@@ -8,7 +8,6 @@ port, where they rejoin with the cluster state of their `nodes.conf` (empty of d
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
 import tempfile
@@ -17,8 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from harness.redis_proc import START_ATTEMPTS, ServerExited, await_ready, spawn
 
 
 def free_ports(count: int) -> list[int]:
@@ -37,15 +36,6 @@ def free_ports(count: int) -> list[int]:
                 continue
         ports.append(port)
     return ports
-
-
-# Starts on fresh ports when a node exits at once: a port free when chosen can be taken
-# before the node binds it (by an outgoing connection's ephemeral port, on a busy host).
-START_ATTEMPTS = 3
-
-
-class NodeExited(RuntimeError):
-    """A node's redis-server exited while it was awaited (its log's tail in the message)."""
 
 
 def _state_ok(client: redis.Redis) -> bool:
@@ -95,7 +85,7 @@ class LocalCluster:
             try:
                 self.start_nodes(self.ports)
                 return
-            except NodeExited:
+            except ServerExited:
                 if attempt == START_ATTEMPTS - 1:
                     raise
                 self._stop_nodes()
@@ -105,11 +95,11 @@ class LocalCluster:
         """Start (or restart, after `kill`) the nodes on `ports`, each answering PING.
 
         Raises:
-            NodeExited: a node's process exited (its port taken, say) instead.
+            ServerExited: a node's process exited (its port taken, say) instead.
         """
         for port in ports:
             args = [
-                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--port", str(port), "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--save", "", "--appendonly", "no", "--dir", self.workdir.name,
@@ -117,8 +107,7 @@ class LocalCluster:
                 # 5 s wait for more replicas before the (diskless) transfer starts.
                 "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
-            with self._log(port).open("ab") as log:
-                self.procs[port] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.procs[port] = spawn(args, self._log(port))
         for port in ports:
             self._wait(lambda c: c.ping(), port, 10.0, "did not start")
 
@@ -134,39 +123,10 @@ class LocalCluster:
     def _wait(
         self, ready: Callable[[redis.Redis], object], port: int, timeout_s: float, what: str
     ) -> None:
-        # One try a turn (redis-py retries thrice by default): a node that exited is noticed
-        # within a second even when something else answers on its port.
-        client = redis.Redis(
-            port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0), decode_responses=True
-        )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(redis.RedisError):
-                    if ready(client):
-                        return
-                proc = self.procs.get(port)
-                if proc is not None and proc.poll() is not None:
-                    raise NodeExited(
-                        f"Redis Cluster node 127.0.0.1:{port} exited ({proc.returncode}): "
-                        f"{self._log_tail(port)}"
-                    )
-                time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError(
-            f"Redis Cluster node 127.0.0.1:{port} {what} in {timeout_s:g} s: {self._log_tail(port)}"
-        )
+        await_ready(port, self.procs.get(port), self._log(port), ready, timeout_s, what)
 
     def _log(self, port: int) -> Path:
         return Path(self.workdir.name) / f"node-{port}.log"
-
-    def _log_tail(self, port: int) -> str:
-        try:
-            lines = self._log(port).read_text(errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        return " | ".join(lines[-3:]) or "empty log"
 
     def master_of(self, key: str) -> int:
         """The port of the primary that serves `key`'s slot now, as a live node sees it."""

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from harness.redis_proc import START_ATTEMPTS, ServerExited, await_ready, spawn
 
 # app.model.repository logs this once per worker when its first bundle serves (uvicorn's "startup
 # complete" comes before: a worker listens while its first bundle loads).
@@ -70,39 +70,27 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         """Start (or start again, after `kill`, on the same port) and wait for PING."""
-        for _ in range(3):
-            if self._launch():
-                self._may_move = False
-                return self
-            if not self._may_move:
-                break
-            self.port = free_port()
-        log = (Path(self.workdir.name) / "redis.log").read_text(errors="replace")
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}: {log[-500:]}")
-
-    def _launch(self) -> bool:
-        """Whether a redis-server started on `self.port` answers PING (False: it exited at
-        once). Raises RuntimeError when it neither answers nor exits in 10 s."""
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", self.workdir.name]
-        with (Path(self.workdir.name) / "redis.log").open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
         try:
-            for _ in range(200):
-                try:
-                    client.ping()
-                    return True
-                except redis.RedisError:
-                    if self.proc.poll() is not None:
-                        self.proc = None
-                        return False
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer in 10 s")
+            self._start_on_a_free_port()
+        except BaseException:
+            self.stop()
+            raise
+        self._may_move = False
+        return self
+
+    def _start_on_a_free_port(self) -> None:
+        log = Path(self.workdir.name) / "redis.log"
+        for attempt in range(START_ATTEMPTS):
+            args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            self.proc = spawn([*args, "--appendonly", "no", "--dir", self.workdir.name], log)
+            try:
+                await_ready(self.port, self.proc, log)
+                return
+            except ServerExited:
+                self.proc = None
+                if not self._may_move or attempt == START_ATTEMPTS - 1:
+                    raise
+                self.port = free_port()
 
     def flush(self) -> None:
         client = redis.Redis.from_url(self.url)
