@@ -37,10 +37,9 @@ def interval_holds(figures: dict, metric: str) -> bool:
 @pytest.mark.slow
 def test_every_split_method_metric_interval_ratio_and_target(tmp_path: Path) -> None:
     out, markdown = tmp_path / "quality.json", tmp_path / "quality.md"
-    done = run(
-        *("--data", "synthetic:seed=1,users=200,items=150,per_user=30", *TINY),
-        *("--train-args", TINY_TRAINER, "--json", str(out), f"--markdown={markdown}"),
-    )
+    measured = ["--data", "synthetic:seed=1,users=200,items=150,per_user=30", *TINY]
+    measured += ["--train-args", TINY_TRAINER]
+    done = run(*measured, "--json", str(out), f"--markdown={markdown}")
     assert done.returncode == 0, done.stderr
     table = json.loads(out.read_text())
     assert json.loads(done.stdout) == table
@@ -49,17 +48,7 @@ def test_every_split_method_metric_interval_ratio_and_target(tmp_path: Path) -> 
     assert table["seeds"] == [0, 1]
     assert table["trainer"]["train_args"] == TINY_TRAINER
     # The command that measures the same figures: where the output went is not part of it.
-    data = "synthetic:seed=1,users=200,items=150,per_user=30"
-    command = [
-        "python",
-        "benchmarks/quality.py",
-        "--data",
-        data,
-        *TINY,
-        "--train-args",
-        TINY_TRAINER,
-    ]
-    assert table["command"] == shlex.join(command)
+    assert table["command"] == shlex.join(["python", "benchmarks/quality.py", *measured])
     assert table["trainer"]["options"] == {"epochs": 1, "batch_size": 256, "popularity_prior": 0}
     # Each split's config: the options given over its protocol's default user tower.
     configs = {spec: split["trainer_config"] for spec, split in table["splits"].items()}
