@@ -82,13 +82,22 @@ class InteractionLog:
         first = self.user_start[self.user_end - 1] if len(self.user_end) else self.user_end
         return self.histories(self.user_end, first, length)
 
-    def example_probabilities(self, user_balance: float) -> np.ndarray:
+    def example_probabilities(self, user_balance: float, half_life_days: float = 0.0) -> np.ndarray:
         """`(N,)` probability of drawing each event as a training example: proportional to
         `(events of its user) ** -user_balance` (0: every event alike, so heavy users dominate;
-        1: every user alike)."""
+        1: every user alike), times `0.5 ** (age / half_life_days)` with a half-life (its age
+        from the log's last event, as `item_counts` weighs it: recent tastes weigh more)."""
         sizes = (self.user_end - self.user_start[self.user_end - 1])[self.users]
         weights = sizes.astype(np.float64) ** -user_balance
+        if half_life_days > 0:
+            weights *= self.recency_weights(half_life_days)
         return weights / weights.sum()
+
+    def recency_weights(self, half_life_days: float) -> np.ndarray:
+        """`(N,)` `0.5 ** (age / half_life_days)`, each event's age in days from the log's
+        last event."""
+        age_days = (self.timestamps.max() - self.timestamps) / 86400.0
+        return np.exp2(-age_days / half_life_days)
 
     def draw_targets(self, events: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
         """The event whose item is each example's positive: the example's own (`window` 1:
@@ -119,8 +128,7 @@ class InteractionLog:
         half_life)`, its age measured from the log's last event (recent popularity)."""
         if half_life_days <= 0 or not len(self.items):
             return np.bincount(self.items, minlength=n_items)
-        age_days = (self.timestamps.max() - self.timestamps) / 86400.0
-        weights = np.exp2(-age_days / half_life_days)
+        weights = self.recency_weights(half_life_days)
         return np.bincount(self.items, weights=weights, minlength=n_items)
 
 

@@ -92,7 +92,9 @@ class InteractionTask:
         self.user_table = {k: v.to(device) for k, v in data.user_table.items()}
         self.dropout_generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         self.items = ItemRows(model, data, device)
-        self.example_probs = example_probabilities(self.log, config.user_balance)
+        self.example_probs = example_probabilities(
+            self.log, config.user_balance, config.recency_half_life_days
+        )
         logq = positive_log_q(data, config.target_window, self.example_probs)
         self.in_batch_logq = logq.to(device)
         # Sorted user x item keys of the log, for masking the users' own items as negatives.
@@ -122,8 +124,8 @@ class InteractionTask:
         return len(self.log.items)
 
     def epoch_order(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """Every interaction once in random order, or (`user_balance`) as many draws with
-        replacement, each event with its user-balanced probability."""
+        """Every interaction once in random order, or (`user_balance`, a recency half-life)
+        as many draws with replacement, each event with its probability."""
         n = self.n_examples
         if self.example_probs is None:
             return rng.permutation(n)

@@ -80,10 +80,15 @@ class ItemRows:
         return self.tower(rows, gather(self.table, rows))
 
 
-def example_probabilities(log: InteractionLog, user_balance: float) -> np.ndarray | None:
-    """`(n_events,)` probability of drawing each event as an example (`TrainConfig.user_balance`),
-    or None when every interaction is an example once an epoch."""
-    return log.example_probabilities(user_balance) if user_balance else None
+def example_probabilities(
+    log: InteractionLog, user_balance: float, half_life_days: float = 0.0
+) -> np.ndarray | None:
+    """`(n_events,)` probability of drawing each event as an example (`TrainConfig.user_balance`,
+    `TrainConfig.recency_half_life_days`), or None when every interaction is an example once
+    an epoch."""
+    if not (user_balance or half_life_days):
+        return None
+    return log.example_probabilities(user_balance, half_life_days)
 
 
 def positive_log_q(

@@ -113,6 +113,12 @@ class TrainConfig:
         "draw each epoch's examples with probability ~ (user's interaction count)^-B: 0 every "
         "interaction once (heavy users dominate), 1 every user alike (logQ follows)",
     )
+    recency_half_life_days: float = option(
+        0.0,
+        "field tower: draw each epoch's examples with weight 0.5^(age / H days), age from the "
+        "training log's last interaction, so recent tastes weigh more (0: off; combines with "
+        "user_balance; logQ follows)",
+    )
     hard_negatives: int = option(
         0,
         "sequential tower with sampled negatives: per user, the K items the model ranks "
@@ -186,7 +192,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         not_negative = ("weight_decay", "num_negatives", "hard_negatives", "history_length",
                         "serve_history_length", "patience", "user_balance",
-                        "validation_min_gap_days", "length_window")  # fmt: skip
+                        "validation_min_gap_days", "length_window",
+                        "recency_half_life_days")  # fmt: skip
         optional = ("popularity_prior", "prior_half_life_days")  # None: chosen on validation
         for name in (*not_negative, *optional):
             value = getattr(self, name)
@@ -223,6 +230,11 @@ class TrainConfig:
             raise ValueError(
                 "serve_history_length applies to the sequential user tower, at most "
                 f"history_length ({self.history_length})"
+            )
+        if self.recency_half_life_days and self.tower.user_tower == "sequence":
+            raise ValueError(
+                "recency_half_life_days applies to the field tower (the sequential tower "
+                "trains on whole sequences, not drawn interactions)"
             )
         if self.length_window and self.tower.user_tower != "sequence":
             raise ValueError(

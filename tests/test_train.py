@@ -376,6 +376,39 @@ def test_user_balance_weighs_users_instead_of_interactions() -> None:
         TrainConfig(user_balance=-0.5)
 
 
+def test_recency_half_life_draws_recent_interactions_more_often() -> None:
+    dataset = small_dataset("synthetic:seed=2,users=40,items=30")
+    config = fast_config(epochs=1, recency_half_life_days=30.0, user_balance=1.0)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    log = trainer.log
+    age_days = (log.timestamps.max() - log.timestamps) / 86400.0
+    assert age_days.max() > 60  # the synthetic log spans more than two half-lives
+    probs = log.example_probabilities(1.0, 30.0)
+    # Each event's weight is the user's balance times 0.5 ** (age / 30 d), normalised.
+    sizes = np.bincount(log.users)[log.users]
+    expected = np.exp2(-age_days / 30.0) / sizes
+    np.testing.assert_allclose(probs, expected / expected.sum())
+    newest, oldest = age_days.argmin(), age_days.argmax()
+    assert probs[newest] * sizes[newest] > 4 * probs[oldest] * sizes[oldest]
+    task = interaction_task(trainer)
+    np.testing.assert_allclose(task.example_probs, probs)
+    # The draw follows the weights: recent events are drawn more often than they occur.
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([task.epoch_order(rng, 64) for _ in range(20)])
+    assert np.median(age_days[drawn]) < np.median(age_days)
+    # logQ follows the positives as drawn, not as logged.
+    share = np.bincount(log.items, weights=probs, minlength=30) * len(log.items)
+    freq = np.where(share > 0, share, 1.0)
+    np.testing.assert_allclose(
+        task.in_batch_logq.cpu().numpy(), np.log(freq / freq.sum()), rtol=1e-5
+    )
+    assert np.isfinite(trainer.fit().history[0]["loss"])
+    with pytest.raises(ValueError, match="recency_half_life_days"):
+        TrainConfig(recency_half_life_days=-1.0)
+    with pytest.raises(ValueError, match="recency_half_life_days applies to the field tower"):
+        TrainConfig(recency_half_life_days=30.0, tower=TowerConfig(user_tower="sequence"))
+
+
 def test_validation_falls_back_to_every_user_when_none_returns() -> None:
     dataset = small_dataset()
     train = make_split(dataset.interactions, "last-10pct").train
