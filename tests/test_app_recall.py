@@ -3,6 +3,7 @@ events and features changing the next recall, batches, approximate indexes."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -180,14 +181,18 @@ async def test_every_stored_item_is_excluded_though_the_tower_reads_the_newest(
 
 
 async def test_stored_state_expires_after_its_ttl(model_dir: Path, store: dict[str, str]) -> None:
-    settings = make_settings(model_dir, **store, feature_ttl_s=1, cache_ttl_s=0)
+    # Two seconds: the writes and the first recall fit inside them on a busy host; the wait
+    # for expiry counts from when the last write had set its TTL at the latest.
+    ttl = 2
+    settings = make_settings(model_dir, **store, feature_ttl_s=ttl, cache_ttl_s=0)
     async with serve(settings) as client:
         put = await client.put("/v1/users/t1/features", json={"features": {"country": "JP"}})
         assert put.status_code == 200
         await client.post("/v1/users/t1/events", json={"item_ids": ["i1", "i2"]})
+        written_by = time.monotonic()
         before = await client.post("/v1/recall", json={"user_id": "t1", "k": 5})
         assert before.json()["feature_source"] == "redis"
-        await anyio.sleep(1.3)
+        await anyio.sleep(written_by + ttl + 0.1 - time.monotonic())
         after = await client.post("/v1/recall", json={"user_id": "t1", "k": 5})
         assert after.json()["feature_source"] == "default"  # features and history both gone
         events = await client.post("/v1/users/t1/events", json={"item_ids": ["i3"]})

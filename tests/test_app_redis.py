@@ -183,17 +183,21 @@ async def test_unreachable_redis_at_start_up(model_dir: Path) -> None:
 async def test_cache_serves_repeats_and_own_writes_invalidate_it(
     model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
+    # A TTL a busy host cannot outrun between two recalls; the wait for expiry is measured
+    # from when the first recall had cached its entry at the latest.
+    ttl = 2.0
     settings = make_settings(
-        model_dir, redis_url=redis_url, redis_prefix=redis_prefix, cache_ttl_s=0.5
+        model_dir, redis_url=redis_url, redis_prefix=redis_prefix, cache_ttl_s=ttl
     )
     async with serve(settings) as client:
         first, _ = await timed_recall(client, "c1")
+        cached_by = time.monotonic()
         assert first.json()["feature_source"] == "default"
         # Another process writes behind the cache: seen only once the entry expires.
         redis_client.rpush(history_key(redis_prefix, "c1"), "i5")
         cached, _ = await timed_recall(client, "c1")
         assert cached.json()["feature_source"] == "default"
-        await anyio.sleep(0.55)
+        await anyio.sleep(cached_by + ttl + 0.05 - time.monotonic())
         fresh, _ = await timed_recall(client, "c1")
         assert fresh.json()["feature_source"] == "redis"
         assert "i5" not in {i["item_id"] for i in fresh.json()["items"]}
