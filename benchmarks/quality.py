@@ -185,7 +185,12 @@ def measure_all(dataset: Dataset, args: argparse.Namespace, argv: Sequence[str])
         "data": dataset.summary(),
         "command": shlex.join(["python", "benchmarks/quality.py", *reproducing(argv)]),
         "commit": commit(),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "jobs": args.jobs},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": args.threads,
+            "jobs": args.jobs,
+        },
         "seeds": seeds,
         "trainer": trainer_record(args),
         "intervals": f"95 % percentile bootstrap over users, {CI_RESAMPLES} resamples",

@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as the service runs (TORCH_THREADS=1)
-    report: dict[str, Any] = {"benchmark": "tower_encode", "items": args.items, "towers": {}}
+    report: dict[str, Any] = {
+        "benchmark": "tower_encode",
+        "items": args.items,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
+        "towers": {},
+    }
     for name, (config, length) in TOWERS.items():
         report["towers"][name] = measure(config, length, args.items, args.rounds, args.seed)
         print(f"{name}: {report['towers'][name]}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import Bundles
 
 from harness.bundles import RECIPE_FILE, Recipe
@@ -24,6 +25,8 @@ from models.sources import load_dataset
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
 TOOLS = SCRIPT.parent / "serving_tools.py"
+# What the benchmarks record of the machine, as the subprocesses see it (the same torch).
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
 def tool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,6 +93,7 @@ def test_serving_benchmark_smoke(tmp_path: Path, bundles: Bundles) -> None:
     (reference,) = report["machine_reference"]
     assert reference["workers"] == 1 and reference["rps"] > 0
     assert reference["speed"] == round(reference["rps"] / 13_400, 3)
+    assert report["machine"]["cpu_capability"] == CPU_CAPABILITY
 
 
 def test_targets_scale_to_the_machine_speed(tmp_path: Path) -> None:
@@ -222,7 +226,7 @@ def test_tower_encode_benchmark_reports_each_tower(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert json.loads(done.stdout) == report
-    assert len(report["towers"]) == 3
+    assert len(report["towers"]) == 3 and report["cpu_capability"] == CPU_CAPABILITY
     for figures in report["towers"].values():
         assert figures["batch_1_ms_per_user"] > 0 and figures["batch_64_ms_per_user"] > 0
 
@@ -286,6 +290,7 @@ def test_train_epoch_benchmark_times_each_run_in_both_precisions(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["real_data"] is False and report["split"] == "leave-last-n:1"
+    assert report["machine"]["cpu_capability"] == CPU_CAPABILITY
     fp32, bf16 = report["runs"]["cpu:fp32"], report["runs"]["cpu:bf16"]
     for run in (fp32, bf16):
         assert run["user_tower"] == "sequence"  # the next-item protocol's default

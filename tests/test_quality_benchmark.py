@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 BASELINES = {"most_popular", "itemcf", "itemcf_iuf", "ease"}
@@ -179,6 +180,7 @@ def test_seeds_trained_in_parallel_processes_give_what_one_process_gives(tmp_pat
     for name, figures in two["methods"].items():  # all but the baselines' fit times
         assert figures["means"] == one["methods"][name]["means"]
     assert tables[1]["machine"]["jobs"] == 2
+    assert tables[1]["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # Two runs shared the cores: timed, but not judged against the one-run budget.
     assert two["training"]["runs_at_once"] == 2 and two["training"]["pass"] is None
     assert one["training"]["pass"] is True

@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from serving_kit import load
 
 NOISE_NOTE = (
@@ -60,6 +62,8 @@ def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cpu": _cpu_model(),
+        # The widest vector units torch uses here (AVX2, AVX512): the tower's cost follows it.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "memory_gb": _mem_total_gb(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
