@@ -115,9 +115,10 @@ class TrainConfig:
     )
     recency_half_life_days: float = option(
         0.0,
-        "field tower: draw each epoch's examples with weight 0.5^(age / H days), age from the "
-        "training log's last interaction, so recent tastes weigh more (0: off; combines with "
-        "user_balance; logQ follows)",
+        "days, field tower: draw each epoch's examples with weight 0.5^(age / this), age from "
+        "the training log's last interaction, so recent tastes weigh more (0: off; combines "
+        "with user_balance; logQ follows)",
+        flag="recency-half-life",
     )
     hard_negatives: int = option(
         0,

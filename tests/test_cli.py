@@ -460,10 +460,11 @@ def test_options_map_onto_the_config() -> None:
     more = [
         *("train", "--data", "synthetic", "--validation-min-gap", "3.5"),
         *("--validation-metric", "pooled_recall@50", "--user-balance", "0.5"),
+        *("--recency-half-life", "45"),
         *("--distill-weight", "0.7", "--distill-temperature", "1.5", "--distill-top-k", "20"),
     ]
     config = train_config(parser().parse_args(more))
-    assert config.validation_min_gap_days == 3.5
+    assert config.validation_min_gap_days == 3.5 and config.recency_half_life_days == 45.0
     assert config.validation_metric == "pooled_recall@50" and config.user_balance == 0.5
     assert (config.distill_weight, config.distill_temperature, config.distill_top_k) == (
         0.7,
