@@ -544,6 +544,37 @@ def test_an_oversize_body_gets_its_413_over_a_real_socket(server: str, path: str
 
 
 @pytest.mark.slow
+def test_a_chunked_body_over_the_limit_in_its_last_chunk_gets_its_413_at_once(
+    procs: Processes, model_dir: Path
+) -> None:
+    # The whole chunked body in one write reaches the app as one message that crosses the
+    # limit and ends the body: there is nothing left to drain. (It waited out the drain's
+    # 10 s for a chunk that would never come, then closed the connection.)
+    port = free_port()
+    env = service_env(model_dir, port, RELOAD_POLL_S="0", MAX_BODY_BYTES="2048")
+    wait_ready(
+        f"http://127.0.0.1:{port}",
+        60,
+        procs.start([sys.executable, "-m", "app"], env, ROOT, "service"),
+    )
+    body = json.dumps({"user_id": "u1", "k": 3, "history": ["i1"] * 600}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)  # the guard against a hang
+    try:
+        for path in ("/v1/recall", "/v1/recall/batch"):  # the fast path and the routed one
+            conn.putrequest("POST", path)
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))  # one send
+            response = conn.getresponse()
+            assert response.status == 413 and response.getheader("connection") is None
+            assert json.loads(response.read()) == {"detail": "request body exceeds 2048 bytes"}
+        conn.request("GET", "/health/live")  # the same connection serves the next request
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
 def test_a_client_waiting_for_100_continue_gets_the_413_at_once(server: str) -> None:
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)

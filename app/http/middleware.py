@@ -52,14 +52,19 @@ class BodySizeLimitMiddleware:
             return
         try:
             body = await read_body(receive, self.max_bytes)
-        except BodyTooLarge:
-            await self._refuse(scope, receive, send, drain=True)
+        except BodyTooLarge as refused:
+            # A body that crossed the limit in its last chunk has all arrived: nothing to
+            # drain (waiting for more would wait out DRAIN_TIMEOUT_S), and the connection lives.
+            await self._refuse(scope, receive, send, drain=not refused.ended, ended=refused.ended)
             return
         if body is not None:
             await self.app(scope, replay(body, receive), send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, drain: bool) -> None:
-        ended = False
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, drain: bool, ended: bool = False
+    ) -> None:
+        """The 413, after draining the rest of the body when `drain`; `ended`: the body has
+        already all arrived. A body that did not end closes the connection."""
         if drain:
             try:
                 async with asyncio.timeout(DRAIN_TIMEOUT_S):
@@ -74,7 +79,11 @@ class BodySizeLimitMiddleware:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The body exceeded the limit; `ended`: in its last chunk (the client sent it all)."""
+
+    def __init__(self, ended: bool) -> None:
+        super().__init__("request body too large")
+        self.ended = ended
 
 
 class ClientGone(Exception):
@@ -93,7 +102,7 @@ async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | N
         chunk = message.get("body", b"")
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
-            raise BodyTooLarge
+            raise BodyTooLarge(ended=not message.get("more_body", False))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
