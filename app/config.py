@@ -117,6 +117,10 @@ class StoreConfig:
         )
 
 
+# Items a recall returns when it names no `k`.
+DEFAULT_K = 50
+
+
 @dataclass(frozen=True, kw_only=True)
 class RecallLimits:
     """Run-time request bounds (the schemas hold the static ones)."""
@@ -125,6 +129,11 @@ class RecallLimits:
     max_history: int  # ids in a request history, and item ids in one events call
     max_batch: int  # requests in one /v1/recall/batch call
     micro_batch: int = 64  # concurrent /v1/recall requests served together
+
+    def k(self, requested: int | None) -> int:
+        """The items a recall returns: as asked, else DEFAULT_K, which MAX_K also bounds (a
+        service configured below it still serves the recalls that name no k)."""
+        return min(DEFAULT_K, self.max_k) if requested is None else requested
 
     @classmethod
     def from_settings(cls, s: Settings) -> RecallLimits:

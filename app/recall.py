@@ -46,7 +46,7 @@ class RecallInput(Protocol):
     @property
     def user_id(self) -> str: ...
     @property
-    def k(self) -> int: ...
+    def k(self) -> int | None: ...
     @property
     def features(self) -> Mapping[str, Any] | None: ...
     @property
@@ -151,7 +151,8 @@ class RecallService:
         for i, compiled in live:
             try:
                 record = stored.get(requests[i].user_id)
-                query, source = self._prepare(model, requests[i], record, compiled)
+                k = self.limits.k(requests[i].k)
+                query, source = self._prepare(model, requests[i], k, record, compiled)
             except Exception as exc:
                 outcomes[i] = exc
             else:
@@ -177,7 +178,7 @@ class RecallService:
         max_k, max_history = self.limits.max_k, self.limits.max_history
         errors = []
         for request, loc in zip(requests, locs, strict=True):
-            if request.k > max_k:
+            if request.k is not None and request.k > max_k:
                 msg = f"Input should be less than or equal to {max_k}"
                 errors.append(input_error((*loc, "k"), msg, request.k, "less_than_equal"))
             if request.history is not None and len(request.history) > max_history:
@@ -240,6 +241,7 @@ class RecallService:
     def _prepare(
         model: ServingModel,
         request: RecallInput,
+        k: int,
         record: UserRecord | None,
         compiled: CompiledFilter | None = None,
     ) -> tuple[Query, FeatureSource]:
@@ -255,7 +257,7 @@ class RecallService:
             model,
             features,
             history,
-            request.k,
+            k,
             exclude_seen=request.exclude_seen,
             user_id=request.user_id,
             filter=compiled,

@@ -216,7 +216,7 @@ async def test_openapi_documents_every_route_with_models(model_dir: Path) -> Non
     schemas = doc["components"]["schemas"]
     assert schemas["RecallRequest"]["examples"]
     # Limits from settings (make_settings: MAX_K 500, MAX_HISTORY 200, MAX_BATCH 16).
-    assert schemas["RecallRequest"]["properties"]["k"]["maximum"] == 500
+    assert schemas["RecallRequest"]["properties"]["k"]["anyOf"][0]["maximum"] == 500
     assert schemas["RecallRequest"]["properties"]["history"]["anyOf"][0]["maxItems"] == 200
     assert schemas["BatchRecallRequest"]["properties"]["requests"]["maxItems"] == 16
     assert schemas["EventsRequest"]["properties"]["item_ids"]["maxItems"] == 200

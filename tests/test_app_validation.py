@@ -269,6 +269,23 @@ async def test_user_writes_are_validated(client: httpx.AsyncClient) -> None:
     assert control.status_code == 422
 
 
+async def test_a_recall_without_k_gets_50_or_max_k_when_that_is_lower(model_dir: Path) -> None:
+    async with serve(make_settings(model_dir)) as client:
+        plain = await client.post("/v1/recall", json={"user_id": "u1"})
+        assert plain.status_code == 200 and len(plain.json()["items"]) == 50
+    # A service bounded below the default still serves the recalls that name no k (it
+    # answered them 422, "less than or equal to 10", for a 50 the client never sent).
+    async with serve(make_settings(model_dir, max_k=10)) as client:
+        for body in ({"user_id": "u1"}, {"user_id": "u1", "k": None}):
+            response = await client.post("/v1/recall", json=body)
+            assert response.status_code == 200 and len(response.json()["items"]) == 10
+        batch = await client.post("/v1/recall/batch", json={"requests": [{"user_id": "u1"}] * 2})
+        assert [len(r["items"]) for r in batch.json()["results"]] == [10, 10]
+        too_many = await client.post("/v1/recall", json={"user_id": "u1", "k": 11})
+        assert too_many.status_code == 422
+        assert too_many.json()["detail"][0]["loc"] == ["body", "k"]
+
+
 async def test_oversized_bodies_are_refused_before_parsing(client: httpx.AsyncClient) -> None:
     detail = {"detail": f"request body exceeds {MAX_BODY} bytes"}
     # Declared by Content-Length.

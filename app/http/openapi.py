@@ -20,7 +20,9 @@ def document_limits(app: FastAPI, limits: RecallLimits) -> None:
         schema = build()
         models = schema["components"]["schemas"]
         recall = models["RecallRequest"]["properties"]
-        recall["k"]["maximum"] = limits.max_k
+        for branch in recall["k"]["anyOf"]:
+            if branch.get("type") == "integer":
+                branch["maximum"] = limits.max_k
         for branch in recall["history"]["anyOf"]:
             if branch.get("type") == "array":
                 branch["maxItems"] = limits.max_history

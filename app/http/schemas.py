@@ -62,7 +62,10 @@ class RecallRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_RECALL_EXAMPLE]})
 
     user_id: ExternalId
-    k: Annotated[StrictInt, Field(ge=1, description="items to return, 1..MAX_K")] = 50
+    k: Annotated[
+        StrictInt | None,
+        Field(ge=1, description="items to return, 1..MAX_K; omitted or null: min(50, MAX_K)"),
+    ] = None
     features: Features | None = None
     history: Annotated[
         list[ExternalId] | None, Field(description="newest first; at most MAX_HISTORY ids")
