@@ -7,7 +7,8 @@ tower trains as SASRec-family models do, and `TrainConfig.create` starts from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -179,6 +180,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Checked here, before any data is read: a bad value must not cost a training run.
+        for f in fields(self):  # inf passes every bound below and trains nothing (or NaN)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         for name, allowed in (
             ("loss", get_args(LossName)),
             ("negatives", get_args(NegativesName)),
@@ -265,8 +272,12 @@ class TrainConfig:
             device = torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"device {self.device!r}: {exc}") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r}: the trainer runs on cpu or cuda[:N]")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available here")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: {torch.cuda.device_count()} GPU(s) here")
         return device
 
 
