@@ -22,7 +22,7 @@ from models.examples import gather
 from models.losses import full_softmax_cross_entropy
 from models.samplers import negative_sampler, proposal_log_q
 from models.sequence_tower import SequenceUserTower
-from models.task import ItemRows, TrainingData, example_probabilities, positive_log_q
+from models.task import ItemRows, TrainingData, positive_log_q
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
@@ -65,8 +65,8 @@ class SequenceTask:
         self.sampler = negative_sampler(
             config.negatives, self.log.item_counts(data.n_items), generator
         )
-        probs = example_probabilities(self.log, config.user_balance)
-        in_batch_logq = positive_log_q(data, config.target_window, probs)
+        # Every position predicts its next item once an epoch: the positives are the log's.
+        in_batch_logq = positive_log_q(data, target_window=1, example_probs=None)
         self.log_q = proposal_log_q(config.negatives, in_batch_logq, self.sampler).to(device)
         log = self.log
         sizes = log.user_end - log.user_start[log.user_end - 1] if len(log.user_end) else []

@@ -239,9 +239,13 @@ class TrainConfig:
                 "serve_history_length applies to the sequential user tower, at most "
                 f"history_length ({self.history_length})"
             )
-        if self.recency_half_life_days and self.tower.user_tower == "sequence":
+        drawn = {"recency_half_life_days": 0.0, "user_balance": 0.0, "target_window": 1}
+        changed = [name for name, off in drawn.items() if getattr(self, name) != off]
+        if changed and self.tower.user_tower == "sequence":
+            # They shape a draw of interactions the sequential tower never makes (its logQ
+            # would describe that draw, not its own).
             raise ValueError(
-                "recency_half_life_days applies to the field tower (the sequential tower "
+                f"{', '.join(changed)} applies to the field tower (the sequential tower "
                 "trains on whole sequences, not drawn interactions)"
             )
         if self.length_window and self.tower.user_tower != "sequence":

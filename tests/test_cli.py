@@ -282,6 +282,9 @@ def test_bad_arguments_exit_2_in_process(
         (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
         (["--seed", str(2**32)], "seed must be in [0, 2**32)"),
         (["--device", "mps"], "device 'mps': the trainer runs on cpu or cuda[:N]"),
+        # They changed the sequential tower's logQ for a draw it never makes.
+        (["--split", "leave-last-n:1", "--user-balance", "1"], "user_balance applies to the field"),
+        (["--user-tower", "sequence", "--target-window", "5"], "target_window applies to"),
         (["--device", "meta"], "device 'meta': the trainer runs on cpu or cuda[:N]"),
         (["--validation-fraction", "1"], "validation_fraction must be in [0, 1)"),
         (["--validation-min-gap", "-1"], "validation_min_gap_days must be >= 0"),
