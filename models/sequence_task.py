@@ -85,7 +85,13 @@ class SequenceTask:
         # unequal numbers of them, and each weighs its loss by its own over this.
         n_batches = max(1, -(-len(self.users) // config.batch_size))
         self.mean_positions = float((self.lengths - 1).sum()) / n_batches
-        self.hard: Tensor | None = None  # (n_examples, hard_negatives) rows, per epoch
+        if config.hard_negatives > data.n_items:
+            raise ValueError(
+                f"hard_negatives ({config.hard_negatives}) exceeds the catalogue's "
+                f"{data.n_items} items"
+            )
+        # (n_examples, hard_negatives) rows, per epoch; -1 where a user has too few untaken
+        self.hard: Tensor | None = None
 
     def start_epoch(self) -> None:
         """Refresh the hard negatives (if any) with the model as it is now."""
@@ -95,7 +101,8 @@ class SequenceTask:
     @torch.no_grad()
     def mine_hard_negatives(self, chunk: int = 512) -> Tensor:
         """`(n_examples, hard_negatives)` rows: for each user, the items the current model
-        ranks highest after their latest training items, among those they did not take."""
+        ranks highest after their latest training items, among those they did not take (-1
+        past the last of those: a user who took nearly the whole catalogue)."""
         training = self.model.training
         self.model.eval()
         items = self.items(self.items.all_rows)
@@ -111,7 +118,8 @@ class SequenceTask:
             events = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
             taken = torch.from_numpy(self.log.items[events]).to(self.device)
             scores[torch.from_numpy(owner).to(self.device), taken] = -torch.inf
-            hard.append(scores.topk(self.config.hard_negatives, dim=1).indices)
+            top = scores.topk(self.config.hard_negatives, dim=1)
+            hard.append(top.indices.masked_fill(top.values == -torch.inf, -1))
         self.model.train(training)
         return torch.cat(hard)
 
@@ -191,9 +199,10 @@ class SequenceTask:
         hits = targets.unsqueeze(1) == negatives.unsqueeze(0)  # accidental hits
         columns = [pos_logits, masked_lowest(neg_logits, hits)]
         if hard is not None:
-            vectors = self.items(hard.flatten()).view(*hard.shape, -1)
+            vectors = self.items(hard.clamp(min=0).flatten()).view(*hard.shape, -1)
             hard_logits = logits(torch.einsum("nd,nhd->nh", users, vectors))
-            columns.append(masked_lowest(hard_logits, hard == targets.unsqueeze(1)))
+            taken = (hard == targets.unsqueeze(1)) | (hard < 0)
+            columns.append(masked_lowest(hard_logits, taken))
         return F.cross_entropy(torch.cat(columns, dim=1), torch.zeros_like(targets))
 
     def _negatives(self, targets: Tensor) -> Tensor:

@@ -400,6 +400,24 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
 
 
+def test_hard_negatives_never_name_a_taken_item_nor_more_than_the_catalogue() -> None:
+    dataset = cycle_dataset(n_users=20, n_items=30)
+    too_many = sequence_config(negatives="mixed", num_negatives=8, hard_negatives=31)
+    with pytest.raises(ValueError, match=r"hard_negatives \(31\) exceeds the catalogue's 30"):
+        Trainer(dataset, dataset.interactions, too_many)  # it crashed in torch's topk
+    # As many as the catalogue: past a user's untaken items the rows are -1, never one of
+    # the items the user took (which topk returned, scored -inf, as "hard negatives").
+    config = sequence_config(negatives="mixed", num_negatives=8, hard_negatives=30, epochs=1)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    assert np.isfinite([r["loss"] for r in trainer.fit().history]).all()
+    task = sequence_task(trainer)
+    mined = task.mine_hard_negatives()
+    for example, user in enumerate(task.users):
+        taken = set(task.log.items[task.log.users == user].tolist())
+        row = mined[example].tolist()
+        assert not taken & set(row) and row.count(-1) == len(taken)
+
+
 def test_length_grouping_needs_the_sequence_tower() -> None:
     with pytest.raises(ValueError, match="length_window applies to the sequential"):
         TrainConfig(length_window=50)
