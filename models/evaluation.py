@@ -96,7 +96,8 @@ class EvalResult:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of each row's k highest scores, best first.
+    """Indices of each row's k highest scores, best first; -1 (padding, never a hit) where
+    the score is -inf: an item excluded, or one the model cannot score.
 
     Args:
         scores: float [B, n_items].
@@ -110,7 +111,9 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         return np.empty((scores.shape[0], 0), dtype=np.int64)
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+    top = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    top[np.take_along_axis(scores, top, axis=1) == -np.inf] = -1
+    return top
 
 
 def measurable_sets(

@@ -154,7 +154,25 @@ class FixedScores:
 def test_top_k_sorted_best_first() -> None:
     scores = np.array([[0.1, 0.9, 0.5, 0.7], [3.0, 1.0, 2.0, -np.inf]], dtype=np.float32)
     assert top_k(scores, 3).tolist() == [[1, 3, 2], [0, 2, 1]]
-    assert top_k(scores, 9).shape == (2, 4)
+    assert top_k(scores, 9).tolist() == [[1, 3, 2, 0], [0, 2, 1, -1]]  # -inf: no item
+
+
+def test_an_item_scored_minus_inf_is_never_a_hit() -> None:
+    """A bundle scores -inf the items it cannot score (another catalogue's): ranked among
+    the ties, a relevant one counted as found (`evaluate --any-split` read recall@10 0.42
+    for a bundle that shared no item with the data)."""
+
+    class Unscorable(FixedScores):
+        def score(self, user_ids: Sequence[str]) -> np.ndarray:
+            return np.full((len(user_ids), self.row.size), -np.inf, dtype=np.float32)
+
+    index = {str(i): i for i in range(3)}
+    train, test = frame([("u", "0")]), frame([("u", "1"), ("u", "2")])
+    assert evaluate_recommender(FixedScores(3), train, test, index, ks=(2,)).means[
+        "recall@2"
+    ] == pytest.approx(1.0)
+    result = evaluate_recommender(Unscorable(3), train, test, index, ks=(2,))
+    assert result.means["recall@2"] == 0.0 and result.means["ndcg@2"] == 0.0
 
 
 def test_seen_items_are_excluded() -> None:
