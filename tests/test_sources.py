@@ -535,6 +535,25 @@ def test_csv_byte_order_mark_and_crlf(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_csv_in_encodings_that_are_not_ascii_compatible(tmp_path: Path, encoding: str) -> None:
+    # Their separators and newlines are not single ASCII bytes (and utf-8-sig's codec writes
+    # a byte-order mark): every row read "expected 3 fields, found 1".
+    spec = {"file": "inter.csv", "encoding": encoding}
+    csv_fixture(tmp_path, {"interactions": spec})
+    text = "user_id,item_id,timestamp\r\nu\u00e9,i\u4e00,5\r\nu2,i1,6\r\n"
+    (tmp_path / "inter.csv").write_bytes(text.encode(encoding))
+    ds = load_dataset(f"csv:{tmp_path}")
+    assert ds.interactions.to_dict("list") == {
+        "user_id": ["u\u00e9", "u2"],
+        "item_id": ["i\u4e00", "i1"],
+        "timestamp": [5, 6],
+    }
+    (tmp_path / "inter.csv").write_bytes((text + "u3,i2\r\n").encode(encoding))
+    with pytest.raises(DataError, match=r"inter\.csv: line 4: expected 3 fields, found 2"):
+        load_dataset(f"csv:{tmp_path}")
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

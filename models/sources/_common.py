@@ -112,13 +112,24 @@ def read_delimited(
     Raises:
         DataError: the file is missing, or a row has the wrong number of fields.
     """
-    raw = read_bytes(path).replace(b"\r\n", b"\n")
+    raw = read_bytes(path)
     try:
-        return _parse(path, raw, sep, names, encoding, quoted)
+        raw, encoding = _ascii_compatible(raw, encoding)
+        return _parse(path, raw.replace(b"\r\n", b"\n"), sep, names, encoding, quoted)
     except (UnicodeDecodeError, LookupError) as error:
         raise DataError(f"{path}: cannot decode as {encoding!r}: {error}") from None
     except pd.errors.ParserError as error:
         raise DataError(f"{path}: {error}") from None
+
+
+def _ascii_compatible(raw: bytes, encoding: str) -> tuple[bytes, str]:
+    """`raw` in an encoding whose newlines and separators are single ASCII bytes, as the
+    byte-level row check needs: as it is, or decoded and re-encoded as UTF-8 (UTF-16 and
+    UTF-32, and `utf-8-sig`, whose byte-order mark the codec strips)."""
+    probe = "\n\r,;\t|: azAZ09"
+    if probe.encode(encoding) == probe.encode("ascii"):
+        return raw, encoding
+    return raw.decode(encoding).encode("utf-8"), "utf-8"
 
 
 def _parse(
