@@ -43,14 +43,22 @@ def carve_validation(train: pd.DataFrame, config: TrainConfig, protocol: str = "
     is kept when none is a returning user (logged: short or compressed logs), rather than no
     validation at all.
     """
-    if is_next_item(protocol):
-        held_out = make_split(train, protocol)
-        return Split("validation", held_out.train, held_out.test)
     try:
-        return validation_split(train, config.validation_fraction, config.validation_min_gap_days)
-    except NoReturningUsersError as exc:
-        log.warning("%s: validating on every user of the slice instead", exc)
-        return validation_split(train, config.validation_fraction)
+        if is_next_item(protocol):
+            held_out = make_split(train, protocol)
+            return Split("validation", held_out.train, held_out.test)
+        try:
+            return validation_split(
+                train, config.validation_fraction, config.validation_min_gap_days
+            )
+        except NoReturningUsersError as exc:
+            log.warning("%s: validating on every user of the slice instead", exc)
+            return validation_split(train, config.validation_fraction)
+    except ValueError as exc:  # said of the training part, not of the data as given
+        raise ValueError(
+            f"no validation slice in the training part ({exc}); --validation-fraction 0 "
+            "trains without one"
+        ) from None
 
 
 class Validator:

@@ -332,6 +332,28 @@ def test_dense_item_matrices_beyond_the_memory_fail_before_training(
     assert not out.exists()
 
 
+def test_a_training_part_too_short_to_validate_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two interactions a user: the test split takes each user's last, and the validation
+    slice would take the one left. The error said "no user has more than 1 interactions"
+    of data where every user has 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "schema.json").write_text(json.dumps({"interactions": {"file": "i.csv"}}))
+    rows = [f"u{k},i{k % 7},{1000 + k}\nu{k},i{(k + 3) % 7},{2000 + k}" for k in range(30)]
+    (data / "i.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "artifacts"
+    args = ["train", "--data", f"csv:{data}", "--split", "leave-last-n:1", "--out", str(out)]
+    args += ["--user-tower", "fields", *FAST[: FAST.index("--validation-fraction")]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no validation slice in the training part (") and (
+        "--validation-fraction 0 trains without one" in err
+    ), err
+    assert main([*args, "--validation-fraction", "0"]) == 0  # as the error says
+
+
 def test_a_test_part_with_nothing_to_measure_fails_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
