@@ -119,8 +119,13 @@ def _write_report(report: dict, path: Path | None) -> None:
 
 def _check_outputs(out: Path | None, report: Path | None) -> None:
     """Refuse outputs that cannot be written before any work, not after a training run."""
-    if out is not None and out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
+    if out is not None:
+        # The nearest existing folder on the way to it: a file there blocks the export.
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not existing.is_dir():
+            raise DataError(f"--out {out}: {existing} exists and is not a directory")
+    if report is not None and report.is_dir():
+        raise DataError(f"--json {report} is a directory")
     if report is not None and not report.parent.is_dir():
         raise DataError(f"--json {report}: no directory {report.parent}")
 

@@ -294,6 +294,9 @@ def test_bad_arguments_exit_2_in_process(
         (["--device", "bogus"], "device 'bogus'"),
         (["--split", "last-5pct"], "unknown split 'last-5pct'"),
         (["--json", "/nonexistent-dir/report.json"], "no directory /nonexistent-dir"),
+        # Both failed only after training and exporting.
+        (["--json", "/tmp"], "--json /tmp is a directory"),
+        (["--out", f"{__file__}/sub"], f"{__file__} exists and is not a directory"),
     ],
 )
 def test_bad_training_options_fail_before_any_work(
