@@ -164,6 +164,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise DataError("nothing to evaluate: give --bundle PATH and/or --baselines")
     _check_outputs(None, args.json)
     split_name(args.split)  # refused before the data loads
+    if args.bundle is not None and not args.bundle.is_dir():  # verified in full once loaded
+        raise DataError(f"--bundle {args.bundle}: no such bundle directory")
     dataset = load_dataset(args.data)
     if args.baselines:
         check_dense_fits(len(dataset.items), "--baselines")

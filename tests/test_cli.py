@@ -249,13 +249,13 @@ def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
             [
                 "evaluate",
                 "--data",
-                "synthetic:users=40",
+                "nosuch:x",  # refused before the data loads
                 "--split",
                 "last-10pct",
                 "--bundle",
                 "nope",
             ],
-            "does not exist",
+            "--bundle nope: no such bundle directory",
         ),
     ],
 )
