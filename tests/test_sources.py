@@ -193,6 +193,8 @@ def test_ml_1m(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         ("1::1::5::978300760\n\n1::2::5::1::2\n", r"line 3: expected 4 fields, found 5"),
         ("1::1::5::978300760\n1::2::5::soon\n", r"line 2: 'timestamp' is not a 64-bit integer"),
         ("1::1::5::978300760\n::2::5::978300760\n", r"line 2: empty 'user_id'"),
+        # Unused, but a rating that is not one is a malformed row (it loaded silently).
+        ("1::1::5::978300760\n1::2::x::978300760\n", r"line 2: 'rating' is not a 64-bit integer"),
     ],
 )
 def test_ml_1m_malformed_rows(tmp_path: Path, ratings: str, message: str) -> None:
@@ -352,6 +354,8 @@ def test_recbole_cells_that_are_not_numbers(
          r"u.data: line 2: 'timestamp' is not a 64-bit integer: 'unknown'"),
         ("grouplens", "1\t10\t3\t881250949\n\t20\t4\t881250949\n",
          r"u.data: line 2: empty 'user_id'"),
+        ("grouplens", "1\t10\t3\t881250949\n1\t20\tfour\t881250949\n",
+         r"u.data: line 2: 'rating' is not a 64-bit integer: 'four'"),
         ("recbole", "196\t242\t3\t881250949\n186\t267\t3\tsoon\n",
          r"ml-100k.inter: line 3: 'timestamp' is not a 64-bit integer: 'soon'"),
         ("recbole", "196\t242\t3\n", r"ml-100k.inter: line 2: expected 4 fields, found 3"),

@@ -73,7 +73,7 @@ def load_ml_1m(directory: Path, name: str) -> Dataset:
         return load_atomic(directory, name, age_in_years=False)
     fields = ["user_id", "item_id", "rating", "timestamp"]
     ratings = read_delimited(directory / "ratings.dat", "::", fields, encoding=_LATIN1)
-    interactions = _interactions(ratings, "user_id", "item_id", "timestamp")
+    interactions = _interactions(ratings, "user_id", "item_id", "timestamp", rating="rating")
     users = items = None
     if (directory / "users.dat").exists():
         fields = ["user_id", "gender", "age", "occupation", "zip"]
@@ -112,6 +112,7 @@ def load_ml_100k(directory: Path, name: str) -> Dataset:
         "user_id",
         "item_id",
         "timestamp",
+        rating="rating",
     )
     users = items = None
     if (directory / "u.user").exists():
@@ -167,7 +168,13 @@ def _dataset(
     return assemble(name, interactions, users, items, user_columns, item_columns)
 
 
-def _interactions(table: Table, user: str, item: str, timestamp: str) -> pd.DataFrame:
+def _interactions(
+    table: Table, user: str, item: str, timestamp: str, rating: str | None = None
+) -> pd.DataFrame:
+    """The interactions; a `rating` column, unused (every rating is an interaction), is
+    still checked: a row whose rating is not an integer is malformed."""
+    if rating is not None:
+        table.integers(rating)
     return pd.DataFrame(
         {
             "user_id": table.require_non_empty(user),
