@@ -138,6 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config(args)
     if args.split != "none":  # as run_training reads it
         split_name(args.split)  # refused before the data loads
+    elif args.baselines:
+        raise DataError("--baselines needs a held-out part to measure on; --split none has none")
     _check_outputs(args.out, args.json)
     run = run_training(
         load_dataset(args.data), args.split, config, args.out, baselines=args.baselines

@@ -296,6 +296,7 @@ def test_bad_arguments_exit_2_in_process(
         (["--json", "/nonexistent-dir/report.json"], "no directory /nonexistent-dir"),
         # Both failed only after training and exporting.
         (["--json", "/tmp"], "--json /tmp is a directory"),
+        (["--split", "none", "--baselines"], "--split none has none"),  # it was ignored
         (["--out", f"{__file__}/sub"], f"{__file__} exists and is not a directory"),
     ],
 )

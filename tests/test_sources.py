@@ -562,6 +562,8 @@ def test_csv_in_encodings_that_are_not_ascii_compatible(tmp_path: Path, encoding
     ("content", "message"),
     [
         (b"user_id,item_id,timestamp\n", r"no interactions"),
+        (b"", r"inter.csv: empty file, expected a header line"),  # "empty column names: ['']"
+        (b"\r\n\n", r"inter.csv: empty file, expected a header line"),
         (b"user_id,item_id,timestamp\nu\xe9,i1,5\n", r"inter.csv: cannot decode as 'utf-8'"),
     ],
 )

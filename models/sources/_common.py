@@ -141,6 +141,8 @@ def _parse(
         return _read_quoted(path, raw.decode(encoding), sep, names)
     first_line = 1
     if names is None:
+        if not raw.strip():
+            raise DataError(f"{path}: empty file, expected a header line")
         header, _, raw = raw.partition(b"\n")
         names = [n.strip() for n in header.decode(encoding).split(sep)]
         first_line = 2
