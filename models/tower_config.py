@@ -14,6 +14,10 @@ UserTowerName = Literal["fields", "sequence"]
 HistoryEncoderName = Literal["mean", "attention", "recency", "transformer"]
 
 
+# The field tower's `transformer` history encoder's attention heads (not an option).
+TRANSFORMER_HISTORY_HEADS = 2
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """Architecture shared by both towers."""
@@ -41,6 +45,14 @@ class TowerConfig:
     blocks: int = option(2, "the sequential tower's transformer blocks")
     heads: int = option(2, "the sequential tower's attention heads (must divide field_dim)")
 
+    @property
+    def attention_heads(self) -> int:
+        """The heads attention splits the field width among: the sequential tower's `heads`,
+        the field tower's transformer history encoder's own; 1 where nothing attends so."""
+        if self.user_tower == "sequence":
+            return self.heads
+        return TRANSFORMER_HISTORY_HEADS if self.history_encoder == "transformer" else 1
+
     def __post_init__(self) -> None:
         if min(self.field_dim, self.out_dim, *self.hidden) < 1:
             raise ValueError("field_dim, out_dim and every hidden width must be at least 1")
@@ -50,7 +62,12 @@ class TowerConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}")
-        if self.blocks < 1 or self.heads < 1 or self.field_dim % self.heads:
-            raise ValueError("blocks and heads must be at least 1, and heads divide field_dim")
+        if self.blocks < 1 or self.heads < 1:
+            raise ValueError("blocks and heads must be at least 1")
+        if self.field_dim % self.attention_heads:
+            raise ValueError(
+                f"field_dim ({self.field_dim}) must be a multiple of the attention heads "
+                f"({self.attention_heads})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from models.features import HISTORY, FeatureEncoder
 from models.fields import embedding_table, field_module
 from models.sequence_tower import SequenceUserTower
-from models.tower_config import TowerConfig
+from models.tower_config import TRANSFORMER_HISTORY_HEADS, TowerConfig
 
 
 class MeanHistory(nn.Module):
@@ -94,7 +94,9 @@ class TransformerHistory(nn.Module):
     before the newest position summarises them; an empty history gives zeros.
     """
 
-    def __init__(self, item_embedding: nn.Embedding, length: int, heads: int = 2) -> None:
+    def __init__(
+        self, item_embedding: nn.Embedding, length: int, heads: int = TRANSFORMER_HISTORY_HEADS
+    ) -> None:
         super().__init__()
         dim = item_embedding.embedding_dim
         self.item_embedding = item_embedding

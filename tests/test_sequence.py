@@ -371,8 +371,15 @@ def test_the_full_softmax_refuses_a_catalogue_too_large_for_it(
 
 
 def test_tower_config_checks_heads_divide_the_width() -> None:
-    with pytest.raises(ValueError, match="heads"):
+    with pytest.raises(
+        ValueError, match=r"field_dim \(16\) must be a multiple of the attention heads \(3\)"
+    ):
         dataclasses.replace(SEQUENCE, heads=3)
+    # Only where something attends: the field tower reads no `heads` (it refused 33 for
+    # them); its transformer history encoder attends with two heads of its own.
+    assert TowerConfig(field_dim=33).field_dim == 33
+    with pytest.raises(ValueError, match=r"attention heads \(2\)"):
+        TowerConfig(field_dim=33, history_encoder="transformer")
 
 
 def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
