@@ -204,6 +204,25 @@ def test_evaluate_refuses_a_split_the_bundle_was_not_trained_on(
 
 
 @pytest.mark.slow
+def test_evaluate_finds_nothing_with_a_bundle_of_another_catalogue(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The bundle scores -inf every item it does not have; ranked among the ties, the
+    relevant ones counted as found (recall@10 0.42 for a bundle sharing no item)."""
+    _, bundle = trained
+    data = tmp_path / "other"
+    data.mkdir()
+    (data / "schema.json").write_text(json.dumps({"interactions": {"file": "i.csv"}}))
+    rows = [f"u{u},x{(u + s) % 12},{1000 * s + u}" for u in range(40) for s in range(6)]
+    (data / "i.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    report = tmp_path / "report.json"
+    args = ["evaluate", "--data", f"csv:{data}", "--split", "last-10pct", "--any-split"]
+    assert main([*args, "--bundle", str(bundle), "--json", str(report)]) == 0
+    means = json.loads(report.read_text())["results"]["two_tower"]
+    assert means and all(value == 0.0 for value in means.values()), means
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_other_data_of_the_same_size(trained: tuple[Path, Path]) -> None:
     """Same split name, same number of training rows, other rows: only the fingerprint of
     the training part tells (a reviewer's time-reversed copy was measured as if unseen)."""
