@@ -42,23 +42,29 @@ def carve_validation(train: pd.DataFrame, config: TrainConfig, protocol: str = "
     `config.validation_fraction` of it (`validation_split`), where every user of the slice
     is kept when none is a returning user (logged: short or compressed logs), rather than no
     validation at all.
+
+    Raises:
+        ValueError: the training part is too short to carve one from (said of it, not of the
+            data as given).
     """
     try:
-        if is_next_item(protocol):
-            held_out = make_split(train, protocol)
-            return Split("validation", held_out.train, held_out.test)
-        try:
-            return validation_split(
-                train, config.validation_fraction, config.validation_min_gap_days
-            )
-        except NoReturningUsersError as exc:
-            log.warning("%s: validating on every user of the slice instead", exc)
-            return validation_split(train, config.validation_fraction)
-    except ValueError as exc:  # said of the training part, not of the data as given
+        return _carve(train, config, protocol)
+    except ValueError as exc:
         raise ValueError(
             f"no validation slice in the training part ({exc}); --validation-fraction 0 "
             "trains without one"
         ) from None
+
+
+def _carve(train: pd.DataFrame, config: TrainConfig, protocol: str) -> Split:
+    if is_next_item(protocol):
+        held_out = make_split(train, protocol)
+        return Split("validation", held_out.train, held_out.test)
+    try:
+        return validation_split(train, config.validation_fraction, config.validation_min_gap_days)
+    except NoReturningUsersError as exc:
+        log.warning("%s: validating on every user of the slice instead", exc)
+        return validation_split(train, config.validation_fraction)
 
 
 class Validator:
