@@ -5,6 +5,8 @@ returned is the top k of what remains with the added items, in every index (real
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +220,26 @@ def test_a_filter_combined_with_an_older_overlay_is_never_used_after_new_deletio
     (refound,) = search(second, catalogue.vectors[:1], [again])
     assert len(refound) == K and not {item for item, _ in refound} & {f"x{r}" for r in gone}
     assert first.overlay.allowed_with(rows_filter.allowed) is combined  # the old one's own
+
+
+def test_a_filters_combined_rows_go_with_the_filter(catalogue: Catalogue) -> None:
+    """Per-request filters (a user's own deny list) must not pile up one catalogue-sized mask
+    each on the overlay: its table of combined rows lets an entry go with its filter (it kept
+    every filter ever searched until the next item change, ~2 MB each at 1M items)."""
+    model = catalogue.model("flat", _deleted(catalogue, overlay.MASK_MIN_ROWS))
+    rng = np.random.default_rng(3)
+    kept = _compiled(AllowedRows(rng.random(N) < 0.5))
+    gone = []
+    for _ in range(20):
+        rows_filter = _compiled(AllowedRows(rng.random(N) < 0.5))
+        query = Query.prepare(model, {}, [], K, filter=rows_filter)
+        assert query.allowed is not None and query.allowed.base is rows_filter.allowed
+        gone.append(weakref.ref(query.allowed))
+    Query.prepare(model, {}, [], K, filter=kept)
+    del rows_filter, query
+    gc.collect()
+    assert [ref() for ref in gone] == [None] * 20
+    assert len(model.overlay._combined) == 1  # the filter still held
 
 
 def test_the_overlay_masks_deleted_rows_only_from_mask_min_rows() -> None:

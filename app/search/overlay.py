@@ -70,7 +70,8 @@ class ItemOverlay:
     allowed: AllowedRows | None = field(init=False)
     excluded: frozenset[int] = field(init=False)
     # A filter's allowed rows -> those less the deleted ones; an entry lives as long as the
-    # compiled filter (`app.filters.FilterCache` holds the last 16) and this overlay.
+    # compiled filter (`app.filters.FilterCache` holds the last 16) and this overlay (the value
+    # refers to its key weakly, `AllowedRows.base`).
     _combined: weakref.WeakKeyDictionary[AllowedRows, AllowedRows] = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False)
 
