@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -156,7 +157,7 @@ async def put(
     client: httpx.AsyncClient, item_id: str, attributes: dict[str, Any]
 ) -> dict[str, Any]:
     response = await client.put(
-        f"/v1/items/{item_id}", json={"attributes": attributes}, headers=ADMIN
+        f"/v1/items/{quote(item_id, safe='')}", json={"attributes": attributes}, headers=ADMIN
     )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
@@ -164,7 +165,7 @@ async def put(
 
 
 async def delete(client: httpx.AsyncClient, item_id: str) -> dict[str, Any]:
-    response = await client.delete(f"/v1/items/{item_id}", headers=ADMIN)
+    response = await client.delete(f"/v1/items/{quote(item_id, safe='')}", headers=ADMIN)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -177,5 +178,5 @@ async def ready_version(client: httpx.AsyncClient, version: str) -> None:
 
 
 async def state(client: httpx.AsyncClient, item_id: str) -> tuple[str, str | None]:
-    body = (await client.get(f"/v1/items/{item_id}")).json()
+    body = (await client.get(f"/v1/items/{quote(item_id, safe='')}")).json()
     return body["status"], body["model_version"]

@@ -115,6 +115,27 @@ async def test_an_added_item_the_user_has_seen_is_left_out_unless_asked(
         assert "new-1" not in [item["item_id"] for item in stored.json()["items"]]
 
 
+async def test_ids_holding_a_slash_are_reachable_by_their_routes(
+    item_model_dir: Path, item_bundles: ItemBundles
+) -> None:
+    """A catalogue's ids may hold "/" (`sku/123`), which recall bodies accept; the item and
+    user routes must reach them too, sent as %2F (a plain path parameter answered 404)."""
+    kind = kind_of(item_bundles.dataset, "c0")
+    async with serve(make_settings(item_model_dir)) as client:
+        assert (await put(client, "sku/1", kind.like))["item_id"] == "sku/1"
+        assert await state(client, "sku/1") == ("added", item_bundles.v1.name)
+        assert "sku/1" in await recall(client, kind.history, k=250)
+        events = {"item_ids": [*kind.history, "sku/1"]}
+        response = await client.post("/v1/users/team%2Fu1/events", json=events)
+        assert response.status_code == 200 and response.json()["user_id"] == "team/u1"
+        features = await client.put("/v1/users/team%2Fu1/features", json={"features": {}})
+        assert features.status_code == 200 and features.json()["user_id"] == "team/u1"
+        stored = await client.post("/v1/recall", json={"user_id": "team/u1", "k": 250})
+        assert "sku/1" not in [item["item_id"] for item in stored.json()["items"]]  # seen
+        assert (await delete(client, "sku/1"))["status"] == "deleted"
+        assert "sku/1" not in await recall(client, kind.history, k=250)
+
+
 async def test_changes_reach_every_replica_follow_reloads_and_a_bundle_holding_the_item_wins(
     item_model_dir: Path, item_bundles: ItemBundles, redis_url: str, redis_prefix: str
 ) -> None:

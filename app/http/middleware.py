@@ -137,11 +137,12 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The matched route's path template (a bounded label), or `unmatched`."""
+    """The matched route's path template (a bounded label, without `:path` convertors), or
+    `unmatched`."""
     route = scope.get("route")
     if route is None:  # refused before routing (413): the route it was meant for
         route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
-    return getattr(route, "path", "unmatched")
+    return getattr(route, "path_format", "unmatched")
 
 
 def request_id(scope: Scope) -> str:

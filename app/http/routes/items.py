@@ -13,6 +13,8 @@ from app.http.routes.admin import AUTH_ERRORS
 from app.http.schemas import ID_PATTERN, MAX_ID_LENGTH, ErrorResponse, ItemRequest, ItemResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
+# `:path`: an id may hold "/" (as a catalogue's may), which the client sends as %2F; the path
+# is matched decoded, where a plain parameter stops at the first "/".
 
 ItemIdPath = Annotated[
     str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["new-42"])
@@ -21,7 +23,7 @@ LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
 
 
 @router.put(
-    "/{item_id}",
+    "/{item_id:path}",
     dependencies=[AdminDep],
     responses={
         **AUTH_ERRORS,
@@ -42,7 +44,7 @@ async def put_item(item_id: ItemIdPath, body: ItemRequest, services: ServicesDep
 
 
 @router.delete(
-    "/{item_id}",
+    "/{item_id:path}",
     dependencies=[AdminDep],
     responses={**AUTH_ERRORS, 503: {"model": ErrorResponse, "description": LOG_UNAVAILABLE}},
     summary="Delete an item: never returned again",
@@ -56,7 +58,7 @@ async def delete_item(item_id: ItemIdPath, services: ServicesDep) -> ItemRespons
 
 
 @router.get(
-    "/{item_id}",
+    "/{item_id:path}",
     responses={404: {"model": ErrorResponse, "description": "Neither served nor changed"}},
     summary="How the worker that answers serves an item",
 )
