@@ -163,8 +163,9 @@ class FlatIndex(ItemIndex):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if allowed is not None and (allowed.kept or allowed.share <= PRUNE_MIN_SHARE):
             return exact_allowed(self.matrix, vectors, k, allowed)
-        if self.pruning is not None and k * PRUNE_MAX_K_SHARE <= len(self.matrix):
-            scores, rows, done = self.pruning.search(vectors, k, allowed)
+        pruning = self.pruning  # read once: another thread's search may drop it meanwhile
+        if pruning is not None and k * PRUNE_MAX_K_SHARE <= len(self.matrix):
+            scores, rows, done = pruning.search(vectors, k, allowed)
             # Filtered queries do not count: a filter's own looser bounds say nothing about
             # whether pruning pays for the others.
             counted = (0, 0) if allowed is not None else (len(done), int((~done).sum()))
@@ -190,15 +191,16 @@ class FlatIndex(ItemIndex):
             return exact_allowed(self.matrix, vectors, k, allowed)
         if allowed is not None:
             return self._masked_scan(queries, k, allowed)
+        screen = self.screen  # read once, as `pruning` in `search`
         with torch.inference_mode():
             if (
-                self.screen is None
+                screen is None
                 or len(queries) < SCREEN_MIN_BATCH
                 or screen_depth(k) >= len(self.matrix)
             ):
                 scores, rows = self._scan(queries, k)
             else:
-                scores, rows = self._screened(queries, k)
+                scores, rows = self._screened(queries, k, screen)
         return scores.numpy(), rows.numpy()
 
     def _product(self, queries: torch.Tensor) -> torch.Tensor:
@@ -227,9 +229,9 @@ class FlatIndex(ItemIndex):
     def _scan(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._top(self._product(queries), k)
 
-    def _screened(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        screen = self.screen
-        assert screen is not None
+    def _screened(
+        self, queries: torch.Tensor, k: int, screen: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Reductions over bfloat16 are slow in torch: select on float32 copies of the scores.
         screened = (queries.to(torch.bfloat16) @ screen.T).float()
         approx, candidates = top_candidates(screened, screen_depth(k))
