@@ -199,6 +199,34 @@ async def test_stored_state_expires_after_its_ttl(model_dir: Path, store: dict[s
         assert events.json() == {"user_id": "t1", "history_length": 1}
 
 
+async def test_each_stored_key_expires_on_its_own_ttl(
+    model_dir: Path, store: dict[str, str]
+) -> None:
+    """A write renews its own key's TTL only, as Redis's EXPIRE does: features written before
+    the latest events expire on time, and the user is then served the stored history with
+    default features (the embedded store kept one deadline per user, renewed by any write)."""
+    ttl = 3
+    settings = make_settings(model_dir, **store, feature_ttl_s=ttl, cache_ttl_s=0)
+    history = ["i4", "i9", "i17"]  # newest first, as stored
+
+    async def items(body: dict[str, object]) -> list[tuple[str, float]]:
+        response = await client.post("/v1/recall", json={"k": 10, **body})
+        return [(item["item_id"], round(item["score"], 4)) for item in response.json()["items"]]
+
+    async with serve(settings) as client:
+        put = await client.put("/v1/users/t2/features", json={"features": {"country": "JP"}})
+        assert put.status_code == 200
+        features_by = time.monotonic()
+        await anyio.sleep(1.5)
+        await client.post("/v1/users/t2/events", json={"item_ids": history[::-1]})
+        defaults = await items({"user_id": "nobody", "history": history})
+        assert await items({"user_id": "t2"}) != defaults  # the stored features count
+        await anyio.sleep(features_by + ttl + 0.1 - time.monotonic())
+        after = await client.post("/v1/recall", json={"user_id": "t2", "k": 10})
+        assert after.json()["feature_source"] == "redis"  # the history lives on
+        assert await items({"user_id": "t2"}) == defaults
+
+
 async def test_batch_equals_single_requests_in_order(model_dir: Path) -> None:
     requests = [
         {"user_id": "a", "k": 5},
