@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,7 @@ from helpers_process import Processes, wait_ready
 
 from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
+from harness.procs import RedisServer
 
 pytestmark = [pytest.mark.anyio]
 
@@ -334,3 +337,42 @@ def test_python_m_app_logs_in_the_chosen_format(
     assert access["proc-1"]["status"] == 200
     assert access["proc-1"]["model_version"] == version
     assert access[missing.headers["x-request-id"]]["status"] == 404
+
+
+@pytest.mark.slow
+def test_a_client_that_left_while_served_is_logged_as_499(
+    procs: Processes, model_dir: Path
+) -> None:
+    """A client that closes its connection while its recall waits (here on a hung Redis)
+    gets nothing: its access line says 499, not the 200 the server dropped."""
+    redis_server = RedisServer().start()
+    try:
+        port = free_port()
+        env = service_env(
+            model_dir, port, LOG_LEVEL="info", LOG_FORMAT="json", RELOAD_POLL_S="0",
+            REDIS_URL=redis_server.url, REDIS_TIMEOUT_MS="1500", CACHE_TTL_S="0",
+        )  # fmt: skip
+        proc = procs.start([sys.executable, "-m", "app"], env, ROOT, "service-499")
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, 60, proc)
+        redis_server.pause()
+        body = b'{"user_id": "u1", "k": 3}'
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(
+                b"POST /v1/recall HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"X-Request-ID: left-early\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            time.sleep(0.3)  # the recall now waits on Redis
+        time.sleep(1.5)  # the Redis timeout passes: the recall answers, to nobody
+        redis_server.resume()
+        stayed = httpx.post(
+            f"{base}/v1/recall", json={"user_id": "u1", "k": 3}, headers={"X-Request-ID": "stayed"}
+        )
+        assert stayed.status_code == 200
+        proc.stop()
+    finally:
+        redis_server.stop()
+    lines = [json.loads(line) for line in proc.log.read_text().splitlines()]
+    access = {line["request_id"]: line for line in lines if line["logger"] == "app.access"}
+    assert access["left-early"]["status"] == 499
+    assert access["stayed"]["status"] == 200

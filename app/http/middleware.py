@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -158,6 +158,23 @@ def request_id(scope: Scope) -> str:
     return os.urandom(16).hex()
 
 
+def client_left(receive: Receive) -> bool:
+    """Whether the server already knows that the client of a request whose body has all
+    arrived went away, asked without waiting. Such a `receive()` answers `http.disconnect` at
+    once when the connection has closed (uvicorn's does) and waits otherwise: it is stepped
+    once by hand and closed unfinished if it would wait (~4 µs, where Starlette's
+    `Request.is_disconnected`, a cancelled anyio scope, costs ~100 µs a request)."""
+    probe = receive()
+    if not isinstance(probe, Coroutine):
+        return False  # a server's awaitable of another kind: not asked (200 as before)
+    try:
+        probe.send(None)
+    except StopIteration as done:
+        return bool(done.value.get("type") == "http.disconnect")
+    probe.close()
+    return False
+
+
 def _serving_version(scope: Scope) -> str | None:
     services = services_of(scope["app"])
     model = services.repository.current if services is not None else None
@@ -189,22 +206,32 @@ class RequestObserver:
         context = bind_request(request_id(scope))
         header = (REQUEST_ID, context.request_id.encode("latin-1"))
         status: int | None = None
+        body_read = False
+
+        async def receive_watched() -> Message:
+            nonlocal body_read
+            message = await receive()
+            body_read = body_read or not message.get("more_body", False)
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # A client that left while its request was served gets no answer (the server
+                # drops it): counted as nginx's 499, not as the status nobody received.
+                left = body_read and client_left(receive)
+                status = CLIENT_CLOSED if left else message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         except BaseException:
             status = status or 500
             raise
         finally:
             # Returned without a response: the client went away before its body arrived
-            # (nginx's 499), not a server error.
+            # (499 too), not a server error.
             status = status or CLIENT_CLOSED
             elapsed = time.perf_counter() - start
             route = route_template(scope, self.routes)
