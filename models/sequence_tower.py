@@ -184,6 +184,9 @@ class SequenceUserTower(nn.Module):
 
     def _context(self, features: dict[str, Tensor], batch: int) -> Tensor:
         if len(self.fields) == 0:
-            return torch.zeros(batch, self.context.out_features, device=self.position.device)
+            # Through `context` all the same (its bias, then): data-parallel training refuses
+            # a parameter that takes no part in the loss.
+            none = torch.zeros(batch, self.context.in_features, device=self.position.device)
+            return self.context(none)
         embedded = [module(features[name]) for name, module in self.fields.items()]
         return self.context(torch.cat(embedded, dim=1))

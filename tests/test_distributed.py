@@ -18,6 +18,7 @@ from trainer_helpers import SMALL_SOURCE
 
 from models import bundle as b
 from models.distributed import World, end_process, join_world, leave_world
+from models.sources import load_dataset
 
 
 def _member(rank: int, port: int, out: Path) -> None:
@@ -111,3 +112,26 @@ def test_torchrun_trains_one_model_that_rank_zero_exports(tmp_path: Path) -> Non
     assert max(shares[0]) == manifest["data"]["n_train_interactions"] // 2
     results = manifest["evaluation"]["results"]
     assert results["two_tower"]["recall@50"] > results["most_popular"]["recall@50"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_sequential_tower_on_interactions_alone(tmp_path: Path) -> None:
+    """No user attributes: the sequential tower's context layer still takes part in the loss
+    (DDP failed at the second step: "parameters that did not receive grad")."""
+    data = tmp_path / "data"
+    data.mkdir()
+    interactions = load_dataset(SMALL_SOURCE).interactions
+    interactions.to_csv(data / "i.csv", index=False)
+    (data / "schema.json").write_text(json.dumps({"interactions": {"file": "i.csv"}}))
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", "-m", "models", "train", "--data", f"csv:{data}",
+            "--split", "leave-last-n:1", "--user-tower", "sequence", "--out", str(tmp_path / "a"),
+            "--epochs", "2", "--batch-size", "32", "--history-length", "10", "--out-dim", "16",
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(b.list_versions(tmp_path / "a")) == 1
