@@ -20,9 +20,9 @@ from torch import Tensor
 
 from models.examples import gather
 from models.losses import full_softmax_cross_entropy
-from models.samplers import negative_sampler, proposal_log_q
+from models.samplers import in_batch_log_q, negative_sampler, proposal_log_q
 from models.sequence_tower import SequenceUserTower
-from models.task import ItemRows, TrainingData, positive_log_q
+from models.task import ItemRows, TrainingData
 from models.towers import TwoTower
 from models.train_config import TrainConfig
 
@@ -65,9 +65,6 @@ class SequenceTask:
         self.sampler = negative_sampler(
             config.negatives, self.log.item_counts(data.n_items), generator
         )
-        # Every position predicts its next item once an epoch: the positives are the log's.
-        in_batch_logq = positive_log_q(data, target_window=1, example_probs=None)
-        self.log_q = proposal_log_q(config.negatives, in_batch_logq, self.sampler).to(device)
         log = self.log
         sizes = log.user_end - log.user_start[log.user_end - 1] if len(log.user_end) else []
         # Users with a next item to predict: two training items at least.
@@ -79,6 +76,13 @@ class SequenceTask:
         # is gathered there, with no per-batch assembly on the CPU and copy to a GPU.
         # int32: half the memory of the row indices (20,000 users x 101 items: 8 MB).
         self.examples = torch.from_numpy(self.sequences(self.users).astype(np.int32)).to(device)
+        # The in-batch candidates are the batches' positives: each sequence's items after its
+        # first, once an epoch (not the whole log: a user's items older than the sequence are
+        # never predicted).
+        targets = self.examples[:, 1:][self.examples[:, :-1] > 0].long() - 1
+        counts = torch.bincount(targets, minlength=data.n_items).cpu().numpy()
+        self.log_q = proposal_log_q(config.negatives, in_batch_log_q(counts), self.sampler)
+        self.log_q = self.log_q.to(device)
         rows = torch.from_numpy(self.users)
         self.features = {k: v.to(device) for k, v in gather(data.user_table, rows).items()}
         # Positions (next-item predictions) in a batch on average: grouped batches hold

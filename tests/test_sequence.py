@@ -19,6 +19,7 @@ from models.pipeline import run_training
 from models.recommender import BundleRecommender, TwoTowerRecommender
 from models.sequence_task import SequenceTask
 from models.sequence_tower import SequenceUserTower
+from models.sources import load_dataset
 from models.splits import make_split
 from models.towers import TowerConfig
 from models.train import Trainer
@@ -330,6 +331,23 @@ def test_the_sequence_tower_refuses_options_it_does_not_train_with(
 ) -> None:
     with pytest.raises(ValueError, match="sequential user tower"):
         TrainConfig(tower=SEQUENCE, **overrides)  # type: ignore[arg-type]
+
+
+def test_in_batch_log_q_is_the_share_of_the_positives_an_epoch_trains_on() -> None:
+    """The in-batch candidates are the batches' targets: each user's newest history_length + 1
+    items less the first, not the whole log (a window of 6 here, ~14 items a user)."""
+    dataset = load_dataset("synthetic:seed=1,users=120,items=150,per_user=40")
+    config = sequence_config(negatives="in-batch", num_negatives=16, history_length=5)
+    task = sequence_task(Trainer(dataset, dataset.interactions, config))
+    ordered = dataset.interactions.sort_values("timestamp", kind="stable")
+    windows = ordered.groupby("user_id", sort=False).tail(6)
+    first = windows.groupby("user_id", sort=False).cumcount() == 0
+    counts = windows[~first]["item_id"].value_counts()
+    shares = counts.reindex(dataset.items.index, fill_value=0).to_numpy().astype(float)
+    assert shares.sum() < len(dataset.interactions) / 2  # the window leaves most of the log out
+    drawn = np.where(shares > 0, shares, 1)  # never drawn: 1, to keep the log finite
+    expected = np.log(drawn / drawn.sum())
+    np.testing.assert_allclose(task.log_q.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("negatives", ["in-batch", "uniform", "popularity", "mixed"])
