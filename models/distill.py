@@ -32,7 +32,7 @@ class TeacherTargets:
 
     Attributes:
         items: int64 `(n_users, K)` catalogue rows, the teacher's best unseen items.
-        probs: float32 `(n_users, K)`, each row sums to 1.
+        probs: float32 `(n_users, K)`, each row sums to 1 (0 for a user who took every item).
         seen: the users' training items (rows in log order), masked out of the student.
     """
 
@@ -80,16 +80,23 @@ def ease_targets(
     for lo in range(0, len(users), chunk):
         batch = users[lo : lo + chunk]
         scores = teacher.score(batch).astype(np.float64)
-        rows, cols = seen.coords(batch)
-        scores[rows, cols] = np.nan
-        mean = np.nanmean(scores, axis=1, keepdims=True)
-        std = np.nanstd(scores, axis=1, keepdims=True) + 1e-12
-        z = np.nan_to_num((scores - mean) / std, nan=-np.inf)
+        unseen = np.ones(scores.shape, dtype=bool)
+        unseen[seen.coords(batch)] = False
+        n_unseen = np.maximum(unseen.sum(axis=1, keepdims=True), 1)
+        mean = np.where(unseen, scores, 0.0).sum(axis=1, keepdims=True) / n_unseen
+        spread = np.where(unseen, scores - mean, 0.0)
+        std = np.sqrt((spread**2).sum(axis=1, keepdims=True) / n_unseen) + 1e-12
+        z = np.where(unseen, (scores - mean) / std, -np.inf)
         top = np.argpartition(-z, top_k - 1, axis=1)[:, :top_k]
         logits = np.take_along_axis(z, top, axis=1) / temperature
-        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        peak = logits.max(axis=1, keepdims=True)
+        # A user who took every item has no target: all-zero probabilities (no loss), not NaN.
+        weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+        total = weights.sum(axis=1, keepdims=True)
         items[lo : lo + len(batch)] = top
-        probs[lo : lo + len(batch)] = weights / weights.sum(axis=1, keepdims=True)
+        probs[lo : lo + len(batch)] = np.divide(
+            weights, total, out=np.zeros_like(weights), where=total > 0
+        )
     return TeacherTargets(torch.from_numpy(items), torch.from_numpy(probs), seen)
 
 

@@ -4,11 +4,13 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from trainer_helpers import fast_config, interaction_task, small_dataset
 
 from models.baselines import EASE
+from models.dataset import Dataset
 from models.distill import DistillationLoss, ease_targets
 from models.train import Trainer
 from models.train_config import TrainConfig
@@ -40,6 +42,31 @@ def test_teacher_targets_are_eases_best_unseen_items() -> None:
     mask = targets.seen_mask(np.array([0, 0, 1]))
     assert mask.shape == (3, 30) and torch.equal(mask[0], mask[1])
     assert set(mask[2].nonzero().flatten().tolist()) == set(log.items[log.users == 1].tolist())
+
+
+def test_a_user_who_took_every_item_has_no_target_and_training_stays_finite() -> None:
+    """All of one user's teacher scores are masked: their targets are zero (no loss), not NaN
+    (every epoch's loss read NaN, and the manifest a bare NaN token)."""
+    rows = [("all", f"i{j}", j) for j in range(15)]
+    rows += [(f"u{u}", f"i{(u + j) % 15}", 100 + 10 * u + j) for u in range(40) for j in range(3)]
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    dataset = Dataset(
+        "every-item",
+        interactions,
+        pd.DataFrame(index=pd.Index(sorted(set(interactions["user_id"])), name="user_id")),
+        pd.DataFrame(index=pd.Index([f"i{j}" for j in range(15)], name="item_id")),
+        (),
+        (),
+    )
+    config = fast_config(epochs=2, distill_weight=1.0, batch_size=16)
+    trainer = Trainer(dataset, dataset.interactions, config)
+    targets = ease_targets(trainer.log, 15, top_k=5)
+    heavy = list(trainer.log.user_ids).index("all")
+    assert torch.equal(targets.probs[heavy], torch.zeros(5))
+    others = torch.cat([targets.probs[:heavy], targets.probs[heavy + 1 :]])
+    torch.testing.assert_close(others.sum(1), torch.ones(len(others)))
+    losses = [record["loss"] for record in trainer.fit().history]
+    assert all(math.isfinite(loss) for loss in losses), losses
 
 
 def test_teacher_temperature_sharpens_the_targets() -> None:
