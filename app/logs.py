@@ -105,8 +105,9 @@ class TextFormatter(DefaultFormatter):
 
 
 def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:
-    """uvicorn's logging config with the service's formatter on every line, and the service's
-    loggers (`app`, `app.access`) at `level` (applied in every worker process)."""
+    """uvicorn's logging config with the service's formatter on every line, the service's
+    loggers (`app`, `app.access`) at `level`, and any other logger's warnings through the
+    same handler (applied in every worker process)."""
     config = copy.deepcopy(LOGGING_CONFIG)
     for formatter in config["formatters"].values():
         if log_format == "json":
@@ -116,4 +117,7 @@ def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:
             formatter["()"] = f"{__name__}.TextFormatter"
             formatter["fmt"] = "%(levelprefix)s %(message)s"
     config["loggers"]["app"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    # Every other library's warnings (redis-py's cluster client, …) in the same format, not
+    # through logging's last-resort handler as bare text.
+    config["root"] = {"handlers": ["default"], "level": "WARNING"}
     return config

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -376,3 +377,25 @@ def test_a_client_that_left_while_served_is_logged_as_499(
     access = {line["request_id"]: line for line in lines if line["logger"] == "app.access"}
     assert access["left-early"]["status"] == 499
     assert access["stayed"]["status"] == 200
+
+
+def test_other_libraries_warnings_come_out_in_the_services_format() -> None:
+    """With LOG_FORMAT=json every line is JSON, a third-party logger's too (redis-py's
+    cluster client warns on its own logger: it came out as bare text). In a process of its
+    own, as the service configures logging: once, for the whole process."""
+    script = """if True:
+        import logging, logging.config
+        from app.logs import logging_config
+        logging.config.dictConfig(logging_config("json", "info"))
+        logging.getLogger("redis.cluster").warning("Topology refresh failed")
+        logging.getLogger("redis.cluster").info("not at info")
+        logging.getLogger("app.model").info("the service's own")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["logger"], line["msg"]) for line in lines] == [
+        ("redis.cluster", "Topology refresh failed"),
+        ("app.model", "the service's own"),
+    ]
