@@ -16,13 +16,13 @@ lock:
 	./scripts/test-latest.sh --lock
 
 format:
-	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
+	./scripts/in-venv.sh ruff format . && ./scripts/in-venv.sh ruff check --fix .
 
 bench-quality:
-	.venv/bin/python benchmarks/quality.py --data ../shared/data/ml-1m-half
+	./scripts/in-venv.sh python benchmarks/quality.py --data ../shared/data/ml-1m-half
 
 bench-serving:
-	.venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
+	./scripts/in-venv.sh python benchmarks/serving.py --json benchmarks/results/serving.json
 
 # wrk (apt-get or brew) and py-spy (into .venv): what bench-serving and its --profile use.
 bench-tools:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -68,3 +69,17 @@ def test_the_image_installs_the_locked_versions() -> None:
     assert torch and "constraints.txt" in torch.group(0) and "--no-deps" in torch.group(0)
     assert re.search(r"^RUN pip install --constraint constraints\.txt \.$", build, re.MULTILINE)
     assert build.index("COPY constraints.txt") < torch.start()
+
+
+def test_every_make_target_runs_in_the_bootstrapped_environment() -> None:
+    """A fresh clone has no .venv: a target that called `.venv/bin/python` directly failed
+    there (`make bench-quality`: "No such file or directory"); each goes through a script
+    that sources scripts/bootstrap.sh, which makes or updates the environment first."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert ".venv/bin" not in makefile
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "in-venv.sh"), "python", "-c", "import sys; print(sys.prefix)"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    venv = ROOT / os.environ.get("VENV", ".venv")  # make test-latest: .venv-latest
+    assert Path(done.stdout.strip()).resolve() == venv.resolve()
