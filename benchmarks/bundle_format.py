@@ -230,15 +230,18 @@ def measure_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for c in args.candidates:
         path = work / f"load-{c}"
-        save(c, eager, examples, meta, path)
-        seconds = [timed(load, c, meta, path, eager) for _ in range(3)]
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        out[c] = {
-            "load_s": round(statistics.median(seconds), 3),
-            "megabytes": round(size / 2**20, 1),
-        }
+        try:
+            save(c, eager, examples, meta, path)
+            seconds = [timed(load, c, meta, path, eager) for _ in range(3)]
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            out[c] = {
+                "load_s": round(statistics.median(seconds), 3),
+                "megabytes": round(size / 2**20, 1),
+            }
+        except Exception as exc:  # as in measure_encode: a finding, not the end of the report
+            out[c] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(f"load {c}: {out[c]}", file=sys.stderr)
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     return out
 
 
