@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_HISTORY_CAP,
         help="newest items kept per user (as the service's HISTORY_CAP, whose default it is)",
     )
-    p.add_argument("--ttl", type=int, default=None, help="key TTL in seconds (default: none)")
+    p.add_argument("--ttl", type=_positive, default=None, help="key TTL in seconds (default: none)")
     return root
 
 
@@ -137,7 +137,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     if args.split != "none":  # as run_training reads it
-        split_name(args.split)  # refused before the data loads
+        try:
+            split_name(args.split)  # refused before the data loads
+        except ValueError as error:  # train also takes `none`, which no evaluation does
+            raise ValueError(f"{error}, or 'none' (train on everything)") from None
     elif args.baselines:
         raise DataError("--baselines needs a held-out part to measure on; --split none has none")
     _check_outputs(args.out, args.json)

@@ -4,6 +4,7 @@ request name it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -31,8 +32,12 @@ from helpers_app import (
 )
 from helpers_process import Processes, wait_ready
 
+from app.config import IndexConfig
 from app.logs import JsonFormatter, TextFormatter
 from app.main import create_app
+from app.model import ServingModel
+from app.model.history_cap_check import HistoryCapCheck
+from app.store import MemoryFeatureStore
 from harness.procs import RedisServer
 
 pytestmark = [pytest.mark.anyio]
@@ -268,9 +273,24 @@ async def test_a_model_reading_more_history_than_the_store_keeps_is_named(
         f"bundle {bundles.v2.name} reads the newest 100 history items but HISTORY_CAP keeps 60: "
         "stored histories give it 60 at most; set HISTORY_CAP=100 (and publish-features "
         "--history-length 100), unless the shorter read is meant (`python -m models evaluate "
-        "--history-cap 60` measures its cost in quality; `train --serve-history-length 60` "
-        "makes it the bundle's own)"
+        "--history-cap 60` measures its cost in quality)"  # a field tower: no shorter read
     )
+
+
+async def test_the_history_cap_warning_offers_a_shorter_trained_read_to_sequential_bundles(
+    bundles: Bundles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`train --serve-history-length` is the sequential tower's option (the field tower's
+    training refuses it): the warning names it for a sequential bundle only."""
+    model = ServingModel.load(bundles.v2, IndexConfig())
+    manifest = {**model.manifest, "model": {**model.manifest["model"], "user_tower": "sequence"}}
+    check = HistoryCapCheck(MemoryFeatureStore(history_cap=60))
+    with caplog.at_level(logging.WARNING, logger="app.model.history_cap_check"):
+        await check.prepare(model)
+        await check.prepare(dataclasses.replace(model, manifest=manifest))
+    field, sequential = (record.getMessage() for record in caplog.records)
+    assert "--serve-history-length" not in field
+    assert sequential.endswith("`train --serve-history-length 60` makes it the bundle's own)")
 
 
 async def test_a_server_error_is_logged_and_answered_with_the_request_id(

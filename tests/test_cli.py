@@ -311,7 +311,7 @@ def test_bad_arguments_exit_2_in_process(
         (["--out-dim", "0"], "out_dim"),
         (["--loss", "bce", "--mask-seen-negatives"], "softmax' only"),
         (["--device", "bogus"], "device 'bogus'"),
-        (["--split", "last-5pct"], "unknown split 'last-5pct'"),
+        (["--split", "last-5pct"], "leave-last-n:N' (N >= 1), or 'none' (train on everything)"),
         (["--json", "/nonexistent-dir/report.json"], "no directory /nonexistent-dir"),
         # Both failed only after training and exporting.
         (["--json", "/tmp"], "--json /tmp is a directory"),
@@ -561,16 +561,24 @@ def test_publish_features_writes_the_service_layout(
         assert history == mine[:5] and len(history) == min(5, len(mine))
 
 
-@pytest.mark.parametrize("length", ["0", "-5"])
-def test_publish_features_refuses_a_history_length_below_one(
-    length: str, store: tuple[Redis, str], redis_url: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--history-length", "0"), ("--history-length", "-5"), ("--ttl", "0"), ("--ttl", "-5")],
+)
+def test_publish_features_refuses_a_history_length_or_ttl_below_one(
+    option: str,
+    value: str,
+    store: tuple[Redis, str],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """0 would publish no histories, and -5 every item but the oldest five: both are refused
-    before anything is written, as HISTORY_CAP below 1 is."""
+    """A history length of 0 would publish no histories, and -5 every item but the oldest
+    five; a TTL of -5 published keys that never expire, and 0 is no TTL Redis takes: all are
+    refused before anything is written, as HISTORY_CAP below 1 is."""
     client, prefix = store
     args = ["publish-features", "--data", "synthetic:users=20", "--redis-url", redis_url]
     with pytest.raises(SystemExit) as refused:
-        main([*args, "--prefix", prefix, "--history-length", length])
+        main([*args, "--prefix", prefix, option, value])
     assert refused.value.code == 2
-    assert f"--history-length: {length}: expected an integer >= 1" in capsys.readouterr().err
+    assert f"{option}: {value}: expected an integer >= 1" in capsys.readouterr().err
     assert list(client.scan_iter(match=f"{prefix}:*")) == []

@@ -79,6 +79,15 @@ def test_api_environment_keeps_what_the_stack_relies_on() -> None:
     assert {"path": ".env", "required": False} in compose()["services"]["api"]["env_file"]
 
 
+def test_the_trainer_publishes_the_history_the_service_keeps() -> None:
+    """HISTORY_CAP in .env reaches both the service (env_file) and the trainer's
+    publish-features (it published 200 items whatever the cap said)."""
+    for variables, cap in (({}, "200"), ({"HISTORY_CAP": "500"}, "500")):
+        assert service_environment("trainer", variables)["HISTORY_CAP"] == cap
+    command = service_command("trainer", {})[-1]
+    assert '--history-length "$HISTORY_CAP"' in command.split("publish-features", 1)[1]
+
+
 def test_the_training_job_has_no_service_healthcheck() -> None:
     # The image's HEALTHCHECK probes /health/ready, which a training job never serves.
     assert compose()["services"]["trainer"]["healthcheck"] == {"disable": True}

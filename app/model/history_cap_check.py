@@ -14,9 +14,10 @@ class HistoryCapCheck:
     """Warns, once per loaded model, when its user tower reads more than HISTORY_CAP keeps: it
     would then see only the newest HISTORY_CAP items, not what it was trained and validated
     on. It still serves (a shorter read is also a way to serve faster); the warning names the
-    setting that fixes it, the command that measures what the shorter read costs and the
-    training option that makes a shorter read the bundle's own. (A tower that reads fewer
-    items than are stored takes the newest it needs; every stored item is still excluded.)"""
+    setting that fixes it, the command that measures what the shorter read costs and, for the
+    sequential tower, the training option that makes a shorter read the bundle's own. (A tower
+    that reads fewer items than are stored takes the newest it needs; every stored item is
+    still excluded.)"""
 
     def __init__(self, store: FeatureStore) -> None:
         self.store = store
@@ -24,12 +25,14 @@ class HistoryCapCheck:
     async def prepare(self, model: ServingModel) -> ServingModel:
         reads, cap = model.encoder.history_length, self.store.history_cap
         if reads > cap:
+            # Only the sequential tower can be trained to read fewer than it trained on.
+            sequential = model.manifest.get("model", {}).get("user_tower") == "sequence"
+            own = f"; `train --serve-history-length {cap}` makes it the bundle's own"
             log.warning(
                 "bundle %s reads the newest %d history items but HISTORY_CAP keeps %d: stored "
                 "histories give it %d at most; set HISTORY_CAP=%d (and publish-features "
                 "--history-length %d), unless the shorter read is meant (`python -m models "
-                "evaluate --history-cap %d` measures its cost in quality; `train "
-                "--serve-history-length %d` makes it the bundle's own)",
+                "evaluate --history-cap %d` measures its cost in quality%s)",
                 model.version,
                 reads,
                 cap,
@@ -37,7 +40,7 @@ class HistoryCapCheck:
                 reads,
                 reads,
                 cap,
-                cap,
+                own if sequential else "",
             )
         return model
 
