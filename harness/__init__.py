@@ -5,6 +5,7 @@
 - `cluster`: a throw-away Redis Cluster (`python -m harness.cluster` starts one by hand);
 - `bundles`: bundles trained by the real trainer on synthetic data, cached by recipe;
 - `stack`: the processes one scenario runs (Redis, service replicas), always stopped;
+- `latency`: the latency percentiles every timed load reports;
 - `faults`: the fault suite's scenarios, run long by `benchmarks/faults.py` and short by
   `tests/test_faults.py` (`cluster_faults` also by `tests/test_app_redis_cluster.py`).
 

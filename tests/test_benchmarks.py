@@ -21,6 +21,7 @@ import torch
 from conftest import Bundles
 
 from harness.bundles import RECIPE_FILE, Recipe
+from harness.latency import percentile_ms
 from models.sources import load_dataset
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
@@ -297,3 +298,14 @@ def test_train_epoch_benchmark_times_each_run_in_both_precisions(tmp_path: Path)
         assert len(run["epoch_s"]) == 2 and all(s > 0 for s in run["epoch_s"])
         assert len(run["loss"]) == 2 and run["loss"][1] < run["loss"][0]
     assert fp32["loss"] != bf16["loss"]  # each ran in its own arithmetic
+
+
+def test_latency_percentiles_interpolate_between_ranks() -> None:
+    """`sorted[int(q * n)]` gave p50 51 ms and p99 100 ms (the slowest) of 1..100 ms, and the
+    slowest of two samples for every percentile: the fault suite judged a phase with few
+    answers on its single slowest one."""
+    one_to_hundred = [ms / 1000 for ms in range(1, 101)]
+    assert percentile_ms(one_to_hundred, 0.5) == 50.5
+    assert percentile_ms(one_to_hundred, 0.99) == 99.01
+    assert percentile_ms([0.001, 0.003], 0.5) == 2.0
+    assert percentile_ms([0.002], 0.99) == 2.0 and percentile_ms([], 0.5) is None

@@ -39,6 +39,7 @@ from app.model import ServingModel
 from app.services import Services, build_services, configure_threads
 from app.settings import Settings
 from app.store import build_store
+from harness.latency import percentile_ms
 from models.bundle import read_latest
 
 # The service's stage names, as the report names them.
@@ -80,13 +81,9 @@ def load(settings: Settings) -> tuple[ServingModel, float, bool]:
     return model, seconds, cached
 
 
-def _pcts(samples: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 4)
-
-    return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "n": len(ordered)}
+def _pcts(samples: Sequence[float]) -> dict[str, float | None]:
+    at = {f"p{round(q * 100)}_ms": percentile_ms(samples, q, digits=4) for q in (0.5, 0.9, 0.99)}
+    return at | {"n": len(samples)}
 
 
 class StageRecorder(Metrics):

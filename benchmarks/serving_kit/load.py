@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from harness.latency import percentile_ms
+
 WRK_MARK = "BENCH_JSON "
 FALLBACK_WARNING = (
     "wrk is not installed (Debian/Ubuntu: apt-get install -y wrk): the Python generator ran "
@@ -207,10 +209,10 @@ async def python_load(target: Target, connections: int, duration_s: float) -> Lo
         )
     )
     seconds = time.perf_counter() - start
-    ordered = sorted(latencies) or [0.0]
+    samples = latencies or [0.0]
 
     def pct(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+        return percentile_ms(samples, q) or 0.0
 
     return LoadResult(
         generator="python-asyncio",
@@ -222,8 +224,8 @@ async def python_load(target: Target, connections: int, duration_s: float) -> Lo
         p50_ms=pct(0.50),
         p90_ms=pct(0.90),
         p99_ms=pct(0.99),
-        max_ms=round(ordered[-1] * 1000, 3),
-        mean_ms=round(sum(ordered) / len(ordered) * 1000, 3),
+        max_ms=round(max(samples) * 1000, 3),
+        mean_ms=round(sum(samples) / len(samples) * 1000, 3),
         errors=errors,
     )
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from harness.latency import percentile_ms
+
 Items = tuple[tuple[str, float], ...]
 SCORE_TOLERANCE = 1e-5
 
@@ -179,11 +181,7 @@ class Stats:
 
     @classmethod
     def of_latencies(cls, latencies: Sequence[float], failures: int) -> Stats:
-        ordered = sorted(latencies)
-
         def pct(q: float) -> float | None:
-            if not ordered:
-                return None
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+            return percentile_ms(latencies, q, digits=1)
 
-        return cls(len(ordered), failures, pct(0.50), pct(0.99), pct(1.0))
+        return cls(len(latencies), failures, pct(0.50), pct(0.99), pct(1.0))
