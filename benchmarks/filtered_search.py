@@ -16,7 +16,9 @@ time, seen items excluded, for real users' vectors): per filter and index, p50/p
 recall@K of the index's own answer (`index`: before the exact fill) and of the answer the
 service returns (`served`), against an exact filtered top K computed apart (numpy over the
 embeddings); and each search path forced at every share (HNSW: the selector, the filter's
-own index or the exact scan; flat: clusters with the selector or the gathered scan), what
+own index or the exact scan; flat: clusters with the selector, or the rows scanned as the
+service scans them, `scanned`: gathered up to GATHER_MAX_SHARE or kept, else FAISS's selector
+scan for a lone query), what
 the thresholds between them (`app.search.faiss_index.ANN_MIN_SHARE`,
 `app.search.faiss_index.OWN_INDEX_MAX_SHARE`, `app.search.item_index.GATHER_MAX_SHARE`) are
 chosen from. Each filter is measured warm: searched FILTER_INDEX_AFTER times first and, where
@@ -210,7 +212,7 @@ PATHS: dict[str, dict[str, Forced]] = {
     },
     "flat": {
         "pruned": {(flat, "PRUNE_MIN_SHARE"): -1.0, (allowed, "MAX_GATHERED_ROWS"): 0},
-        "gathered": {(flat, "PRUNE_MIN_SHARE"): 2.0},
+        "scanned": {(flat, "PRUNE_MIN_SHARE"): 2.0},
     },
 }
 

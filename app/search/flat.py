@@ -67,9 +67,10 @@ PRUNE_MAX_K_SHARE = 10
 # A filter allowing at most this share (or rows few enough to keep, `AllowedRows.kept`) is
 # served by a scan of its rows; above it the clusters are read with the filter applied (a
 # query they fail scans the rows: gathered up to GATHER_MAX_SHARE, else all, masked). 1M
-# items, one query, p50 ms clusters / rows gathered each time: 50 % 0.29 / 15.5, 10 % 0.35 /
-# 12.8, 3 % 1.3 / 11.0, 1 % (a price window far from most users: the clusters fail) 2.6 /
-# 1.4, 0.1 % 0.82 / 0.14 (benchmarks/filtered_search.py, `flat_paths`).
+# items, one query, p50 ms clusters / the rows scanned each time (FAISS's selector scan at 50
+# and 10 %, gathered below): 50 % 0.29 / 15.5, 10 % 0.35 / 12.8, 3 % 1.3 / 11.0, 1 % (a price
+# window far from most users: the clusters fail) 2.6 / 1.4, 0.1 % 0.82 / 0.14
+# (benchmarks/filtered_search.py, the flat index's `pruned` and `scanned` paths).
 PRUNE_MIN_SHARE = 0.015
 
 # A lone query scanning up to this many items is searched on the event loop (`runs_inline`).
