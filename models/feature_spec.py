@@ -38,7 +38,8 @@ class Feature:
         separator: multi_hot raw strings are split on it ("Action|Comedy").
         max_values: multi_hot width after padding/truncation.
         transform: numeric: standard | log | bucket.
-        mean, std: numeric standard/log normalisation (after log1p for `log`).
+        mean, std: numeric standard/log normalisation (after log1p for `log`); std 0: the
+            feature never varied in training, and every value encodes as 0.
         boundaries: numeric bucket edges; value v goes to bucket searchsorted(edges, v) + 1.
         length: history length (most recent items kept).
     """
@@ -76,10 +77,10 @@ class Feature:
         if self.transform not in ("standard", "log", "bucket"):
             raise FeatureSpecError(f"feature {self.name!r}: unknown transform {self.transform!r}")
         edges = np.asarray(self.boundaries, dtype=np.float64)
-        finite = math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0
+        finite = math.isfinite(self.mean) and math.isfinite(self.std) and self.std >= 0
         if not finite or not np.isfinite(edges).all() or (np.diff(edges) <= 0).any():
             raise FeatureSpecError(
-                f"feature {self.name!r}: needs a finite mean, a positive std and increasing "
+                f"feature {self.name!r}: needs a finite mean, a std >= 0 and increasing "
                 "finite bucket boundaries"
             )
 
@@ -170,6 +171,8 @@ def fit_feature(
         elif transform != "standard":
             raise FeatureSpecError(f"feature {name!r}: unknown numeric transform {transform!r}")
         mean = float(x.mean()) if x.size else 0.0
-        std = float(x.std()) if x.size else 1.0
-        return Feature(name, kind, transform=transform, mean=mean, std=std if std > 0 else 1.0)
+        # 0: the value never varied in training (or was always missing), so its weights never
+        # learned what a change means; every value then encodes as 0 (`encode_column`).
+        std = float(x.std()) if x.size else 0.0
+        return Feature(name, kind, transform=transform, mean=mean, std=std)
     raise FeatureSpecError(f"feature {name!r}: cannot fit kind {kind!r}")

@@ -152,6 +152,8 @@ class FeatureEncoder:
         if feature.transform == "bucket":
             idx = np.searchsorted(np.asarray(feature.boundaries), x, side="right") + 1
             return np.where(missing, 0, idx).astype(np.int64)
+        if feature.std == 0:  # constant in training: its weights know no other value
+            return np.zeros(len(values), dtype=np.float32)
         if feature.transform == "log":
             x = np.log1p(np.maximum(x, 0.0))
         z = np.clip((x - feature.mean) / feature.std, -Z_CLIP, Z_CLIP)

@@ -1,5 +1,6 @@
 """The shared feature encoder: fitting, every kind's encoding, history, the spec round trip."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,8 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app.config import IndexConfig
+from app.model import ServingModel
+from models.dataset import ColumnSpec
 from models.feature_spec import HISTORY, Z_CLIP, Feature, FeatureSpecError, fit_feature
 from models.features import FeatureEncoder
+from models.pipeline import run_training
+from models.sources import load_dataset
+from models.train_config import TrainConfig
 
 ITEMS = {"a": 0, "b": 1, "c": 2, "d": 3}
 GENDER = Feature("gender", "categorical", vocabulary={"F": 1, "M": 2})
@@ -47,7 +54,8 @@ def test_fit_numeric_transforms() -> None:
     assert standard.mean == 2.0
     assert standard.std == pytest.approx(math.sqrt(2 / 3))
     constant = fit_feature("n", "numeric", [5.0, 5.0])
-    assert (constant.mean, constant.std) == (5.0, 1.0)
+    assert (constant.mean, constant.std) == (5.0, 0.0)  # never varied: encodes as 0
+    assert fit_feature("n", "numeric", [None, "?"]).std == 0.0
     log = fit_feature("n", "numeric", [0.0, math.e - 1], transform="log")
     assert (log.mean, log.std) == pytest.approx((0.5, 0.5))
     bucket = fit_feature("n", "numeric", [1.0, 2.0, 3.0, 4.0], transform="bucket", buckets=2)
@@ -105,6 +113,33 @@ def test_numeric_values_far_outside_training_are_clipped() -> None:
     standard = enc.encode_column(INCOME, [1e300, -1e300, 10.0 + 4.0 * 9.5])
     assert standard.tolist() == [Z_CLIP, -Z_CLIP, 9.5]
     assert enc.encode_column(VISITS, [1e300]).tolist() == [Z_CLIP]
+
+
+def test_a_numeric_feature_constant_in_training_moves_no_vector(tmp_path: Path) -> None:
+    """Every training row encoded a constant column as 0, so its weights never left their
+    random start, and a served value other than the constant (z up to the clip) pushed the
+    user vector along them (cosine 0.78 at the clip). It now encodes as 0 whatever the value,
+    in training and at serving, through the real trainer and the service's model."""
+    constant = fit_feature("score", "numeric", [2.5, 2.5, None])
+    assert FeatureEncoder([constant]).encode_column(constant, [2.5, 1e6, -3, None]).tolist() == [
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+    dataset = load_dataset("synthetic:seed=1,users=120,items=80")
+    users = dataset.users.assign(score=2.5)
+    dataset = dataclasses.replace(
+        dataset, users=users, user_columns=(*dataset.user_columns, ColumnSpec("score", "numeric"))
+    )
+    config = TrainConfig(epochs=1, validation_fraction=0.0, batch_size=256)
+    bundle = run_training(dataset, "none", config, tmp_path).bundle
+    assert bundle is not None
+    model = ServingModel.load(bundle, IndexConfig())
+    row = dataset.users.iloc[0].to_dict()
+    vectors = model.encode([row, row | {"score": 1e6}, row | {"score": -40.0}], [["i1"]] * 3)
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    np.testing.assert_array_equal(vectors[0], vectors[2])
 
 
 def test_numeric_bucket_edges_go_up() -> None:
@@ -272,7 +307,7 @@ CAT = {"name": "g", "kind": "categorical", "vocabulary": {"F": 1}}
         (_spec(CAT | {"vocabulary": {"F": "1"}}), "malformed|1..n"),
         (_spec(CAT | {"kind": "multi_hot", "max_values": 0}), "max_values"),
         (_spec({"name": "x", "kind": "numeric", "transform": "sqrt"}), "unknown transform"),
-        (_spec({"name": "x", "kind": "numeric", "std": 0.0}), "positive std"),
+        (_spec({"name": "x", "kind": "numeric", "std": -1.0}), "std >= 0"),
         (_spec({"name": "x", "kind": "numeric", "mean": math.nan}), "finite mean"),
         (_spec({"name": "x", "kind": "numeric", "boundaries": [3.0, 1.0]}), "increasing"),
         (_spec({"name": "x", "kind": "numeric", "boundaries": [1.0, math.inf]}), "finite"),
