@@ -137,7 +137,7 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The matched route's path template (a bounded label, without `:path` convertors), or
+    """The matched route's path template (a bounded label, without its convertors), or
     `unmatched`."""
     route = scope.get("route")
     if route is None:  # refused before routing (413): the route it was meant for

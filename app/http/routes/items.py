@@ -13,8 +13,7 @@ from app.http.routes.admin import AUTH_ERRORS
 from app.http.schemas import ID_PATTERN, MAX_ID_LENGTH, ErrorResponse, ItemRequest, ItemResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
-# `:path`: an id may hold "/" (as a catalogue's may), which the client sends as %2F; the path
-# is matched decoded, where a plain parameter stops at the first "/".
+# `:id` (`app.http.fields.PathIdConvertor`): an id may hold "/", as a catalogue's may.
 
 ItemIdPath = Annotated[
     str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["new-42"])
@@ -23,7 +22,7 @@ LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
 
 
 @router.put(
-    "/{item_id:path}",
+    "/{item_id:id}",
     dependencies=[AdminDep],
     responses={
         **AUTH_ERRORS,
@@ -44,7 +43,7 @@ async def put_item(item_id: ItemIdPath, body: ItemRequest, services: ServicesDep
 
 
 @router.delete(
-    "/{item_id:path}",
+    "/{item_id:id}",
     dependencies=[AdminDep],
     responses={**AUTH_ERRORS, 503: {"model": ErrorResponse, "description": LOG_UNAVAILABLE}},
     summary="Delete an item: never returned again",
@@ -58,7 +57,7 @@ async def delete_item(item_id: ItemIdPath, services: ServicesDep) -> ItemRespons
 
 
 @router.get(
-    "/{item_id:path}",
+    "/{item_id:id}",
     responses={404: {"model": ErrorResponse, "description": "Neither served nor changed"}},
     summary="How the worker that answers serves an item",
 )

@@ -14,7 +14,7 @@ from app.http.schemas import (
 )
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
-# `:path`: a user id may hold "/" (sent as %2F; the path is matched decoded), as in recalls.
+# `:id` (`app.http.fields.PathIdConvertor`): a user id may hold "/", as in recalls.
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
@@ -27,7 +27,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post(
-    "/{user_id:path}/events", responses=ERRORS, summary="Record items the user interacted with"
+    "/{user_id:id}/events", responses=ERRORS, summary="Record items the user interacted with"
 )
 async def append_events(
     user_id: UserIdPath, body: EventsRequest, users: UsersDep
@@ -38,7 +38,7 @@ async def append_events(
     return EventsResponse(user_id=user_id, history_length=length)
 
 
-@router.put("/{user_id:path}/features", responses=ERRORS, summary="Replace the user's raw features")
+@router.put("/{user_id:id}/features", responses=ERRORS, summary="Replace the user's raw features")
 async def put_features(
     user_id: UserIdPath, body: FeaturesRequest, users: UsersDep
 ) -> FeaturesResponse:
