@@ -35,7 +35,7 @@ ECHO_ITEMS = 32
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
     """Echoed inputs may hold what Python's JSON parser accepts but UTF-8 JSON cannot carry:
-    NaN/Infinity become null, lone surrogates (`"\ud800"`) and undecodable bytes (a body that
+    NaN/Infinity become null, lone surrogates (`"\\ud800"`) and undecodable bytes (a body that
     is not JSON) `?`/U+FFFD, instead of failing the error response itself; containers past
     ECHO_DEPTH become "…" and keep their first ECHO_ITEMS entries."""
     if isinstance(value, bytes):
