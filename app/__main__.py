@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from app import workers
 from app.logs import logging_config
@@ -16,7 +17,11 @@ APP = "app.main:app"
 
 
 def main() -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a line per setting, not a traceback (no values: secrets)
+        lines = [f"  {'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()]
+        sys.exit("python -m app: invalid settings\n" + "\n".join(lines))
     # One OpenMP/MKL thread per worker unless TORCH_THREADS says otherwise: a request is one
     # small matrix product, so more threads cannot make it faster, while W workers x C threads
     # on C cores oversubscribe the box and make FAISS/torch spin-wait each other (tail latency).

@@ -52,3 +52,19 @@ def test_python_m_app_starts_without_a_bundle_then_serves_one(
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_python_m_app_names_each_invalid_setting_and_exits(tmp_path: Path) -> None:
+    env = service_env(tmp_path, free_port(), MAX_HISTORY="20000", WORKERS="0")
+    env["INDEX_TYPE"] = "annoy"
+    done = subprocess.run(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("python -m app: invalid settings\n")
+    for line in (
+        "MAX_HISTORY: Input should be less than or equal to 10000",
+        "WORKERS",
+        "INDEX_TYPE",
+    ):
+        assert line in done.stderr, done.stderr
