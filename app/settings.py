@@ -15,6 +15,10 @@ IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
 BlasMode = Literal["auto", "torch", "numpy"]
 PruneMode = Literal["auto", "on", "off"]
+# The largest MAX_HISTORY and MAX_BATCH may be: the request schemas refuse a longer list while
+# parsing, before validating its items (a 1 MiB body holds ~500,000 ids).
+MAX_HISTORY_CEILING = 10_000
+MAX_BATCH_CEILING = 4_096
 LogLevel = Annotated[
     Literal["critical", "error", "warning", "info", "debug"],
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
@@ -77,8 +81,8 @@ class Settings(BaseSettings):
 
     # -- request limits ---------------------------------------------------------------------
     max_k: Annotated[int, Field(ge=1)] = 500
-    max_history: Annotated[int, Field(ge=1)] = 200  # ids in a request history / events call
-    max_batch: Annotated[int, Field(ge=1)] = 256
+    max_history: Annotated[int, Field(ge=1, le=MAX_HISTORY_CEILING)] = 200  # ids in a history
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH_CEILING)] = 256
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
 
     # -- serving ----------------------------------------------------------------------------

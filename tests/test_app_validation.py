@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import redis
 from conftest import Bundles
@@ -28,6 +29,7 @@ from helpers_process import Processes, wait_ready
 
 from app.http.errors import MAX_ERRORS
 from app.main import create_app
+from app.settings import MAX_HISTORY_CEILING
 from models.bundle import write_latest
 from models.dataset import ColumnSpec
 from models.online_store import user_key
@@ -368,17 +370,73 @@ async def test_a_body_of_another_content_type_is_a_422_whatever_its_bytes(
 
 
 async def test_a_422_names_a_bounded_number_of_errors(client: httpx.AsyncClient) -> None:
-    """20,000 wrong history items made 20,000 errors, each echoing its input: seconds of the
-    event loop and a response 50 times the body (130,000 items: 6.3 s, 13.5 MB)."""
-    history = b",".join([b"1"] * 20_000)
-    for path in ("/v1/recall", "/v1/users/u1/events"):
-        field = b"history" if path == "/v1/recall" else b"item_ids"
-        body = b'{"user_id": "u1", "' + field + b'": [' + history + b"]}"
+    """64 features of a wrong type make 384 errors (six per value, one per type it could
+    have), each echoing its input; a 422 names the first MAX_ERRORS."""
+    features = {f"f{n}": {"nested": n} for n in range(64)}
+    response = await client.post("/v1/recall", json={"user_id": "u1", "features": features})
+    assert response.status_code == 422
+    assert len(response.json()["detail"]) == MAX_ERRORS
+
+
+async def test_a_long_list_of_ids_fails_at_its_first_wrong_id_or_past_its_ceiling(
+    client: httpx.AsyncClient,
+) -> None:
+    """130,000 wrong history items made 130,000 errors, each echoing its input: the event loop
+    held 6.3 s for a 13.5 MB answer. An id list stops at its first wrong id, and at
+    MAX_HISTORY_CEILING ids before validating any."""
+    wrong = b",".join([b"1"] * 20_000)
+    many = b",".join([b'"i1"'] * (MAX_HISTORY_CEILING + 1))
+    for path, start in (
+        ("/v1/recall", b'{"user_id": "u1", "history": ['),
+        ("/v1/users/u1/events", b'{"item_ids": ['),
+    ):
+        body = start + wrong + b"]}"
         response = await client.post(path, content=body, headers=JSON)
         assert response.status_code == 422
-        detail = response.json()["detail"]
-        assert len(detail) == MAX_ERRORS and len(response.content) < 5_000
-        assert detail[0]["loc"][-1] == 0 and detail[0]["type"] == "string_type"
+        (only,) = response.json()["detail"]
+        assert only["loc"][-1] == 0 and only["type"] == "string_type"
+        body = start + many + b"]}"
+        response = await client.post(path, content=body, headers=JSON)
+        assert response.status_code == 422
+        (only,) = response.json()["detail"]
+        assert only["type"] == "too_long" and only["loc"][-1] in ("history", "item_ids")
+    # A batch stops at its first wrong request.
+    bad = {"user_id": "u1", "history": [1, 2]}
+    response = await client.post("/v1/recall/batch", json={"requests": [bad, bad]})
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", "requests", 0, "history", 0]]
+
+
+async def test_the_openapi_document_refuses_what_the_service_refuses(
+    client: httpx.AsyncClient,
+) -> None:
+    """A client that validates against /openapi.json sends what the service takes: names with
+    a control character (the schema's patternProperties let them through) and an empty filter
+    were valid there and 422 here. The fixture's limits: MAX_K 100, MAX_HISTORY 20."""
+    doc = (await client.get("/openapi.json")).json()
+    schema = {"$ref": "#/components/schemas/RecallRequest", "components": doc["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    refused = [
+        {"features": {"coun\ntry": "DE"}},
+        {"features": {"\x7f": 1}},
+        {"filter": {}},
+        {"filter": {"include": {"cat\x01": ["c1"]}}},
+        {"filter": {"range": {"\tprice": {"lt": 3}}}},
+        {"history": ["i1"] * 21},
+        {"k": 101},
+    ]
+    for extra in refused:
+        body = {"user_id": "u1"} | extra
+        assert (await client.post("/v1/recall", json=body)).status_code == 422, extra
+        assert not validator.is_valid(body), extra
+    taken = [
+        {"features": {"country": "DE", "activity": 3.5}},
+        {"filter": {"deny_ids": ["i1"]}},
+        {"history": ["i1"] * 20, "k": 100},
+    ]
+    for extra in taken:
+        body = {"user_id": "u1"} | extra
+        assert (await client.post("/v1/recall", json=body)).status_code == 200, extra
+        validator.validate(body)
 
 
 # -- feature values of the wrong type -------------------------------------------------------

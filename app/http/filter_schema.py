@@ -70,6 +70,7 @@ class RecallFilter(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            "minProperties": 1,  # and one of them not null (`_consistent`)
             "examples": [
                 {
                     "include": {"category": ["c1", "c2"], "tags": ["t3"]},
@@ -77,7 +78,7 @@ class RecallFilter(BaseModel):
                     "range": {"price": {"gte": 5, "lt": 20}},
                     "deny_ids": ["i17"],
                 }
-            ]
+            ],
         },
     )
 
