@@ -48,6 +48,9 @@ class Dataset:
         items: indexed by `item_id` (str), one column per `item_columns` entry; it is the
             item catalogue (items never interacted with may appear).
         user_columns / item_columns: how each attribute column is encoded.
+        cold_users: the users of the source's users table with no interaction, as `users`.
+            Training leaves them out; `publish-features` stores their features, so that the
+            service serves a cold-start user by its own attributes, not the defaults.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Dataset:
     items: pd.DataFrame
     user_columns: tuple[ColumnSpec, ...]
     item_columns: tuple[ColumnSpec, ...]
+    cold_users: pd.DataFrame | None = None
 
     def summary(self) -> dict[str, int | str]:
         return {

@@ -73,16 +73,18 @@ def _clean(value: Any) -> Any:
 def user_records(
     dataset: Dataset, history_length: int
 ) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
-    """(user id, raw features without missing values, latest items newest first) per user."""
+    """(user id, raw features without missing values, latest items newest first) per user:
+    those who interacted, then the users table's others (no history)."""
     recent = (
         dataset.interactions.sort_values("timestamp", kind="stable")
         .groupby("user_id", sort=False)["item_id"]
         .agg(lambda s: list(s.iloc[::-1][:history_length]))
     )
-    for user_id, row in dataset.users.iterrows():
-        features = {str(k): _clean(v) for k, v in row.items()}
-        items = recent.get(user_id, [])
-        yield str(user_id), {k: v for k, v in features.items() if v is not None}, items
+    for users in (u for u in (dataset.users, dataset.cold_users) if u is not None):
+        for user_id, row in users.iterrows():
+            features = {str(k): _clean(v) for k, v in row.items()}
+            items = recent.get(user_id, [])
+            yield str(user_id), {k: v for k, v in features.items() if v is not None}, items
 
 
 def publish(
@@ -105,7 +107,8 @@ def publish(
     batch: list[Sequence[str]] = []
     written = 0
     records = user_records(dataset, history_length)
-    for user_id, features, items in tqdm(records, total=len(dataset.users), disable=None):
+    total = len(dataset.users) + len(dataset.cold_users if dataset.cold_users is not None else ())
+    for user_id, features, items in tqdm(records, total=total, disable=None):
         keys = (user_key(prefix, user_id), history_key(prefix, user_id))
         batch.append((*keys, json.dumps(features, allow_nan=False), ttl, *map(str, items)))
         written += 1

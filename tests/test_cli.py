@@ -561,6 +561,30 @@ def test_publish_features_writes_the_service_layout(
         assert history == mine[:5] and len(history) == min(5, len(mine))
 
 
+def test_publish_features_stores_the_features_of_users_without_interactions(
+    tmp_path: Path, store: tuple[Redis, str], redis_url: str
+) -> None:
+    """A users table's users who never interacted are who the two-tower serves by their own
+    attributes (cold start): they were dropped with the training data and served defaults."""
+    client, prefix = store
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "i.csv").write_text("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\n")
+    (data / "u.csv").write_text("user_id,country,age\nu1,DE,31\nnew,FR,24\nbare,,\n")
+    columns = {"country": {"kind": "categorical"}, "age": {"kind": "numeric"}}
+    schema = {"interactions": {"file": "i.csv"}, "users": {"file": "u.csv", "columns": columns}}
+    (data / "schema.json").write_text(json.dumps(schema))
+    done = models_cli("publish-features", "--data", f"csv:{data}", "--redis-url", redis_url,
+                      "--prefix", prefix)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "features and histories of 3 users" in done.stdout
+    assert stored_json(client, f"{prefix}:user:{{u1}}") == {"country": "DE", "age": 31.0}
+    assert stored_list(client, f"{prefix}:hist:{{u1}}") == ["i2", "i1"]
+    assert stored_json(client, f"{prefix}:user:{{new}}") == {"country": "FR", "age": 24.0}
+    assert stored_json(client, f"{prefix}:user:{{bare}}") == {}
+    assert not client.exists(f"{prefix}:hist:{{new}}", f"{prefix}:hist:{{bare}}")
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--history-length", "0"), ("--history-length", "-5"), ("--ttl", "0"), ("--ttl", "-5")],

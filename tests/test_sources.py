@@ -458,6 +458,8 @@ def test_csv(tmp_path: Path) -> None:
     assert ds.interactions["user_id"].tolist() == ["u2", "u1", "u1"]
     assert ds.users.index.tolist() == ["u1", "u2"]
     assert ds.users["age"].fillna(-1.0).tolist() == [31.0, -1.0]
+    assert ds.cold_users is not None and ds.cold_users.index.tolist() == ["u9"]
+    assert ds.cold_users.columns.tolist() == ["age"] and ds.cold_users["age"].isna().all()
     assert ds.items.index.tolist() == ["i1", "i4", "i2", "i3"]
     assert list(ds.items.loc["i1"]) == ["a|b", "acme", 9.5]
     assert ds.items.loc["i4"].isna().to_numpy().all()

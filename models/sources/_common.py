@@ -249,7 +249,8 @@ def assemble(
     item_columns: Sequence[ColumnSpec],
 ) -> Dataset:
     """Build the final `Dataset`: interactions sorted by time (stable), the users table limited
-    to users who interacted, the item catalogue extended by every item that was interacted with.
+    to users who interacted (the others are its `cold_users`), the item catalogue extended by
+    every item that was interacted with.
 
     Args:
         name: the source string.
@@ -267,9 +268,13 @@ def assemble(
     )
     user_ids = pd.Index(pd.unique(interactions["user_id"]), dtype="str")
     item_ids = pd.Index(pd.unique(interactions["item_id"]), dtype="str")
+    cold = None if users is None else users[~users.index.isin(user_ids)]
     users = _cover(users, user_ids, user_columns, "user_id", keep_unused=False)
     items = _cover(items, item_ids, item_columns, "item_id", keep_unused=True)
-    return Dataset(name, interactions, users, items, tuple(user_columns), tuple(item_columns))
+    if cold is not None:
+        cold = _cover(cold, pd.Index([], dtype="str"), user_columns, "user_id", keep_unused=True)
+    specs = tuple(user_columns), tuple(item_columns)
+    return Dataset(name, interactions, users, items, *specs, cold_users=cold)
 
 
 def _cover(
