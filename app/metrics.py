@@ -70,6 +70,12 @@ class Metrics:
         self.redis_errors = Counter(
             "tower_recall_redis_errors", "Failed Redis calls", ["operation"], registry=r
         )
+        self.redis_skipped = Counter(
+            "tower_recall_redis_skipped",
+            "Redis calls not made: their node failed less than REDIS_RETRY_AFTER_MS ago",
+            ["operation"],
+            registry=r,
+        )
         self.cache_hits = Counter("tower_recall_cache_hits", "Feature cache hits", registry=r)
         self.cache_misses = Counter("tower_recall_cache_misses", "Feature cache misses", registry=r)
         self.vector_cache = Counter(

@@ -260,6 +260,27 @@ async def test_corrupt_stored_values_degrade_per_user(
         assert redis_client.lrange(history_key(redis_prefix, "bad"), 0, -1) == ["i5"]
 
 
+async def test_calls_skipped_while_backing_off_are_counted_apart_from_errors(
+    model_dir: Path, own_redis: RedisServer
+) -> None:
+    """During an outage one call per REDIS_RETRY_AFTER_MS fails and the others are not made:
+    the errors alone showed one failure a back-off however many recalls went without Redis."""
+    settings = make_settings(
+        model_dir, redis_url=own_redis.url, cache_ttl_s=0, redis_retry_after_ms=600_000
+    )
+    async with serve(settings) as client:
+        own_redis.kill()
+        for _ in range(4):
+            response, _ = await timed_recall(client, "k1")
+            assert response.json()["feature_source"] == "default"
+        events = await client.post("/v1/users/k1/events", json={"item_ids": ["i1"]})
+        assert events.status_code == 503
+        metrics = (await client.get("/metrics")).text
+    assert 'tower_recall_redis_errors_total{operation="fetch"} 1.0' in metrics
+    assert 'tower_recall_redis_skipped_total{operation="fetch"} 3.0' in metrics
+    assert 'tower_recall_redis_skipped_total{operation="append_events"} 1.0' in metrics
+
+
 async def test_a_redis_error_reply_on_read_is_an_error_not_an_empty_user(
     model_dir: Path, own_redis: RedisServer
 ) -> None:

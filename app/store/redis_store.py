@@ -83,6 +83,7 @@ class RedisFeatureStore(FeatureStore):
 
     async def _call(self, node: str, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
         if time.monotonic() < self._retry_at.get(node, 0.0):
+            self.metrics.redis_skipped.labels(operation).inc()
             raise FeatureStoreUnavailable("Redis is unavailable (retrying shortly)")
         started = time.monotonic()
         try:
