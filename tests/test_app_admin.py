@@ -24,10 +24,11 @@ from helpers_app import (
 )
 from safetensors.torch import load_file, save_file
 
-from app.config import IndexConfig
 from app.main import create_app
 from app.model import ServingModel
+from app.model.history_cap_check import HistoryCapCheck
 from models import bundle as b
+from models.features import FeatureEncoder
 
 pytestmark = [pytest.mark.anyio]
 
@@ -241,14 +242,21 @@ async def test_bad_bundle_is_refused_and_old_keeps_serving(
         assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("where", ["load", "hook"])
 async def test_an_unforeseen_load_failure_is_refused_and_old_keeps_serving(
-    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    def out_of_memory(path: Path, config: IndexConfig) -> ServingModel:
+    """Whether loading the bundle or a model hook after it fails (a hook's failure answered
+    500 and left the watcher reloading every poll, with no back-off and no reason shown)."""
+
+    def out_of_memory(*args: object) -> ServingModel:
         raise MemoryError("cannot allocate the search copies")
 
     async with serve(make_settings(model_dir)) as client:
-        monkeypatch.setattr(ServingModel, "load", staticmethod(out_of_memory))
+        if where == "load":
+            monkeypatch.setattr(ServingModel, "load", staticmethod(out_of_memory))
+        else:
+            monkeypatch.setattr(HistoryCapCheck, "prepare", out_of_memory)
         body = {"version": bundles.v2.name}
         response = await client.post("/admin/reload", json=body, headers=admin_headers())
         assert response.status_code == 409
@@ -257,6 +265,30 @@ async def test_an_unforeseen_load_failure_is_refused_and_old_keeps_serving(
             "MemoryError: cannot allocate the search copies"
         }
         assert await active_version(client) == bundles.v1.name
+        metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_model_loads_total{outcome="rejected"} 1.0' in metrics
+
+
+async def test_a_manifest_without_its_training_record_still_serves(
+    model_dir: Path, bundles: Bundles
+) -> None:
+    """The manifest's `model` record (how it was trained) is informational: a bundle whose
+    record is null loads, also where the HISTORY_CAP check reads it (it raised there)."""
+    item_ids = json.loads((bundles.v2 / b.ITEM_IDS).read_text())
+    reads = FeatureEncoder.load(bundles.v2 / b.FEATURE_SPEC, item_ids).history_length
+    assert reads > 1
+
+    def drop_record(bundle: Path) -> None:
+        manifest = json.loads((bundle / b.MANIFEST).read_text())
+        manifest["model"] = None
+        (bundle / b.MANIFEST).write_text(json.dumps(manifest))
+
+    copy_version(model_dir, bundles.v2, BAD_VERSION, drop_record)
+    async with serve(make_settings(model_dir, history_cap=max(1, reads - 1))) as client:
+        body = {"version": BAD_VERSION}
+        response = await client.post("/admin/reload", json=body, headers=admin_headers())
+        assert response.status_code == 200, response.text
+        assert await active_version(client) == BAD_VERSION
 
 
 async def test_unknown_version_is_404(model_dir: Path) -> None:

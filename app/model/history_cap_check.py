@@ -26,7 +26,9 @@ class HistoryCapCheck:
         reads, cap = model.encoder.history_length, self.store.history_cap
         if reads > cap:
             # Only the sequential tower can be trained to read fewer than it trained on.
-            sequential = model.manifest.get("model", {}).get("user_tower") == "sequence"
+            # (The manifest's training record: informational, so not verified at load.)
+            record = model.manifest.get("model")
+            sequential = isinstance(record, dict) and record.get("user_tower") == "sequence"
             own = f"; `train --serve-history-length {cap}` makes it the bundle's own"
             log.warning(
                 "bundle %s reads the newest %d history items but HISTORY_CAP keeps %d: stored "

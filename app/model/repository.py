@@ -39,8 +39,9 @@ class Swap:
 
 
 class ModelHook(Protocol):
-    """What a model gets before it serves (the catalogue's changes); neither call may raise:
-    a hook that cannot apply its part logs why and returns the model as it got it."""
+    """What a model gets before it serves (the catalogue's changes); neither call should
+    raise: a hook that cannot apply its part logs why and returns the model as it got it (a
+    `prepare` that raises all the same refuses the bundle, as a failed load does)."""
 
     async def prepare(self, model: ServingModel) -> ServingModel:
         """A loaded model, before the swap: may take long (runs off the request path)."""
@@ -131,6 +132,8 @@ class ModelRepository:
         path = self.resolve(version)
         try:
             model = await anyio.to_thread.run_sync(ServingModel.load, path, self.index_config)
+            for hook in self._hooks:  # a hook that fails refuses the bundle, as a failed load
+                model = await hook.prepare(model)
         except Exception as exc:
             if isinstance(exc, BundleRejected):
                 reason = str(exc.detail)
@@ -140,8 +143,6 @@ class ModelRepository:
                 log.exception("bundle %s failed to load", path.name)
             self._count_load("rejected")
             raise BundleRejected(f"bundle {path.name} rejected: {reason}") from exc
-        for hook in self._hooks:
-            model = await hook.prepare(model)
         return model
 
     def swap(self, model: ServingModel) -> Swap:
