@@ -177,6 +177,29 @@ async def test_changes_reach_every_replica_follow_reloads_and_a_bundle_holding_t
         assert 'tower_recall_item_changes_total{op="delete"} 1.0' in metrics
 
 
+async def test_without_the_watcher_a_worker_reads_the_changes_at_each_load(
+    item_model_dir: Path, item_bundles: ItemBundles, redis_url: str, redis_prefix: str
+) -> None:
+    """RELOAD_POLL_S=0 turns the watcher off: a worker then read the log only when it wrote,
+    and every bundle it loaded got its own stale copy, so an item deleted through another
+    worker was served on, through any number of reloads."""
+    v1, v2 = item_bundles.v1.name, item_bundles.v2.name
+    settings = make_settings(
+        item_model_dir, redis_url=redis_url, redis_prefix=redis_prefix, reload_poll_s=0
+    )
+    kind = kind_of(item_bundles.dataset, "c0")
+    async with serve(settings) as first, serve(settings) as second:
+        victim = (await recall(second, kind.history, k=5))[0]
+        await delete(first, victim)
+        await put(first, "new-1", kind.like)
+        assert await state(second, victim) == ("catalogue", v1)  # no timer: not yet
+        assert (await second.post("/admin/reload", json={"version": v2}, headers=ADMIN)).is_success
+        assert await state(second, victim) == ("deleted", v2)
+        assert await state(second, "new-1") == ("added", v2)
+        found = await recall(second, kind.history, k=300)
+        assert victim not in found and "new-1" in found
+
+
 async def test_without_redis_the_changes_are_the_process_own_and_outlive_reloads(
     item_model_dir: Path, item_bundles: ItemBundles
 ) -> None:

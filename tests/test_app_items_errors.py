@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
+import redis
 from helpers_app import RedisServer, admin_headers, make_settings, serve
 from helpers_items import (
     ADMIN,
@@ -108,4 +110,29 @@ async def test_with_redis_down_a_write_is_refused_and_the_changes_serve_on(
             assert (await client.get("/v1/items/new-2")).status_code == 404
             assert "new-1" in await recall(client, kind.history, k=250)
     finally:
+        server.stop()
+
+
+async def test_a_change_read_back_after_its_write_failed_is_counted_once(
+    item_model_dir: Path, item_bundles: ItemBundles
+) -> None:
+    """The write succeeds and its read-back fails: the worker serves its own change, and the
+    next poll reads that change again: it is not a new one (it was counted and logged
+    twice)."""
+    kind = kind_of(item_bundles.dataset, "c0")
+    server = RedisServer().start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        settings = make_settings(item_model_dir, redis_url=server.url, reload_poll_s=0.05)
+        async with serve(settings) as client:
+            admin.execute_command("ACL", "SETUSER", "default", "-zrangebyscore")  # reads fail
+            assert (await put(client, "new-1", kind.like))["status"] == "added"
+            await anyio.sleep(0.2)  # polls that fail
+            admin.execute_command("ACL", "SETUSER", "default", "+zrangebyscore")
+            await put(client, "new-2", kind.like)  # read back with new-1: both in the log
+            await anyio.sleep(0.2)
+            metrics = (await client.get("/metrics")).text
+        assert 'tower_recall_item_changes_total{op="put"} 2.0' in metrics
+    finally:
+        admin.close()
         server.stop()

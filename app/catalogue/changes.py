@@ -47,9 +47,15 @@ class ChangeSet:
         items = dict(self.items)
         for change in changes:
             known = items.get(change.item_id)
-            if known is None or known.seq < change.seq:
+            if known is None or known.seq < change.seq:  # as `is_new`, within this batch
                 items[change.item_id] = change
         return ChangeSet(items, epoch, max(self.seq, last), self.revision + 1)
+
+    def is_new(self, change: ItemChange) -> bool:
+        """Whether `change` is newer than this set's change of its item (what `merged`
+        applies)."""
+        known = self.items.get(change.item_id)
+        return known is None or known.seq < change.seq
 
     def tag(self, change: ItemChange) -> str:
         """What identifies `change` across replays (a replayed log numbers its changes anew)."""

@@ -3,9 +3,10 @@
 A write (`put`, `delete`) is made durable in the item change log first (Redis, or this process
 without Redis), then this worker reads the log and serves what it read before answering. Every
 worker reads the log on a timer (RELOAD_POLL_S), so the others follow within that; a worker
-that starts replays the log before its first model serves (the model hook `prepare`), and
-every newly loaded model gets the changes too (`prepare`, then `rebase` at the swap), so they
-outlive reloads and restarts. What a change does to a model is `app.catalogue.apply`'s rule.
+that starts replays the log before its first model serves, and every newly loaded model gets
+the log as it is then (the model hook `prepare` reads it, `rebase` adds what came at the swap),
+so changes outlive reloads and restarts, and reach a worker without the timer (RELOAD_POLL_S
+0) at its next load. What a change does to a model is `app.catalogue.apply`'s rule.
 """
 
 from __future__ import annotations
@@ -97,8 +98,16 @@ class ItemCatalogue:
     # The repository's model hook (`app.model.repository.ModelHook`).
 
     async def prepare(self, model: ServingModel) -> ServingModel:
-        """A loaded model with every change read so far (the start-up replay awaited)."""
+        """A loaded model with every change in the log (the start-up replay awaited, the log
+        read again: a worker without the timer, or whose replay failed, catches up here; what
+        it cannot read it serves as it last read)."""
         await self._replayed.wait()
+        try:
+            await self.refresh()
+        except ItemChangesUnavailable:
+            pass  # logged by refresh
+        except Exception:  # never refuse a bundle for its overlay (as below)
+            log.exception("item change read failed")
         try:
             return await anyio.to_thread.run_sync(apply_changes, model, self._changes)
         except Exception:  # never refuse a bundle for its overlay: it serves, unchanged
@@ -178,8 +187,7 @@ class ItemCatalogue:
                 changes, fresh = self._with_own(previous, own)
             else:
                 self._note_up()
-                known = changes.items.get(own[1].item_id) if own is not None else None
-                if own is not None and (known is None or known.seq < own[1].seq):
+                if own is not None and changes.is_new(own[1]):
                     changes, mine = self._with_own(changes, own)
                     fresh += mine
             self._changes = changes
@@ -200,8 +208,9 @@ class ItemCatalogue:
                 continue
             if not page.changes and page.last <= changes.seq:
                 return changes, fresh
+            # A change this worker served as its own before reading it back is not new.
+            fresh += [change for change in page.changes if changes.is_new(change)]
             changes = changes.merged(page.epoch, page.changes, page.last)
-            fresh += page.changes
             if page.last >= page.head:
                 return changes, fresh
 
