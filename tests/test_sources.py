@@ -68,6 +68,7 @@ def not_numbers(path: Path, column: str, count: int, first_line: int) -> str:
         ("synthetic:seed=x", "must be an integer"),
         ("synthetic:abc", "must be an integer"),
         ("synthetic:users=0", "users must be at least 1"),
+        ("synthetic:seed=-1", "synthetic: seed must be at least 0"),
         ("synthetic:seed=1,seed=2", "given twice"),
         ("synthetic:items=5,topics=9", "topics must be between"),
     ],
@@ -217,6 +218,24 @@ def test_ml_1m_titles_without_a_year(tmp_path: Path, caplog: pytest.LogCaptureFi
     check_contract(ds)
     assert ds.items["year"].fillna(0.0).tolist() == [1995.0, 0.0, 0.0, 0.0, 1996.0]
     assert warned == [not_numbers(tmp_path / "movies.dat", "year", 3, 2)]
+
+
+def test_ml_1m_as_an_editor_may_save_it(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (read as latin-1 it became part of the first id, "ï»¿1": user
+    1's ratings moved to a user without attributes), spaces around ids, and CR line ends."""
+    ml_1m_fixture(tmp_path)
+    for name in ("users.dat", "movies.dat", "ratings.dat"):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r"))
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_bytes(ratings.read_bytes().replace(b"2::9::", b" 2 :: 9 ::"))
+    ds = load_dataset(f"ml-1m:{tmp_path}")
+    assert sorted(ds.users.index) == ["1", "2"] and sorted(ds.items.index) == ["1", "2", "3", "9"]
+    assert ds.users.loc["1", "gender"] == "F" and ds.items.loc["1", "year"] == 1995.0
+    assert sorted(ds.interactions["user_id"]) == ["1", "1", "2", "2"]
+    ratings.write_bytes(b"1::1::5::978300760\n :: 2::5::978300760\n")
+    with pytest.raises(DataError, match=r"ratings.dat: line 2: empty 'user_id'"):
+        load_dataset(f"ml-1m:{tmp_path}")
 
 
 def test_ml_1m_missing_files(tmp_path: Path) -> None:
@@ -488,13 +507,19 @@ def test_csv_iso_timestamps_and_minimal_schema(tmp_path: Path) -> None:
         ({"users": {"file": "users.csv", "id": "user", "columns": {"age": {"kind": "float"}}}},
          None, r"users.columns.age: 'kind' must be one of"),
         ({"users": {"file": "users.csv", "id": "user", "columns": {"city": {"kind": "numeric"}}}},
-         None, r"users.csv: line 2: 'city' is not a number: 'Paris, FR'"),
+         None, r"users.csv: line 2: 'city' is not a finite number: 'Paris, FR'"),
         ({}, "user,item,ts\nu1,i1,100\nu1,i2,1.5\n", r"line 3: 'ts' is not a 64-bit integer"),
         ({}, "user,item,ts\nu1,i1,100\nu1,i2\n", r"inter.csv: line 3: expected 3 fields, found 2"),
         ({}, 'user,item,ts\n"u1",i1,100\nu1,i2,1,2\n', r"inter.csv: line 3: expected 3 fields"),
         ({}, "user,item,ts\nu1,i1,2003-01-01\nu1,,2003-01-02\n", r"line 3: empty 'item'"),
         ({}, "user,item,ts\nu1,i1,2003-01-01\nu1,i2,later\n", r"line 3: 'ts' is not an ISO-8601"),
         ({}, "user,item,ts\nu1,i1,100\nu1,i2,1e30\n", r"line 3: 'ts' is not a 64-bit integer"),
+        # A carriage return alone ends a line, in the row check as in the parser (it split
+        # the row silently, or failed later with an IndexError).
+        ({}, "user,item,ts\nu1,i1,100\nu1,i\r2,100\n", r"inter.csv: line 3: expected 3 fields"),
+        # A row is named by the line it starts on.
+        ({}, 'user,item,ts\nu1,"i1,100\nu2,i2,3\n',
+         r"line 2: expected 3 fields, found 2 \(the row runs to line 3: an unclosed quote\?\)"),
     ],
 )  # fmt: skip
 def test_csv_errors(
@@ -528,6 +553,48 @@ def test_csv_repeated_attribute_id(tmp_path: Path) -> None:
     write(tmp_path / "users.csv", "user,age\nu1,3\nu1,4\n")
     with pytest.raises(DataError, match=r"users.csv: line 3: repeated user_id 'u1'"):
         load_dataset(f"csv:{tmp_path}")
+
+
+def test_csv_files_as_editors_and_old_systems_write_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old Mac line ends (CR alone), lines of spaces, a byte-order mark in schema.json, a
+    quoted field over the csv module's 128 KiB limit, numbers that are not finite, and times
+    in milliseconds (read as seconds, with a warning)."""
+    columns = {"age": {"kind": "numeric"}, "bio": {"kind": "categorical"}}
+    schema = {
+        "interactions": {"file": "inter.csv"},
+        "users": {"file": "users.csv", "id": "user", "columns": columns},
+    }
+    (tmp_path / "schema.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(schema).encode())
+    write(tmp_path / "inter.csv", "user_id,item_id,timestamp\ru1,i1,5\r  \r\tu2,i2,6\r")
+    long_bio = "x" * 200_000
+    write(tmp_path / "users.csv", f'user,age,bio\nu1,31,"{long_bio}"\n   \nu2,,b\n')
+    ds, warned = load_logged(f"csv:{tmp_path}", caplog)
+    assert warned == []
+    assert ds.interactions.to_dict("list") == {
+        "user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "timestamp": [5, 6]
+    }  # fmt: skip
+    assert ds.users.loc["u1", "bio"] == long_bio and ds.users["age"].isna().tolist() == [
+        False, True
+    ]  # fmt: skip
+    write(tmp_path / "users.csv", "user,age,bio\nu1,inf,a\n")
+    with pytest.raises(DataError, match=r"users.csv: line 2: 'age' is not a finite number: 'inf'"):
+        load_dataset(f"csv:{tmp_path}")
+    # A one-column file's line of spaces is blank, so the repeat is named at its own line.
+    users = {"file": "users.csv", "id": "user"}
+    (tmp_path / "schema.json").write_text(json.dumps(schema | {"users": users}))
+    write(tmp_path / "users.csv", "user\nu1\n   \nu1\n")
+    with pytest.raises(DataError, match=r"users.csv: line 4: repeated user_id 'u1'"):
+        load_dataset(f"csv:{tmp_path}")
+    write(tmp_path / "users.csv", "user\nu1\n")
+    write(tmp_path / "inter.csv", "user_id,item_id,timestamp\nu1,i1,1041379200000\nu1,i2,5\n")
+    ds, warned = load_logged(f"csv:{tmp_path}", caplog)
+    assert ds.interactions["timestamp"].max() == 1_041_379_200_000
+    assert warned == [
+        f"{tmp_path / 'inter.csv'}: 1 of 2 'timestamp' values are past the year 5000 as Unix "
+        "seconds: if they are milliseconds, divide them by 1000"
+    ]
 
 
 def test_csv_byte_order_mark_and_crlf(tmp_path: Path) -> None:

@@ -21,6 +21,9 @@ from models.dataset import ColumnSpec, DataError, Dataset
 # Multi-byte separators ("::") are rewritten to this byte so pandas' fast C parser can be used;
 # the python engine that pandas would otherwise need is an order of magnitude slower.
 _UNIT_SEPARATOR = "\x1f"
+# The longest quoted field the CSV path reads (the csv module's default, 128 KiB, refused a
+# long description column with a traceback); an unclosed quote stops at the end of the file.
+MAX_FIELD = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,9 @@ class Table:
             raise DataError(f"{self.path}: no column {name!r} (columns: {found})")
         return self.frame[name]
 
-    def require_non_empty(self, name: str) -> pd.Series:
-        """The column `name`, after checking that no row leaves it empty."""
-        values = self.column(name)
+    def ids(self, name: str) -> pd.Series:
+        """The column `name` of ids, stripped, after checking that no row leaves it empty."""
+        values = self.column(name).str.strip()
         empty = (values == "").to_numpy()
         if empty.any():
             self.fail(int(np.argmax(empty)), f"empty {name!r}")
@@ -76,13 +79,14 @@ class Table:
         return numbers.astype(np.int64)
 
     def floats(self, name: str) -> np.ndarray:
-        """Column `name` as float64; empty fields become NaN, anything else non-numeric fails."""
+        """Column `name` as float64; empty fields become NaN, anything else that is not a
+        finite number ("abc", "nan", "inf", "1e400") fails."""
         values = self.column(name).str.strip()
         numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.isnan(numbers) & (values != "").to_numpy()
+        bad = ~np.isfinite(numbers) & (values != "").to_numpy()
         if bad.any():
             row = int(np.argmax(bad))
-            self.fail(row, f"{name!r} is not a number: {values.iloc[row]!r}")
+            self.fail(row, f"{name!r} is not a finite number: {values.iloc[row]!r}")
         return numbers
 
 
@@ -115,7 +119,10 @@ def read_delimited(
     raw = read_bytes(path)
     try:
         raw, encoding = _ascii_compatible(raw, encoding)
-        return _parse(path, raw.replace(b"\r\n", b"\n"), sep, names, encoding, quoted)
+        # A carriage return ends a line alone too (old Mac files; a stray one in a cell), as
+        # the parsers below take it: the row check must count the lines they see.
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return _parse(path, raw, sep, names, encoding, quoted)
     except (UnicodeDecodeError, LookupError) as error:
         raise DataError(f"{path}: cannot decode as {encoding!r}: {error}") from None
     except pd.errors.ParserError as error:
@@ -135,8 +142,9 @@ def _ascii_compatible(raw: bytes, encoding: str) -> tuple[bytes, str]:
 def _parse(
     path: Path, raw: bytes, sep: str, names: Sequence[str] | None, encoding: str, quoted: bool
 ) -> Table:
-    if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
-        raw = raw.removeprefix(codecs.BOM_UTF8)
+    # An editor's UTF-8 byte-order mark, whatever the declared encoding (read as latin-1, it
+    # became part of the first id: "ï»¿1").
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     if quoted and b'"' in raw:
         return _read_quoted(path, raw.decode(encoding), sep, names)
     first_line = 1
@@ -176,6 +184,7 @@ def _checked_lines(
     path: Path, raw: bytes, sep: bytes, n_fields: int, first_line: int
 ) -> np.ndarray:
     """Line numbers of the non-blank lines of `raw`, after checking each has `n_fields` fields.
+    A line of spaces and tabs (other than the separator) is blank, as pandas skips it.
 
     Counting separators between newlines with numpy keeps this check vectorised, so a
     million-line file costs milliseconds rather than a Python loop.
@@ -190,6 +199,10 @@ def _checked_lines(
         seps = np.array([m.start() for m in re.finditer(re.escape(sep), raw)], dtype=np.int64)
     counts = np.searchsorted(seps, ends) - np.searchsorted(seps, starts) + 1
     blank = ends == starts
+    # Only a line whose field count is off, or any line of a one-field file, may be spaces.
+    spaces = bytes(c for c in b" \t" if bytes([c]) != sep)
+    for i in np.flatnonzero(~blank & ((counts != n_fields) | (n_fields == 1))):
+        blank[i] = not raw[starts[i] : ends[i]].strip(spaces)
     bad = ~blank & (counts != n_fields)
     if bad.any():
         i = int(np.argmax(bad))
@@ -200,23 +213,37 @@ def _checked_lines(
 
 
 def _read_quoted(path: Path, text: str, sep: str, names: Sequence[str] | None) -> Table:
-    """The CSV module path for files with quoted fields, where line numbers need a real parser."""
+    """The CSV module path for files with quoted fields, where line numbers need a real parser.
+    A row is numbered by the line it starts on (a quoted field may hold newlines)."""
     reader = csv.reader(io.StringIO(text), delimiter=sep)
     rows: list[list[str]] = []
     lines: list[int] = []
-    for row in reader:
-        if not row:
-            continue
-        if names is None:
-            names = [n.strip() for n in row]
-            _check_names(path, names)
-            continue
-        if len(row) != len(names):
-            raise DataError(
-                f"{path}: line {reader.line_num}: expected {len(names)} fields, found {len(row)}"
-            )
-        rows.append(row)
-        lines.append(reader.line_num)
+    start = 1
+    limit = csv.field_size_limit(MAX_FIELD)
+    try:
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip(" \t")):
+                pass  # a blank line, as pandas reads one
+            elif names is None:
+                names = [n.strip() for n in row]
+                _check_names(path, names)
+            elif len(row) != len(names):
+                spans = (
+                    f" (the row runs to line {reader.line_num}: an unclosed quote?)"
+                    if reader.line_num > start
+                    else ""
+                )
+                raise DataError(
+                    f"{path}: line {start}: expected {len(names)} fields, found {len(row)}{spans}"
+                )
+            else:
+                rows.append(row)
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(f"{path}: line {start}: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
     if names is None:
         raise DataError(f"{path}: empty file, expected a header line")
     frame = pd.DataFrame(rows, columns=list(names), dtype="str")

@@ -17,11 +17,13 @@ Schema (only `interactions` is required; paths are relative to DIR)::
   fields are honoured.
 - `interactions`: `user_id` / `item_id` / `timestamp` name the file's columns (defaults:
   "user_id", "item_id", "timestamp"). Timestamps are integer Unix seconds or ISO-8601 times
-  (UTC unless they carry an offset); the first row decides which. Other columns are ignored.
+  (UTC unless they carry an offset); the first row decides which. Integer times past the
+  year 5000 get a warning: milliseconds, likely. Other columns are ignored.
 - `users` / `items`: `id` names the id column (default "user_id" / "item_id"); `columns`
   maps column names to `kind` (categorical | multi_hot | numeric) plus `transform`
   (numeric: standard | log | bucket, default standard) or `separator` (multi_hot, default
-  "|"). Undeclared columns are ignored; empty fields are missing values.
+  "|"). Undeclared columns are ignored; empty fields are missing values; a numeric field
+  that is not a finite number is an error.
 - Ids are strings with surrounding spaces stripped. Unknown keys, missing files or columns
   and malformed rows are errors naming the file, column and line.
 """
@@ -29,6 +31,7 @@ Schema (only `interactions` is required; paths are relative to DIR)::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +41,12 @@ import pandas as pd
 
 from models.dataset import ColumnKind, ColumnSpec, DataError, Dataset, NumericTransform
 from models.sources._common import Table, assemble, attribute_frame, categorical, read_delimited
+
+log = logging.getLogger(__name__)
+
+# Unix seconds of 5000-01-01: integer times past it are milliseconds (or microseconds) read as
+# seconds, most likely (a split's cut and a half-life in days would be a thousand times off).
+_YEAR_5000 = 95_617_584_000
 
 SCHEMA_FILE = "schema.json"
 _TABLE_KEYS = {"file", "separator", "encoding"}
@@ -83,7 +92,7 @@ def _read_schema(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"missing file: {path} (a csv source is described by {SCHEMA_FILE})")
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM or none
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
     except UnicodeDecodeError as error:
@@ -131,17 +140,24 @@ def _read_table(directory: Path, spec: Mapping[str, Any], schema_path: Path) -> 
 
 
 def _ids(table: Table, column: str) -> np.ndarray:
-    ids = table.column(column).str.strip()
-    empty = (ids == "").to_numpy()
-    if empty.any():
-        table.fail(int(np.argmax(empty)), f"empty {column!r}")
-    return ids.to_numpy(dtype=object)
+    return table.ids(column).to_numpy(dtype=object)
 
 
 def _timestamps(table: Table, column: str) -> np.ndarray:
     values = table.column(column).str.strip()
     if len(values) == 0 or _is_number(values.iloc[0]):
-        return table.integers(column)
+        seconds = table.integers(column)
+        late = int(np.count_nonzero(seconds > _YEAR_5000))
+        if late:
+            log.warning(
+                "%s: %d of %d %r values are past the year 5000 as Unix seconds: if they are "
+                "milliseconds, divide them by 1000",
+                table.path,
+                late,
+                len(seconds),
+                column,
+            )
+        return seconds
     times = pd.to_datetime(values, format="ISO8601", utc=True, errors="coerce")
     bad = times.isna().to_numpy()
     if bad.any():

@@ -177,8 +177,8 @@ def _interactions(
         table.integers(rating)
     return pd.DataFrame(
         {
-            "user_id": table.require_non_empty(user),
-            "item_id": table.require_non_empty(item),
+            "user_id": table.ids(user),
+            "item_id": table.ids(item),
             "timestamp": table.integers(timestamp),
         }
     )
@@ -193,7 +193,7 @@ def _users(table: Table, id_column: str, age: pd.Series) -> pd.DataFrame:
         "zip1": zip_code.str.slice(0, 1).to_numpy(),
         "zip3": zip_code.str.slice(0, 3).to_numpy(),
     }
-    return attribute_frame(table.require_non_empty(id_column), table, columns, "user_id")
+    return attribute_frame(table.ids(id_column), table, columns, "user_id")
 
 
 def _items(table: Table, id_column: str, genres: pd.Series, year: pd.Series) -> pd.DataFrame:
@@ -201,7 +201,7 @@ def _items(table: Table, id_column: str, genres: pd.Series, year: pd.Series) -> 
         "genres": genres.to_numpy(),
         "year": year.to_numpy(dtype=np.float64),
     }
-    return attribute_frame(table.require_non_empty(id_column), table, columns, "item_id")
+    return attribute_frame(table.ids(id_column), table, columns, "item_id")
 
 
 def _age_group(table: Table, column: str) -> pd.Series:
@@ -252,7 +252,7 @@ def _genre_names(path: Path) -> tuple[str, ...]:
         return ML100K_GENRES
     table = read_delimited(path, "|", ["name", "index"], encoding=_LATIN1)
     order = table.integers("index")
-    names = table.require_non_empty("name").to_numpy()
+    names = table.ids("name").to_numpy()
     if sorted(order.tolist()) != list(range(len(order))):
         raise DataError(f"{path}: genre indices must be 0..{len(order) - 1}")
     return tuple(str(n) for n in names[np.argsort(order)])

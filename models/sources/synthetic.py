@@ -78,6 +78,8 @@ class SyntheticConfig:
     per_user: int = 45
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise DataError("synthetic: seed must be at least 0")
         for field in ("users", "items", "per_user"):
             if getattr(self, field) < 1:
                 raise DataError(f"synthetic: {field} must be at least 1")
