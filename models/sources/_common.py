@@ -201,8 +201,8 @@ def _checked_lines(
     blank = ends == starts
     # Only a line whose field count is off, or any line of a one-field file, may be spaces.
     spaces = bytes(c for c in b" \t" if bytes([c]) != sep)
-    for i in np.flatnonzero(~blank & ((counts != n_fields) | (n_fields == 1))):
-        blank[i] = not raw[starts[i] : ends[i]].strip(spaces)
+    for line in np.flatnonzero(~blank & ((counts != n_fields) | (n_fields == 1))):
+        blank[line] = not raw[starts[line] : ends[line]].strip(spaces)
     bad = ~blank & (counts != n_fields)
     if bad.any():
         i = int(np.argmax(bad))
