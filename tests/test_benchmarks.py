@@ -184,10 +184,11 @@ def test_recall_lua_is_seeded_and_reports_json(tmp_path: Path) -> None:
 
 def test_profile_summary_shares(tmp_path: Path) -> None:
     raw = tmp_path / "worker.txt"
+    encode = "ServingModel.encode (app/model/serving_model.py:87)"
     raw.write_text(
-        "run (uvicorn/main.py:1);recall (app/recall.py:5);ServingBundle.encode (app/b.py:9);"
-        "forward (torch/nn.py:3) 30\n"
-        "run (uvicorn/main.py:1);recall (app/recall.py:5) 10\n"
+        f"run (uvicorn/main.py:1);recall (app/recall.py:5);{encode};forward (torch/nn.py:3) 30\n"
+        f"run (uvicorn/main.py:1);recall (app/recall.py:5);{encode} 5\n"
+        "run (uvicorn/main.py:1);recall (app/recall.py:5) 5\n"
         "run (uvicorn/main.py:1) 60\n"
     )
     summary = json.loads(tool("profile", str(raw), "--duration", "1").stdout)
@@ -196,12 +197,13 @@ def test_profile_summary_shares(tmp_path: Path) -> None:
     assert dict(map(tuple, summary["self"]))["forward (torch/nn.py:3)"] == 0.3
     assert dict(map(tuple, summary["inclusive"])) == {
         "recall (app/recall.py:5)": 0.4,
-        "ServingBundle.encode (app/b.py:9)": 0.3,
+        encode: 0.35,
     }
     assert dict(map(tuple, summary["categories"])) == {
         "uvicorn (http protocol)": 0.6,
         "encode: torch tower": 0.3,
-        "app: other": 0.1,
+        "encode: other": 0.05,
+        "app: other": 0.05,
     }
 
 

@@ -22,7 +22,7 @@ CATEGORIES = (
     ("Runner.run (asyncio/runners.py", "event loop: uvloop (C: I/O, callbacks)"),
     ("(torch/", "encode: torch tower"),
     ("(models/features.py", "encode: feature encoder"),
-    ("ServingBundle.encode", "encode: other"),
+    ("encode (app/model/serving_model.py", "encode: other"),  # ServingModel.encode
     ("(faiss/", "search: faiss"),
     ("(numpy/", "numpy"),
     ("(app/retrieval.py", "search: python (exclusion, results)"),
