@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.redis_keys import DEFAULT_HISTORY_CAP, check_prefix
+from models.redis_keys import DEFAULT_HISTORY_CAP, DEFAULT_PREFIX, check_prefix
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 ScreenMode = Literal["auto", "on", "off"]
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # True: REDIS_URL names any node of a Redis Cluster (redis-py's cluster client finds the
     # others and follows failovers); the key layout is the same as on a standalone Redis.
     redis_cluster: bool = False
-    redis_prefix: Annotated[str, Field(min_length=1)] = "tr"
+    redis_prefix: Annotated[str, Field(min_length=1)] = DEFAULT_PREFIX
     redis_timeout_ms: Annotated[int, Field(ge=1)] = 50
     redis_retry_after_ms: Annotated[int, Field(ge=0)] = 500  # fail fast this long after an error
     redis_max_connections: Annotated[int, Field(ge=1)] = 64

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.dataset import DataError
 from models.options import add_options, given_options
-from models.redis_keys import DEFAULT_HISTORY_CAP
+from models.redis_keys import DEFAULT_HISTORY_CAP, DEFAULT_PREFIX
 from models.tower_config import TowerConfig
 from models.train_config import PRESETS, TrainConfig
 
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--redis-url names any node of a Redis Cluster (as REDIS_CLUSTER=true)",
     )
-    p.add_argument("--prefix", default="tr")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX)
     p.add_argument(
         "--history-length",
         type=_positive,

@@ -228,7 +228,3 @@ class FeatureEncoder:
                 history_rows = [self.history_rows(h) for h in histories or [[]] * batch_size]
             out[HISTORY] = self.encode_history_rows(history_rows)
         return out
-
-    def unknown_names(self, names: Iterable[str]) -> list[str]:
-        """Names that are not attribute features of this encoder (request validation)."""
-        return sorted(set(names) - set(self.names))

@@ -194,16 +194,6 @@ def test_encode_columns_missing_column_is_missing() -> None:
     assert HISTORY not in out
 
 
-def test_unknown_names() -> None:
-    enc = encoder()
-    assert enc.unknown_names(["gender", "shoe_size", "age", "history", "a"]) == [
-        "a",
-        "history",
-        "shoe_size",
-    ]
-    assert enc.unknown_names([]) == []
-
-
 def test_encoder_rejects_bad_feature_sets() -> None:
     with pytest.raises(FeatureSpecError, match="unique"):
         FeatureEncoder([GENDER, GENDER])

@@ -6,16 +6,15 @@ thread pool, a hop that would cost more than the recall itself."""
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp
 
 from app.errors import AdminDisabled, Unauthorized
-from app.http.schemas import ID_PATTERN, MAX_ID_LENGTH
+from app.http.fields import ID_PATTERN, MAX_ID_LENGTH
 from app.metrics import Metrics
-from app.model import ModelRepository
 from app.recall import RecallService
 from app.services import Services
 from app.settings import Settings
@@ -42,10 +41,6 @@ async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-async def get_repository(services: ServicesDep) -> ModelRepository:
-    return services.repository
-
-
 async def get_recall(services: ServicesDep) -> RecallService:
     return services.recall
 
@@ -59,14 +54,17 @@ async def get_metrics(services: ServicesDep) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 RecallDep = Annotated[RecallService, Depends(get_recall)]
 UsersDep = Annotated[UserService, Depends(get_users)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
-UserIdPath = Annotated[
-    str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["u42"])
-]
+
+def id_path(example: str) -> Any:
+    """A path id's checks (as a body's ids): the `Annotated` metadata of a route parameter."""
+    return Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=[example])
+
+
+UserIdPath = Annotated[str, id_path("u42")]
 
 # auto_error=False: a missing or malformed header is ours to answer (401 + WWW-Authenticate).
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <ADMIN_TOKEN>")

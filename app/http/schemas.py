@@ -13,13 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 from app.catalogue import ItemStatus
-from app.http.fields import (  # ID_PATTERN, MAX_ID_LENGTH: for app.http.deps too
-    ID_PATTERN,  # noqa: F401
-    MAX_ID_LENGTH,
-    MAX_STRING_VALUE,
-    ExternalId,
-    Name,
-)
+from app.http.fields import MAX_ID_LENGTH, MAX_STRING_VALUE, ExternalId, Name
 from app.http.filter_schema import RecallFilter
 from app.recall import FeatureSource
 from app.settings import MAX_BATCH_CEILING, MAX_HISTORY_CEILING

@@ -9,7 +9,6 @@ one. The model it returns is ready and never changes: a reload loads another one
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ class ServingModel:
         encoder: the shared feature encoder (spec + item index for history).
         index: the item index the user vectors are searched in.
         item_ids: external id of each row of the index.
-        loaded_at: UNIX time the model became ready.
         item_tower: the serving item tower (`models.serving_towers`); None in a format 1
             bundle.
         item_encoder: the item attributes' encoder (`item_feature_spec.json`); None likewise.
@@ -62,7 +60,6 @@ class ServingModel:
     encoder: FeatureEncoder
     index: ItemIndex
     item_ids: Sequence[str]
-    loaded_at: float
     item_tower: nn.Module | None = None
     item_encoder: FeatureEncoder | None = None
     # The catalogue's raw attribute values, which recall filters read; None when the bundle
@@ -165,7 +162,6 @@ class ServingModel:
             encoder=encoder,
             index=build_item_index(embeddings, config, bundle_dir=path, checksum=checksum),
             item_ids=tuple(verified.item_ids),
-            loaded_at=time.time(),
             item_tower=item_tower,
             item_encoder=item_encoder,
             item_attributes=_load_attributes(verified),

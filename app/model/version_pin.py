@@ -6,14 +6,10 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 
-from redis import exceptions as redis_errors
-
 from app.config import RedisConfig
-from app.store.redis_client import control_client
+from app.store.redis_client import CONTROL_ERRORS, control_client
 from models.bundle import is_version_name
 
-# What reading or writing the pin may raise (a cluster client's own errors are no RedisError).
-PIN_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
 PIN_CONNECTIONS = 4  # a read per watcher step, a write per reload: a few are plenty
 
 
@@ -71,7 +67,7 @@ class RedisPin(VersionPin):
         try:
             async with asyncio.timeout(self.timeout_s):
                 value = await self.client.get(self.key)
-        except PIN_ERRORS as exc:
+        except CONTROL_ERRORS as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if value is None or not isinstance(value, str) or not is_version_name(value):
             return None  # absent, or not ours to trust: follow LATEST
@@ -84,7 +80,7 @@ class RedisPin(VersionPin):
                     await self.client.delete(self.key)
                 else:
                     await self.client.set(self.key, version)
-        except PIN_ERRORS as exc:
+        except CONTROL_ERRORS as exc:
             raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:

@@ -23,15 +23,13 @@ import numpy as np
 
 from app.config import IndexConfig
 from app.search.allowed import AllowedRows
-from app.search.filter_index import FilterIndexes
+from app.search.filter_index import MIN_ROWS_PER_LIST, FilterIndexes
 from app.search.item_index import ItemIndex, exact_allowed, shared_tensor
 from app.settings import IndexType
 
 # FAISS's stubs know neither SearchParametersHNSW nor the keyword constructors of its search
 # parameters, which its Python wrapper adds.
 _faiss: Any = faiss
-# k-means wants ~39 training points per list; fewer lists than that for small catalogues.
-MIN_POINTS_PER_LIST = 39
 
 # A filter allowing less than this share of the catalogue (or few enough rows for their vectors
 # to be kept, `AllowedRows.kept`) is served by an exact scan of its rows instead of the index
@@ -65,7 +63,7 @@ def build_faiss_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Inde
         index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.hnsw_ef_construction
     elif config.kind == "ivf":
-        nlist = max(1, min(config.ivf_nlist, n // MIN_POINTS_PER_LIST))
+        nlist = max(1, min(config.ivf_nlist, n // MIN_ROWS_PER_LIST))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(embeddings)

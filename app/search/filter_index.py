@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # ms for either.
 LISTS_PER_SQRT_ROWS = 2
 MAX_LISTS = 1024
-MIN_ROWS_PER_LIST = 39
+MIN_ROWS_PER_LIST = 39  # k-means wants ~39 training points per list (also the IVF index's)
 # A build that failed is not tried again for these rows: this marks it.
 _FAILED: Any = object()
 # Filters counted towards a build, at most (the least recently searched forgotten first).

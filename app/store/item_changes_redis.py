@@ -16,16 +16,12 @@ import asyncio
 import uuid
 from typing import Any
 
-from redis import exceptions as redis_errors
-
 from app.config import RedisConfig
 from app.errors import ItemChangesUnavailable
 from app.store.item_changes import ChangePage, ItemChange, ItemChangeLog
-from app.store.redis_client import control_client, redis_reason
+from app.store.redis_client import CONTROL_ERRORS, control_client, redis_reason
 from models.redis_keys import check_prefix, item_change_keys
 
-# What a call may raise (a cluster client's own errors are no RedisError).
-ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError, TimeoutError)
 CONNECTIONS = 4  # an admin write and a poll at a time per worker: a few are plenty
 
 # KEYS: seq, changes, order, epoch. ARGV: item id, record, a new epoch (used if none yet).
@@ -67,7 +63,7 @@ class RedisItemChangeLog(ItemChangeLog):
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self.client.eval(script, len(self.keys), *self.keys, *args)
-        except ERRORS as exc:
+        except CONTROL_ERRORS as exc:
             reason = redis_reason(exc) or type(exc).__name__
             raise ItemChangesUnavailable(f"the item change log is unavailable: {reason}") from exc
 

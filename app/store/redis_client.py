@@ -29,6 +29,14 @@ UNREACHABLE = (
 # A cluster failing over answers these at once (no back-off needed), and they heal by
 # themselves: like an outage, not like a bad command.
 FAILING_OVER = (redis_errors.ClusterDownError, redis_errors.TryAgainError)
+# What a control-plane call (the version pin, the item change log) may raise: a cluster
+# client's own errors are no RedisError.
+CONTROL_ERRORS = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+    OSError,
+    TimeoutError,
+)
 # What a cluster node answers a client that does not know it is one.
 CLUSTER_ONLY = (redis_errors.AskError, redis_errors.ClusterCrossSlotError)
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from app.catalogue import ItemState
-from app.http.deps import AdminDep, ServicesDep
+from app.http.deps import AdminDep, ServicesDep, id_path
 from app.http.routes.admin import AUTH_ERRORS
-from app.http.schemas import ID_PATTERN, MAX_ID_LENGTH, ErrorResponse, ItemRequest, ItemResponse
+from app.http.schemas import ErrorResponse, ItemRequest, ItemResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 # `:id` (`app.http.fields.PathIdConvertor`): an id may hold "/", as a catalogue's may.
 
-ItemIdPath = Annotated[
-    str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["new-42"])
-]
+ItemIdPath = Annotated[str, id_path("new-42")]
 LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
 
 
