@@ -6,6 +6,7 @@ Access lines are `app.http.access_log`'s."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import time
@@ -92,7 +93,10 @@ class JsonFormatter(logging.Formatter):
             line["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack_info"] = self.formatStack(record.stack_info)
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate (an undecodable path, say): escaped
+            return json.dumps(line, default=str)
 
 
 class TextFormatter(DefaultFormatter):
@@ -119,5 +123,7 @@ def logging_config(log_format: LogFormat, level: str) -> dict[str, Any]:
     config["loggers"]["app"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     # Every other library's warnings (redis-py's cluster client, …) in the same format, not
     # through logging's last-resort handler as bare text.
-    config["root"] = {"handlers": ["default"], "level": "WARNING"}
+    # Python's warnings too (`create_app` routes them to logging), at LOG_LEVEL when higher.
+    root_level = max(logging.WARNING, logging.getLevelName(level.upper()))
+    config["root"] = {"handlers": ["default"], "level": logging.getLevelName(root_level)}
     return config

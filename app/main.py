@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,6 +38,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Python's warnings (numpy's, a library's deprecations) as log lines in the service's
+    # format, not bare text on stderr (`app.logs.logging_config` gives the root its handler).
+    logging.captureWarnings(True)
     app = FastAPI(
         title="tower-recall",
         summary="Two-tower candidate retrieval: top-K items for a user in milliseconds.",

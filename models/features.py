@@ -156,7 +156,8 @@ class FeatureEncoder:
             return np.zeros(len(values), dtype=np.float32)
         if feature.transform == "log":
             x = np.log1p(np.maximum(x, 0.0))
-        z = np.clip((x - feature.mean) / feature.std, -Z_CLIP, Z_CLIP)
+        with np.errstate(over="ignore"):  # a huge value is clipped like any beyond Z_CLIP
+            z = np.clip((x - feature.mean) / feature.std, -Z_CLIP, Z_CLIP)
         return np.where(missing, 0.0, z).astype(np.float32)
 
     def history_rows(self, items: Iterable[str]) -> list[int]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -399,23 +401,76 @@ def test_a_client_that_left_while_served_is_logged_as_499(
     assert access["stayed"]["status"] == 200
 
 
+@pytest.mark.slow
+def test_a_request_the_server_ends_at_shutdown_is_a_503_with_its_id(
+    procs: Processes, model_dir: Path
+) -> None:
+    """A client stalled mid-body when SHUTDOWN_TIMEOUT_S runs out: the server cancels its
+    request. It answered a bare 500 without X-Request-ID, logged as a crash and counted as a
+    server error on every deploy; it is a 503 to retry elsewhere."""
+    port = free_port()
+    env = service_env(
+        model_dir, port, LOG_LEVEL="info", LOG_FORMAT="json", RELOAD_POLL_S="0",
+        SHUTDOWN_TIMEOUT_S="1",
+    )  # fmt: skip
+    proc = procs.start([sys.executable, "-m", "app"], env, ROOT, "service-shutdown")
+    wait_ready(f"http://127.0.0.1:{port}", 60, proc)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(
+            b"POST /v1/recall HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b'X-Request-ID: stalled-1\r\nContent-Length: 100\r\n\r\n{"user_id": '
+        )
+        time.sleep(0.3)  # the request waits for the rest of its body
+        proc.popen.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    proc.popen.wait(30)  # uvicorn ends by raising the signal again: -SIGTERM
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 503 ") and b"x-request-id: stalled-1" in head, answer
+    output = proc.log.read_text()
+    lines = [json.loads(line) for line in output.splitlines()]
+    access = {line["request_id"]: line for line in lines if line["logger"] == "app.access"}
+    assert access["stalled-1"]["status"] == 503
+    assert "Exception in ASGI application" not in output
+
+
 def test_other_libraries_warnings_come_out_in_the_services_format() -> None:
     """With LOG_FORMAT=json every line is JSON, a third-party logger's too (redis-py's
-    cluster client warns on its own logger: it came out as bare text). In a process of its
-    own, as the service configures logging: once, for the whole process."""
+    cluster client warns on its own logger: it came out as bare text), Python's warnings
+    (numpy's overflow warnings were bare text on stderr), and a message holding a lone
+    surrogate (an undecodable path: the formatter failed, and a traceback came out instead);
+    LOG_LEVEL above warning quiets the other libraries too. In a process of its own, as the
+    service configures logging: once, for the whole process."""
     script = """if True:
-        import logging, logging.config
+        import logging, logging.config, sys, warnings
         from app.logs import logging_config
-        logging.config.dictConfig(logging_config("json", "info"))
+        logging.config.dictConfig(logging_config("json", sys.argv[1]))
+        from app.main import create_app  # which routes Python's warnings to logging
         logging.getLogger("redis.cluster").warning("Topology refresh failed")
         logging.getLogger("redis.cluster").info("not at info")
         logging.getLogger("app.model").info("the service's own")
+        warnings.warn("overflow encountered in divide", RuntimeWarning)
+        logging.getLogger("app.model").error("cannot read /data/\\udcff")
     """
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    lines = [json.loads(line) for line in done.stderr.splitlines()]
-    assert [(line["logger"], line["msg"]) for line in lines] == [
+
+    def lines(level: str) -> list[tuple[str, str]]:
+        done = subprocess.run(
+            [sys.executable, "-c", script, level],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "MODEL_DIR": "/nonexistent"},
+        )
+        found = [json.loads(line) for line in done.stderr.splitlines()]
+        return [(line["logger"], line["msg"].splitlines()[0]) for line in found]
+
+    warned = lines("info")
+    assert warned[:2] == [
         ("redis.cluster", "Topology refresh failed"),
         ("app.model", "the service's own"),
     ]
+    assert warned[2][0] == "py.warnings" and "overflow encountered in divide" in warned[2][1]
+    assert warned[3] == ("app.model", "cannot read /data/\udcff")
+    assert lines("error") == [("app.model", "cannot read /data/\udcff")]

@@ -226,6 +226,14 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive_watched, send_with_id)
+        except asyncio.CancelledError:
+            if status is not None:
+                raise
+            # The server ended it at shutdown (SHUTDOWN_TIMEOUT_S run out, a client stalled):
+            # a 503 to retry elsewhere, with its id, where the server would answer a bare 500
+            # and log the cancellation as a crash.
+            detail = {"detail": "the server is shutting down: retry"}
+            await JSONResponse(detail, 503)(scope, receive, send_with_id)
         except BaseException:
             status = status or 500
             raise
