@@ -1,11 +1,19 @@
-"""Prometheus metrics, one registry per app instance (so tests and workers never collide)."""
+"""Prometheus metrics, one registry per app instance (so tests and workers never collide).
+
+With several workers (`app.workers`), each counts into the directory PROMETHEUS_MULTIPROC_DIR
+names (prometheus_client's multiprocess mode), and `/metrics`, whichever worker answers it,
+gives the sum over the workers: counters and histograms summed, each worker's gauges apart
+(a `pid` label). The library's `process_*` and `python_info` series are then left out: they
+would describe the one worker that answered.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,12 +26,24 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from app.search import ItemIndex
+
+# Set (by the supervisor of several workers) before any worker imports prometheus_client.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# A gauge of a worker's own state: with several workers, one series each (`pid`), of the
+# workers alive.
+LIVE_PER_WORKER: Literal["liveall"] = "liveall"
 
 # Recall is a few milliseconds; reloads and timeouts reach into seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Stages are per batch and often well under a millisecond.
 STAGE_BUCKETS = (0.0001, 0.0002, 0.0005, *LATENCY_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The `method` label's values; any other method is "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -32,10 +52,13 @@ class Metrics:
 
     def __init__(self) -> None:
         disable_created_metrics()  # `*_created` series double the output and say little here
+        self.multiprocess = MULTIPROCESS_DIR in os.environ
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)  # CPU, memory, open fds of this worker
-        PlatformCollector(registry=r)
+        if not self.multiprocess:
+            ProcessCollector(registry=r)  # CPU, memory, open fds of this worker
+            PlatformCollector(registry=r)
+        own = LIVE_PER_WORKER
         self.requests = Counter(
             "tower_recall_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
         )
@@ -61,9 +84,15 @@ class Metrics:
             registry=r,
         )
         self.model_info = Gauge(
-            "tower_recall_model_info", "The serving bundle (value 1)", ["version"], registry=r
+            "tower_recall_model_info",
+            "The serving bundle (value 1)",
+            ["version"],
+            registry=r,
+            multiprocess_mode=own,
         )
-        self.model_items = Gauge("tower_recall_model_items", "Items in the index", registry=r)
+        self.model_items = Gauge(
+            "tower_recall_model_items", "Items in the index", registry=r, multiprocess_mode=own
+        )
         self.reloads = Counter(
             "tower_recall_model_loads", "Bundle loads by outcome", ["outcome"], registry=r
         )
@@ -97,14 +126,19 @@ class Metrics:
             "tower_recall_overlay_items",
             "Items added since the serving bundle, searched beside its index",
             registry=r,
+            multiprocess_mode=own,
         )
         self.masked_items = Gauge(
-            "tower_recall_masked_items", "Catalogue items of the serving bundle deleted", registry=r
+            "tower_recall_masked_items",
+            "Catalogue items of the serving bundle deleted",
+            registry=r,
+            multiprocess_mode=own,
         )
         self.filter_indexes = Gauge(
             "tower_recall_filter_indexes",
             "Filters searched often that have an index of their own rows in this worker",
             registry=r,
+            multiprocess_mode=own,
         )
 
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
@@ -119,6 +153,8 @@ class Metrics:
         return found
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        # Any method the HTTP parser takes (PROPFIND, PURGE, …) would be a series of its own.
+        method = method if method in METHODS else "other"
         self.child(self.requests, method, route, str(status)).inc()
         self.child(self.latency, method, route, str(status)).observe(seconds)
 
@@ -133,16 +169,21 @@ class Metrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def set_model(self, version: str, n_items: int, filter_indexes: Callable[[], int]) -> None:
-        """The serving model's gauges; `filter_indexes` is read at each scrape."""
+    def set_model(self, version: str, n_items: int, index: ItemIndex) -> None:
+        """The serving model's gauges; its index tells the filter-index count as it changes."""
         self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)
-        self.filter_indexes.set_function(filter_indexes)
+        self.filter_indexes.set(index.filter_index_count())
+        index.watch_filter_indexes(self.filter_indexes.set)
 
     def set_overlay(self, added: int, masked: int) -> None:
         self.overlay_items.set(added)
         self.masked_items.set(masked)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers)  # reads every worker's files at each scrape
+        return generate_latest(workers)

@@ -16,6 +16,9 @@ supervisor dies, so killing the supervisor outright (SIGKILL, the OOM killer) le
 serving as an orphan (uvicorn's supervisor leaves them). Unlike uvicorn's, it does not ping
 its workers: a worker that hangs without dying keeps its share of new connections until it is
 killed, and one killed with connections still queued on its socket resets them.
+
+The workers count their metrics into one directory (`shared_metrics`, prometheus_client's
+multiprocess mode), so a scrape of `/metrics`, which any one worker answers, covers them all.
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
+
+from app.metrics import MULTIPROCESS_DIR
 
 log = logging.getLogger("uvicorn.error")
 
@@ -133,17 +143,18 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, self._on_signal)
         log.info("Started parent process; %d workers, one SO_REUSEPORT socket each", self.workers)
-        processes = [self._start() for _ in range(self.workers)]
-        try:
-            while self.stop_reason is None:
-                time.sleep(POLL_S)
-                for i, process in enumerate(processes):
-                    if self.stop_reason is None and not process.is_alive():
-                        processes[i] = self._replace(process)
-        finally:
-            log.info("Stopping the workers (%s)", self.stop_reason)
-            self._stop(processes)
-            claim.close()
+        with shared_metrics():
+            processes = [self._start() for _ in range(self.workers)]
+            try:
+                while self.stop_reason is None:
+                    time.sleep(POLL_S)
+                    for i, process in enumerate(processes):
+                        if self.stop_reason is None and not process.is_alive():
+                            processes[i] = self._replace(process)
+            finally:
+                log.info("Stopping the workers (%s)", self.stop_reason)
+                self._stop(processes)
+                claim.close()
         return self.exit_code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -155,6 +166,8 @@ class Supervisor:
         return process
 
     def _replace(self, process: BaseProcess) -> BaseProcess:
+        if process.pid is not None:  # its gauges go; its counts stay in the sums
+            multiprocess.mark_process_dead(process.pid)
         if process.exitcode == STARTUP_FAILURE:
             log.error("Worker [%s] failed to start; stopping", process.pid)
             self.exit_code = STARTUP_FAILURE
@@ -178,3 +191,23 @@ class Supervisor:
                 process.kill()
                 process.join()
         log.info("Stopped parent process")
+
+
+@contextlib.contextmanager
+def shared_metrics() -> Iterator[Path]:
+    """The directory the workers count their metrics into (`app.metrics`), set in the
+    environment they inherit: PROMETHEUS_MULTIPROC_DIR when given (its old counts wiped:
+    a restart starts from zero, as a single process does), else a new temporary one, removed
+    at exit."""
+    given = os.environ.get(MULTIPROCESS_DIR)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="tower-recall-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    os.environ[MULTIPROCESS_DIR] = str(path)
+    try:
+        yield path
+    finally:
+        if given is None:
+            del os.environ[MULTIPROCESS_DIR]
+            shutil.rmtree(path, ignore_errors=True)

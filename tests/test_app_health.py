@@ -172,6 +172,8 @@ async def test_metrics_expose_routes_stages_model_and_cache(
         await client.post("/v1/recall", json={"user_id": "u1", "k": 5})
         await client.post("/v1/recall", json={"user_id": "u1", "k": 0})
         await client.post("/v1/users/u1/events", json={"item_ids": ["i1"]})
+        for method in ("PROPFIND", "PURGE", "MKCOL"):  # one "other" series, not one each
+            await client.request(method, "/v1/recall")
         response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -188,8 +190,10 @@ async def test_metrics_expose_routes_stages_model_and_cache(
         'tower_recall_stage_duration_seconds_count{stage="search"} 1.0',
         'tower_recall_stage_duration_seconds_count{stage="feature_fetch"} 1.0',
         'tower_recall_feature_source_total{source="default"} 1.0',
+        'tower_recall_http_requests_total{method="other",route="/v1/recall",status="405"} 3.0',
     ):
         assert line in text, line
+    assert "PROPFIND" not in text
     assert 'tower_recall_http_request_duration_seconds_bucket{le="0.005",method="POST",' in text
 
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers_app import free_port
 from helpers_process import Proc, Processes, wait_for
@@ -119,6 +120,45 @@ def test_a_burst_of_connections_reaches_every_worker(procs: Processes, model_dir
     for _ in range(5):
         spread = burst(port)
         assert len(spread) == 2 and sum(spread.values()) == 16, spread
+
+
+def scrape(port: int) -> str:
+    """/metrics on a connection of its own: the worker the kernel picks answers."""
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def series(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name)]
+
+
+def test_every_scrape_counts_every_workers_requests(procs: Processes, model_dir: Path) -> None:
+    """Each worker kept its own counts and a scrape reached one of them: totals understated,
+    and counters that jumped between the workers' values read as resets by Prometheus."""
+    port = free_port()
+    app = start(procs, model_dir, port)
+    before = all_workers(port, 2)
+    for n in range(40):  # a connection each: the kernel spreads them over both workers
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/recall", json={"user_id": f"u{n}"})
+        assert response.status_code == 200
+    recalls = 'tower_recall_http_requests_total{method="POST",route="/v1/recall",status="200"}'
+    for _ in range(8):
+        text = scrape(port)
+        assert series(text, recalls) == [f"{recalls} 40.0"]
+        assert len(series(text, "tower_recall_model_info{")) == 2  # a series a worker (pid)
+        assert 'tower_recall_feature_source_total{source="default"} 40.0' in text
+    # A worker that dies takes its gauges with it, not its counts.
+    os.kill(int(sorted(before)[0].rsplit(":", 1)[1]), signal.SIGKILL)
+
+    def replaced() -> set[str] | None:
+        seen = ready_workers(port)
+        return seen if seen is not None and len(seen) == 2 and seen != before else None
+
+    wait_for(replaced, 90, "a replacement worker", app)
+    text = scrape(port)
+    assert series(text, recalls) == [f"{recalls} 40.0"]
+    pids = {worker.rsplit(":", 1)[1] for worker in ready_workers(port) or ()}
+    model_info = series(text, "tower_recall_model_info{")
+    assert len(model_info) == 2 and all(any(f'pid="{p}"' in s for p in pids) for s in model_info)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])

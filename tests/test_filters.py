@@ -239,6 +239,7 @@ async def test_a_reload_builds_the_serving_models_filter_indexes_before_the_swap
         assert len(new.index.filter_indexes) == 1
         compiled = services.recall.filters.get(new, RecallFilter(**hot), ("body",))
         assert new.index.has_filter_index(compiled.allowed)
+        assert "tower_recall_filter_indexes 1.0" in (await client.get("/metrics")).text
         response = await client.post("/v1/recall", json={"user_id": "u1", "k": 20, "filter": hot})
         assert response.status_code == 200
         assert response.json()["model_version"] == bundles.v2.name

@@ -175,8 +175,7 @@ class ModelRepository:
         """A load's outcome (`rejected`, or `loaded` once it serves) and the serving gauges."""
         self.metrics.reloads.labels(outcome).inc()
         if serving is not None:
-            index = serving.index
-            self.metrics.set_model(serving.version, serving.n_items, index.filter_index_count)
+            self.metrics.set_model(serving.version, serving.n_items, serving.index)
 
     def versions(self) -> list[str]:
         try:

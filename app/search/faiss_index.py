@@ -16,6 +16,7 @@ its own rows (`app.search.filter_index`), exact and several times cheaper.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -120,6 +121,9 @@ class FaissIndex(ItemIndex):
 
     def filter_index_count(self) -> int:
         return len(self.filter_indexes)
+
+    def watch_filter_indexes(self, callback: Callable[[int], None]) -> None:
+        self.filter_indexes.on_change = callback
 
     def has_filter_index(self, allowed: AllowedRows) -> bool:
         return self.filter_indexes.ready(allowed)

@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -73,6 +74,8 @@ class FilterIndexes:
         self._building: threading.Thread | None = None
         self._idle_until = 0.0  # time.monotonic() before which no build starts
         self._lock = threading.Lock()
+        # Told the number of indexes after each build (the serving model's: a metric).
+        self.on_change: Callable[[int], None] = lambda count: None
 
     def search(
         self, vectors: np.ndarray, k: int, allowed: AllowedRows
@@ -172,6 +175,7 @@ class FilterIndexes:
             self._rows[key] = rows
             self._uses.pop(key, None)
             self._idle_until = time.monotonic() + self.pause * took
+        self.on_change(len(self))
 
 
 def build_filter_index(matrix: np.ndarray, rows: np.ndarray) -> ClusterPruning:

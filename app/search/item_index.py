@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -63,6 +63,10 @@ class ItemIndex(ABC):
     def filter_index_count(self) -> int:
         """Filters with an index of their own rows (`app.search.filter_index`): none here."""
         return 0
+
+    def watch_filter_indexes(self, callback: Callable[[int], None]) -> None:
+        """Have `callback` told `filter_index_count()` whenever it changes: never here."""
+        return None
 
     def has_filter_index(self, allowed: AllowedRows) -> bool:
         """Whether the filter of these rows has an index of its own rows: never here."""
