@@ -31,7 +31,7 @@ INDEX_TYPE, WORKERS, PORT, OMP_NUM_THREADS=1) as a separate process:
   where they were accepted) is flagged in `warnings`;
 - ratios: recall rps / bare rps, p50 / floor, rps / (min(workers, cores) / floor), and the
   workers' CPU time per request against the floor (the figure least disturbed by other jobs);
-- the service's own /metrics (one worker's view, read right after the recall run: its
+- the service's own /metrics (every worker's counts summed, read right after the recall run: its
   warm-up and the run itself): mean stage times, batch size, cache hit rates;
 - with `--profile`, one more recall run under `py-spy record` per worker: where time goes.
 - first, unless `--no-reference`: the issue's bare FastAPI prototype (one route) on this

@@ -20,7 +20,7 @@ from serving_kit.report import log
 
 def service_metrics(base_url: str) -> dict[str, Any]:
     """Mean stage times (per batch), mean micro-batch size and cache hit rates from /metrics
-    (cumulative since start, one worker's view; absent series: None)."""
+    (cumulative since start, every worker summed; absent series: None)."""
     import urllib.request
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
