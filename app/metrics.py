@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,9 +27,6 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
-
-if TYPE_CHECKING:
-    from app.search import ItemIndex
 
 # Set (by the supervisor of several workers) before any worker imports prometheus_client.
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -169,13 +166,12 @@ class Metrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def set_model(self, version: str, n_items: int, index: ItemIndex) -> None:
-        """The serving model's gauges; its index tells the filter-index count as it changes."""
+    def set_model(self, version: str, n_items: int, filter_indexes: int) -> None:
+        """The serving model's gauges (its index then sets `filter_indexes` as it changes)."""
         self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)
-        self.filter_indexes.set(index.filter_index_count())
-        index.watch_filter_indexes(self.filter_indexes.set)
+        self.filter_indexes.set(filter_indexes)
 
     def set_overlay(self, added: int, masked: int) -> None:
         self.overlay_items.set(added)

@@ -175,7 +175,9 @@ class ModelRepository:
         """A load's outcome (`rejected`, or `loaded` once it serves) and the serving gauges."""
         self.metrics.reloads.labels(outcome).inc()
         if serving is not None:
-            self.metrics.set_model(serving.version, serving.n_items, serving.index)
+            index = serving.index
+            self.metrics.set_model(serving.version, serving.n_items, index.filter_index_count())
+            index.watch_filter_indexes(self.metrics.filter_indexes.set)
 
     def versions(self) -> list[str]:
         try:
