@@ -83,6 +83,8 @@ class CompiledFilter:
         ranges: attribute -> {bound name: value}.
         allow_ids: None when the filter has no allow list.
         deny_ids: ids never returned.
+        added_revision: the item changes' revision it was compiled at when some of its values
+            are known only through items added at serving time (they may go), else None.
     """
 
     key: str
@@ -93,6 +95,7 @@ class CompiledFilter:
     allow_ids: frozenset[str] | None
     deny_ids: frozenset[str]
     columns: Mapping[str, AttributeColumn]
+    added_revision: int | None = None
 
     def accepts(self, item_id: str, attributes: Mapping[str, Any]) -> bool:
         """Whether an item with these raw attributes (as the item table holds them; absent
@@ -144,7 +147,7 @@ def compile_filter(model: ServingModel, spec: FilterInput, loc: Loc) -> Compiled
 def _compile(model: ServingModel, key: str, loc: Loc) -> CompiledFilter:
     data = json.loads(key)
     attributes = model.item_attributes
-    errors = _check(attributes, data, (*loc, "filter"), model.overlay.attributes)
+    errors, on_added = _check(attributes, data, (*loc, "filter"), model.overlay.attributes)
     if errors:
         raise InvalidInput(errors)
     columns = {} if attributes is None else dict(attributes.columns)
@@ -173,6 +176,7 @@ def _compile(model: ServingModel, key: str, loc: Loc) -> CompiledFilter:
         allow_ids=None if data["allow_ids"] is None else frozenset(data["allow_ids"]),
         deny_ids=frozenset(data["deny_ids"]),
         columns=columns,
+        added_revision=model.overlay.revision if on_added else None,
     )
 
 
@@ -181,11 +185,12 @@ def _check(
     data: dict[str, Any],
     loc: Loc,
     added: Sequence[Mapping[str, Any]],
-) -> list[Any]:
+) -> tuple[list[Any], bool]:
     """The 422 entries for attributes the catalogue lacks, values that neither its dictionary
     nor an item added at serving time (`added`: their raw attributes) has, and clauses the
-    attribute's kind cannot take."""
+    attribute's kind cannot take; and whether a value is known through added items only."""
     errors = []
+    on_added = False
     columns = {} if attributes is None else attributes.columns
     known = ", ".join(sorted(columns)) or "none: this model version has no item attributes"
     for clause in ("include", "exclude", "range"):
@@ -206,11 +211,12 @@ def _check(
                 unknown = column.lookup(values)[1]
                 if unknown and added:  # a value that only added items have is known too
                     seen = {v for item in added for v in column.raw_values(item.get(name))}
+                    on_added = on_added or any(value in seen for value in unknown)
                     unknown = [value for value in unknown if value not in seen]
                 if unknown:
                     msg = f"unknown value(s) of item attribute {name!r}: {unknown[:10]}"
                     errors.append(input_error(where, msg, unknown[:10], "filter_unknown_value"))
-    return errors
+    return errors, on_added
 
 
 class FilterCache:
@@ -230,9 +236,11 @@ class FilterCache:
         entry = (model.version, key)
         with self._lock:
             found = self._compiled.get(entry)
-            if found is not None:
+            if found is not None and found.added_revision in (None, model.overlay.revision):
                 self._compiled.move_to_end(entry)
                 return found
+        # (A filter whose values only added items had is judged again once items changed:
+        # those items may be gone, as a worker compiling it afresh would find.)
         compiled = _compile(model, key, loc)
         with self._lock:
             self._compiled[entry] = compiled

@@ -248,6 +248,13 @@ async def test_a_filter_value_only_added_items_have_is_known_while_they_are(
         assert refused.json()["detail"][0]["type"] == "filter_unknown_value"
         await put(client, "fresh", {**kind.like, "category": "c-new", "tags": ["t-new"]})
         assert await recall(client, kind.history, k=5, filter=where) == ["fresh"]
+        # Gone with the item (the worker's compiled filter said 200 still, where a worker
+        # compiling it afresh said 422).
+        await delete(client, "fresh")
+        gone = await client.post("/v1/recall", json=body)
+        assert (
+            gone.status_code == 422 and gone.json()["detail"][0]["type"] == "filter_unknown_value"
+        )
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["excluded", "masked"])
