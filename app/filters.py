@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Compiled filters kept per worker: each holds a mask of one byte per catalogue item (1 MB at
 # 1M) and, for a selective filter, its rows' vectors (at most 8.7 MB: `AllowedRows.kept`).
 CACHE_SIZE = 16
+# Distinct filters one /v1/recall/batch may name: each compiles in passes over the catalogue
+# (one per attribute clause and bound), 256 of them held the event loop seconds.
+MAX_BATCH_FILTERS = CACHE_SIZE
 _BOUNDS: dict[str, Callable[[Any, Any], Any]] = {
     "gte": operator.ge,
     "gt": operator.gt,

@@ -3,9 +3,11 @@
 Concurrent `/v1/recall` requests of one worker are served in micro-batches (`app.batcher`):
 one feature fetch, one tower call and one index search for every request waiting. Each
 request is validated on its own before it joins a batch (its 422 is its own; its filter is
-compiled then, once per model version, `app.filters.FilterCache`), each batch
-reads the serving model once (every response in it names that version), and a failure of
-one request's preparation or retrieval fails that request only.
+compiled then, against the serving version, and that compiled filter serves it unless a reload
+came in between: `Checked`), each batch reads the serving model once (every response in it
+names that version), and a failure of one request's preparation or retrieval fails that
+request only. A `/v1/recall/batch` names at most MAX_BATCH_FILTERS distinct filters: each
+compiles in passes over the catalogue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import orjson
@@ -23,7 +26,7 @@ from app.batcher import MicroBatcher
 from app.config import RecallLimits
 from app.errors import FeatureStoreUnavailable, InvalidInput, input_error
 from app.feature_checks import Loc, feature_errors
-from app.filters import CompiledFilter, FilterCache, FilterInput
+from app.filters import MAX_BATCH_FILTERS, CompiledFilter, FilterCache, FilterInput, canonical
 from app.logs import note_model_version, unbind_request
 from app.metrics import Metrics
 from app.model import ModelRepository, ServingModel
@@ -55,6 +58,17 @@ class RecallInput(Protocol):
     def exclude_seen(self) -> bool: ...
     @property
     def filter(self) -> FilterInput | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A request validated against model `version`, with its filter compiled for it (served by
+    that version, it is not compiled again: a batch of distinct filters compiled each twice,
+    the second time after the filter cache had let it go)."""
+
+    request: RecallInput
+    version: str
+    filter: CompiledFilter | None
 
 
 class RecallService:
@@ -93,8 +107,8 @@ class RecallService:
         self._check_limits([request], [("body",)])
         model = self.repository.require()
         self._check_features(model, [request], [("body",)])
-        self._check_filters(model, [request], [("body",)])
-        payload, version = await self._batcher.submit(request)
+        (compiled,) = self._check_filters(model, [request], [("body",)])
+        payload, version = await self._batcher.submit(Checked(request, model.version, compiled))
         note_model_version(version)
         return payload
 
@@ -103,13 +117,18 @@ class RecallService:
         if len(requests) > self.limits.max_batch:
             msg = f"List should have at most {self.limits.max_batch} items"
             raise InvalidInput([input_error(("body", "requests"), msg, len(requests), "too_long")])
+        distinct = {canonical(r.filter) for r in requests if r.filter is not None}
+        if len(distinct) > MAX_BATCH_FILTERS:
+            msg = f"at most {MAX_BATCH_FILTERS} distinct filters in one batch"
+            raise InvalidInput([input_error(("body", "requests"), msg, len(distinct), "too_many")])
         locs = [("body", "requests", i) for i in range(len(requests))]
         self._check_limits(requests, locs)
         model = self.repository.require()  # read once: the whole call uses this version
         self._check_features(model, requests, locs)
-        self._check_filters(model, requests, locs)
+        compiled = self._check_filters(model, requests, locs)
         note_model_version(model.version)
-        outcomes = await self._recall(model, requests)
+        checked = [Checked(r, model.version, f) for r, f in zip(requests, compiled, strict=True)]
+        outcomes = await self._recall(model, checked)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -117,7 +136,7 @@ class RecallService:
             return orjson.dumps({"results": outcomes})
 
     async def _serve_micro_batch(
-        self, requests: Sequence[RecallInput]
+        self, requests: Sequence[Checked]
     ) -> list[tuple[bytes, str] | BaseException]:
         """Each response with the version that answered it (for the request's access line)."""
         # The batcher's task was started by one of the requests, but serves all of them.
@@ -131,12 +150,18 @@ class RecallService:
             ]
 
     async def _recall(
-        self, model: ServingModel, requests: Sequence[RecallInput]
+        self, model: ServingModel, checked: Sequence[Checked]
     ) -> list[ResponseData | BaseException]:
         """One response (or the request's own error) per request, all from `model`."""
+        requests = [c.request for c in checked]
         outcomes: list[ResponseData | BaseException | None] = [None] * len(requests)
         live: list[tuple[int, CompiledFilter | None]] = []
-        for i, request in enumerate(requests):
+        for i, (request, version, compiled) in enumerate(
+            (c.request, c.version, c.filter) for c in checked
+        ):
+            if version == model.version:
+                live.append((i, compiled))
+                continue
             # Validated against the model current at submission; a reload since may serve a
             # spec without some name: that request alone gets the 422.
             try:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 from conftest import Bundles
 from helpers_app import Reference, admin_headers, copy_version, make_settings, serve
 
+from app import filters as filters_module
 from app.config import IndexConfig
-from app.filters import FilterCache, compile_filter
+from app.filters import MAX_BATCH_FILTERS, FilterCache, compile_filter
 from app.http.schemas import RecallFilter
 from app.main import create_app
 from app.model import ServingModel
@@ -349,3 +351,39 @@ async def test_a_bundle_without_attributes_filters_by_ids_only(
         body = {"user_id": "u1", "k": 10, "filter": {"allow_ids": SOME}}
         items = (await client.post("/v1/recall", json=body)).json()["items"]
         assert sorted(i["item_id"] for i in items) == sorted(SOME)
+
+
+async def test_each_requests_filter_is_compiled_once_and_a_batch_names_few(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter compiles in passes over the catalogue. Each was compiled when its request was
+    checked and again when served, and past the filter cache's 16 the second compile missed
+    the cache too: 256 distinct filters in one batch held the event loop for seconds."""
+    compiles: list[str] = []
+    compile_for = filters_module._compile
+
+    def counted(model: ServingModel, key: str, loc: Any) -> Any:
+        compiles.append(key)
+        return compile_for(model, key, loc)
+
+    monkeypatch.setattr(filters_module, "_compile", counted)
+
+    def body(i: int) -> dict[str, Any]:
+        spec = {"range": {"price": {"gte": -1.0 - i / 1000}}}
+        return {"user_id": f"u{i}", "k": 5, "filter": spec}
+
+    async with serve(make_settings(model_dir, max_batch=64)) as client:
+        answers = await asyncio.gather(
+            *(client.post("/v1/recall", json=body(i)) for i in range(40))
+        )
+        assert all(a.status_code == 200 for a in answers)
+        assert len(compiles) == 40  # one each, however the micro-batches fell
+        compiles.clear()
+        # MAX_BATCH_FILTERS distinct filters, each named twice: compiled once each.
+        many = [body(1000 + i) for i in range(MAX_BATCH_FILTERS)] * 2
+        response = await client.post("/v1/recall/batch", json={"requests": many[:16] + many[:8]})
+        assert response.status_code == 200 and len(compiles) == MAX_BATCH_FILTERS
+        too_many = {"requests": [body(2000 + i) for i in range(MAX_BATCH_FILTERS + 1)]}
+        refused = await client.post("/v1/recall/batch", json=too_many)
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["msg"] == "at most 16 distinct filters in one batch"
