@@ -13,6 +13,7 @@ import torch
 from app.config import IndexConfig
 from app.model import ServingModel
 from app.search import FlatIndex, build_faiss_index, flat
+from app.search.allowed import AllowedRows
 from app.search.cluster_pruning import ClusterPruning
 from app.search.flat import SCREEN_MIN_BATCH, screen_depth
 from app.search.topk import top_candidates
@@ -94,6 +95,31 @@ def test_top_candidates_through_block_maxima_are_the_top_values() -> None:
     assert torch.equal(values.sort(dim=1, descending=True).values, want)
     assert torch.equal(scores.gather(1, columns), values)
     assert all(len(set(row.tolist())) == 60 for row in columns)
+
+
+@pytest.mark.parametrize("screen", ["on", "off"])
+def test_a_batch_too_big_to_score_at_once_is_scanned_in_slices(
+    monkeypatch: pytest.MonkeyPatch, screen: str
+) -> None:
+    """Its scores are bounded by SCAN_BYTES (a batch of 256 over 1M items held ~1.5 GB more
+    at once), and the answers are the same exact top k, in the batch's order."""
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((20_000, 32), dtype=np.float32)
+    monkeypatch.setattr(flat, "SCAN_BYTES", 6 * len(matrix) * 4)  # four queries a slice
+    search = FlatIndex(torch.from_numpy(matrix), screen)  # type: ignore[arg-type]
+    scored: list[int] = []  # queries per (B, n_items) product
+    product = search._product
+    monkeypatch.setattr(search, "_product", lambda q: scored.append(len(q)) or product(q))
+    queries = rng.standard_normal((11, 32), dtype=np.float32)
+    for k in (1, 40):
+        assert_exact(search, queries, k)
+    allowed = AllowedRows(rng.random(len(matrix)) < 0.5)
+    scores, rows = search.search(queries, 20, allowed)
+    true = queries @ matrix.T
+    true[:, ~allowed.mask] = -np.inf
+    np.testing.assert_allclose(scores, -np.sort(-true, axis=1)[:, :20], rtol=0, atol=1e-4)
+    assert allowed.mask[rows].all()
+    assert scored and max(scored) <= 4
 
 
 def test_screened_search_is_exact_on_a_large_catalogue() -> None:

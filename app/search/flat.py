@@ -75,6 +75,11 @@ PRUNE_MIN_SHARE = 0.015
 
 # A lone query scanning up to this many items is searched on the event loop (`runs_inline`).
 INLINE_ITEMS = 50_000
+# Scores held at once by a scan: float32 `(B, n_items)` plus the screen's bfloat16 copy, 6
+# bytes a score. A batch whose queries need more is scanned in slices of queries: 256 queries
+# over 1M items held ~1.5 GB more per worker at once (a slice of 44 reads the matrix once
+# more each, which costs less than the memory).
+SCAN_BYTES = 256 << 20
 
 
 class Fallbacks:
@@ -187,6 +192,13 @@ class FlatIndex(ItemIndex):
     def _search(
         self, vectors: np.ndarray, k: int, allowed: AllowedRows | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        step = max(1, SCAN_BYTES // (6 * len(self.matrix)))
+        if len(vectors) > step:
+            parts = [
+                self._search(vectors[i : i + step], k, allowed)
+                for i in range(0, len(vectors), step)
+            ]
+            return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
         queries = torch.from_numpy(vectors)
         if allowed is not None and allowed.share <= GATHER_MAX_SHARE:
             return exact_allowed(self.matrix, vectors, k, allowed)
