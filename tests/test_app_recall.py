@@ -12,6 +12,7 @@ import redis
 from conftest import Bundles
 from helpers_app import Reference, assert_same_recall, make_settings, serve
 
+from app.store import memory
 from models.online_store import publish, user_records
 
 pytestmark = [pytest.mark.anyio]
@@ -225,6 +226,31 @@ async def test_each_stored_key_expires_on_its_own_ttl(
         after = await client.post("/v1/recall", json={"user_id": "t2", "k": 10})
         assert after.json()["feature_source"] == "redis"  # the history lives on
         assert await items({"user_id": "t2"}) == defaults
+
+
+async def test_the_embedded_store_keeps_the_users_written_last(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Redis, any client could grow a worker without end, a new user at a time (2,000
+    users of 200 long ids: +124 MB); it keeps the MAX_USERS written last, features and
+    histories each."""
+    monkeypatch.setattr(memory, "MAX_USERS", 3)
+
+    async def source(user_id: str) -> str:
+        response = await client.post("/v1/recall", json={"user_id": user_id, "k": 3})
+        return str(response.json()["feature_source"])
+
+    async with serve(make_settings(model_dir)) as client:
+        for user_id in ("u1", "u2", "u3", "u4", "u2", "u5"):  # u2 written again: newest
+            body = {"features": {"country": "JP"}}
+            put = await client.put(f"/v1/users/{user_id}/features", json=body)
+            assert put.status_code == 200
+        assert [await source(u) for u in ("u1", "u2", "u3", "u4", "u5")] == [
+            "default", "redis", "default", "redis", "redis"
+        ]  # fmt: skip
+        for n in range(4):
+            await client.post(f"/v1/users/h{n}/events", json={"item_ids": ["i1"]})
+        assert [await source(f"h{n}") for n in range(4)] == ["default", "redis", "redis", "redis"]
 
 
 async def test_batch_equals_single_requests_in_order(model_dir: Path) -> None:
