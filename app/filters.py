@@ -100,6 +100,11 @@ class CompiledFilter:
     columns: Mapping[str, AttributeColumn]
     added_revision: int | None = None
 
+    def holds_for(self, model: ServingModel) -> bool:
+        """Whether it still holds for `model` (its version's): a filter whose values only
+        added items had is judged again once the items changed, as those may be gone."""
+        return self.added_revision in (None, model.overlay.revision)
+
     def accepts(self, item_id: str, attributes: Mapping[str, Any]) -> bool:
         """Whether an item with these raw attributes (as the item table holds them; absent
         = missing) passes: how items outside the bundle are judged."""
@@ -230,6 +235,12 @@ class FilterCache:
         self._compiled: OrderedDict[tuple[str, str], CompiledFilter] = OrderedDict()
         self._lock = threading.Lock()
 
+    def cached(self, model: ServingModel, spec: FilterInput) -> bool:
+        """Whether `get` would answer from the cache."""
+        with self._lock:
+            found = self._compiled.get((model.version, canonical(spec)))
+        return found is not None and found.holds_for(model)
+
     def get(self, model: ServingModel, spec: FilterInput, loc: Loc) -> CompiledFilter:
         """The compiled filter, compiled now if absent (raising its InvalidInput)."""
         return self.compiled(model, canonical(spec), loc)
@@ -239,11 +250,9 @@ class FilterCache:
         entry = (model.version, key)
         with self._lock:
             found = self._compiled.get(entry)
-            if found is not None and found.added_revision in (None, model.overlay.revision):
+            if found is not None and found.holds_for(model):
                 self._compiled.move_to_end(entry)
                 return found
-        # (A filter whose values only added items had is judged again once items changed:
-        # those items may be gone, as a worker compiling it afresh would find.)
         compiled = _compile(model, key, loc)
         with self._lock:
             self._compiled[entry] = compiled
