@@ -235,10 +235,10 @@ class FilterCache:
         self._compiled: OrderedDict[tuple[str, str], CompiledFilter] = OrderedDict()
         self._lock = threading.Lock()
 
-    def cached(self, model: ServingModel, spec: FilterInput) -> bool:
-        """Whether `get` would answer from the cache."""
+    def cached(self, model: ServingModel, key: str) -> bool:
+        """Whether `compiled` would answer the filter of canonical JSON `key` from the cache."""
         with self._lock:
-            found = self._compiled.get((model.version, canonical(spec)))
+            found = self._compiled.get((model.version, key))
         return found is not None and found.holds_for(model)
 
     def get(self, model: ServingModel, spec: FilterInput, loc: Loc) -> CompiledFilter:
