@@ -55,7 +55,6 @@ class Metrics:
         if not self.multiprocess:
             ProcessCollector(registry=r)  # CPU, memory, open fds of this worker
             PlatformCollector(registry=r)
-        own = LIVE_PER_WORKER
         self.requests = Counter(
             "tower_recall_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
         )
@@ -85,10 +84,13 @@ class Metrics:
             "The serving bundle (value 1)",
             ["version"],
             registry=r,
-            multiprocess_mode=own,
+            multiprocess_mode=LIVE_PER_WORKER,
         )
         self.model_items = Gauge(
-            "tower_recall_model_items", "Items in the index", registry=r, multiprocess_mode=own
+            "tower_recall_model_items",
+            "Items in the index",
+            registry=r,
+            multiprocess_mode=LIVE_PER_WORKER,
         )
         self.reloads = Counter(
             "tower_recall_model_loads", "Bundle loads by outcome", ["outcome"], registry=r
@@ -123,19 +125,19 @@ class Metrics:
             "tower_recall_overlay_items",
             "Items added since the serving bundle, searched beside its index",
             registry=r,
-            multiprocess_mode=own,
+            multiprocess_mode=LIVE_PER_WORKER,
         )
         self.masked_items = Gauge(
             "tower_recall_masked_items",
             "Catalogue items of the serving bundle deleted",
             registry=r,
-            multiprocess_mode=own,
+            multiprocess_mode=LIVE_PER_WORKER,
         )
         self.filter_indexes = Gauge(
             "tower_recall_filter_indexes",
             "Filters searched often that have an index of their own rows in this worker",
             registry=r,
-            multiprocess_mode=own,
+            multiprocess_mode=LIVE_PER_WORKER,
         )
 
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
