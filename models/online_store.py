@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pandas as pd
 from redis import Redis, RedisError
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
@@ -80,11 +81,17 @@ def user_records(
         .groupby("user_id", sort=False)["item_id"]
         .agg(lambda s: list(s.iloc[::-1][:history_length]))
     )
-    for users in (u for u in (dataset.users, dataset.cold_users) if u is not None):
-        for user_id, row in users.iterrows():
-            features = {str(k): _clean(v) for k, v in row.items()}
-            items = recent.get(user_id, [])
-            yield str(user_id), {k: v for k, v in features.items() if v is not None}, items
+    for user_id, row in published_users(dataset).iterrows():
+        features = {str(k): _clean(v) for k, v in row.items()}
+        items = recent.get(user_id, [])
+        yield str(user_id), {k: v for k, v in features.items() if v is not None}, items
+
+
+def published_users(dataset: Dataset) -> pd.DataFrame:
+    """The users table's every user: those who interacted, then the others."""
+    if dataset.cold_users is None:
+        return dataset.users
+    return pd.concat([dataset.users, dataset.cold_users])
 
 
 def publish(
@@ -107,7 +114,7 @@ def publish(
     batch: list[Sequence[str]] = []
     written = 0
     records = user_records(dataset, history_length)
-    total = len(dataset.users) + len(dataset.cold_users if dataset.cold_users is not None else ())
+    total = len(published_users(dataset))
     for user_id, features, items in tqdm(records, total=total, disable=None):
         keys = (user_key(prefix, user_id), history_key(prefix, user_id))
         batch.append((*keys, json.dumps(features, allow_nan=False), ttl, *map(str, items)))
