@@ -420,7 +420,7 @@ def test_a_request_the_server_ends_at_shutdown_is_a_503_with_its_id(
             b"POST /v1/recall HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             b'X-Request-ID: stalled-1\r\nContent-Length: 100\r\n\r\n{"user_id": '
         )
-        time.sleep(0.3)  # the request waits for the rest of its body
+        time.sleep(1.0)  # the request is read and waits for the rest of its body
         proc.popen.send_signal(signal.SIGTERM)
         answer = b""
         while chunk := client.recv(65536):
