@@ -12,7 +12,7 @@ from app.config import RecallLimits
 from app.http.access_log import AccessLog
 from app.http.errors import install_error_handlers
 from app.http.fast_path import RecallFastPath
-from app.http.middleware import BodySizeLimitMiddleware, RequestObserver
+from app.http.middleware import BodyLimitMiddleware, RequestObserver
 from app.http.openapi import document_limits
 from app.http.router import ROUTERS, service_routes
 from app.metrics import Metrics
@@ -52,7 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # Innermost: sees bodies the limit below already bounded; answers JSON recalls itself.
     app.add_middleware(RecallFastPath, routes=service_routes())
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     # Outermost, so requests refused by the body limit are counted, logged and given ids too.
     app.add_middleware(
         RequestObserver,

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_history: Annotated[int, Field(ge=1, le=MAX_HISTORY_CEILING)] = 200  # ids in a history
     max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH_CEILING)] = 256
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+    # A request's body must all arrive within this many seconds of its start (408 and the
+    # connection closed beyond): a client trickling bytes cannot hold the connection for ever.
+    body_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
     # -- serving ----------------------------------------------------------------------------
     # Concurrent /v1/recall requests in one worker are served together (one Redis round trip,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import select
+import socket
 import sys
+import time
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -699,3 +702,39 @@ def test_a_client_waiting_for_100_continue_gets_the_413_at_once(server: str) -> 
     finally:
         conn.close()
     assert httpx.get(f"{server}/health/live").status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/v1/recall", "/v1/recall/batch"], ids=["fast-path", "route"])
+def test_a_body_that_does_not_arrive_in_time_gets_a_408_and_frees_the_connection(
+    procs: Processes, model_dir: Path, path: str
+) -> None:
+    # A client that trickles its body (a byte now and then, each within any per-read timeout)
+    # or stalls held its connection and its request for as long as it liked.
+    port = free_port()
+    env = service_env(model_dir, port, RELOAD_POLL_S="0", BODY_TIMEOUT_S="1")
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, 60, procs.start([sys.executable, "-m", "app"], env, ROOT, "service"))
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    for trickle in (True, False):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"{head}Content-Length: 400\r\n\r\n".encode() + b'{"user_id": "u1"')
+            started = time.monotonic()
+            # A space every 0.3 s until the answer comes (or 5 s: the test fails below).
+            while trickle and time.monotonic() - started < 5:
+                if select.select([sock], [], [], 0.3)[0]:
+                    break
+                sock.sendall(b" ")
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 408
+            assert 1.0 <= time.monotonic() - started < 5
+            assert json.loads(response.read()) == {"detail": "request body not received within 1 s"}
+            assert response.getheader("connection") == "close"
+            assert response.getheader("x-request-id")
+            assert sock.recv(1) == b""  # closed by the server
+    body = {"user_id": "u1", "k": 3}
+    answered = httpx.post(base + path, json=body if path == "/v1/recall" else {"requests": [body]})
+    assert answered.status_code == 200, answered.text
+    counted = f'tower_recall_http_requests_total{{method="POST",route="{path}",status="408"}} 2.0'
+    assert counted in httpx.get(base + "/metrics").text

@@ -62,7 +62,7 @@ class RecallFastPath:
         if not _takes(scope):
             await self.app(scope, receive, send)
             return
-        body = await read_body(receive)  # bounded by BodySizeLimitMiddleware outside
+        body = await read_body(receive)  # bounded by BodyLimitMiddleware outside
         if body is None:  # the client went away
             return
         scope["route"] = self.route

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: the body size limit (before any parsing), and each request's id,
-metrics and access line."""
+"""Pure ASGI middleware: the body's limits (size and time, before any parsing), and each
+request's id, metrics and access line."""
 
 from __future__ import annotations
 
@@ -27,16 +27,19 @@ DRAIN_MIN_BYTES = 64 << 20
 DRAIN_TIMEOUT_S = 10.0
 
 
-class BodySizeLimitMiddleware:
+class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes` with 413, by Content-Length when declared, else by
     counting the streamed chunks; the accepted body is then replayed to the app. A refused
     body is drained (at most max(4 x max_bytes, DRAIN_MIN_BYTES), DRAIN_TIMEOUT_S) before the
     413, so that an ordinary client reads it; past either bound, or when the client waits for
-    `100 Continue`, the 413 closes the connection."""
+    `100 Continue`, the 413 closes the connection. A body that has not all arrived within
+    `timeout_s` of the request's start is refused with 408 and the connection closed: a client
+    that trickles its body (or stalls) cannot hold a connection and a request slot for ever."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.drain_bytes = max(4 * max_bytes, DRAIN_MIN_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,7 +54,12 @@ class BodySizeLimitMiddleware:
             await self._refuse(scope, receive, send, drain=not waits)
             return
         try:
-            body = await read_body(receive, self.max_bytes)
+            async with asyncio.timeout(self.timeout_s):
+                body = await read_body(receive, self.max_bytes)
+        except TimeoutError:
+            detail = {"detail": f"request body not received within {self.timeout_s:g} s"}
+            await JSONResponse(detail, 408, {"connection": "close"})(scope, receive, send)
+            return
         except BodyTooLarge as refused:
             # A body that crossed the limit in its last chunk has all arrived: nothing to
             # drain (waiting for more would wait out DRAIN_TIMEOUT_S), and the connection lives.

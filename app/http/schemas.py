@@ -189,6 +189,14 @@ class ErrorResponse(BaseModel):
     detail: str | list[dict[str, Any]]
 
 
+# What every route that reads a body may answer before reading it as JSON
+# (`app.http.middleware.BodyLimitMiddleware`).
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorResponse, "description": "Body not received within BODY_TIMEOUT_S"},
+    413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+}
+
+
 _ITEM_EXAMPLE: dict[str, Any] = {
     "attributes": {"category": "c3", "tags": ["t1", "t7"], "price": 12.5}
 }

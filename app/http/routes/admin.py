@@ -5,7 +5,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.http.deps import AdminDep, ServicesDep
-from app.http.schemas import ErrorResponse, ModelsResponse, ReloadRequest, ReloadResponse
+from app.http.schemas import (
+    BODY_ERRORS,
+    ErrorResponse,
+    ModelsResponse,
+    ReloadRequest,
+    ReloadResponse,
+)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
@@ -19,6 +25,7 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     "/reload",
     responses={
         **AUTH_ERRORS,
+        **BODY_ERRORS,
         404: {"model": ErrorResponse, "description": "No such version (or no LATEST)"},
         409: {"model": ErrorResponse, "description": "Bundle rejected; the old one serves on"},
         422: {"model": ErrorResponse, "description": "Not a version name"},

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from app.catalogue import ItemState
 from app.http.deps import AdminDep, ServicesDep, id_path
 from app.http.routes.admin import AUTH_ERRORS
-from app.http.schemas import ErrorResponse, ItemRequest, ItemResponse
+from app.http.schemas import BODY_ERRORS, ErrorResponse, ItemRequest, ItemResponse
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 # `:id` (`app.http.fields.PathIdConvertor`): an id may hold "/", as a catalogue's may.
@@ -26,7 +26,7 @@ LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
         **AUTH_ERRORS,
         503: {"model": ErrorResponse, "description": f"{LOG_UNAVAILABLE}; or no model serves yet"},
         409: {"model": ErrorResponse, "description": "The serving bundle has no item tower"},
-        413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+        **BODY_ERRORS,
         422: {"model": ErrorResponse, "description": "Unknown attribute or wrong-typed value"},
     },
     summary="Add or change an item: retrievable without retraining",

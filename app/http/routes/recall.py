@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from app.http.deps import RecallDep
 from app.http.schemas import (
+    BODY_ERRORS,
     BatchRecallRequest,
     BatchRecallResponse,
     ErrorResponse,
@@ -22,7 +23,7 @@ from app.recall import RecallService
 router = APIRouter(prefix="/v1/recall", tags=["recall"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+    **BODY_ERRORS,
     422: {
         "model": ErrorResponse,
         "description": "Invalid body, limit exceeded, unknown feature or wrong-typed value",

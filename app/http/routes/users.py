@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from app.http.deps import UserIdPath, UsersDep
 from app.http.schemas import (
+    BODY_ERRORS,
     ErrorResponse,
     EventsRequest,
     EventsResponse,
@@ -17,7 +18,7 @@ router = APIRouter(prefix="/v1/users", tags=["users"])
 # `:id` (`app.http.fields.PathIdConvertor`): a user id may hold "/", as in recalls.
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Body larger than MAX_BODY_BYTES"},
+    **BODY_ERRORS,
     422: {
         "model": ErrorResponse,
         "description": "Invalid body, unknown feature or wrong-typed value",
