@@ -67,3 +67,27 @@ def field_module(feature: Feature, dim: int) -> nn.Module:
     if feature.kind == "multi_hot":
         return MultiHotField(feature.cardinality, dim)
     return CategoricalField(feature.cardinality, dim)
+
+
+# Names torch takes for an attribute of a tower's `nn.ModuleDict` of fields, not for a module.
+_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
+
+
+def module_key(name: str) -> str:
+    """The key of input `name`'s module in a tower's `nn.ModuleDict` of fields (and so in its
+    weights' names): the name itself, as in every bundle so far, unless torch refuses it as a
+    module name (empty, holding ".", or an attribute of the dict: `type`, `items`, `float`,
+    `training`...). Such a name is written "~" + the name with "~" doubled and "." as "~_",
+    which no kept name can be (a name that starts with "~" is escaped too)."""
+    if name and "." not in name and not name.startswith("~") and name not in _DICT_ATTRIBUTES:
+        return name
+    return "~" + name.replace("~", "~~").replace(".", "~_")
+
+
+def keyed_fields(fields: dict[str, nn.Module]) -> tuple[nn.ModuleDict, dict[str, str]]:
+    """The modules of `fields` (input name -> module) as a `nn.ModuleDict` keyed by
+    `module_key`, and each key's input name, for a tower's forward to read its inputs by."""
+    return (
+        nn.ModuleDict({module_key(name): module for name, module in fields.items()}),
+        {module_key(name): name for name in fields},
+    )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.features import HISTORY, FeatureEncoder
-from models.fields import field_module
+from models.fields import field_module, keyed_fields
 from models.tower_config import TowerConfig
 
 
@@ -106,7 +106,7 @@ class SequenceUserTower(nn.Module):
             [CausalBlock(dim, config.heads, config.dropout) for _ in range(config.blocks)]
         )
         self.final_norm = nn.LayerNorm(dim)
-        self.fields = nn.ModuleDict(
+        self.fields, self.inputs = keyed_fields(
             {f.name: field_module(f, config.field_dim) for f in encoder.features}
         )
         self.context = nn.Linear(max(len(self.fields), 1) * config.field_dim, dim)
@@ -188,5 +188,5 @@ class SequenceUserTower(nn.Module):
             # a parameter that takes no part in the loss.
             none = torch.zeros(batch, self.context.in_features, device=self.position.device)
             return self.context(none)
-        embedded = [module(features[name]) for name, module in self.fields.items()]
+        embedded = [module(features[self.inputs[key]]) for key, module in self.fields.items()]
         return self.context(torch.cat(embedded, dim=1))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.features import HISTORY, FeatureEncoder
-from models.fields import embedding_table, field_module
+from models.fields import embedding_table, field_module, keyed_fields
 from models.sequence_tower import SequenceUserTower
 from models.tower_config import TRANSFORMER_HISTORY_HEADS, TowerConfig
 
@@ -154,13 +154,13 @@ class FieldTower(nn.Module):
 
     def __init__(self, fields: dict[str, nn.Module], config: TowerConfig) -> None:
         super().__init__()
-        self.fields = nn.ModuleDict(fields)
+        self.fields, self.inputs = keyed_fields(fields)
         n_fields = len(fields)
         self.gate = SENet(n_fields) if config.senet else nn.Identity()
         self.mlp = mlp(n_fields * config.field_dim, config.hidden, config.out_dim, config.dropout)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        embedded = [module(features[name]) for name, module in self.fields.items()]
+        embedded = [module(features[self.inputs[key]]) for key, module in self.fields.items()]
         fields = self.gate(torch.stack(embedded, dim=1))
         return F.normalize(self.mlp(fields.flatten(1)), dim=-1)
 

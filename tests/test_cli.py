@@ -11,6 +11,8 @@ from typing import get_args
 
 import numpy as np
 import pytest
+import safetensors
+from helpers_app import Reference
 from redis import Redis
 from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
 
@@ -606,3 +608,44 @@ def test_publish_features_refuses_a_history_length_or_ttl_below_one(
     assert refused.value.code == 2
     assert f"{option}: {value}: expected an integer >= 1" in capsys.readouterr().err
     assert list(client.scan_iter(match=f"{prefix}:*")) == []
+
+
+@pytest.mark.parametrize("tower", ["fields", "sequence"])
+def test_attributes_named_as_torch_names_its_own_train_and_serve(
+    tmp_path: Path, tower: str
+) -> None:
+    # A column named `type`, `items` or `float`, or holding a ".", crashed building the
+    # towers: each feature's module was registered under the column's name.
+    data = tmp_path / "data"
+    data.mkdir()
+    users = {"type": "categorical", "items": "multi_hot", "user.age": "numeric"}
+    users |= {"~x": "categorical", "plan": "categorical"}
+    schema = {
+        "interactions": {"file": "i.csv"},
+        "users": {"file": "u.csv", "columns": {name: {"kind": k} for name, k in users.items()}},
+        "items": {"file": "m.csv", "columns": {"float": {"kind": "categorical"}}},
+    }
+    (data / "schema.json").write_text(json.dumps(schema))
+    rows = [f"u{u},i{(u * 5 + t * 3) % 23},{1000 * u + t}" for u in range(60) for t in range(8)]
+    (data / "i.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    (data / "u.csv").write_text(
+        "user_id,type,items,user.age,~x,plan\n"
+        + "".join(f"u{u},t{u % 3},a|b{u % 2},{20 + u % 40},x{u % 4},p{u % 2}\n" for u in range(60))
+    )
+    (data / "m.csv").write_text("item_id,float\n" + "".join(f"i{i},f{i % 2}\n" for i in range(23)))
+    out = tmp_path / "artifacts"
+    args = ["train", "--data", f"csv:{data}", "--split", "leave-last-n:1", "--out", str(out)]
+    assert main([*args, "--user-tower", tower, *FAST]) == 0
+    bundle = out / (out / "LATEST").read_text().strip()
+    # The tower reads each of them: the user vector moves with each attribute alone.
+    reference = Reference(bundle)
+    base = {"type": "t1", "items": ["a", "b0"], "user.age": 30, "~x": "x1", "plan": "p0"}
+    vector = reference.user_vector(base, ["i3", "i7"])
+    changes = [("type", "t2"), ("items", ["b1"]), ("user.age", 55), ("~x", "x3"), ("plan", "p1")]
+    for name, other in changes:
+        moved = reference.user_vector(base | {name: other}, ["i3", "i7"])
+        assert not np.allclose(vector, moved, atol=1e-6), name
+    # The others are escaped; a name torch takes keeps its weights' name, as in earlier bundles.
+    keys = safetensors.safe_open(str(bundle / b.TOWERS_WEIGHTS), "pt").keys()
+    for module in ("~type", "~items", "~user~_age", "~~~x", "plan", "~float"):
+        assert any(f".fields.{module}." in key for key in keys), module
