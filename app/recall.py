@@ -277,8 +277,8 @@ class RecallService:
                 log.debug("recall without stored features: %s", exc.detail)
                 return {}
 
-    @staticmethod
     def _prepare(
+        self,
         model: ServingModel,
         request: RecallInput,
         k: int,
@@ -301,6 +301,7 @@ class RecallService:
             exclude_seen=request.exclude_seen,
             user_id=request.user_id,
             filter=compiled,
+            stored=self.store.history_cap,
         )
         return query, source
 

@@ -153,9 +153,16 @@ async def test_history_is_capped_newest_first(
             response = await client.post("/v1/users/c1/events", json={"item_ids": chunk})
         assert response.json() == {"user_id": "c1", "history_length": 5}
         recall = (await client.post("/v1/recall", json={"user_id": "c1", "k": 10})).json()
+        # The same seven sent in a request: the tower reads what the cap would have kept (it
+        # read all seven), and all seven are excluded, as the client named them.
+        sent = ["i7", "i6", "i5", "i4", "i3", "i2", "i1"]
+        body = {"user_id": "c2", "history": sent, "k": 10}
+        request = (await client.post("/v1/recall", json=body)).json()
     # Exactly what the kept history (newest first) gives; i1, i2 fell off and may come back.
     kept = ["i7", "i6", "i5", "i4", "i3"]
     assert_same_recall(recall["items"], reference.top_k({}, kept, 10))
+    expected = [(item, score) for item, score in reference.top_k({}, kept, 12) if item not in sent]
+    assert_same_recall(request["items"], expected[:10])
 
 
 async def test_every_stored_item_is_excluded_though_the_tower_reads_the_newest(
