@@ -50,6 +50,7 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # `*_created` series double the output and say little here
         self.multiprocess = MULTIPROCESS_DIR in os.environ
+        self.served: str | None = None  # the version `model_info` names
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         if not self.multiprocess:
@@ -169,7 +170,13 @@ class Metrics:
             self.observe_stage(stage, time.perf_counter() - start)
 
     def set_model(self, version: str, n_items: int, filter_indexes: int) -> None:
-        """The serving model's gauges (its index then sets `filter_indexes` as it changes)."""
+        """The serving model's gauges (its index then sets `filter_indexes` as it changes).
+        The version served before reads 0 under several workers: there a series once set
+        stays in the worker's file, which `clear()` does not touch (a single process drops
+        it)."""
+        if self.multiprocess and self.served not in (None, version):
+            self.model_info.labels(self.served).set(0)
+        self.served = version
         self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)

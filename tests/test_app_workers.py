@@ -23,6 +23,7 @@ from helpers_stack import ROOT
 from uvicorn.config import STARTUP_FAILURE
 
 from app import workers
+from models.bundle import write_latest
 
 pytestmark = pytest.mark.skipif(not workers.SUPPORTED, reason="SO_REUSEPORT balancing: Linux")
 
@@ -159,6 +160,22 @@ def test_every_scrape_counts_every_workers_requests(procs: Processes, model_dir:
     pids = {worker.rsplit(":", 1)[1] for worker in ready_workers(port) or ()}
     model_info = series(text, "tower_recall_model_info{")
     assert len(model_info) == 2 and all(any(f'pid="{p}"' in s for p in pids) for s in model_info)
+    # After a rollout each worker's version served before reads 0: it read 1 beside the new
+    # one's 1, the old series left in the worker's file (clear() forgets it in-process only).
+    old = (model_dir / "LATEST").read_text().strip()
+    (new,) = {d.name for d in model_dir.iterdir() if d.is_dir()} - {old}
+    write_latest(model_dir, new)
+
+    def of(text: str, version: str) -> list[str]:
+        return [s for s in series(text, "tower_recall_model_info{") if f'"{version}"' in s]
+
+    def rolled_out() -> list[str] | None:
+        serving = of(scrape(port), new)
+        return serving if len(serving) == 2 and all(s.endswith(" 1.0") for s in serving) else None
+
+    wait_for(rolled_out, 60, "both workers on the new version", app)
+    previous = of(scrape(port), old)
+    assert previous and all(s.endswith(" 0.0") for s in previous), previous
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
