@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -299,6 +300,25 @@ async def test_unknown_version_is_404(model_dir: Path) -> None:
         assert response.json() == {
             "detail": "no bundle version '20000101T000000Z-abcdef' in MODEL_DIR"
         }
+
+
+async def test_the_serving_version_gone_from_model_dir_is_404_and_not_pinned(
+    model_dir: Path, bundles: Bundles
+) -> None:
+    # Asked for the version it serves, the worker answered 200 without looking and pinned, for
+    # the whole fleet, a version that no worker started later could load.
+    async with serve(make_settings(model_dir)) as client:
+        shutil.rmtree(model_dir / bundles.v1.name)
+        for body in ({"version": bundles.v1.name}, None):  # by name, or as what LATEST names
+            response = await client.post("/admin/reload", json=body, headers=admin_headers())
+            assert response.status_code == 404, response.text
+            assert response.json() == {
+                "detail": f"no bundle version '{bundles.v1.name}' in MODEL_DIR"
+            }
+        models = (await client.get("/admin/models", headers=admin_headers())).json()
+        assert (models["active"], models["pinned"]) == (bundles.v1.name, None)
+        recall = await client.post("/v1/recall", json={"user_id": "u1", "k": 3})
+        assert recall.json()["model_version"] == bundles.v1.name  # still serving
 
 
 @pytest.mark.parametrize(

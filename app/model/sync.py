@@ -174,6 +174,8 @@ class ModelSync:
             target = self.repository.read_latest() if version is None else version
             current = self.repository.current
             if current is not None and current.version == target:
+                # Served already, but the fleet must be able to load it (404 when it is gone).
+                self.repository.resolve(target)
                 await self._publish(version)
                 return Swap(current, current)
             model = await self.repository.load(target)
