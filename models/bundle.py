@@ -274,6 +274,9 @@ def _check_towers(path: Path, manifest: dict[str, Any]) -> None:
         try:
             header = json.loads(f.read(min(size, 1 << 24)))
             shapes = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+            for name, (_, shape) in shapes.items():
+                if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+                    raise TypeError(f"{name}: shape {shape!r} is not a list of integers")
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BundleError(f"{TOWERS_WEIGHTS} cannot be loaded: bad header: {exc!r}") from exc
     tables = [k for k in shapes if k.endswith("item_embedding.weight")] + [
@@ -282,7 +285,7 @@ def _check_towers(path: Path, manifest: dict[str, Any]) -> None:
     if not any(k.endswith("item_embedding.weight") for k in tables):
         raise BundleError(f"{TOWERS_WEIGHTS} has no item-id table")
     for name, (dtype, shape) in shapes.items():
-        if dtype != "F32" or (name in tables and shape[0] != n_items + 1):
+        if dtype != "F32" or (name in tables and shape[:1] != [n_items + 1]):
             raise BundleError(
                 f"{TOWERS_WEIGHTS}: {name} is {dtype} {shape}; a catalogue of {n_items} items "
                 f"needs float32 tables of {n_items + 1} rows"

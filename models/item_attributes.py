@@ -138,7 +138,8 @@ class ItemAttributes:
         Raises:
             ValueError: not such a file, or its arrays disagree with its column list.
         """
-        with np.load(path, allow_pickle=False) as data:
+        # Opened here: numpy leaves its own file open when the archive is not a zip file.
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as data:
             meta = json.loads(data[_META].tobytes())
             n_items = int(meta["n_items"])
             columns = {}

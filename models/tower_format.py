@@ -14,6 +14,7 @@ the bundle recommender and the tests alike:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,7 +104,10 @@ def load_towers(directory: Path, manifest: Mapping[str, Any], *, script: bool = 
         raise TowerLoadError(f"unknown tower format {tower_format!r}")
     user, item = _load_weights(directory, manifest)
     if script and hasattr(torch, "jit"):
-        user, item = torch.jit.script(user), torch.jit.script(item)
+        try:
+            user, item = torch.jit.script(user), torch.jit.script(item)
+        except RuntimeError as exc:  # what the manifest records does not script
+            raise TowerLoadError(f"the towers cannot be scripted: {exc}") from exc
     return Towers(user, item)
 
 
@@ -120,6 +124,9 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
         record = manifest["towers"]
         architecture = dict(record["architecture"])
         config = TowerConfig(**architecture | {"hidden": tuple(architecture["hidden"])})
+        inverse_norm = record["item_prior_inverse_norm"]
+        if inverse_norm is not None and not _positive_number(inverse_norm):
+            raise ValueError(f"item_prior_inverse_norm {inverse_norm!r}")
         user_encoder = _encoder(directory / b.FEATURE_SPEC)
         item_encoder = _encoder(directory / b.ITEM_FEATURE_SPEC)
         user, item = rebuild_towers(
@@ -128,7 +135,7 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
             item_encoder,
             int(record["n_items"]),
             user_prior=bool(record["user_prior_folded"]),
-            inverse_norm=record["item_prior_inverse_norm"],
+            inverse_norm=inverse_norm,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TowerLoadError(f"manifest.json: bad towers record: {exc!r}") from exc
@@ -143,6 +150,11 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} cannot be loaded: {exc}") from exc
     if unexpected:
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} holds unknown weights: {unexpected[:5]}")
+    # A weight the export never wrote (the trainer's checks refuse non-finite towers), whose
+    # rows a warm-up may not touch: a NaN history row would answer scores of null.
+    broken = [k for k, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise TowerLoadError(f"{b.TOWERS_WEIGHTS} holds non-finite weights: {broken[:5]}")
     # Every weight must now be one of the file's: a name the file left out is the shared
     # table's other name, filled through the one stored; any other kept its initial value.
     stored = {t.untyped_storage().data_ptr() for t in weights.values()}
@@ -165,3 +177,9 @@ def _load_script(path: Path) -> nn.Module:
     except Exception as exc:  # torch raises RuntimeError, ValueError, zip errors...
         raise TowerLoadError(f"{path.name} cannot be loaded: {exc}") from exc
     return module.eval()
+
+
+def _positive_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value > 0
