@@ -227,6 +227,22 @@ async def test_writes_use_the_shared_key_layout(
     assert 0 < redis_client.ttl(history_key(redis_prefix, "w1")) <= 30
 
 
+async def test_events_written_without_a_ttl_keep_the_history_for_good(
+    model_dir: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    # publish-features --ttl gave the history a TTL; under FEATURE_TTL_S 0 the events the
+    # service then wrote expired with it (and the features key, SET again, did not).
+    key = history_key(redis_prefix, "p1")
+    redis_client.rpush(key, "i1")
+    redis_client.expire(key, 60)
+    settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    async with serve(settings) as client:
+        events = await client.post("/v1/users/p1/events", json={"item_ids": ["i2"]})
+        assert events.json() == {"user_id": "p1", "history_length": 2}
+    assert redis_client.lrange(key, 0, -1) == ["i2", "i1"]
+    assert redis_client.ttl(key) == -1  # no TTL
+
+
 async def test_corrupt_stored_values_degrade_per_user(
     model_dir: Path,
     bundles: Bundles,

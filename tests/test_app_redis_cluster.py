@@ -145,6 +145,40 @@ async def test_feature_writes_and_events_on_the_cluster(
         admin.close()
 
 
+async def test_events_reach_a_users_slot_while_it_migrates(
+    model_dir: Path,
+    private_cluster: LocalCluster,  # noqa: F811
+) -> None:
+    """A reshard (`redis-cli --cluster reshard`) moves a slot key by key: a key already moved
+    answers ASK, which a MULTI transaction did not follow (503, nothing written)."""
+    cluster, user = private_cluster, "m1"
+    key = history_key("tr", user)
+    source = cluster.master_of(key)
+    nodes = {port: redis.Redis(port=port, decode_responses=True) for port in cluster.ports}
+    slots = nodes[source].execute_command("CLUSTER SLOTS")
+    primaries = {int(row[2][1]) for row in slots}
+    target = min(primaries - {source})
+    ids = {port: node.execute_command("CLUSTER MYID") for port, node in nodes.items()}
+    settings = on_cluster(model_dir, cluster.url, "tr")
+    try:
+        async with serve(settings) as client:
+            path = f"/v1/users/{user}"
+            assert (await client.post(f"{path}/events", json={"item_ids": ["i1"]})).is_success
+            slot = nodes[source].execute_command("CLUSTER KEYSLOT", key)
+            nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+            nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+            nodes[source].execute_command("MIGRATE", "127.0.0.1", target, key, 0, 5000)
+            events = await client.post(f"{path}/events", json={"item_ids": ["i2", "i3"]})
+            assert events.status_code == 200, events.text
+            assert events.json()["history_length"] == 3
+            for port in primaries:  # the move completes
+                nodes[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+            assert nodes[target].lrange(key, 0, -1) == ["i3", "i2", "i1"]
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
 async def test_replicas_share_the_model_pin_through_the_cluster(
     model_dir: Path, bundles: Bundles, redis_cluster_url: str, cluster_prefix: str
 ) -> None:

@@ -41,9 +41,28 @@ log = logging.getLogger(__name__)
 # The back-off key of a standalone Redis, and of a cluster whose topology is not known yet.
 WHOLE_STORE = "redis"
 T = TypeVar("T")
-# Deletes a key only while it is not a list: a concurrent append may have replaced it already,
-# and its events must not be deleted with it.
-DROP_UNLESS_LIST = "if redis.call('TYPE', KEYS[1]).ok ~= 'list' then redis.call('DEL', KEYS[1]) end"
+# A user's events, at once: one script, which a cluster routes by its key and follows through
+# a slot's migration (ASK), where a MULTI pipeline failed. A key of another type is replaced,
+# as SET replaces a features key whatever it held (reads already ignore it). The TTL is set
+# again, or removed with FEATURE_TTL_S 0 (publish-features may have set one). Replies
+# {length, replaced}. Pushed 1,000 at a time: Lua unpacks ~8,000 values at most.
+APPEND_EVENTS = """
+local replaced = 0
+if redis.call('TYPE', KEYS[1]).ok ~= 'list' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[1])
+  replaced = 1
+end
+for i = 3, #ARGV, 1000 do
+  redis.call('LPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return {redis.call('LLEN', KEYS[1]), replaced}
+"""
 
 
 class RedisFeatureStore(FeatureStore):
@@ -211,31 +230,17 @@ class RedisFeatureStore(FeatureStore):
     async def append_events(self, user_id: str, item_ids: Sequence[str]) -> int:
         key = history_key(self.prefix, user_id)
 
-        async def push() -> list[Any]:
-            # One key, so one slot: a transaction on a cluster too.
-            pipe = self.client.pipeline(transaction=True)
-            pipe.lpush(key, *item_ids)
-            pipe.ltrim(key, 0, self.history_cap - 1)
-            if self.ttl_s:
-                pipe.expire(key, self.ttl_s)
-            pipe.llen(key)
-            return await pipe.execute()
-
         async def append() -> list[Any]:
-            try:
-                return await push()
-            except redis_errors.ResponseError as exc:
-                if not is_wrong_type(exc):
-                    raise
-            # Reads already ignore a history key of another type; replace it, as SET replaces
-            # a features key whatever it held, rather than refuse this user's events for good.
-            log.warning("Redis key %s held another type than a list; replaced", key)
-            await self.client.eval(DROP_UNLESS_LIST, 1, key)
-            return await push()
+            reply: list[Any] = await self.client.eval(
+                APPEND_EVENTS, 1, key, self.history_cap, self.ttl_s, *item_ids
+            )
+            return reply
 
         node = await self._node_of("append_events", key)
-        replies = await self._call(node, "append_events", append)
-        return int(replies[-1])
+        length, replaced = await self._call(node, "append_events", append)
+        if replaced:
+            log.warning("Redis key %s held another type than a list; replaced", key)
+        return int(length)
 
     async def put_features(self, user_id: str, features: Mapping[str, Any]) -> None:
         key, payload = user_key(self.prefix, user_id), orjson.dumps(dict(features)).decode()
