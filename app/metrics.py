@@ -172,12 +172,14 @@ class Metrics:
     def set_model(self, version: str, n_items: int, filter_indexes: int) -> None:
         """The serving model's gauges (its index then sets `filter_indexes` as it changes).
         The version served before reads 0 under several workers: there a series once set
-        stays in the worker's file, which `clear()` does not touch (a single process drops
-        it)."""
-        if self.multiprocess and self.served not in (None, version):
-            self.model_info.labels(self.served).set(0)
+        stays in the worker's file (`clear()` only warns that it cannot); a single process
+        drops it."""
+        if self.multiprocess:
+            if self.served not in (None, version):
+                self.model_info.labels(self.served).set(0)
+        else:
+            self.model_info.clear()
         self.served = version
-        self.model_info.clear()
         self.model_info.labels(version).set(1)
         self.model_items.set(n_items)
         self.filter_indexes.set(filter_indexes)

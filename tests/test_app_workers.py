@@ -176,6 +176,8 @@ def test_every_scrape_counts_every_workers_requests(procs: Processes, model_dir:
     wait_for(rolled_out, 60, "both workers on the new version", app)
     previous = of(scrape(port), old)
     assert previous and all(s.endswith(" 0.0") for s in previous), previous
+    # ... and no load warned that prometheus_client cannot clear labels across processes.
+    assert "Clearing labels" not in app.log.read_text(errors="replace")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
