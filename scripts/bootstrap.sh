@@ -3,10 +3,24 @@
 # the test suite passed with (constraints.txt, kept by `make lock`); a no-op when neither
 # pyproject.toml nor constraints.txt changed since the last install. Sourced by the other
 # scripts. VENV picks the environment (default .venv); LATEST=1 installs the newest releases
-# pyproject.toml admits instead of the locked ones (`make test-latest`).
+# pyproject.toml admits instead of the locked ones (`make test-latest`); PYTHON the interpreter
+# that creates it (default: the first of python3, python3.11, python3.12, python3.13 that is
+# 3.11 or newer: `python3` is 3.10 on Ubuntu 22.04, often with a python3.11 beside it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON="${PYTHON:-python3}"
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+pick_python() {
+    if [ -n "${PYTHON:-}" ]; then
+        new_enough "$PYTHON" && return
+        echo "PYTHON=$PYTHON is not Python 3.11 or newer" >&2
+        return 1
+    fi
+    for PYTHON in python3 python3.11 python3.12 python3.13; do
+        command -v "$PYTHON" >/dev/null && new_enough "$PYTHON" && return
+    done
+    echo "tower-recall needs Python 3.11 or newer, and found none (set PYTHON=...)" >&2
+    return 1
+}
 VENV="${VENV:-.venv}"
 if [ "${LATEST:-0}" = 1 ]; then
     pins=(--upgrade --upgrade-strategy eager)
@@ -19,6 +33,7 @@ if [ ! -f "$stamp" ]; then
     # older than the project needs, is made again rather than failing on every run.
     if ! "$VENV/bin/python" -c 'import pip, sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     then
+        pick_python
         rm -rf "$VENV"
         "$PYTHON" -m venv "$VENV"
     fi

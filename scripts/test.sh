@@ -9,11 +9,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/bootstrap.sh
 
 redis_pid=""
+redis_dir=""
 cluster_pids=()
 cluster_dir=""
 cleanup() {
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
     for pid in ${cluster_pids[@]+"${cluster_pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+    [ -n "$redis_dir" ] && rm -rf "$redis_dir"
     [ -n "$cluster_dir" ] && rm -rf "$cluster_dir"
     return 0
 }
@@ -28,15 +30,16 @@ if [ -z "${TEST_REDIS_URL:-}" ]; then
             exit 1
         }
         port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+        redis_dir=$(mktemp -d)
         redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-            --dir "$(mktemp -d)" --daemonize no >/dev/null &
+            --dir "$redis_dir" --daemonize no >/dev/null &
         redis_pid=$!
         export TEST_REDIS_URL="redis://127.0.0.1:$port/0"
-        for _ in $(seq 50); do
-            python -c "import redis, os; redis.Redis.from_url(os.environ['TEST_REDIS_URL']).ping()" \
-                2>/dev/null && break
-            sleep 0.1
-        done
+        for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+        redis-cli -p "$port" ping >/dev/null 2>&1 || {
+            echo "error: the redis-server started on port $port does not answer" >&2
+            exit 1
+        }
     fi
 fi
 echo "tests use Redis at $TEST_REDIS_URL"

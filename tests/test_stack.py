@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from helpers_stack import compose, interpolate, service_command, service_environment
+from pydantic import TypeAdapter
 
 from app.settings import Settings
 
@@ -80,10 +81,12 @@ def test_api_environment_keeps_what_the_stack_relies_on() -> None:
 
 
 def test_the_trainer_publishes_the_history_the_service_keeps() -> None:
-    """HISTORY_CAP in .env reaches both the service (env_file) and the trainer's
-    publish-features (it published 200 items whatever the cap said)."""
+    """HISTORY_CAP in .env or the shell reaches both the service and the trainer's
+    publish-features (it published 200 items whatever the cap said; a cap set in the shell
+    reached the trainer alone)."""
     for variables, cap in (({}, "200"), ({"HISTORY_CAP": "500"}, "500")):
         assert service_environment("trainer", variables)["HISTORY_CAP"] == cap
+        assert service_environment("api", variables)["HISTORY_CAP"] == cap
     command = service_command("trainer", {})[-1]
     assert '--history-length "$HISTORY_CAP"' in command.split("publish-features", 1)[1]
 
@@ -185,7 +188,10 @@ def test_the_trainer_publishes_to_a_cluster_only_when_told(tmp_path: Path) -> No
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n')
     fake.chmod(0o755)
-    for flag, expected in (("true", True), ("false", False)):
+    # Every spelling the service reads (`True` and `1` made the replicas use the cluster
+    # client while the trainer published as to one server).
+    for flag in ("true", "True", "1", "yes", "ON", "false", "False", "0", "no", "off"):
+        expected = TypeAdapter(bool).validate_python(flag)
         calls = tmp_path / f"calls-{flag}"
         env = service_environment("trainer", {"REDIS_CLUSTER": flag})
         env |= {"PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls)}
