@@ -29,7 +29,10 @@ def _preset_note(path: str) -> str:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
     return value
@@ -167,6 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.bundle is None and not args.baselines:
         raise DataError("nothing to evaluate: give --bundle PATH and/or --baselines")
+    if args.bundle is None and (args.history_cap is not None or args.any_split):
+        raise DataError("--history-cap and --any-split apply to a --bundle")
     _check_outputs(None, args.json)
     split_name(args.split)  # refused before the data loads
     if args.bundle is not None and not args.bundle.is_dir():  # verified in full once loaded

@@ -46,7 +46,8 @@ class TrainConfig:
         "(in-batch plus popularity-sampled) or all (softmax only: the full softmax over the "
         "whole catalogue, exact, for catalogues small enough to score every item each step). "
         "The softmax always has the batch's positives as candidates and adds num_negatives "
-        "sampled items (none with in-batch); the other losses give each example "
+        "sampled items (none with in-batch; so mixed samples as popularity does there); the "
+        "other losses give each example "
         "num_negatives. The sequential tower scores every position against the whole "
         "catalogue with all, otherwise against num_negatives shared candidates drawn from the "
         "batch's targets (in-batch), the sampler, or half of each (mixed)",
@@ -137,8 +138,8 @@ class TrainConfig:
     validation_fraction: float = option(
         0.1,
         "share of the training period's end held out for early stopping and the prior's "
-        "choice (next-item splits: each training user's last item); 0: no validation, no "
-        "early stopping, no prior search, no refit",
+        "choice (next-item splits, leave-last-n:N: each training user's last N items, "
+        "whatever the share); 0: no validation, no early stopping, no prior search, no refit",
     )
     validation_min_gap_days: float = option(
         14.0,
@@ -213,20 +214,24 @@ class TrainConfig:
             raise ValueError("validation_fraction must be in [0, 1)")
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError("history_dropout must be in [0, 1)")
-        if self.negatives == "all" and self.loss != "softmax":
-            raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
-        if self.mask_seen_negatives and self.loss != "softmax":
-            raise ValueError("mask_seen_negatives applies to loss 'softmax' only")
         if self.distill_weight < 0 or self.distill_temperature <= 0 or self.distill_top_k < 1:
             raise ValueError("distillation needs weight >= 0, temperature > 0 and top_k >= 1")
-        if self.tower.user_tower == "sequence":
+        sequence = self.tower.user_tower == "sequence"
+        if sequence:  # first: the split's default tower may be the one that refuses
             if self.loss != "softmax" or self.distill_weight or self.mask_seen_negatives:
                 raise ValueError(
                     "the sequential user tower trains with loss 'softmax', without distillation "
-                    "or mask_seen_negatives"
+                    "or mask_seen_negatives (user_tower 'fields' for the others)"
                 )
             if self.history_length < 1:
                 raise ValueError("the sequential user tower needs history_length >= 1")
+        if self.negatives == "all" and self.loss != "softmax":
+            raise ValueError("negatives 'all' (the full softmax) needs loss 'softmax'")
+        if self.negatives == "in-batch" and not sequence and self.batch_size < 2:
+            # Alone in its batch an example has no negative: every step's loss is 0.
+            raise ValueError("the field tower's in-batch negatives need batch_size >= 2")
+        if self.mask_seen_negatives and self.loss != "softmax":
+            raise ValueError("mask_seen_negatives applies to loss 'softmax' only")
         if self.hard_negatives and (self.tower.user_tower != "sequence" or self.negatives == "all"):
             raise ValueError(
                 "hard_negatives applies to the sequential user tower with sampled negatives "

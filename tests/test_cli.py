@@ -278,6 +278,13 @@ def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
             ],
             "--bundle nope: no such bundle directory",
         ),
+        (  # written into the report as if applied to the baselines
+            [
+                *("evaluate", "--data", "nosuch:x", "--split", "last-10pct", "--baselines"),
+                *("--history-cap", "5"),
+            ],
+            "--history-cap and --any-split apply to a --bundle",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_in_process(
@@ -319,6 +326,10 @@ def test_bad_arguments_exit_2_in_process(
         (["--json", "/tmp"], "--json /tmp is a directory"),
         (["--split", "none", "--baselines"], "--split none has none"),  # it was ignored
         (["--out", f"{__file__}/sub"], f"{__file__} exists and is not a directory"),
+        # Every step's loss was 0: the exported bundle was the random initialisation.
+        (["--batch-size", "1", "--user-tower", "fields"], "in-batch negatives need batch_size"),
+        # The split's default tower refuses: the message said negatives 'all' needs softmax.
+        (["--split", "leave-last-n:1", "--loss", "hinge"], "the sequential user tower trains"),
     ],
 )
 def test_bad_training_options_fail_before_any_work(
