@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.redis_keys import DEFAULT_HISTORY_CAP, DEFAULT_PREFIX, check_prefix
@@ -132,6 +133,19 @@ class Settings(BaseSettings):
         if url and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("REDIS_URL must be empty or a redis://, rediss:// or unix:// URL")
         return url
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_url(cls, cluster: bool, info: ValidationInfo) -> bool:
+        # redis-py's cluster client refuses these only when the service starts (a traceback).
+        url = urlsplit(info.data.get("redis_url") or "")
+        db = url.path.strip("/") or parse_qs(url.query).get("db", ["0"])[0]
+        if cluster and (url.scheme == "unix" or db != "0"):
+            raise ValueError(
+                "a Redis Cluster is reached over TCP (redis:// or rediss://) and has only "
+                "database 0: REDIS_URL names a unix socket or another database"
+            )
+        return cluster
 
     @field_validator("redis_prefix")
     @classmethod

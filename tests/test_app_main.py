@@ -56,7 +56,8 @@ def test_python_m_app_starts_without_a_bundle_then_serves_one(
 
 def test_python_m_app_names_each_invalid_setting_and_exits(tmp_path: Path) -> None:
     env = service_env(tmp_path, free_port(), MAX_HISTORY="20000", WORKERS="0")
-    env["INDEX_TYPE"] = "annoy"
+    # A cluster with a database number failed only in the lifespan, with a traceback.
+    env |= {"INDEX_TYPE": "annoy", "REDIS_URL": "redis://127.0.0.1:6379/11", "REDIS_CLUSTER": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
@@ -66,5 +67,6 @@ def test_python_m_app_names_each_invalid_setting_and_exits(tmp_path: Path) -> No
         "MAX_HISTORY: Input should be less than or equal to 10000",
         "WORKERS",
         "INDEX_TYPE",
+        "REDIS_CLUSTER: Value error, a Redis Cluster is reached over TCP",
     ):
         assert line in done.stderr, done.stderr
