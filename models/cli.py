@@ -221,7 +221,9 @@ def check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from models.online_store import check_prefix, connect, publish
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from models.online_store import check_prefix, connect, publish, redacted
     from models.sources import load_dataset
 
     check_prefix(args.prefix)
@@ -234,9 +236,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
             history_length=args.history_length,
             ttl_seconds=args.ttl,
         )
+    except (RedisError, RedisClusterException) as exc:  # out of memory, a slot moving...
+        raise DataError(
+            f"Redis refused a write ({exc}); the users written before it are published, the "
+            "others keep what they had: publish again once it accepts writes"
+        ) from exc
     finally:
         client.close()
-    print(f"published features and histories of {n} users to {args.redis_url}")
+    print(f"published features and histories of {n} users to {redacted(args.redis_url)}")
     return 0
 
 

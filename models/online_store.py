@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 from redis import Redis, RedisError
@@ -58,8 +59,17 @@ def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> Redis
         client.ping()
     except (RedisError, RedisClusterException) as exc:
         kind = "Redis Cluster" if cluster else "Redis"
-        raise DataError(f"cannot reach {kind} at {url}: {exc}") from exc
+        raise DataError(f"cannot reach {kind} at {redacted(url)}: {exc}") from exc
     return client
+
+
+def redacted(url: str) -> str:
+    """`url` with its password, if it holds one, written `***`: fit for a message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}"))
 
 
 def _clean(value: Any) -> Any:

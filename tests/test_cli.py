@@ -16,6 +16,7 @@ from helpers_app import Reference
 from redis import Redis
 from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
 
+from harness.procs import RedisServer
 from models import bundle as b
 from models.cli import check_trained_on, main, parser, train_config
 from models.dataset import DataError
@@ -660,3 +661,29 @@ def test_attributes_named_as_torch_names_its_own_train_and_serve(
     keys = safetensors.safe_open(str(bundle / b.TOWERS_WEIGHTS), "pt").keys()
     for module in ("~type", "~items", "~user~_age", "~~~x", "plan", "~float"):
         assert any(f".fields.{module}." in key for key in keys), module
+
+
+def test_publish_features_names_a_refused_write_and_never_prints_the_password() -> None:
+    # An out-of-memory refusal ended in a traceback (exit 1); the URL's password was printed
+    # on success and in the "cannot reach" error.
+    server = RedisServer().start()
+    try:
+        admin = Redis.from_url(server.url)
+        admin.config_set("requirepass", "s3cret")
+        admin = Redis.from_url(server.url, password="s3cret")
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/0"
+        args = ("publish-features", "--data", SMALL_SOURCE, "--prefix", "pw")
+        done = models_cli(*args, "--redis-url", url)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith(f"to redis://:***@127.0.0.1:{server.port}/0")
+        wrong = models_cli(*args, "--redis-url", url.replace("s3cret", "wrong"))
+        assert wrong.returncode == 2 and "wrong" not in wrong.stderr + wrong.stdout
+        assert wrong.stderr.startswith("error: cannot reach Redis at redis://:***@127.0.0.1")
+        admin.config_set("maxmemory", 1)
+        refused = models_cli(*args, "--redis-url", url)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("error: Redis refused a write (")
+        assert "publish again once it accepts writes" in refused.stderr
+        admin.close()
+    finally:
+        server.stop()
