@@ -23,6 +23,10 @@ from helpers_items import (
     trained_item_bundles,
 )
 
+from app.config import RedisConfig
+from app.store import build_item_change_log, new_change
+from models.redis_keys import item_change_keys
+
 pytestmark = pytest.mark.anyio
 
 
@@ -134,5 +138,40 @@ async def test_a_change_read_back_after_its_write_failed_is_counted_once(
             metrics = (await client.get("/metrics")).text
         assert 'tower_recall_item_changes_total{op="put"} 2.0' in metrics
     finally:
+        admin.close()
+        server.stop()
+
+
+async def test_after_a_failover_lost_the_latest_changes_a_worker_serves_what_the_log_holds(
+    item_model_dir: Path, item_bundles: ItemBundles
+) -> None:
+    """A replica promoted before it had the last two changes numbers the next ones 4, 5...
+    again, under the same epoch: a worker that had read up to 5 skipped the new 4 and 5 for
+    good and served the lost items, while a worker started afterwards did the opposite."""
+    kind = kind_of(item_bundles.dataset, "c0")
+    server = RedisServer().start()
+    admin = redis.Redis.from_url(server.url)
+    settings = make_settings(item_model_dir, redis_url=server.url, reload_poll_s=0.05)
+    writer = build_item_change_log(RedisConfig.from_settings(settings))
+    try:
+        async with serve(settings) as client:
+            for n in range(1, 6):
+                await put(client, f"new-{n}", kind.like)
+            seq, changes, order, _ = item_change_keys(settings.redis_prefix)
+            admin.set(seq, 3)  # the replica had changes 1 to 3 only
+            admin.hdel(changes, "new-4", "new-5")
+            admin.zrem(order, "new-4", "new-5")
+            for n in (6, 7, 8):  # other workers write on: numbered 4, 5, 6
+                await writer.append(new_change(f"new-{n}", kind.like))
+            for _ in range(100):  # polls every 0.05 s
+                if (await client.get("/v1/items/new-8")).status_code == 200:
+                    break
+                await anyio.sleep(0.05)
+            for n in (1, 2, 3, 6, 7, 8):
+                assert (await state(client, f"new-{n}"))[0] == "added", n
+            for n in (4, 5):
+                assert (await client.get(f"/v1/items/new-{n}")).status_code == 404, n
+    finally:
+        await writer.aclose()
         admin.close()
         server.stop()

@@ -197,10 +197,11 @@ class ItemCatalogue:
     async def _read(self, changes: ChangeSet) -> tuple[ChangeSet, list[ItemChange]]:
         fresh: list[ItemChange] = []
         while True:
-            page = await self.changes_log.read(changes.seq, PAGE)
+            page = await self.changes_log.read(changes.seq, PAGE, changes.at)
             if changes.is_other_log(page):
                 log.warning(
-                    "the item change log was lost or replaced (epoch %s, now %s): replaying it",
+                    "the item change log was lost, replaced or rolled back (epoch %s, now %s): "
+                    "replaying it",
                     changes.epoch,
                     page.epoch,
                 )

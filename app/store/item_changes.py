@@ -81,12 +81,16 @@ class ChangePage:
         changes: the changes numbered after the one asked for, in order (at most the limit).
         last: the number of the last change read, one skipped as unreadable included: the
             next read asks for what comes after it.
+        follows: False when the change numbered as asked is no longer the item the reader
+            read there: a failover to a replica that missed the latest changes numbers new
+            ones anew, under the same epoch.
     """
 
     epoch: str | None
     head: int
     changes: list[ItemChange]
     last: int
+    follows: bool = True
 
 
 class ItemChangeLog(ABC):
@@ -100,8 +104,9 @@ class ItemChangeLog(ABC):
         """Write `change` as the item's latest: (the log's epoch, the change numbered)."""
 
     @abstractmethod
-    async def read(self, after: int, limit: int) -> ChangePage:
-        """The latest changes numbered after `after`, at most `limit` of them, in order."""
+    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
+        """The latest changes numbered after `after`, at most `limit` of them, in order; `at`:
+        the item whose change the reader read as number `after`, if it knows it."""
 
     async def aclose(self) -> None:
         return None
@@ -125,8 +130,8 @@ class MemoryItemChangeLog(ItemChangeLog):
         self._latest[change.item_id] = numbered
         return self.epoch, numbered
 
-    async def read(self, after: int, limit: int) -> ChangePage:
-        newer: list[ItemChange] = []
+    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
+        newer: list[ItemChange] = []  # (in process, no change is ever lost: `follows`)
         for change in reversed(self._latest.values()):
             if change.seq <= after:
                 break

@@ -32,9 +32,21 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 return {seq, redis.call('GET', KEYS[4])}
 """
-# KEYS: as APPEND. ARGV: after, limit. -> {epoch | nil, head, id, seq, record, id, ...}
+# KEYS: as APPEND. ARGV: after, limit, the item read as number `after` ('': unknown).
+# -> {epoch | nil, head, follows (1 | 0), id, seq, record, id, ...}. The item still holds
+# number `after`, or a later one (it changed again) with no other item holding `after`;
+# otherwise the log lost changes the reader read (a failover) and numbered new ones anew.
 READ = """
-local out = {redis.call('GET', KEYS[4]) or false, tonumber(redis.call('GET', KEYS[1]) or '0')}
+local follows = 1
+if ARGV[3] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
+  local there = redis.call('ZRANGEBYSCORE', KEYS[3], ARGV[1], ARGV[1], 'LIMIT', 0, 1)
+  if not score or tonumber(score) < tonumber(ARGV[1]) or (there[1] and there[1] ~= ARGV[3]) then
+    follows = 0
+  end
+end
+local out = {redis.call('GET', KEYS[4]) or false, tonumber(redis.call('GET', KEYS[1]) or '0'),
+             follows}
 local found = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf', 'WITHSCORES',
                          'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #found, 2 do
@@ -72,9 +84,9 @@ class RedisItemChangeLog(ItemChangeLog):
         seq, epoch = await self._eval(APPEND, change.item_id, record, uuid.uuid4().hex)
         return str(epoch), ItemChange(change.item_id, int(seq), change.attributes, change.at)
 
-    async def read(self, after: int, limit: int) -> ChangePage:
-        reply = await self._eval(READ, after, limit)
-        epoch, head, rest = reply[0], int(reply[1]), reply[2:]
+    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
+        reply = await self._eval(READ, after, limit, at or "")
+        epoch, head, follows, rest = reply[0], int(reply[1]), bool(reply[2]), reply[3:]
         changes, last = [], after
         for i in range(0, len(rest), 3):
             item_id, seq, raw = rest[i], int(float(rest[i + 1])), rest[i + 2]
@@ -82,7 +94,7 @@ class RedisItemChangeLog(ItemChangeLog):
             if change is not None:
                 changes.append(change)
             last = max(last, seq)
-        return ChangePage(epoch if isinstance(epoch, str) else None, head, changes, last)
+        return ChangePage(epoch if isinstance(epoch, str) else None, head, changes, last, follows)
 
     async def aclose(self) -> None:
         await self.client.aclose()
