@@ -16,7 +16,10 @@ router = APIRouter(prefix="/v1/items", tags=["items"])
 # `:id` (`app.http.fields.PathIdConvertor`): an id may hold "/", as a catalogue's may.
 
 ItemIdPath = Annotated[str, id_path("new-42")]
-LOG_UNAVAILABLE = "The change log (Redis) cannot be written: nothing changed"
+LOG_UNAVAILABLE = (
+    "The change log (Redis) cannot be written: nothing changed (after a TimeoutError it may "
+    "have; the same change can be sent again)"
+)
 
 
 @router.put(

@@ -23,7 +23,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Invalid body, unknown feature or wrong-typed value",
     },
-    503: {"model": ErrorResponse, "description": "Redis unavailable: nothing was stored"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Redis unavailable: nothing was stored (after a TimeoutError, it may "
+        "have been)",
+    },
 }
 
 
