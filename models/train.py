@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from collections.abc import Callable
 from functools import partial
@@ -136,6 +137,11 @@ class Trainer:
         best_state, best_score, best_epoch, stale = None, -np.inf, cfg.epochs, 0
         for epoch in range(1, cfg.epochs + 1):
             record = {"epoch": float(epoch), "loss": self._train_epoch(epoch, optimiser)}
+            if not math.isfinite(record["loss"]):  # it would only fail the export's checks
+                raise ValueError(
+                    f"training diverged in epoch {epoch} (mean loss {record['loss']}): "
+                    "try a lower --lr"
+                )
             if validate is not None:
                 record |= world.from_main(partial(validate, self.result(history, epoch)))
             history.append(record)

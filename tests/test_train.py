@@ -125,6 +125,14 @@ def test_patience_zero_trains_every_epoch_and_keeps_the_best() -> None:
     np.testing.assert_array_equal(item_embeddings(trained), validate.snapshots[0])
 
 
+def test_a_diverging_run_stops_at_its_first_non_finite_epoch() -> None:
+    # It trained every epoch, then failed the export's parity check ("max abs diff nan").
+    dataset = small_dataset()
+    config = fast_config(epochs=5, lr=1e30)
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 \(mean loss nan\)"):
+        Trainer(dataset, dataset.interactions, config).fit()
+
+
 def test_no_known_items_is_an_error() -> None:
     dataset = small_dataset("synthetic:seed=2,users=40,items=30")
     unknown = dataset.interactions.assign(item_id="not-an-item")
