@@ -208,7 +208,7 @@ def grow_catalogue(path: Path) -> None:
         (drop_manifest, False, "missing manifest.json"),
         (widen_embeddings, True, "user tower returns shape (1, {dim}), item embeddings have dim"),
         (garble_tower, True, "towers.safetensors cannot be loaded"),
-        (nan_tower, True, "user tower returns non-finite values on warm-up"),
+        (nan_tower, True, "towers.safetensors holds non-finite weights: "),
         (nest_item_ids, True, "item_ids.json must be a list of 200 string ids"),
         (grow_catalogue, True, "towers record for 200 items, the bundle has 201"),
     ],
