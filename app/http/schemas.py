@@ -225,7 +225,8 @@ class ItemResponse(BaseModel):
     item_id: str
     status: ItemStatus = Field(
         description="how the worker that answered serves it: `catalogue` (from the bundle, "
-        "which wins over an added item of the same id), `added` (searched beside the index), "
+        "which wins over an added item of the same id: its vector, and for filters its "
+        "attributes, are the bundle's), `added` (searched beside the index), "
         "`deleted` (never returned), `not_served` (added, but the serving bundle has no item "
         "tower)"
     )
