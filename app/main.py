@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Two-tower candidate retrieval: top-K items for a user in milliseconds.",
         version="0.1.0",
         lifespan=lifespan,
+        # A trailing slash is a 404, not a 307 to a Location built from the Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -321,6 +321,11 @@ async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
     wrong_method = await client.get("/v1/recall")
     assert wrong_method.status_code == 405
     assert wrong_method.json() == {"detail": "Method Not Allowed"}
+    # A trailing slash was a 307 to a Location built from the client's Host header.
+    for path in ("/v1/recall/", "/health/live/", "/v1/recall//"):
+        slashed = await client.post(path, json={"user_id": "u1"})
+        assert (slashed.status_code, slashed.json()) == (404, {"detail": "Not Found"}), path
+        assert "location" not in slashed.headers and slashed.headers["x-request-id"]
 
 
 NASTY_BODIES = [
