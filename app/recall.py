@@ -301,7 +301,7 @@ class RecallService:
             exclude_seen=request.exclude_seen,
             user_id=request.user_id,
             filter=compiled,
-            stored=self.store.history_cap,
+            history_cap=self.store.history_cap,
         )
         return query, source
 

@@ -80,17 +80,16 @@ class Query:
         exclude_seen: bool = True,
         user_id: str | None = None,
         filter: CompiledFilter | None = None,
-        stored: int | None = None,
+        history_cap: int | None = None,
     ) -> Query:
         """The query for `model`: the newest items the user tower reads (its `history_length`
-        known ones, among the newest `stored` ids: HISTORY_CAP, what a stored history holds,
-        so that a history sent in the request is read as the same history stored) are mapped
-        to catalogue rows once, for the tower and the exclusion both; the older ones are
-        excluded by id. Added items in the history are unknown to the
-        bundle (the tower skips them) but left out of the overlay's results like any seen
-        item. The deleted rows are the overlay's mask or join the excluded rows
-        (`ItemOverlay`)."""
-        rows, taken = model.encoder.newest_rows(history[:stored])
+        known ones, among the newest `history_cap` ids: what a stored history holds, so that a
+        history sent in the request reads as the same history stored; None: all of them) are
+        mapped to catalogue rows once, for the tower and the exclusion both; the older ones
+        are excluded by id. Added items in the history are unknown to the bundle (the tower
+        skips them) but left out of the overlay's results like any seen item. The deleted rows
+        are the overlay's mask or join the excluded rows (`ItemOverlay`)."""
+        rows, taken = model.encoder.newest_rows(history[:history_cap])
         read = history[:taken]
         exclude = frozenset(rows) if exclude_seen else frozenset()
         older = frozenset(history[taken:]) if exclude_seen else frozenset()

@@ -235,13 +235,13 @@ class BundleRecommender:
 
     def fit(self, train: pd.DataFrame, item_index: Mapping[str, int]) -> None:
         ordered = train.sort_values("timestamp", kind="stable")
-        length, known = self.encoder.history_length, self.encoder.item_index
-        length = min(length, self.history_cap or length)
+        length, known, cap = self.encoder.history_length, self.encoder.item_index, self.history_cap
         grouped = ordered.groupby("user_id", sort=False)["item_id"]
-        # Items the bundle does not know are dropped before the history is cut to length, as
-        # the encoder does and training did.
+        # What the service holds: the newest `history_cap` ids (HISTORY_CAP), known or not
+        # (`app.retrieval.Query.prepare`); then, as the encoder and training do, the items the
+        # bundle does not know are dropped before the history is cut to length.
         self._history = {
-            str(u): [i for i in s.iloc[::-1] if i in known][:length] for u, s in grouped
+            str(u): [i for i in s.iloc[::-1][:cap] if i in known][:length] for u, s in grouped
         }
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from trainer_helpers import fast_config, small_dataset
@@ -195,6 +196,27 @@ def test_bundle_recommender_has_no_training_serving_skew(run: TrainingRun, bundl
     assert result.means.keys() == expected.keys()
     for metric, value in expected.items():
         assert result.means[metric] == pytest.approx(value, abs=1e-9), metric
+
+
+def test_a_capped_bundle_reads_the_newest_ids_as_the_service_stores_them(
+    run: TrainingRun, bundle: Path
+) -> None:
+    """Under HISTORY_CAP=N the service stores a user's newest N ids, known to the bundle or
+    not, and its tower reads the known ones among them; `evaluate --history-cap` dropped the
+    unknown ids first and read older known items the service never holds."""
+    dataset = small_dataset()
+    assert run.split is not None
+    train = run.split.train
+    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    user = str(train["user_id"].iloc[0])
+    newest = pd.DataFrame(
+        {"user_id": [user], "item_id": ["not-in-the-bundle"], "timestamp": [10**10]}
+    )
+    capped = BundleRecommender(bundle, dataset.users, item_index, history_cap=1)
+    capped.fit(pd.concat([train, newest]), item_index)
+    without_history = BundleRecommender(bundle, dataset.users, item_index)
+    without_history.fit(train[train["user_id"] != user], item_index)
+    np.testing.assert_allclose(capped.score([user]), without_history.score([user]), atol=1e-6)
 
 
 # --- tampering ------------------------------------------------------------------------------
