@@ -82,7 +82,7 @@ class Metrics:
         )
         self.model_info = Gauge(
             "tower_recall_model_info",
-            "The serving bundle (value 1)",
+            "The serving bundle (1); under several workers, also each one served before (0)",
             ["version"],
             registry=r,
             multiprocess_mode=LIVE_PER_WORKER,

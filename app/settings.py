@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     @classmethod
     def _cluster_url(cls, cluster: bool, info: ValidationInfo) -> bool:
         # redis-py's cluster client refuses these only when the service starts (a traceback).
+        # A field validator, so the error names REDIS_CLUSTER: it sees `redis_url` because
+        # that field is declared (so validated) first.
         url = urlsplit(info.data.get("redis_url") or "")
         db = url.path.strip("/") or parse_qs(url.query).get("db", ["0"])[0]
         if cluster and (url.scheme == "unix" or db != "0"):

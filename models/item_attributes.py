@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,16 @@ class ItemAttributes:
         """Read a file `save` wrote.
 
         Raises:
+            OSError: the file cannot be read.
             ValueError: not such a file, or its arrays disagree with its column list.
         """
+        try:
+            return cls._load(path)
+        except (KeyError, TypeError, zipfile.BadZipFile) as exc:  # what a foreign file raises
+            raise ValueError(f"not an item attributes file: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _load(cls, path: Path) -> ItemAttributes:
         # Opened here: numpy leaves its own file open when the archive is not a zip file.
         with path.open("rb") as file, np.load(file, allow_pickle=False) as data:
             meta = json.loads(data[_META].tobytes())

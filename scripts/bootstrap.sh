@@ -8,17 +8,21 @@
 # 3.11 or newer: `python3` is 3.10 on Ubuntu 22.04, often with a python3.11 beside it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+# 3.11+, and able to make a venv with pip (Debian splits venv/ensurepip into python3.X-venv).
+new_enough() {
+    "$1" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then
         new_enough "$PYTHON" && return
-        echo "PYTHON=$PYTHON is not Python 3.11 or newer" >&2
+        echo "PYTHON=$PYTHON is not Python 3.11 or newer with venv and ensurepip" >&2
         return 1
     fi
     for PYTHON in python3 python3.11 python3.12 python3.13; do
         command -v "$PYTHON" >/dev/null && new_enough "$PYTHON" && return
     done
-    echo "tower-recall needs Python 3.11 or newer, and found none (set PYTHON=...)" >&2
+    echo "tower-recall needs Python 3.11+ with venv (Debian: python3.11-venv): none found" \
+        "(set PYTHON=...)" >&2
     return 1
 }
 VENV="${VENV:-.venv}"

@@ -326,7 +326,7 @@ def no_towers_record(bundle: Path) -> None:
         # passed: the NaN row answered recalls of null scores.
         (nan_history_row, r"holds non-finite weights: \['[\w.]+item_embedding.weight'\]"),
         (norm_not_a_number, "bad towers record: ValueError\\(\"item_prior_inverse_norm 'x'\"\\)"),
-        (garbled_attributes, "item_attributes.npz: BadZipFile"),
+        (garbled_attributes, "item_attributes.npz: ValueError: not an item attributes file: Bad"),
     ],
 )
 def test_broken_towers_are_never_served(

@@ -129,10 +129,10 @@ async def test_a_read_knows_whether_the_log_still_holds_what_the_reader_read(
             await log.append(new_change(item, None))
         page = await log.read(0, 2)
         changes = ChangeSet.empty().merged(page.epoch, page.changes, page.last)
-        assert (changes.seq, changes.at) == (2, "b")
+        assert (changes.seq, changes.last_item) == (2, "b")
         await log.append(new_change("b", None))  # b changed again: number 4, 2 left empty
         assert (await log.read(2, 10, "b")).follows
-        assert not changes.is_other_log(await log.read(changes.seq, 10, changes.at))
+        assert not changes.is_other_log(await log.read(changes.seq, 10, changes.last_item))
         assert not (await log.read(2, 10, "a")).follows  # a holds 1: the log moved under us
         assert not (await log.read(3, 10, "b")).follows  # c holds 3, not b
         assert not (await log.read(2, 10, "zz")).follows  # an item the log never had

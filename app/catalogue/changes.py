@@ -23,14 +23,14 @@ class ChangeSet:
         epoch: the log's epoch (`app.store.item_changes`); None before a change was read.
         seq: the number of the last change read: the next read asks for what follows it.
         revision: grows by one with every new set (never reset, even by a replay).
-        at: the item of change `seq`, when it was read (the log checks it still is).
+        last_item: the item of change `seq`, when it was read (the log checks it still is).
     """
 
     items: Mapping[str, ItemChange]
     epoch: str | None
     seq: int
     revision: int
-    at: str | None = None
+    last_item: str | None = None
 
     @classmethod
     def empty(cls, revision: int = 0, epoch: str | None = None) -> ChangeSet:
@@ -47,14 +47,14 @@ class ChangeSet:
         """This set with `changes` applied (an older number than an item's known change is
         ignored: a write and a read may deliver the same change twice)."""
         items = dict(self.items)
-        at = self.at if last <= self.seq else None
+        last_item = self.last_item if last <= self.seq else None
         for change in changes:
             known = items.get(change.item_id)
             if known is None or known.seq < change.seq:  # as `is_new`, within this batch
                 items[change.item_id] = change
             if change.seq == last > self.seq:
-                at = change.item_id
-        return ChangeSet(items, epoch, max(self.seq, last), self.revision + 1, at)
+                last_item = change.item_id
+        return ChangeSet(items, epoch, max(self.seq, last), self.revision + 1, last_item)
 
     def is_new(self, change: ItemChange) -> bool:
         """Whether `change` is newer than this set's change of its item (what `merged`

@@ -197,7 +197,7 @@ class ItemCatalogue:
     async def _read(self, changes: ChangeSet) -> tuple[ChangeSet, list[ItemChange]]:
         fresh: list[ItemChange] = []
         while True:
-            page = await self.changes_log.read(changes.seq, PAGE, changes.at)
+            page = await self.changes_log.read(changes.seq, PAGE, changes.last_item)
             if changes.is_other_log(page):
                 log.warning(
                     "the item change log was lost, replaced or rolled back (epoch %s, now %s): "

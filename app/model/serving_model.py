@@ -9,7 +9,6 @@ one. The model it returns is ready and never changes: a reload loads another one
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +223,7 @@ def _load_attributes(verified: VerifiedBundle) -> ItemAttributes | None:
         return None
     try:
         attributes = ItemAttributes.load(verified.path / ITEM_ATTRIBUTES)
-    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError) as exc:
         raise BundleRejected(f"{ITEM_ATTRIBUTES}: {type(exc).__name__}: {exc}") from exc
     if attributes.n_items != len(verified.item_ids):
         raise BundleRejected(

@@ -104,9 +104,10 @@ class ItemChangeLog(ABC):
         """Write `change` as the item's latest: (the log's epoch, the change numbered)."""
 
     @abstractmethod
-    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
-        """The latest changes numbered after `after`, at most `limit` of them, in order; `at`:
-        the item whose change the reader read as number `after`, if it knows it."""
+    async def read(self, after: int, limit: int, last_item: str | None = None) -> ChangePage:
+        """The latest changes numbered after `after`, at most `limit` of them, in order;
+        `last_item`: the item whose change the reader read as number `after`, if it knows it
+        (`ChangePage.follows` says whether the log still holds it there)."""
 
     async def aclose(self) -> None:
         return None
@@ -130,8 +131,9 @@ class MemoryItemChangeLog(ItemChangeLog):
         self._latest[change.item_id] = numbered
         return self.epoch, numbered
 
-    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
-        newer: list[ItemChange] = []  # (in process, no change is ever lost: `follows`)
+    async def read(self, after: int, limit: int, last_item: str | None = None) -> ChangePage:
+        # `last_item` is not checked: a log in this process never loses a change it gave.
+        newer: list[ItemChange] = []
         for change in reversed(self._latest.values()):
             if change.seq <= after:
                 break

@@ -84,8 +84,8 @@ class RedisItemChangeLog(ItemChangeLog):
         seq, epoch = await self._eval(APPEND, change.item_id, record, uuid.uuid4().hex)
         return str(epoch), ItemChange(change.item_id, int(seq), change.attributes, change.at)
 
-    async def read(self, after: int, limit: int, at: str | None = None) -> ChangePage:
-        reply = await self._eval(READ, after, limit, at or "")
+    async def read(self, after: int, limit: int, last_item: str | None = None) -> ChangePage:
+        reply = await self._eval(READ, after, limit, last_item or "")
         epoch, head, follows, rest = reply[0], int(reply[1]), bool(reply[2]), reply[3:]
         changes, last = [], after
         for i in range(0, len(rest), 3):

@@ -43,12 +43,14 @@ WHOLE_STORE = "redis"
 T = TypeVar("T")
 # A user's events, at once: one script, which a cluster routes by its key and follows through
 # a slot's migration (ASK), where a MULTI pipeline failed. A key of another type is replaced,
-# as SET replaces a features key whatever it held (reads already ignore it). The TTL is set
-# again, or removed with FEATURE_TTL_S 0 (publish-features may have set one). Replies
+# as SET replaces a features key whatever it held (reads already ignore it). The key is then
+# one the service wrote: FEATURE_TTL_S sets its TTL, or with 0 removes one publish-features
+# --ttl gave it, as a features PUT's SET does. Replies
 # {length, replaced}. Pushed 1,000 at a time: Lua unpacks ~8,000 values at most.
 APPEND_EVENTS = """
 local replaced = 0
-if redis.call('TYPE', KEYS[1]).ok ~= 'list' and redis.call('EXISTS', KEYS[1]) == 1 then
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'list' and kind ~= 'none' then
   redis.call('DEL', KEYS[1])
   replaced = 1
 end
@@ -114,7 +116,9 @@ class RedisFeatureStore(FeatureStore):
                 raise FeatureStoreUnavailable("Redis connections all busy (worker busy)") from exc
             if self._stalled(exc, started):
                 log.warning("Redis %s timed out: this worker was busy, not Redis", operation)
-                raise FeatureStoreUnavailable("Redis call timed out (worker busy)") from exc
+                raise FeatureStoreUnavailable(
+                    "Redis call timed out (TimeoutError; this worker was busy)"
+                ) from exc
             self._retry_at[node] = time.monotonic() + self.retry_after_s
             if node not in self._down:  # a timeout's message is empty: name the exception too
                 log.warning("Redis unavailable (%s, %s): %r", operation, node, exc)
