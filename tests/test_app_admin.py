@@ -292,6 +292,23 @@ async def test_a_manifest_without_its_training_record_still_serves(
         assert await active_version(client) == BAD_VERSION
 
 
+async def test_a_shared_index_cache_keeps_the_versions_model_dir_holds(
+    model_dir: Path, bundles: Bundles, tmp_path: Path
+) -> None:
+    """INDEX_CACHE_DIR held a built index per version ever served (~0.5 GB each at 1M
+    items), long after MODEL_DIR had dropped the version."""
+    cache = tmp_path / "index-cache"
+    (cache / "not-a-version").mkdir(parents=True)  # anything else there is left alone
+    settings = make_settings(model_dir, index_type="hnsw", index_cache_dir=cache)
+    async with serve(settings) as client:
+        assert (cache / bundles.v1.name).is_dir()
+        b.write_latest(model_dir, bundles.v2.name)
+        shutil.rmtree(model_dir / bundles.v1.name)  # a retention policy drops the old one
+        reload = await client.post("/admin/reload", headers=admin_headers())
+        assert reload.json()["model_version"] == bundles.v2.name
+    assert sorted(p.name for p in cache.iterdir()) == sorted([bundles.v2.name, "not-a-version"])
+
+
 async def test_unknown_version_is_404(model_dir: Path) -> None:
     async with serve(make_settings(model_dir)) as client:
         body = {"version": "20000101T000000Z-abcdef"}

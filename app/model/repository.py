@@ -27,6 +27,7 @@ from app.config import IndexConfig
 from app.errors import BundleRejected, InvalidInput, ModelNotReady, VersionNotFound, input_error
 from app.metrics import Metrics
 from app.model.serving_model import ServingModel
+from app.search.ann_cache import prune
 from models.bundle import BundleError, list_versions, read_latest, version_dir
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class ModelRepository:
         """
         path = self.resolve(version)
         try:
-            model = await anyio.to_thread.run_sync(ServingModel.load, path, self.index_config)
+            model = await anyio.to_thread.run_sync(self._load, path)
             for hook in self._hooks:  # a hook that fails refuses the bundle, as a failed load
                 model = await hook.prepare(model)
         except Exception as exc:
@@ -143,6 +144,18 @@ class ModelRepository:
                 log.exception("bundle %s failed to load", path.name)
             self._count_load("rejected")
             raise BundleRejected(f"bundle {path.name} rejected: {reason}") from exc
+        return model
+
+    def _load(self, path: Path) -> ServingModel:
+        model = ServingModel.load(path, self.index_config)
+        root = self.index_config.cache_root
+        if root is not None:
+            try:
+                kept = list_versions(self.root)
+            except OSError:
+                kept = []
+            if model.version in kept:  # a listing that misses the bundle just read is not one
+                prune(root, kept)
         return model
 
     def swap(self, model: ServingModel) -> Swap:

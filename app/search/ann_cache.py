@@ -21,15 +21,16 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import faiss
 
 from app.config import IndexConfig
-from models.bundle import sha256_file
+from models.bundle import is_version_name, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,20 @@ def cache_dir(bundle_dir: Path, root: Path | None) -> Path:
     """Where a bundle's indexes are cached: `root/<version>/` when a cache root is set (the
     bundle volume may be read-only), else `<bundle>/index-cache/`."""
     return root / bundle_dir.name if root is not None else bundle_dir / CACHE_DIR
+
+
+def prune(root: Path, keep: Collection[str]) -> None:
+    """Remove the caches under the cache root (INDEX_CACHE_DIR) of the versions not in `keep`,
+    those MODEL_DIR no longer holds: nothing loads them again, and each holds a built index
+    (~0.5 GB at 1M items), so a root shared by retrained versions grew without end. Only
+    directories named as versions are touched."""
+    try:
+        entries = [e for e in root.iterdir() if is_version_name(e.name) and e.name not in keep]
+    except OSError:
+        return
+    for entry in entries:
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("removed the index cache of %s: it is no longer in MODEL_DIR", entry.name)
 
 
 def _atomic_write(directory: Path, name: str, write: Callable[[str], object]) -> str:
