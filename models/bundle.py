@@ -130,13 +130,22 @@ def version_dir(root: Path, version: str) -> Path:
     return root / version
 
 
+# More than a version name and its newline: not a LATEST this project wrote.
+LATEST_MAX_BYTES = 256
+
+
 def read_latest(root: Path) -> str:
+    """The version `root/LATEST` names. Raises BundleError: no such file, or it does not hold
+    a version name; its content is never quoted (the file may be any file, e.g. a link to
+    the process's environment, and readiness shows the reason to any client)."""
     try:
-        version = (root / LATEST).read_text().strip()
+        with (root / LATEST).open("rb") as f:
+            raw = f.read(LATEST_MAX_BYTES + 1)
     except FileNotFoundError as exc:
         raise BundleError(f"no {LATEST} file in {root}") from exc
-    if not is_version_name(version):
-        raise BundleError(f"{root / LATEST} names an invalid version {version!r}")
+    version = raw.decode("utf-8", errors="replace").strip()
+    if len(raw) > LATEST_MAX_BYTES or not is_version_name(version):
+        raise BundleError(f"{root / LATEST} does not hold a version name")
     return version
 
 

@@ -69,11 +69,30 @@ async def test_admin_requires_the_token(
             assert response.headers["www-authenticate"] == "Bearer"
 
 
-async def test_admin_disabled_without_a_token(model_dir: Path) -> None:
-    async with serve(make_settings(model_dir, admin_token="")) as client:
+@pytest.mark.parametrize("token", ["", "   "])  # blank: no client could ever present it
+async def test_admin_disabled_without_a_token(model_dir: Path, token: str) -> None:
+    async with serve(make_settings(model_dir, admin_token=token)) as client:
         response = await client.post("/admin/reload", headers={"Authorization": "Bearer "})
         assert response.status_code == 403
         assert response.json() == {"detail": "admin API disabled: ADMIN_TOKEN is not set"}
+
+
+async def test_a_token_with_spaces_around_it_authenticates(model_dir: Path) -> None:
+    settings = make_settings(model_dir, admin_token=" a-long-enough-token-0123 ")
+    async with serve(settings) as client:
+        headers = {"Authorization": "Bearer a-long-enough-token-0123"}
+        assert (await client.get("/admin/models", headers=headers)).status_code == 200
+
+
+@pytest.mark.parametrize("token", ["change-me", "tiny-tok"])
+async def test_a_guessable_admin_token_is_warned_about_at_start(
+    model_dir: Path, token: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(make_settings(model_dir, admin_token=token)):
+        pass
+    warned = [r.getMessage() for r in caplog.records if "ADMIN_TOKEN is" in r.getMessage()]
+    assert len(warned) == 1 and "set a long random one" in warned[0]
+    assert token not in warned[0]  # the token itself is never logged
 
 
 async def test_models_lists_versions_active_and_latest(model_dir: Path, bundles: Bundles) -> None:
@@ -307,6 +326,20 @@ async def test_a_shared_index_cache_keeps_the_versions_model_dir_holds(
         reload = await client.post("/admin/reload", headers=admin_headers())
         assert reload.json()["model_version"] == bundles.v2.name
     assert sorted(p.name for p in cache.iterdir()) == sorted([bundles.v2.name, "not-a-version"])
+
+
+async def test_latest_is_never_quoted_to_clients(model_dir: Path, tmp_path: Path) -> None:
+    """LATEST linked to another file (here one holding secrets) had its content quoted in the
+    readiness answer any client reads, and read whole whatever its size."""
+    secret = tmp_path / "environ"
+    secret.write_bytes(b"ADMIN_TOKEN=s3cret\x00REDIS_URL=redis://:pw@host/0\x00" * 10_000)
+    (model_dir / "LATEST").unlink()
+    (model_dir / "LATEST").symlink_to(secret)
+    async with serve(make_settings(model_dir)) as client:  # after the start-up load failed
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["detail"].endswith("LATEST does not hold a version name")
+        assert "s3cret" not in ready.text and "pw@" not in ready.text
 
 
 async def test_unknown_version_is_404(model_dir: Path) -> None:
