@@ -3,6 +3,7 @@ time) from the settings, through the config objects of `app.config`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from app.settings import Settings
 from app.store import FeatureStore, build_item_change_log, build_store
 from app.user_vector_cache import UserVectorCache
 from app.users import UserService
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ def configure_threads(threads: int) -> None:
 
 def build_services(settings: Settings, metrics: Metrics) -> Services:
     """Every service object of one worker, not started (`Services.start`)."""
+    _warn_about_a_weak_admin_token(settings.admin_token.get_secret_value())
     repository = ModelRepository(settings.model_dir, IndexConfig.from_settings(settings), metrics)
     store_config = StoreConfig.from_settings(settings)
     store = build_store(store_config, metrics)
@@ -91,3 +95,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         worker=f"{socket.gethostname()}:{os.getpid()}",
         cpu=cpu,
     )
+
+
+# The compose stack's default, which its README tells users to replace.
+STACK_DEFAULT_TOKEN = "change-me"
+MIN_TOKEN_LENGTH = 16
+
+
+def _warn_about_a_weak_admin_token(token: str) -> None:
+    """A token anyone may guess lets them delete and add items for the whole fleet and pin
+    any version: said at start-up, not refused (the stack starts with its default)."""
+    if token and (token == STACK_DEFAULT_TOKEN or len(token) < MIN_TOKEN_LENGTH):
+        log.warning(
+            "ADMIN_TOKEN is %s: whoever reaches this service can change its items and pin its "
+            "model version; set a long random one",
+            "the stack's default" if token == STACK_DEFAULT_TOKEN else "short",
+        )

@@ -109,7 +109,11 @@ class Settings(BaseSettings):
     reload_poll_s: Annotated[float, Field(ge=0)] = 2.0
 
     # -- admin and process ------------------------------------------------------------------
-    admin_token: SecretStr = SecretStr("")  # empty: the admin API answers 403
+    # Empty (or blank: spaces around a token are dropped, as a client's are): the admin API
+    # answers 403.
+    admin_token: Annotated[
+        SecretStr, BeforeValidator(lambda v: v.strip() if isinstance(v, str) else v)
+    ] = SecretStr("")
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1)] = 1

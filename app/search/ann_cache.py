@@ -6,9 +6,11 @@ second. The cache lives in `<bundle>/index-cache/` (or `$INDEX_CACHE_DIR/<versio
 bundle sits on a read-only volume), one file per (embeddings checksum, index kind and build
 parameters), e.g. `hnsw-M32-efc200-3f9a1c0d2e4b5a69.faiss`, with a sidecar
 `.json` holding the key and the file's sha256. It is verified like the bundle itself: a
-cached file whose sidecar, checksum, key or shape does not match is ignored and rebuilt, never
-trusted. Writes are atomic (temp file + os.replace), and the cache is never required: an
-unwritable directory just builds the index at every start.
+cached file whose sidecar, checksum, key or shape does not match is ignored and rebuilt. That
+catches corruption, not tampering: the sidecar sits beside the index, so whoever can write the
+cache directory can replace both, and the directory must be as trusted as MODEL_DIR. Writes
+are atomic (temp file + os.replace), and the cache is never required: an unwritable directory
+just builds the index at every start.
 
 Concurrent workers take an exclusive lock per cache file while they check and build, so on a
 cold start one worker builds and the others wait for it and then read its result.
