@@ -25,6 +25,11 @@ from app.users import UserService
 
 log = logging.getLogger(__name__)
 
+# A token guessed this easily is warned about at start: the compose stack's default, which its
+# README tells users to replace, or a short one.
+STACK_DEFAULT_TOKEN = "change-me"
+MIN_TOKEN_LENGTH = 16
+
 
 @dataclass(frozen=True)
 class Services:
@@ -95,11 +100,6 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         worker=f"{socket.gethostname()}:{os.getpid()}",
         cpu=cpu,
     )
-
-
-# The compose stack's default, which its README tells users to replace.
-STACK_DEFAULT_TOKEN = "change-me"
-MIN_TOKEN_LENGTH = 16
 
 
 def _warn_about_a_weak_admin_token(token: str) -> None:

@@ -45,8 +45,8 @@ T = TypeVar("T")
 # a slot's migration (ASK), where a MULTI pipeline failed. A key of another type is replaced,
 # as SET replaces a features key whatever it held (reads already ignore it). The key is then
 # one the service wrote: FEATURE_TTL_S sets its TTL, or with 0 removes one publish-features
-# --ttl gave it, as a features PUT's SET does. Replies
-# {length, replaced}. Pushed 1,000 at a time: Lua unpacks ~8,000 values at most.
+# --ttl gave it, as a features PUT's SET does. Replies {length, replaced}. Pushed 1,000 at a
+# time: Lua unpacks ~8,000 values at most.
 APPEND_EVENTS = """
 local replaced = 0
 local kind = redis.call('TYPE', KEYS[1]).ok
