@@ -52,8 +52,6 @@ class UserVectorCache:
         return entry[1]
 
     def put(self, user_id: str, key: bytes, vector: np.ndarray) -> None:
-        if self.size <= 0:
-            return
         with self._lock:
             self._data[user_id] = (key, vector)
             self._data.move_to_end(user_id)

@@ -10,6 +10,7 @@
   `tests/test_faults.py` (`cluster_faults` also by `tests/test_app_redis_cluster.py`).
 
 It uses only the public entry points of `app` and `models` (their CLIs, `models.online_store`,
-the bundle layout) and is no part of the distribution: the tests reach it through pytest's
-`pythonpath`, the benchmarks by putting the repository root on `sys.path`.
+the Redis key layout `models.redis_keys`, the bundle layout) and is no part of the
+distribution: the tests reach it through pytest's `pythonpath`, the benchmarks by putting the
+repository root on `sys.path`.
 """

@@ -223,7 +223,8 @@ def check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
 def cmd_publish(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisClusterException, RedisError
 
-    from models.online_store import check_prefix, connect, publish, redacted
+    from models.online_store import connect, publish, redacted
+    from models.redis_keys import check_prefix
     from models.sources import load_dataset
 
     check_prefix(args.prefix)

@@ -16,11 +16,10 @@ from redis.exceptions import RedisClusterException
 from tqdm import tqdm
 
 from models.dataset import DataError, Dataset
-from models.redis_keys import (  # noqa: F401 (re-exported: the layout's old home)
+from models.redis_keys import (
     DEFAULT_HISTORY_CAP,
     DEFAULT_PREFIX,
     check_prefix,
-    hash_tag,
     history_key,
     user_key,
 )

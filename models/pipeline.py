@@ -32,7 +32,7 @@ from models.splits import (
 from models.train import Trainer
 from models.train_config import TrainConfig
 from models.trained import TrainedModel
-from models.validation import carve_validation, make_validator, validated
+from models.validation import Validator, carve_validation, validated
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _train(
     if config.validation_fraction > 0:
         carve = carve_validation(train, config, split_spec)
         fit_part = carve.train
-        validate = make_validator(dataset, carve.train, carve.test, config.seed)
+        validate = Validator(dataset, carve.train, carve.test, config.seed)
     trained = Trainer(dataset, fit_part, config, validate).fit()
     if validate is None:
         return trained, None, None

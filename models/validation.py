@@ -116,13 +116,6 @@ class Validator:
         return dict(result.means) | {"pooled_recall@50": result.pooled_recall(50)}
 
 
-def make_validator(
-    dataset: Dataset, fit_part: pd.DataFrame, validation: pd.DataFrame, seed: int
-) -> Validator:
-    """Validation metrics of a model trained on `fit_part`, on the period right after it."""
-    return Validator(dataset, fit_part, validation, seed)
-
-
 def _prior_metrics(
     trained: TrainedModel, validate: ValidateFn, priors: Sequence[tuple[float, float]]
 ) -> list[dict[str, float]]:

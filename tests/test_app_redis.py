@@ -31,7 +31,7 @@ from helpers_app import (
 
 from app.main import create_app
 from app.store.redis_client import redis_reason
-from models.online_store import history_key, user_key
+from models.redis_keys import history_key, user_key
 
 pytestmark = [pytest.mark.anyio]
 

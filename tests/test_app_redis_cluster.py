@@ -32,7 +32,8 @@ from app.settings import Settings
 from harness.faults import cluster_faults
 from harness.faults.report import table
 from harness.stack import Stack, model_dir_with
-from models.online_store import connect, history_key, publish, user_key
+from models.online_store import connect, publish
+from models.redis_keys import history_key, user_key
 
 pytestmark = [pytest.mark.anyio]
 

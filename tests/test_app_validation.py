@@ -35,8 +35,8 @@ from app.main import create_app
 from app.settings import MAX_HISTORY_CEILING
 from models.bundle import write_latest
 from models.dataset import ColumnSpec
-from models.online_store import user_key
 from models.pipeline import run_training
+from models.redis_keys import user_key
 from models.train_config import TrainConfig
 
 pytestmark = [pytest.mark.anyio]

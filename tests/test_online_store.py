@@ -14,15 +14,8 @@ from trainer_helpers import stored_json, stored_list
 from app.settings import Settings
 from models.cli import parser
 from models.dataset import ColumnSpec, Dataset
-from models.online_store import (
-    DEFAULT_PREFIX,
-    check_prefix,
-    connect,
-    history_key,
-    publish,
-    user_key,
-    user_records,
-)
+from models.online_store import connect, publish, user_records
+from models.redis_keys import DEFAULT_PREFIX, check_prefix, history_key, user_key
 from models.train_config import PRESETS, TrainConfig
 
 

@@ -17,7 +17,7 @@ from models.towers import TowerConfig
 from models.train import Trainer
 from models.train_config import TrainConfig
 from models.trained import TrainedModel, item_embeddings
-from models.validation import carve_validation, choose_prior_weight, make_validator
+from models.validation import Validator, carve_validation, choose_prior_weight
 
 
 def test_device_auto_is_cuda_only_when_present() -> None:
@@ -288,7 +288,7 @@ def test_prior_weight_is_chosen_on_the_validation_slice() -> None:
     run = run_training(dataset, "last-10pct", config, None)
     train = make_split(dataset.interactions, "last-10pct").train
     carve = validation_split(train, 0.1)
-    validate = make_validator(dataset, carve.train, carve.test, seed=0)
+    validate = Validator(dataset, carve.train, carve.test, seed=0)
     scores = choose_prior_weight(run.trained, validate, "recall@50")
     pairs = {str(w) if not h else f"{w}@{h:g}d" for w in PRIOR_GRID for h in PRIOR_HALF_LIVES}
     assert set(scores) == pairs - {f"0.0@{h:g}d" for h in PRIOR_HALF_LIVES}
@@ -350,7 +350,7 @@ def test_validation_min_gap_validates_on_returning_users_only() -> None:
     assert everyone.validation != returning.validation
     train = make_split(dataset.interactions, "last-10pct").train
     carve = validation_split(train, 0.1, min_gap_days=20.0)
-    validate = make_validator(dataset, carve.train, carve.test, seed=0)
+    validate = Validator(dataset, carve.train, carve.test, seed=0)
     assert validate(returning.trained) == returning.validation
 
 

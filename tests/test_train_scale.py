@@ -28,7 +28,7 @@ from models.recommender import TwoTowerRecommender, top_k_with_bonus
 from models.splits import make_split, validation_split
 from models.train import Trainer, ValidateFn
 from models.trained import TrainedModel
-from models.validation import choose_prior_weight, make_validator
+from models.validation import Validator, choose_prior_weight
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_prior_search_equals_one_full_validation_pass_per_prior() -> None:
     config = fast_config(epochs=2, validation_fraction=0.1, popularity_prior=1.0, refit=False)
     trained = run_training(dataset, "last-10pct", config, None).trained
     carve = validation_split(make_split(dataset.interactions, "last-10pct").train, 0.1)
-    fast = make_validator(dataset, carve.train, carve.test, seed=0)
+    fast = Validator(dataset, carve.train, carve.test, seed=0)
     reference = reference_validator(dataset, carve.train, carve.test)  # every user sampled
     pairs = [(0.0, 0.0)] + [(w, h) for w in PRIOR_GRID if w for h in PRIOR_HALF_LIVES]
     expected = []

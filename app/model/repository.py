@@ -77,10 +77,6 @@ class ModelRepository:
     def current(self) -> ServingModel | None:
         return self._current
 
-    @property
-    def ready(self) -> bool:
-        return self._current is not None
-
     def require(self) -> ServingModel:
         """The serving model; read it once per request.
 

@@ -68,8 +68,8 @@ def build_faiss_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Inde
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(embeddings)
-    else:
-        index = faiss.IndexFlatIP(dim)
+    else:  # flat search is `app.search.flat`'s
+        raise ValueError(f"no FAISS index for {config.kind!r}")
     index.add(embeddings)
     set_search_params(index, config)
     return index

@@ -117,8 +117,6 @@ class FlatIndex(ItemIndex):
         matrix: the item vectors.
         screen: `on` keeps a bfloat16 copy (half the matrix's size) to screen batches with,
             `off` scans float32 only, `auto` screens when that measures faster here.
-        column_copy: keep a column-major float32 copy (the matrix's size again, private to
-            the process) for a faster scan; without it, the product runs over `matrix`.
         blas: the library computing the float32 product, `torch` or `numpy`, or `auto`: the
             faster at each batch size, timed here.
         pruning: clusters of the same items; when given, each query reads only those that
@@ -131,14 +129,15 @@ class FlatIndex(ItemIndex):
         self,
         matrix: torch.Tensor,
         screen: ScreenMode = "auto",
-        column_copy: bool = True,
         blas: BlasMode = "auto",
         pruning: ClusterPruning | None = None,
     ) -> None:
         self.matrix = matrix
         self.pruning = pruning
         self.prune_fallbacks = Fallbacks()
-        self.columns = matrix.T.contiguous() if column_copy else matrix.T  # (dim, n_items)
+        # A column-major copy (the matrix's size again, private to the process): the scan's
+        # product runs faster over it than over `matrix`.
+        self.columns = matrix.T.contiguous()  # (dim, n_items)
         self.numpy_columns = self.columns.numpy()  # the same memory
         # The library for a batch of each size in TIMED_BATCHES.
         self.blas: dict[int, str] = (

@@ -125,11 +125,6 @@ class ItemOverlay:
         return top.values.numpy(), top.indices.numpy()
 
 
-def empty_overlay(dim: int = 0) -> ItemOverlay:
-    """No change: what a model serves with until its changes are applied."""
-    return ItemOverlay((), np.zeros((0, dim), dtype=np.float32), (), frozenset(), -1, {}, 0)
-
-
 def overlay_of(
     ids: Sequence[str],
     vectors: np.ndarray,
@@ -147,4 +142,5 @@ def overlay_of(
     )
 
 
-EMPTY_OVERLAY = empty_overlay()
+# No change: what a model serves with until its changes are applied.
+EMPTY_OVERLAY = ItemOverlay((), np.zeros((0, 0), dtype=np.float32), (), frozenset(), -1, {}, 0)

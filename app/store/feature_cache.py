@@ -48,9 +48,6 @@ class TTLCache:
     def pop(self, key: str) -> None:
         self._data.pop(key, None)
 
-    def clear(self) -> None:
-        self._data.clear()
-
     def __len__(self) -> int:
         return len(self._data)
 

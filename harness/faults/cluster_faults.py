@@ -32,11 +32,11 @@ from harness.faults.client import call, wait_for_workers
 from harness.faults.report import Row
 from harness.faults.traffic import Answer, Stats, Traffic
 from harness.stack import RECIPE, Stack, Versions
-from models import online_store
+from models import online_store, redis_keys
 from models.bundle import ITEM_IDS
 from models.sources import load_dataset
 
-PREFIX = online_store.DEFAULT_PREFIX
+PREFIX = redis_keys.DEFAULT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def run(
     for n, user in enumerate(published):
         bodies.append({"user_id": user, "k": 10})
         bodies.append({"user_id": f"guest-{n}", "k": 10, "history": [item]})
-    victim = cluster.master_of(online_store.user_key(PREFIX, published[0]))
-    lost = {u for u in published if cluster.master_of(online_store.user_key(PREFIX, u)) == victim}
+    victim = cluster.master_of(redis_keys.user_key(PREFIX, published[0]))
+    lost = {u for u in published if cluster.master_of(redis_keys.user_key(PREFIX, u)) == victim}
     base = service.base_url
     with Traffic([base + "/v1/recall"], bodies, opts.connections) as traffic:
         rows = [_steady(traffic, opts)]
@@ -128,7 +128,7 @@ def _steady(traffic: Traffic, opts: ClusterOptions) -> Row:
 def _probe_user(cluster: LocalCluster, port: int) -> str:
     """A user id (never published) whose slot the primary on `port` holds."""
     n = 0
-    while cluster.master_of(online_store.user_key(PREFIX, f"probe-{n}")) != port:
+    while cluster.master_of(redis_keys.user_key(PREFIX, f"probe-{n}")) != port:
         n += 1
     return f"probe-{n}"
 
@@ -167,7 +167,7 @@ def _failover(
 ) -> Row:
     user = sorted(lost)[0]
     writer = _probe_user(cluster, victim)
-    key = online_store.user_key(PREFIX, user)
+    key = redis_keys.user_key(PREFIX, user)
     start = time.perf_counter()
     cluster.kill(victim)
     promotion = _until(lambda: cluster.master_of(key) != victim, opts.promotion_bound_s)

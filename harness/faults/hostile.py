@@ -21,8 +21,8 @@ from harness.faults.fuzz import fuzz
 from harness.faults.report import Row
 from harness.faults.traffic import Stats
 from harness.stack import ADMIN_TOKEN, Stack, Versions
-from models.online_store import DEFAULT_PREFIX as PREFIX
-from models.online_store import history_key, user_key
+from models.redis_keys import DEFAULT_PREFIX as PREFIX
+from models.redis_keys import history_key, user_key
 
 MAX_BODY = 1 << 20  # the service's MAX_BODY_BYTES (its default)
 HUGE_HEADER = "header of 1 MB"

@@ -29,7 +29,7 @@ from harness.faults.traffic import Stats, Traffic
 from harness.procs import RedisServer, free_port
 from harness.stack import RECIPE, Stack, Versions, publish
 from models.bundle import ITEM_IDS
-from models.online_store import DEFAULT_PREFIX, user_key
+from models.redis_keys import DEFAULT_PREFIX, user_key
 
 PROBE_USER = "fault-probe"
 
