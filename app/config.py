@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.settings import BlasMode, IndexType, PruneMode, ScreenMode, Settings
 
@@ -23,23 +24,29 @@ STALL_FACTOR = 2.0
 CONTROL_TIMEOUT_MIN_S = 1.0
 
 
+def _default(setting: str) -> Any:
+    """A setting's default, declared once in `Settings`: configs built by hand (tests,
+    benchmarks) start from the same values as the service."""
+    return Settings.model_fields[setting].default
+
+
 @dataclass(frozen=True, kw_only=True)
 class IndexConfig:
     """How the item index is built and searched (`app.search.build_item_index`)."""
 
-    kind: IndexType = "flat"
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    hnsw_ef_construction: int = 200
-    ivf_nlist: int = 1024
-    ivf_nprobe: int = 32
-    build_threads: int = 0  # OpenMP threads for building an ANN index; 0 = every core
-    exact_screen: ScreenMode = "auto"  # flat only: see `app.search.flat`
-    exact_blas: BlasMode = "auto"  # flat only: see `app.search.flat`
-    exact_prune: PruneMode = "auto"  # flat only: see `app.search.cluster_pruning`
-    filter_index_after: int = 20  # HNSW/IVF only: see `app.search.filter_index`
-    filter_index_rows: float = 0.25  # their rows together, a share of the catalogue's
-    cache_root: Path | None = None  # INDEX_CACHE_DIR (`app.search.ann_cache.cache_dir`)
+    kind: IndexType = _default("index_type")
+    hnsw_m: int = _default("hnsw_m")
+    hnsw_ef_search: int = _default("hnsw_ef_search")
+    hnsw_ef_construction: int = _default("hnsw_ef_construction")
+    ivf_nlist: int = _default("ivf_nlist")
+    ivf_nprobe: int = _default("ivf_nprobe")
+    build_threads: int = _default("index_build_threads")  # for an ANN build; 0 = every core
+    exact_screen: ScreenMode = _default("exact_screen")  # flat only: see `app.search.flat`
+    exact_blas: BlasMode = _default("exact_blas")  # flat only: see `app.search.flat`
+    exact_prune: PruneMode = _default("exact_prune")  # flat only: `app.search.cluster_pruning`
+    filter_index_after: int = _default("filter_index_after")  # HNSW/IVF: `app.search.filter_index`
+    filter_index_rows: float = _default("filter_index_rows")  # their rows, a share of the catalogue
+    cache_root: Path | None = _default("index_cache_dir")  # `app.search.ann_cache.cache_dir`
 
     @classmethod
     def from_settings(cls, s: Settings) -> IndexConfig:
@@ -128,7 +135,7 @@ class RecallLimits:
     max_k: int
     max_history: int  # ids in a request history, and item ids in one events call
     max_batch: int  # requests in one /v1/recall/batch call
-    micro_batch: int = 64  # concurrent /v1/recall requests served together
+    micro_batch: int  # concurrent /v1/recall requests served together
 
     def k(self, requested: int | None) -> int:
         """The items a recall returns: as asked, else DEFAULT_K, which MAX_K also bounds (a
