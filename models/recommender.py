@@ -231,25 +231,22 @@ class BundleRecommender:
         self._columns = np.array([c for c, _ in rows], dtype=np.int64)
         self._embeddings = verified.item_embeddings[[r for _, r in rows]]
         self.history_cap = history_cap
-        self._history: dict[str, list[str]] = {}
+        self._history_rows: dict[str, list[int]] = {}
 
     def fit(self, train: pd.DataFrame, item_index: Mapping[str, int]) -> None:
         ordered = train.sort_values("timestamp", kind="stable")
-        length, known, cap = self.encoder.history_length, self.encoder.item_index, self.history_cap
         grouped = ordered.groupby("user_id", sort=False)["item_id"]
-        # What the service holds: the newest `history_cap` ids (HISTORY_CAP), known or not
-        # (`app.retrieval.Query.prepare`); then, as the encoder and training do, the items the
-        # bundle does not know are dropped before the history is cut to length.
-        self._history = {
-            str(u): [i for i in s.iloc[::-1][:cap] if i in known][:length] for u, s in grouped
-        }
+        # What the service reads (`app.retrieval.Query.prepare`, the same call): the known
+        # items among the newest `history_cap` ids (HISTORY_CAP) the store holds.
+        newest_rows, cap = self.encoder.newest_rows, self.history_cap
+        self._history_rows = {str(u): newest_rows(list(s.iloc[::-1][:cap]))[0] for u, s in grouped}
 
     @torch.no_grad()
     def score(self, user_ids: Sequence[str]) -> np.ndarray:
         table = self.users.reindex(pd.Index(list(user_ids)))
         rows = [{str(k): v for k, v in row.items()} for row in table.to_dict("records")]
-        histories = [self._history.get(u, []) for u in user_ids]
-        inputs = self.encoder.encode(rows, histories)
+        history_rows = [self._history_rows.get(u, []) for u in user_ids]
+        inputs = self.encoder.encode(rows, history_rows=history_rows)
         users = self.tower({k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
         scores = np.full((len(user_ids), self.n_items), -np.inf, dtype=np.float32)
         scores[:, self._columns] = users @ self._embeddings.T
