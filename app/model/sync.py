@@ -127,8 +127,8 @@ class ModelSync:
         async with self._lock:
             try:
                 version = await self._read_pin()
-                if version is None:  # in a thread: a hung volume must not stall the event loop
-                    version = await anyio.to_thread.run_sync(self.repository.read_latest)
+                if version is None:
+                    version = await self._read_latest()
             except VersionNotFound as exc:
                 self._failed(None, exc)
                 return
@@ -145,6 +145,10 @@ class ModelSync:
                 self._failed(version, exc)
             else:
                 self._failure = None
+
+    async def _read_latest(self) -> str:
+        """What LATEST names, read in a thread: a hung volume must not stall the event loop."""
+        return await anyio.to_thread.run_sync(self.repository.read_latest)
 
     def _failed(self, version: str | None, exc: AppError) -> None:
         reason = str(exc.detail)
@@ -171,11 +175,11 @@ class ModelSync:
             FleetUnavailable: the pin could not be published; nothing changed.
         """
         async with self._lock:
-            target = self.repository.read_latest() if version is None else version
+            target = await self._read_latest() if version is None else version
             current = self.repository.current
             if current is not None and current.version == target:
                 # Served already, but the fleet must be able to load it (404 when it is gone).
-                self.repository.resolve(target)
+                await anyio.to_thread.run_sync(self.repository.resolve, target)
                 await self._publish(version)
                 return Swap(current, current)
             model = await self.repository.load(target)
