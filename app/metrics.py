@@ -105,6 +105,11 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.unreadable_features = Counter(
+            "tower_recall_unreadable_features",
+            "Stored features values that are not a JSON object, read as no features",
+            registry=r,
+        )
         self.cache_hits = Counter("tower_recall_cache_hits", "Feature cache hits", registry=r)
         self.cache_misses = Counter("tower_recall_cache_misses", "Feature cache misses", registry=r)
         self.vector_cache = Counter(

@@ -269,11 +269,45 @@ async def test_corrupt_stored_values_degrade_per_user(
         assert_same_recall(good["items"], reference.top_k(good_features, good_history, 10))
         ready = await client.get("/health/ready")
         assert ready.json()["redis"] == "ok"
+        metrics = (await client.get("/metrics")).text
+        assert "tower_recall_unreadable_features_total 1.0" in metrics
         # The bad user's events replace the history key of the wrong type, as a features write
         # replaces whatever its key held: events are never refused for good.
         events = await client.post("/v1/users/bad/events", json={"item_ids": ["i5"]})
         assert events.status_code == 200, events.text
         assert redis_client.lrange(history_key(redis_prefix, "bad"), 0, -1) == ["i5"]
+
+
+async def test_features_stored_with_non_strict_json_lose_only_those_values(
+    model_dir: Path, bundles: Bundles, redis_url: str, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """Python's `json.dumps` writes a missing float as `NaN` and other writers emit `Infinity`
+    or a number beyond a double: not strict JSON, but each such value reads as missing, as a
+    stored `"NaN"` string does, not the whole record with it."""
+    features = FEATURES["features"]
+    stored = {
+        "nan": {**features, "activity": float("nan"), "extra": float("nan")},
+        "inf": {**features, "activity": float("inf")},
+        "big": {**features, "extra": 10**400},  # a field the bundle does not read
+    }
+    for user, record in stored.items():
+        redis_client.set(user_key(redis_prefix, user), json.dumps(record))  # allow_nan: default
+    settings = make_settings(model_dir, redis_url=redis_url, redis_prefix=redis_prefix)
+    reference = Reference(bundles.v1)
+    expected = {
+        "nan": reference.top_k({**features, "activity": None}, [], 10),
+        "inf": reference.top_k({**features, "activity": None}, [], 10),
+        "big": reference.top_k(features, [], 10),
+    }
+    assert expected["nan"] != expected["big"]  # the bundle reads `activity`
+    async with serve(settings) as client:
+        for user in stored:
+            response = await client.post("/v1/recall", json={"user_id": user, "k": 10})
+            assert response.status_code == 200, response.text
+            assert response.json()["feature_source"] == "redis"
+            assert_same_recall(response.json()["items"], expected[user])
+        metrics = (await client.get("/metrics")).text
+    assert "tower_recall_unreadable_features_total 0.0" in metrics
 
 
 async def test_calls_skipped_while_backing_off_are_counted_apart_from_errors(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,15 +26,21 @@ class UserRecord:
 EMPTY = UserRecord({}, (), False)
 
 
-def parse_features(raw: str | bytes | None) -> dict[str, Any]:
-    """A stored JSON object; anything else (absent, corrupt) counts as no features."""
-    if raw is None:
-        return {}
+def parse_features(raw: str | bytes) -> dict[str, Any] | None:
+    """A stored JSON object, or None when the value is not one.
+
+    Strict JSON first (orjson, fast); then Python's parser, which also reads what other
+    writers emit: `NaN` and `Infinity` (Python's own `json.dumps`, by default), numbers beyond
+    a double (as infinity), lone surrogate escapes. Those values read as missing one by one
+    (the encoder's rule), not the whole record with them."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON; nested beyond the parser's depth
+            return None
+    return value if isinstance(value, dict) else None
 
 
 class FeatureStore(ABC):

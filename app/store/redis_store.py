@@ -197,7 +197,10 @@ class RedisFeatureStore(FeatureStore):
                 raw = raw if isinstance(raw, str) else None
                 history = tuple(history) if isinstance(history, list) else ()
                 found = raw is not None or bool(history)
-                out[user_ids[i]] = UserRecord(parse_features(raw), history, found)
+                features = {} if raw is None else parse_features(raw)
+                if features is None:
+                    self.metrics.unreadable_features.inc()
+                out[user_ids[i]] = UserRecord(features or {}, history, found)
         if failure is not None and not out:
             raise failure
         return out
