@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -113,8 +113,9 @@ def is_missing(value: Any) -> bool:
 
 
 def split_multi(value: Any, separator: str) -> list[str]:
-    """A multi-hot raw value (`"Action|Comedy"` or a list) as its values."""
-    if is_missing(value):
+    """A multi-hot raw value (`"Action|Comedy"` or a list) as its values; none for a mapping
+    (a stored `{"jazz": 0}`: its keys are not values it holds)."""
+    if is_missing(value) or isinstance(value, Mapping):
         return []
     if isinstance(value, str):
         return [v for v in value.split(separator) if v]

@@ -89,10 +89,11 @@ def test_multi_hot_strings_lists_padding_and_unknowns() -> None:
         None,
         "",
         ["Horror", "Drama"],
+        {"Action": 0, "Comedy": 0},  # a stored map of weights: no value it can read
     ]
     out = encoder().encode_column(GENRES, values)
     assert out.dtype == np.int64
-    assert out.tolist() == [[2, 1], [1, 0], [2, 0], [1, 2], [0, 0], [0, 0], [0, 0]]
+    assert out.tolist() == [[2, 1], [1, 0], [2, 0], [1, 2], [0, 0], [0, 0], [0, 0], [0, 0]]
 
 
 def test_numeric_standard_and_log_missing_is_zero() -> None:
