@@ -1,7 +1,7 @@
 """The bundle on disk: layout, version names, `LATEST`, and verification.
 
-Dependency-light (numpy + standard library) so the online service verifies bundles with the
-same code the exporter wrote them with. Layout (docs/design.md):
+Dependency-light (numpy, safetensors and the standard library) so the online service verifies
+bundles with the same code the exporter wrote them with. Layout (docs/design.md):
 
     <root>/LATEST                 the current version name, replaced atomically
     <root>/<version>/manifest.json, item_embeddings.npy, item_ids.json, feature_spec.json,
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 FORMAT_VERSION = 2
 FORMAT_VERSIONS = (1, 2)
@@ -39,7 +40,8 @@ COMMON_FILES = (ITEM_EMBEDDINGS, ITEM_IDS, FEATURE_SPEC)
 FORMAT_2_FILES = (ITEM_FEATURE_SPEC,)
 # Format 2's towers' files by the manifest's `tower_format` (docs/design.md, "Bundle format 2";
 # format 1 has a TorchScript user tower alone, `USER_TOWER`).
-TOWER_FILES: dict[str, tuple[str, ...]] = {"safetensors": (TOWERS_WEIGHTS,)}
+TOWER_FORMAT = "safetensors"  # the one `tower_format` this version writes
+TOWER_FILES: dict[str, tuple[str, ...]] = {TOWER_FORMAT: (TOWERS_WEIGHTS,)}
 # Every file any format may hold (tools that rehash a bundle they edited read this).
 BUNDLE_FILES = tuple(
     dict.fromkeys((USER_TOWER, *COMMON_FILES, *FORMAT_2_FILES, *sum(TOWER_FILES.values(), ())))
@@ -111,11 +113,8 @@ def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_version_name(name: str) -> bool:
@@ -267,10 +266,10 @@ def _item_feature_spec(path: Path, manifest: dict[str, Any]) -> dict[str, Any] |
 
 
 def _check_towers(path: Path, manifest: dict[str, Any]) -> None:
-    """`towers.safetensors`' header (JSON after its 8-byte length; read without torch): float32
-    tensors only, and the tables indexed by catalogue row as long as the catalogue + 1 (row 0:
-    ids outside it), so a tower built for another catalogue is refused here, with the reason."""
-    if manifest.get("tower_format") != "safetensors":
+    """`towers.safetensors`' header (read without torch or the weights): float32 tensors
+    only, and the tables indexed by catalogue row as long as the catalogue + 1 (row 0: ids
+    outside it), so a tower built for another catalogue is refused here, with the reason."""
+    if manifest.get("tower_format") != TOWER_FORMAT:
         return
     n_items, record = manifest["n_items"], manifest.get("towers")
     if not isinstance(record, dict) or record.get("n_items") != n_items:
@@ -278,16 +277,12 @@ def _check_towers(path: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(
             f"manifest.json: towers record for {found} items, the bundle has {n_items}"
         )
-    with (path / TOWERS_WEIGHTS).open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(min(size, 1 << 24)))
-            shapes = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
-            for name, (_, shape) in shapes.items():
-                if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-                    raise TypeError(f"{name}: shape {shape!r} is not a list of integers")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise BundleError(f"{TOWERS_WEIGHTS} cannot be loaded: bad header: {exc!r}") from exc
+    try:
+        with safe_open(path / TOWERS_WEIGHTS, framework="numpy") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
+            shapes = {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
+    except SafetensorError as exc:
+        raise BundleError(f"{TOWERS_WEIGHTS} cannot be loaded: bad header: {exc}") from exc
     tables = [k for k in shapes if k.endswith("item_embedding.weight")] + [
         k for k in shapes if k.endswith("prior_columns.weight")
     ]

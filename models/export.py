@@ -75,7 +75,7 @@ def export_bundle(
             output (`models.popularity_prior.serving_item_matrix`).
         parity_inputs: encoded user inputs for the user tower's parity check.
         metadata: extra manifest fields (training config, data summary, metrics...).
-        format_version: 2 (towers in `tower_format.TOWER_FORMAT`, item tower included), or 1:
+        format_version: 2 (towers in `bundle.TOWER_FORMAT`, item tower included), or 1:
             the earlier layout (TorchScript user tower only), kept to test that it still loads.
         item_attributes: the catalogue's raw attributes in `trained.item_ids` order, written
             as `item_attributes.npz` (any format) for the service's recall filters.
@@ -134,7 +134,7 @@ def _write_towers(
         return {"format_version": 1, "parity_max_abs_diff": max_diff}
     tower_format.save_towers(staging, tower_format.Towers(*serving_towers(trained, item_matrix)))
     user, item = serving_towers(trained, item_matrix)
-    fmt = tower_format.TOWER_FORMAT
+    fmt = b.TOWER_FORMAT
     layout = prior_layout(item_matrix, trained.config.tower.out_dim)
     record = tower_format.towers_record(
         trained.config.tower,

@@ -30,9 +30,6 @@ from models.features import FeatureEncoder
 from models.serving_towers import rebuild_towers
 from models.tower_config import TowerConfig
 
-# The tower format of format 2 bundles (docs/design.md, "Bundle format 2").
-TOWER_FORMAT = "safetensors"
-
 
 class TowerLoadError(ValueError):
     """A tower file cannot be read back as the tower its manifest describes."""
