@@ -107,10 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     b.add_argument("--epochs", type=int, default=1)
     b.add_argument("--batch-size", type=int, default=8192)
-    b.add_argument("--field-dim", type=int, default=32)
+    b.add_argument(
+        "--field-dim", type=int, help="default: the trainer's (32; the sequential tower 64)"
+    )
     b.add_argument("--hidden", default="256")
     b.add_argument("--out-dim", type=int, default=64)
-    b.add_argument("--history-length", type=int, default=100)
+    b.add_argument(
+        "--history-length", type=int, help="default: the trainer's (100; the sequential tower 200)"
+    )
     b.add_argument("--popularity-prior", type=float, help="default: the trainer's")
     b.add_argument("--train-args", default="", help="more trainer options: '--user-tower ...'")
     b.add_argument("--cache-dir", type=Path, default=RESULTS / "bundles")

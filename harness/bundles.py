@@ -24,6 +24,10 @@ RECIPE_FILE = "recipe.json"
 TRAIN_LOG = "train.log"
 
 
+def _or_default(value: int | None) -> str:
+    return "d" if value is None else str(value)  # a cache key's "the trainer's default"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything a benchmark bundle is a function of.
@@ -35,7 +39,9 @@ class Recipe:
         per_user: the synthetic source's mean interactions per user (None: its default, 45,
             so histories of 30-60 items); set it to fill a longer tower's history.
         epochs, batch_size, field_dim, hidden, out_dim, history_length, popularity_prior:
-            trainer options (a None prior leaves the trainer's default).
+            trainer options; None leaves the trainer's default, which for field_dim and
+            history_length depends on the user tower (its preset: 64 and 200 for the
+            sequential tower, 32 and 100 for the field tower).
     """
 
     items: int
@@ -44,10 +50,10 @@ class Recipe:
     per_user: int | None = None
     epochs: int = 1
     batch_size: int = 2048
-    field_dim: int = 32
+    field_dim: int | None = None
     hidden: str = "256"
     out_dim: int = 64
-    history_length: int = 100
+    history_length: int | None = None
     popularity_prior: float | None = None  # None: the trainer's default
     # More trainer options, as on its command line (e.g. "--user-tower sequence
     # --negatives mixed"): the key names them by a digest.
@@ -64,8 +70,8 @@ class Recipe:
             f"synthetic-s{self.seed}-u{self.users}-i{self.items}"
             + ("" if self.per_user is None else f"-n{self.per_user}")
             + f"-e{self.epochs}-b{self.batch_size}"
-            f"-f{self.field_dim}-h{self.hidden.replace(',', 'x')}-o{self.out_dim}"
-            f"-l{self.history_length}"
+            f"-f{_or_default(self.field_dim)}-h{self.hidden.replace(',', 'x')}-o{self.out_dim}"
+            f"-l{_or_default(self.history_length)}"
             + ("" if self.popularity_prior is None else f"-p{self.popularity_prior:g}")
             + (
                 f"-a{hashlib.sha256(self.train_args.encode()).hexdigest()[:8]}"
@@ -75,11 +81,15 @@ class Recipe:
         )
 
     def train_command(self, out: Path) -> list[str]:
-        prior = (
-            []
-            if self.popularity_prior is None
-            else ["--popularity-prior", f"{self.popularity_prior:g}"]
-        )
+        given = {
+            "--field-dim": self.field_dim,
+            "--history-length": self.history_length,
+            "--popularity-prior": self.popularity_prior,
+        }
+        options: list[str] = []
+        for name, value in given.items():
+            if value is not None:  # else the trainer's default
+                options += [name, f"{value:g}"]
         return [
             sys.executable,
             "-m",
@@ -99,15 +109,11 @@ class Recipe:
             "0",
             "--batch-size",
             str(self.batch_size),
-            "--field-dim",
-            str(self.field_dim),
             "--hidden",
             self.hidden,
             "--out-dim",
             str(self.out_dim),
-            "--history-length",
-            str(self.history_length),
-            *prior,
+            *options,
             *shlex.split(self.train_args),
         ]
 

@@ -55,8 +55,8 @@ def test_a_recipe_can_fill_a_long_history_and_is_cached_apart() -> None:
     only measured with `per_user` raised; bundles cached before it keep their keys."""
     plain = Recipe(items=100_000, users=50)
     dense = Recipe(items=100_000, users=50, per_user=300)
-    assert plain.key == "synthetic-s0-u50-i100000-e1-b2048-f32-h256-o64-l100"
-    assert dense.key == "synthetic-s0-u50-i100000-n300-e1-b2048-f32-h256-o64-l100"
+    assert plain.key == "synthetic-s0-u50-i100000-e1-b2048-fd-h256-o64-ld"
+    assert dense.key == "synthetic-s0-u50-i100000-n300-e1-b2048-fd-h256-o64-ld"
     lengths = load_dataset(dense.source).interactions.groupby("user_id").size()
     assert lengths.quantile(0.1) >= 200  # a few repeats of an item are dropped
     assert load_dataset(plain.source).interactions.groupby("user_id").size().max() <= 60
