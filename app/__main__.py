@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import textwrap
 from typing import Any
 
 import uvicorn
@@ -11,12 +13,35 @@ from pydantic import ValidationError
 
 from app import workers
 from app.logs import logging_config
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 APP = "app.main:app"
 
 
+def _shown(default: Any) -> str:
+    if default is None:
+        return ""
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def parse_arguments(argv: list[str] | None = None) -> None:
+    """No options (the environment configures the service); `-h` lists the settings."""
+    defaults = [
+        f"{name.upper()}={_shown(field.default)}" for name, field in Settings.model_fields.items()
+    ]
+    argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve the recall service (uvicorn), configured by environment variables.",
+        epilog="settings, with their defaults (README, Configuration; docs/design.md, Settings):\n"
+        + textwrap.fill(
+            "  ".join(defaults), width=100, initial_indent="  ", subsequent_indent="  "
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
+
+
 def main() -> None:
+    parse_arguments()
     try:
         settings = get_settings()
     except ValidationError as exc:  # a line per setting, not a traceback (no values: secrets)

@@ -8,6 +8,7 @@ port, where they rejoin with the cluster state of their `nodes.conf` (empty of d
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import tempfile
@@ -196,6 +197,10 @@ class ClusterRedis:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(
+        prog="python -m harness.cluster",
+        description="A throw-away Redis Cluster on loopback: prints its URL, stops on Ctrl-C.",
+    ).parse_args()
     cluster = LocalCluster().start()
     print(cluster.url, flush=True)
     try:

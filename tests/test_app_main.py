@@ -70,3 +70,17 @@ def test_python_m_app_names_each_invalid_setting_and_exits(tmp_path: Path) -> No
         "REDIS_CLUSTER: Value error, a Redis Cluster is reached over TCP",
     ):
         assert line in done.stderr, done.stderr
+
+
+def test_python_m_app_lists_its_settings_and_refuses_arguments(tmp_path: Path) -> None:
+    """`--help` started a server on port 8000; an option (`--port 80`) was ignored."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "app", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    assert "MODEL_DIR=artifacts" in done.stdout and "REDIS_CLUSTER=false" in done.stdout
+    done = run("--port", "80")
+    assert done.returncode == 2 and "unrecognized arguments: --port 80" in done.stderr
