@@ -204,7 +204,13 @@ def verify_bundle(path: Path) -> VerifiedBundle:
         raise BundleError(f"bundle {path.name!r} does not exist")
     manifest = _load_json(path / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format_version") not in FORMAT_VERSIONS:
-        raise BundleError("manifest.json: missing or unsupported format_version")
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        newer = isinstance(found, int) and found > max(FORMAT_VERSIONS)
+        raise BundleError(
+            f"manifest.json: format_version {found!r}; this version reads "
+            f"{', '.join(map(str, FORMAT_VERSIONS))}"
+            + (" (written by a newer trainer: serve it with a newer service)" if newer else "")
+        )
     if manifest.get("version") != path.name:
         raise BundleError(f"manifest names version {manifest.get('version')!r}, not {path.name!r}")
     files = bundle_files(manifest)

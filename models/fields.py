@@ -78,7 +78,8 @@ def module_key(name: str) -> str:
     weights' names): the name itself, as in every bundle so far, unless torch refuses it as a
     module name (empty, holding ".", or an attribute of the dict: `type`, `items`, `float`,
     `training`...). Such a name is written "~" + the name with "~" doubled and "." as "~_",
-    which no kept name can be (a name that starts with "~" is escaped too)."""
+    which no kept name can be (a name that starts with "~" is escaped too; bundles written
+    before that keyed it as it was, and load renamed: `models.tower_format`)."""
     if name and "." not in name and not name.startswith("~") and name not in _DICT_ATTRIBUTES:
         return name
     return "~" + name.replace("~", "~~").replace(".", "~_")

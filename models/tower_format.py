@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from models import bundle as b
 from models.features import FeatureEncoder
+from models.fields import module_key
 from models.serving_towers import rebuild_towers
 from models.tower_config import TowerConfig
 
@@ -138,8 +139,10 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
         raise TowerLoadError(f"manifest.json: bad towers record: {exc!r}") from exc
     try:
         mapped = load_file(directory / b.TOWERS_WEIGHTS)  # over the file's (private) memory map
+        renames = _legacy_keys([f.name for f in (*user_encoder.features, *item_encoder.features)])
         weights = {
-            k: v if v.numel() >= MAPPED_MIN_ELEMENTS else v.clone() for k, v in mapped.items()
+            _renamed(k, renames): v if v.numel() >= MAPPED_MIN_ELEMENTS else v.clone()
+            for k, v in mapped.items()
         }
         both = nn.ModuleDict({"user": user, "item": item})
         unexpected = both.load_state_dict(weights, strict=False, assign=True).unexpected_keys
@@ -162,6 +165,25 @@ def _load_weights(directory: Path, manifest: Mapping[str, Any]) -> tuple[nn.Modu
     if empty:
         raise TowerLoadError(f"{b.TOWERS_WEIGHTS} lacks weights: {', '.join(empty[:5])}")
     return user.eval(), item.eval()
+
+
+def _legacy_keys(names: Sequence[str]) -> dict[str, str]:
+    """Bundles written before `module_key` escaped names starting with "~" (7310448) keyed
+    such a field by its name as it was: those keys -> today's, for each such name that no
+    other name of the bundle is keyed by today (then the bundle is today's)."""
+    today = {module_key(n) for n in names}
+    return {n: module_key(n) for n in names if n.startswith("~") and n not in today}
+
+
+def _renamed(weight: str, renames: Mapping[str, str]) -> str:
+    """`weight`'s name with each field key in `renames` (`_legacy_keys`) renamed."""
+    if not renames:
+        return weight
+    parts = weight.split(".")
+    return ".".join(
+        renames.get(part, part) if i and parts[i - 1] == "fields" else part
+        for i, part in enumerate(parts)
+    )
 
 
 def _encoder(path: Path) -> FeatureEncoder:

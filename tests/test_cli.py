@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import get_args
 import numpy as np
 import pytest
 import safetensors
+import safetensors.torch
 from helpers_app import Reference
 from redis import Redis
 from trainer_helpers import SMALL_SOURCE, stored_json, stored_list
@@ -661,6 +663,21 @@ def test_attributes_named_as_torch_names_its_own_train_and_serve(
     keys = safetensors.safe_open(str(bundle / b.TOWERS_WEIGHTS), "pt").keys()
     for module in ("~type", "~items", "~user~_age", "~~~x", "plan", "~float"):
         assert any(f".fields.{module}." in key for key in keys), module
+    # Bundles written before names starting with "~" were escaped keyed `~x` as it was: such
+    # a bundle still loads, and reads `~x` as it was trained to.
+    earlier = Path(shutil.copytree(bundle, tmp_path / "earlier" / bundle.name))
+    weights = safetensors.torch.load_file(earlier / b.TOWERS_WEIGHTS)
+    renamed = {k.replace(".fields.~~~x.", ".fields.~x."): v for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    safetensors.torch.save_file(renamed, earlier / b.TOWERS_WEIGHTS)
+    manifest = json.loads((earlier / b.MANIFEST).read_text())
+    manifest["sha256"][b.TOWERS_WEIGHTS] = b.sha256_file(earlier / b.TOWERS_WEIGHTS)
+    (earlier / b.MANIFEST).write_text(json.dumps(manifest))
+    for features in (base, base | {"~x": "x3"}):
+        np.testing.assert_array_equal(
+            Reference(earlier).user_vector(features, ["i3", "i7"]),
+            reference.user_vector(features, ["i3", "i7"]),
+        )
 
 
 def test_publish_features_names_a_refused_write_and_never_prints_the_password() -> None:

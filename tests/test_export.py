@@ -286,7 +286,7 @@ TAMPERING: list[tuple[str, Callable[[Path], object], str]] = [
     ("version", edit_json("manifest.json", with_value("version", "20000101T000000Z-abcdef")),
      "manifest names version"),
     ("format", edit_json("manifest.json", with_value("format_version", 3)),
-     "unsupported format_version"),
+     r"format_version 3; this version reads 1, 2 \(written by a newer trainer"),
     ("format 1 with format 2 files", edit_json("manifest.json", with_value("format_version", 1)),
      "sha256 must list exactly"),
     ("dim", edit_json("manifest.json", with_value("embedding_dim", 16)), "manifest says float32"),
