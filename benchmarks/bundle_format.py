@@ -246,7 +246,9 @@ def measure_load(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--items", type=int, default=3700, help="catalogue of the encode timings")
     p.add_argument("--load-items", type=int, default=1_000_000)
     p.add_argument("--calls", type=int, default=300, help="timed calls per candidate, tower, batch")

@@ -2,9 +2,12 @@
 under `HISTORY_CAP=N` (each user's tower reads the newest N items), for several N.
 
     python -m models train --data ml-1m:../shared/data/ml-1m-half --split leave-last-n:1 \\
-        --seed S --out runs/sS                      # S = 0, 1, 2: one bundle per seed
+        --seed S --serve-history-length 0 --out /tmp/runs/sS     # S = 0, 1, 2
     python benchmarks/history_cap.py --data ml-1m:../shared/data/ml-1m-half \\
-        --split leave-last-n:1 --bundles runs/s*/2026* --caps 100,50,25 [--json F]
+        --split leave-last-n:1 --bundles /tmp/runs/s*/2026* --caps 100,50,25 [--json F]
+
+(A bundle reads at most what it was trained to serve: the sequential default reads its newest
+50 items, so `--serve-history-length 0`, all 200, makes the caps above 50 measure something.)
 
 Each bundle (one training seed; all trained on `--split` of `--data`) is scored through the
 service's raw-feature path (`BundleRecommender`, as `python -m models evaluate --history-cap

@@ -65,7 +65,9 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--items", type=int, default=3700)
     p.add_argument("--rounds", type=int, default=20, help="passes over 8 batches per size")
     p.add_argument("--seed", type=int, default=0)

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from models.dataset import Dataset
+from models.dataset import DataError, Dataset
 from models.sources import load_dataset
 from models.splits import make_split
 from models.train import Trainer
@@ -65,7 +65,9 @@ def epoch_seconds(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help=f"a --data source (default: ML-1M half, else {SYNTHETIC})")
     p.add_argument("--split", default="leave-last-n:1")
     p.add_argument("--runs", default="cpu:fp32", help="device:precision,... (e.g. cuda:bf16)")
@@ -75,9 +77,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     source = args.data or (f"ml-1m:{ML_1M_HALF.resolve()}" if ML_1M_HALF.is_dir() else SYNTHETIC)
+    if args.data is None and source == SYNTHETIC:
+        print(f"ML-1M is not at {ML_1M_HALF.resolve()}: timing {SYNTHETIC}", file=sys.stderr)
+    # Every run's options are checked before the first trains (a GPU missing, a typo).
+    configs: dict[str, TrainConfig] = {}
+    for run in args.runs.split(","):
+        device, _, precision = run.partition(":")
+        try:
+            configs[run] = TrainConfig.create(
+                args.split,
+                epochs=args.epochs,
+                patience=0,
+                validation_fraction=0.0,
+                refit=False,
+                popularity_prior=0.0,
+                seed=args.seed,
+                device=device,
+                precision=precision or "fp32",
+            )
+            configs[run].resolved_device()
+        except ValueError as exc:
+            p.error(f"--runs {run}: {exc}")
     torch.set_num_threads(args.threads)
-    dataset = load_dataset(source)
-    train = make_split(dataset.interactions, args.split).train
+    try:
+        dataset = load_dataset(source)
+        train = make_split(dataset.interactions, args.split).train
+    except (DataError, ValueError) as exc:
+        p.error(str(exc))
     report: dict[str, Any] = {
         "benchmark": "train_epoch",
         "data": source,
@@ -93,19 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": {},
     }
-    for run in args.runs.split(","):
-        device, precision = run.split(":")
-        config = TrainConfig.create(
-            args.split,
-            epochs=args.epochs,
-            patience=0,
-            validation_fraction=0.0,
-            refit=False,
-            popularity_prior=0.0,
-            seed=args.seed,
-            device=device,
-            precision=precision,
-        )
+    for run, config in configs.items():
         seconds, losses = epoch_seconds(dataset, train, config)
         rest = seconds[1:] or seconds
         report["runs"][run] = {

@@ -65,9 +65,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--data", required=True, help="synthetic[:...] | ml-1m:DIR | ml-100k:DIR | csv:DIR"
     )
-    t.add_argument("--out", type=Path, default=Path("artifacts"))
     t.add_argument(
-        "--split", default="last-10pct", help="seed-2003 | last-10pct | leave-last-n:N | none"
+        "--out", type=Path, default=Path("artifacts"), help="MODEL_DIR to export into (artifacts)"
+    )
+    t.add_argument(
+        "--split",
+        default="last-10pct",
+        help="seed-2003 | last-10pct (the default; the field tower trains by default) | "
+        "leave-last-n:N (the sequential tower) | none",
     )
     t.add_argument("--baselines", action="store_true", help="also evaluate the baselines")
     t.add_argument("--json", type=Path, help="write the evaluation report here")
@@ -101,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--redis-url names any node of a Redis Cluster (as REDIS_CLUSTER=true)",
     )
-    p.add_argument("--prefix", default=DEFAULT_PREFIX)
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix ({DEFAULT_PREFIX})")
     p.add_argument(
         "--history-length",
         type=_positive,
@@ -216,7 +221,7 @@ def check_trained_on(manifest: Mapping[str, Any], split: Split) -> None:
     raise DataError(
         f"the bundle was trained on split {trained_on!r} of {data.get('source')!r} "
         f"({n_train} training interactions), {why}: the test period may be in its training "
-        "data; evaluate it on its own split, or pass --any-split"
+        "data; evaluate it on its own split (`evaluate --any-split` scores it anyway)"
     )
 
 
