@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import pandas as pd
 
-ColumnKind = Literal["categorical", "multi_hot", "numeric"]
-NumericTransform = Literal["standard", "log", "bucket"]
+from models.feature_spec import ColumnKind, NumericTransform
 
 
 class DataError(ValueError):

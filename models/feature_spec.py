@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -19,7 +19,11 @@ FORMAT_VERSION = 1
 # to nothing beyond, and a wild value (1e300 in a request) would overflow float32 and turn the
 # user's vector, and every score, into NaN.
 Z_CLIP = 10.0
-FeatureKind = Literal["categorical", "multi_hot", "numeric", "history"]
+# The kinds of a data column (a user or item attribute) and of a numeric column's transform,
+# declared once: the sources, the encoder and the item attributes all read these.
+ColumnKind = Literal["categorical", "multi_hot", "numeric"]
+NumericTransform = Literal["standard", "log", "bucket"]
+FeatureKind = Literal[ColumnKind, "history"]
 HISTORY = "history"
 
 
@@ -49,7 +53,7 @@ class Feature:
     vocabulary: dict[str, int] = field(default_factory=dict)
     separator: str = "|"
     max_values: int = 0
-    transform: str = "standard"
+    transform: NumericTransform = "standard"
     mean: float = 0.0
     std: float = 1.0
     boundaries: list[float] = field(default_factory=list)
@@ -74,7 +78,7 @@ class Feature:
             raise FeatureSpecError(f"feature {self.name!r}: max_values must be at least 1")
         if self.kind != "numeric":
             return
-        if self.transform not in ("standard", "log", "bucket"):
+        if self.transform not in get_args(NumericTransform):
             raise FeatureSpecError(f"feature {self.name!r}: unknown transform {self.transform!r}")
         edges = np.asarray(self.boundaries, dtype=np.float64)
         finite = math.isfinite(self.mean) and math.isfinite(self.std) and self.std >= 0
@@ -146,7 +150,7 @@ def fit_feature(
     kind: FeatureKind,
     values: Sequence[Any],
     *,
-    transform: str = "standard",
+    transform: NumericTransform = "standard",
     separator: str = "|",
     buckets: int = 10,
     min_count: int = 1,

@@ -21,7 +21,7 @@ import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from models.feature_spec import (
     FORMAT_VERSION,
     HISTORY,
     Z_CLIP,
+    ColumnKind,
     Feature,
     FeatureSpecError,
     as_float,
@@ -104,7 +105,7 @@ class FeatureEncoder:
                     continue
                 kwargs = {k: v for k, v in raw.items() if k in Feature.__dataclass_fields__}
                 feature = Feature(**kwargs)
-                if feature.kind not in ("categorical", "multi_hot", "numeric"):
+                if feature.kind not in get_args(ColumnKind):
                     raise FeatureSpecError(f"unknown feature kind {feature.kind!r}")
                 feature.check()
                 features.append(feature)

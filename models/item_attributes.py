@@ -23,18 +23,17 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.feature_spec import as_float, is_missing, split_multi
+from models.feature_spec import ColumnKind, as_float, is_missing, split_multi
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from models.dataset import ColumnSpec
 
-AttributeKind = Literal["categorical", "multi_hot", "numeric"]
 _META = "meta"
 
 
@@ -54,7 +53,7 @@ class AttributeColumn:
     """
 
     name: str
-    kind: AttributeKind
+    kind: ColumnKind
     dictionary: np.ndarray
     codes: np.ndarray
     offsets: np.ndarray

@@ -34,12 +34,13 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import numpy as np
 import pandas as pd
 
-from models.dataset import ColumnKind, ColumnSpec, DataError, Dataset, NumericTransform
+from models.dataset import ColumnSpec, DataError, Dataset
+from models.feature_spec import ColumnKind, NumericTransform
 from models.sources._common import Table, assemble, attribute_frame, categorical, read_delimited
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ SCHEMA_FILE = "schema.json"
 _TABLE_KEYS = {"file", "separator", "encoding"}
 _INTERACTION_KEYS = _TABLE_KEYS | {"user_id", "item_id", "timestamp"}
 _ATTRIBUTE_KEYS = _TABLE_KEYS | {"id", "columns"}
-_KINDS: tuple[ColumnKind, ...] = ("categorical", "multi_hot", "numeric")
-_TRANSFORMS: tuple[NumericTransform, ...] = ("standard", "log", "bucket")
+_KINDS = get_args(ColumnKind)
+_TRANSFORMS = get_args(NumericTransform)
 # In seconds, not nanoseconds: times are parsed at the unit they need, and subtracting a
 # nanosecond epoch would cast them to nanoseconds, whose range ends at the years 1677-2262.
 _EPOCH = pd.Timestamp(0, unit="s", tz="UTC")
