@@ -41,7 +41,7 @@ from quality_kit.render import DASH, merge, passed, render
 from models.baselines import check_dense_fits
 from models.cli import add_tower_args, add_train_args, train_config
 from models.dataset import DataError, Dataset
-from models.evaluation import CI_RESAMPLES
+from models.metrics import CI_RESAMPLES
 from models.options import given_options
 from models.sources import load_dataset
 from models.splits import VALID_FORMS

@@ -20,16 +20,15 @@ import pandas as pd
 from models.baselines import BASELINES, UserItems
 from models.dataset import DataError
 from models.metrics import (
+    CI_RESAMPLES,
+    CI_SEED,
     DEFAULT_KS,
     bootstrap_cis,
     bootstrap_pooled_ci,
+    means,
     per_user_metrics,
 )
 
-# The intervals of every report: fixed, so a report is reproducible and every model's
-# interval comes from the same resamples of the (shared) evaluated users.
-CI_RESAMPLES = 1000
-CI_SEED = 0
 # Scores held at once when ranking a catalogue for many users (64 MB of float32): a large
 # catalogue is ranked for fewer users at a time (`SCORE_CHUNK // n_items`, at least one).
 SCORE_CHUNK = 1 << 24
@@ -62,7 +61,7 @@ class EvalResult:
     fit_seconds: float = 0.0
 
     def ci(
-        self, metric: str, n: int = 1000, seed: int = 0, alpha: float = 0.05
+        self, metric: str, n: int = CI_RESAMPLES, seed: int = CI_SEED, alpha: float = 0.05
     ) -> tuple[float, float]:
         """Bootstrap confidence interval of `means[metric]` (resampling users): the bounds
         `intervals` and the report give it, to the last bit."""
@@ -71,7 +70,7 @@ class EvalResult:
         return self.intervals(n=n, seed=seed, alpha=alpha)[metric]
 
     def intervals(
-        self, n: int = 1000, seed: int = 0, alpha: float = 0.05
+        self, n: int = CI_RESAMPLES, seed: int = CI_SEED, alpha: float = 0.05
     ) -> dict[str, tuple[float, float]]:
         """`ci` of every metric of `means`, all from one set of resamples of the users."""
         return bootstrap_cis(self.per_user, n=n, seed=seed, alpha=alpha)
@@ -87,7 +86,7 @@ class EvalResult:
         return hits / total if total else 0.0
 
     def pooled_recall_ci(
-        self, k: int, n: int = 1000, seed: int = 0, alpha: float = 0.05
+        self, k: int, n: int = CI_RESAMPLES, seed: int = CI_SEED, alpha: float = 0.05
     ) -> tuple[float, float]:
         """Bootstrap confidence interval of `pooled_recall(k)`: each resample of the users
         recomputes total hits over total relevant (same draws as `ci` for the same seed)."""
@@ -203,7 +202,7 @@ def evaluate_recommender(
         top[lo : lo + len(batch)] = top_k(scores, k_max)
     per_user = per_user_metrics(top, relevant, ks)
     return EvalResult(
-        means={key: float(v.mean()) for key, v in per_user.items()},
+        means=means(per_user),
         per_user=per_user,
         user_ids=tuple(users),
         n_relevant=np.array([len(r) for r in relevant], dtype=np.int64),

@@ -11,6 +11,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 50, 100)
+# The intervals of every report: fixed, so a report is reproducible and every model's
+# interval comes from the same resamples of the (shared) evaluated users.
+CI_RESAMPLES = 1000
+CI_SEED = 0
 METRIC_NAMES: tuple[str, ...] = ("recall", "hit_rate", "ndcg")
 
 
@@ -93,24 +97,12 @@ def per_user_metrics(
     return {key: out[key] for key in metric_keys(ks)}
 
 
-def ranking_metrics(
-    top_items: np.ndarray, relevant: Sequence[np.ndarray], ks: Sequence[int] = DEFAULT_KS
-) -> dict[str, float]:
-    """Mean over users of `per_user_metrics`.
-
-    Args:
-        top_items: int [U, L], item indices best first.
-        relevant: U non-empty int arrays of distinct item indices.
-        ks: cut-offs.
-
-    Returns:
-        `{"recall@K": float, "hit_rate@K": float, "ndcg@K": float, …}`.
-    """
-    per_user = per_user_metrics(top_items, relevant, ks)
+def means(per_user: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each metric's mean over the users (`per_user_metrics`' figures, in their order)."""
     return {key: float(values.mean()) for key, values in per_user.items()}
 
 
-def bootstrap_sums(columns: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_sums(columns: np.ndarray, n: int = CI_RESAMPLES, seed: int = CI_SEED) -> np.ndarray:
     """Column sums over `n` resamples of the rows (users), drawn with replacement.
 
     Every column sees the same resamples, and the draws depend only on (U, n, seed): metrics
@@ -164,7 +156,10 @@ def _percentile_interval(
 
 
 def bootstrap_cis(
-    per_user: Mapping[str, np.ndarray], n: int = 1000, seed: int = 0, alpha: float = 0.05
+    per_user: Mapping[str, np.ndarray],
+    n: int = CI_RESAMPLES,
+    seed: int = CI_SEED,
+    alpha: float = 0.05,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of several per-user metrics' means.
 
@@ -196,7 +191,7 @@ def bootstrap_cis(
 
 
 def bootstrap_ci(
-    per_user: np.ndarray, n: int = 1000, seed: int = 0, alpha: float = 0.05
+    per_user: np.ndarray, n: int = CI_RESAMPLES, seed: int = CI_SEED, alpha: float = 0.05
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a per-user metric's mean.
 
@@ -218,8 +213,8 @@ def bootstrap_ci(
 def bootstrap_pooled_ci(
     hits: np.ndarray,
     n_relevant: np.ndarray,
-    n: int = 1000,
-    seed: int = 0,
+    n: int = CI_RESAMPLES,
+    seed: int = CI_SEED,
     alpha: float = 0.05,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a pooled ratio, total hits / total relevant.

@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from models.evaluation import CI_RESAMPLES, CI_SEED, EvalResult
+from models.evaluation import EvalResult
+from models.metrics import CI_RESAMPLES, CI_SEED
 
 
 def report_json(

@@ -12,7 +12,7 @@ import pandas as pd
 from models.baselines import UserItems
 from models.dataset import Dataset
 from models.evaluation import EvalResult, measurable_sets
-from models.metrics import per_user_metrics
+from models.metrics import means, per_user_metrics
 from models.popularity_prior import PRIOR_GRID, PRIOR_HALF_LIVES
 from models.recommender import TwoTowerRecommender
 from models.splits import NoReturningUsersError, Split, is_next_item, make_split, validation_split
@@ -107,7 +107,7 @@ class Validator:
     def _metrics(self, top: np.ndarray) -> dict[str, float]:
         per_user = per_user_metrics(top, self.relevant, self.KS)
         result = EvalResult(
-            means={key: float(v.mean()) for key, v in per_user.items()},
+            means=means(per_user),
             per_user=per_user,
             user_ids=tuple(self.users),
             n_relevant=self.n_relevant,

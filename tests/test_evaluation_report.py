@@ -7,13 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.evaluation import (
-    CI_RESAMPLES,
-    CI_SEED,
-    EvalResult,
-    evaluate_recommender,
-)
-from models.metrics import bootstrap_ci, per_user_metrics
+from models.evaluation import EvalResult, evaluate_recommender
+from models.metrics import CI_RESAMPLES, CI_SEED, bootstrap_ci, per_user_metrics
 from models.report import format_table, report_json
 
 

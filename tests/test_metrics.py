@@ -8,8 +8,8 @@ from models.metrics import (
     bootstrap_cis,
     bootstrap_pooled_ci,
     bootstrap_sums,
+    means,
     per_user_metrics,
-    ranking_metrics,
 )
 
 LOG2_3 = math.log2(3)
@@ -37,8 +37,8 @@ def test_two_users_by_hand() -> None:
     np.testing.assert_allclose(per_user["ndcg@4"], [ndcg4_u0, 1 / LOG2_5])
     assert ndcg4_u0 == pytest.approx(0.498189, abs=1e-6)
 
-    means = ranking_metrics(top, relevant, ks=(2, 4))
-    assert list(means) == [
+    averaged = means(per_user)
+    assert list(averaged) == [
         "recall@2",
         "recall@4",
         "hit_rate@2",
@@ -46,10 +46,10 @@ def test_two_users_by_hand() -> None:
         "ndcg@2",
         "ndcg@4",
     ]
-    assert means["recall@2"] == pytest.approx(1 / 6)  # (1/3 + 0) / 2
-    assert means["recall@4"] == pytest.approx(5 / 6)  # (2/3 + 1) / 2
-    assert means["hit_rate@2"] == pytest.approx(0.5)
-    assert means["ndcg@4"] == pytest.approx((ndcg4_u0 + 1 / LOG2_5) / 2)
+    assert averaged["recall@2"] == pytest.approx(1 / 6)  # (1/3 + 0) / 2
+    assert averaged["recall@4"] == pytest.approx(5 / 6)  # (2/3 + 1) / 2
+    assert averaged["hit_rate@2"] == pytest.approx(0.5)
+    assert averaged["ndcg@4"] == pytest.approx((ndcg4_u0 + 1 / LOG2_5) / 2)
 
 
 def test_items_outside_catalogue_are_misses() -> None:

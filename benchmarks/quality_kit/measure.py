@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from models.dataset import Dataset
-from models.evaluation import CI_RESAMPLES, CI_SEED, EvalResult, measurable_sets, run_baselines
+from models.evaluation import EvalResult, measurable_sets, run_baselines
+from models.metrics import CI_RESAMPLES, CI_SEED, means
 from models.pipeline import run_training
 from models.splits import Split, make_split
 from models.train_config import TrainConfig
@@ -52,7 +53,7 @@ def seed_mean(results: Sequence[EvalResult]) -> EvalResult:
     per_user = {k: np.mean([r.per_user[k] for r in results], axis=0) for k in first.per_user}
     return dataclasses.replace(
         first,
-        means={k: float(v.mean()) for k, v in per_user.items()},
+        means=means(per_user),
         per_user=per_user,
         eval_seconds=sum(r.eval_seconds for r in results),
     )
