@@ -3,14 +3,11 @@ reads (`{REDIS_PREFIX}:model:pinned`), or, without Redis, this process alone."""
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 
 from app.config import RedisConfig
-from app.store.redis_client import CONTROL_ERRORS, control_client
+from app.store.redis_client import control_call, control_client
 from models.bundle import is_version_name
-
-PIN_CONNECTIONS = 4  # a read per watcher step, a write per reload: a few are plenty
 
 
 class PinUnavailable(Exception):
@@ -59,29 +56,18 @@ class RedisPin(VersionPin):
         # One key: any node of a cluster, as its slot says.
         self.key = f"{config.prefix}:model:pinned"
         self.timeout_s = config.control_timeout_s
-        self.client = control_client(config, PIN_CONNECTIONS)
+        self.client = control_client(config)
 
-    # asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
-    # that lands as the call completes, and the watcher's cancellation must never be lost.
     async def get(self) -> str | None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                value = await self.client.get(self.key)
-        except CONTROL_ERRORS as exc:
-            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        value = await control_call(self.client.get(self.key), self.timeout_s, PinUnavailable)
         if value is None or not isinstance(value, str) or not is_version_name(value):
             return None  # absent, or not ours to trust: follow LATEST
         return value
 
     async def set(self, version: str | None) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                if version is None:
-                    await self.client.delete(self.key)
-                else:
-                    await self.client.set(self.key, version)
-        except CONTROL_ERRORS as exc:
-            raise PinUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        client, key = self.client, self.key
+        write = client.delete(key) if version is None else client.set(key, version)
+        await control_call(write, self.timeout_s, PinUnavailable)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -12,17 +12,14 @@ Calls are control plane (an admin write, a watcher's poll), bounded like the ver
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
 from app.config import RedisConfig
 from app.errors import ItemChangesUnavailable
 from app.store.item_changes import ChangePage, ItemChange, ItemChangeLog
-from app.store.redis_client import CONTROL_ERRORS, control_client, redis_reason
+from app.store.redis_client import control_call, control_client
 from models.redis_keys import check_prefix, item_change_keys
-
-CONNECTIONS = 4  # an admin write and a poll at a time per worker: a few are plenty
 
 # KEYS: seq, changes, order, epoch. ARGV: item id, record, a new epoch (used if none yet).
 APPEND = """
@@ -58,6 +55,10 @@ return out
 """
 
 
+def _unavailable(reason: str) -> ItemChangesUnavailable:
+    return ItemChangesUnavailable(f"the item change log is unavailable: {reason}")
+
+
 class RedisItemChangeLog(ItemChangeLog):
     """The change log every worker of every replica reads (REDIS_URL set)."""
 
@@ -66,18 +67,13 @@ class RedisItemChangeLog(ItemChangeLog):
     def __init__(self, config: RedisConfig) -> None:
         self.keys = item_change_keys(check_prefix(config.prefix))
         self.timeout_s = config.control_timeout_s
-        self.client = control_client(config, CONNECTIONS)
+        self.client = control_client(config)
 
     async def _eval(self, script: str, *args: str | int) -> Any:
-        # asyncio.timeout, not wait_for: see app.model.version_pin. Every Redis error is the
-        # log's unavailability to the caller (a 503 for a write, a retry for a poll); the
-        # reason says which (e.g. OOM, READONLY, a timeout).
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await self.client.eval(script, len(self.keys), *self.keys, *args)
-        except CONTROL_ERRORS as exc:
-            reason = redis_reason(exc) or type(exc).__name__
-            raise ItemChangesUnavailable(f"the item change log is unavailable: {reason}") from exc
+        # Every Redis error is the log's unavailability to the caller (a 503 for a write, a
+        # retry for a poll); the reason says which (e.g. OOM, READONLY, a timeout).
+        call = self.client.eval(script, len(self.keys), *self.keys, *args)
+        return await control_call(call, self.timeout_s, _unavailable)
 
     async def append(self, change: ItemChange) -> tuple[str, ItemChange]:
         record = change.record().decode()

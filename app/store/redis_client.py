@@ -3,8 +3,10 @@ errors read: unreachable, failing over, or Redis's own refusal with its reason."
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -71,7 +73,12 @@ def redis_client(
     return Redis.from_pool(pool)  # owns the pool: closing the client closes it
 
 
-def control_client(config: RedisConfig, max_connections: int) -> Any:
+T = TypeVar("T")
+# Connections of a control-plane client: a poll and an admin write at a time per worker.
+CONTROL_CONNECTIONS = 4
+
+
+def control_client(config: RedisConfig, max_connections: int = CONTROL_CONNECTIONS) -> Any:
     """A client for control-plane calls (the version pin, the item change log): off the
     request path, with the control timeout and pool wait `RedisConfig` derives."""
     return redis_client(
@@ -81,6 +88,21 @@ def control_client(config: RedisConfig, max_connections: int) -> Any:
         pool_wait_s=config.control_pool_wait_s,
         max_connections=max_connections,
     )
+
+
+async def control_call(
+    call: Awaitable[T], timeout_s: float, unavailable: Callable[[str], Exception]
+) -> T:
+    """A control-plane call bounded by `timeout_s`; any Redis error or the timeout raises
+    `unavailable(reason)`, Redis's own reason (e.g. OOM, READONLY) or the error's type.
+
+    asyncio.timeout rather than wait_for: on Python 3.11, wait_for swallows a cancellation
+    that lands as the call completes, and a watcher's cancellation must never be lost."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except CONTROL_ERRORS as exc:
+        raise unavailable(redis_reason(exc) or type(exc).__name__) from exc
 
 
 def is_wrong_type(exc: BaseException) -> bool:
