@@ -86,6 +86,16 @@ class AdminDisabled(AppError):
     status_code = 403
 
 
-def input_error(loc: tuple[str | int, ...], msg: str, value: Any, kind: str) -> dict[str, Any]:
+# Where in a request an input error lies, as pydantic's `loc`: ("body", "features", "age").
+Loc = tuple[str | int, ...]
+
+
+def input_error(loc: Loc, msg: str, value: Any, kind: str) -> dict[str, Any]:
     """One entry of a 422 `detail` list, shaped like pydantic's errors."""
     return {"type": kind, "loc": list(loc), "msg": msg, "input": value}
+
+
+def too_long(loc: Loc, limit: int, length: int) -> dict[str, Any]:
+    """A list longer than a run-time limit (MAX_HISTORY, MAX_BATCH...), worded as pydantic
+    words its own static ones."""
+    return input_error(loc, f"List should have at most {limit} items", length, "too_long")

@@ -26,8 +26,7 @@ from typing import Any, Protocol
 import anyio
 import numpy as np
 
-from app.errors import InvalidInput, input_error
-from app.feature_checks import Loc
+from app.errors import InvalidInput, Loc, input_error
 from app.model import ServingModel
 from app.search.allowed import AllowedRows
 from models.feature_spec import as_float

@@ -25,8 +25,8 @@ import orjson
 
 from app.batcher import MicroBatcher
 from app.config import RecallLimits
-from app.errors import FeatureStoreUnavailable, InvalidInput, input_error
-from app.feature_checks import Loc, feature_errors
+from app.errors import FeatureStoreUnavailable, InvalidInput, Loc, input_error, too_long
+from app.feature_checks import feature_errors
 from app.filters import MAX_BATCH_FILTERS, CompiledFilter, FilterCache, FilterInput, canonical
 from app.logs import note_model_version, unbind_request
 from app.metrics import Metrics
@@ -121,8 +121,8 @@ class RecallService:
     async def recall_batch(self, requests: Sequence[RecallInput]) -> bytes:
         """`/v1/recall/batch`: one batch as sent; the JSON `{"results": [...]}`."""
         if len(requests) > self.limits.max_batch:
-            msg = f"List should have at most {self.limits.max_batch} items"
-            raise InvalidInput([input_error(("body", "requests"), msg, len(requests), "too_long")])
+            limit = self.limits.max_batch
+            raise InvalidInput([too_long(("body", "requests"), limit, len(requests))])
         keys = filter_keys(requests)
         distinct = set(keys) - {None}
         if len(distinct) > MAX_BATCH_FILTERS:
@@ -212,8 +212,7 @@ class RecallService:
                 msg = f"Input should be less than or equal to {max_k}"
                 errors.append(input_error((*loc, "k"), msg, request.k, "less_than_equal"))
             if request.history is not None and len(request.history) > max_history:
-                msg = f"List should have at most {max_history} items"
-                errors.append(input_error((*loc, "history"), msg, len(request.history), "too_long"))
+                errors.append(too_long((*loc, "history"), max_history, len(request.history)))
         if errors:
             raise InvalidInput(errors)
 

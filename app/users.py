@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.errors import InvalidInput, input_error
+from app.errors import InvalidInput, too_long
 from app.feature_checks import feature_errors
 from app.model import ModelRepository
 from app.store import FeatureStore
@@ -27,8 +27,7 @@ class UserService:
         """Returns the stored history length. Item ids are not checked against the catalogue:
         it changes with every model version, and recall ignores unknown ones."""
         if len(item_ids) > self.max_events:
-            msg = f"List should have at most {self.max_events} items"
-            raise InvalidInput([input_error(("body", "item_ids"), msg, len(item_ids), "too_long")])
+            raise InvalidInput([too_long(("body", "item_ids"), self.max_events, len(item_ids))])
         return await self.store.append_events(user_id, item_ids)
 
     async def put_features(self, user_id: str, features: Mapping[str, Any]) -> list[str]:

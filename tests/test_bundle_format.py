@@ -117,24 +117,24 @@ BAD_ATTRIBUTES: list[tuple[dict[str, Any], dict[str, Any]]] = [
     (
         {"price": "cheap"},
         {"type": "attribute_type", "loc": ["items", 1, "price"], "input": "cheap",
-         "msg": "Item attribute 'price' is numeric: expected a number, got str"},
+         "msg": "Item attribute 'price' is numeric: expected a number, got a string"},
     ),
     (
         {"price": True},
         {"type": "attribute_type", "loc": ["items", 1, "price"], "input": True,
-         "msg": "Item attribute 'price' is numeric: expected a number, got bool"},
+         "msg": "Item attribute 'price' is numeric: expected a number, got a boolean"},
     ),
     (
         {"category": 1.5},
         {"type": "attribute_type", "loc": ["items", 1, "category"], "input": 1.5,
          "msg": "Item attribute 'category' is categorical: expected a string or an integer, "
-                "got float"},
+                "got a number"},
     ),
     (
         {"tags": ["t1", 2]},
         {"type": "attribute_type", "loc": ["items", 1, "tags"], "input": ["t1", 2],
          "msg": "Item attribute 'tags' is multi_hot: expected a list of strings or one string "
-                "joined by '|', got list"},
+                "joined by '|', got a list"},
     ),
 ]  # fmt: skip
 

@@ -24,7 +24,7 @@ import numpy as np
 from app.catalogue.changes import ChangeSet
 from app.errors import ItemTowerUnavailable
 from app.model import ServingModel
-from app.model.item_checks import attribute_errors
+from app.model.value_checks import attribute_errors
 from app.search.overlay import overlay_of
 from app.store import ItemChange
 from models.features import FeatureEncoder

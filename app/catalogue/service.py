@@ -25,7 +25,7 @@ from app.catalogue.state import ItemState, item_state
 from app.errors import InvalidInput, ItemChangesUnavailable, ItemNotFound, ItemTowerUnavailable
 from app.metrics import Metrics
 from app.model import ModelRepository, ServingModel
-from app.model.item_checks import attribute_errors
+from app.model.value_checks import attribute_errors
 from app.store import ItemChange, ItemChangeLog, new_change
 
 log = logging.getLogger(__name__)

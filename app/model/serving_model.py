@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from app.config import IndexConfig
-from app.errors import BundleRejected, InvalidInput, ItemTowerUnavailable
-from app.model.item_checks import Loc, attribute_errors
+from app.errors import BundleRejected, InvalidInput, ItemTowerUnavailable, Loc
+from app.model.value_checks import attribute_errors
 from app.search import ItemIndex, build_item_index
 from app.search.overlay import EMPTY_OVERLAY, ItemOverlay
 from app.settings import IndexType
