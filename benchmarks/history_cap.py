@@ -72,7 +72,7 @@ def newest(train: pd.DataFrame, n: int) -> pd.DataFrame:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.data)
     split = make_split(dataset.interactions, args.split)
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     recommenders = [BundleRecommender(b, dataset.users, item_index) for b in args.bundles]
     for rec in recommenders:
         check_trained_on(rec.manifest, split)

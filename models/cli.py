@@ -185,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.baselines:
         check_dense_fits(len(dataset.items), "--baselines")
     split = make_split(dataset.interactions, args.split)
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     exclude_seen = not args.include_seen
     results = {}
     if args.bundle is not None:

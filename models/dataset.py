@@ -59,6 +59,10 @@ class Dataset:
     item_columns: tuple[ColumnSpec, ...]
     cold_users: pd.DataFrame | None = None
 
+    def item_index(self) -> dict[str, int]:
+        """Each catalogue item id -> its row (the order of `items`): the column of its score."""
+        return {str(item): row for row, item in enumerate(self.items.index)}
+
     def summary(self) -> dict[str, int | str]:
         return {
             "source": self.name,

@@ -95,7 +95,7 @@ def run_training(
         check_dense_fits(len(dataset.items), "--baselines")
     split = None if split_spec == "none" else make_split(dataset.interactions, split_spec)
     train = dataset.interactions if split is None else split.train
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     if split is not None:  # the evaluation after training must have something to measure
         measurable_sets(train, split.test, item_index)
     trained, prior_search, validation = _train(dataset, train, config, split_spec)

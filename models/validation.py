@@ -83,7 +83,7 @@ class Validator:
         self, dataset: Dataset, fit_part: pd.DataFrame, validation: pd.DataFrame, seed: int
     ) -> None:
         sample = _sample_users(validation, MAX_VALIDATION_USERS, seed)
-        self.item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+        self.item_index = dataset.item_index()
         self.users, self.relevant = measurable_sets(
             fit_part, sample, self.item_index, part="validation slice (--validation-fraction)"
         )

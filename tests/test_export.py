@@ -184,7 +184,7 @@ def test_bundle_recommender_has_no_training_serving_skew(run: TrainingRun, bundl
     dataset = small_dataset()
     assert run.split is not None
     train, test = run.split.train, run.split.test
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     from_bundle = BundleRecommender(bundle, dataset.users, item_index)
     from_bundle.fit(train, item_index)
     in_memory = TwoTowerRecommender(run.trained, dataset.users)
@@ -207,7 +207,7 @@ def test_a_capped_bundle_reads_the_newest_ids_as_the_service_stores_them(
     dataset = small_dataset()
     assert run.split is not None
     train = run.split.train
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     user = str(train["user_id"].iloc[0])
     newest = pd.DataFrame(
         {"user_id": [user], "item_id": ["not-in-the-bundle"], "timestamp": [10**10]}

@@ -59,7 +59,7 @@ def test_top_k_with_bonus_is_the_top_k_of_the_full_score_matrix(n_items: int, ch
 def reference_validator(dataset: Dataset, fit_part: pd.DataFrame, test: pd.DataFrame) -> ValidateFn:
     """The validation pass as it was: the model as served (prior folded into the item vectors),
     one full-catalogue `evaluate_recommender` per call."""
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
 
     def validate(trained: TrainedModel) -> dict[str, float]:
         rec = TwoTowerRecommender(trained, dataset.users)
@@ -117,7 +117,7 @@ def test_evaluation_scores_a_large_catalogue_a_few_users_at_a_time(
 ) -> None:
     dataset = small_dataset("synthetic:seed=2,users=60,items=40")
     split = make_split(dataset.interactions, "last-10pct")
-    index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    index = dataset.item_index()
     whole = RecordedScores(40)
     expected = evaluate_recommender(whole, split.train, split.test, index)
     assert whole.calls == [len(expected.user_ids)]

@@ -36,7 +36,7 @@ from quality_kit.references import (
 def applicable(dataset: Dataset, spec: str) -> Split | str:
     """The split, or why the data cannot make it (the reason of `make_split` or the
     evaluation's measurability check)."""
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     try:
         split = make_split(dataset.interactions, spec)
         measurable_sets(split.train, split.test, item_index)
@@ -173,7 +173,7 @@ def measure(
         m: [min(r["test"][m] for r in records), max(r["test"][m] for r in records)]
         for m in ours["means"]
     }
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     methods = {"two_tower": ours}
     for name, result in run_baselines(split.train, split.test, item_index).items():
         methods[name] = figures(result) | {"fit_seconds": result.fit_seconds}
