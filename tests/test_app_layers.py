@@ -5,6 +5,7 @@ no two modules import each other, and a worker never imports the trainer's data 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -43,14 +44,18 @@ def _module(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth of its code (lazy imports too)."""
+    """Every module `path` imports, at any depth of its code (lazy imports too), relative
+    imports resolved against its package."""
+    module = _module(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            found.add(source)
+            found |= {f"{source}.{alias.name}" for alias in node.names}
     return found
 
 

@@ -375,6 +375,9 @@ async def test_a_body_of_another_content_type_is_a_422_whatever_its_bytes(
     for body in (b"\xff", b"\xe9t\xe9", b"{}"):
         response = await client.post("/v1/users/u1/events", content=body, headers=headers)
         assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body"]
+        assert error["input"] == body.decode("utf-8", "replace")
 
 
 async def test_a_422_names_a_bounded_number_of_errors(client: httpx.AsyncClient) -> None:

@@ -77,6 +77,10 @@ def test_every_make_target_runs_in_the_bootstrapped_environment() -> None:
     that sources scripts/bootstrap.sh, which makes or updates the environment first."""
     makefile = (ROOT / "Makefile").read_text()
     assert ".venv/bin" not in makefile
+    recipes = [line[1:] for line in makefile.splitlines() if line.startswith("\t")]
+    commands = [c.strip() for recipe in recipes for c in recipe.split("&&")]
+    bare = [c for c in commands if not c.startswith(("./scripts/", "rm "))]
+    assert len(commands) >= 8 and bare == [], bare  # `make clean` alone needs no environment
     done = subprocess.run(
         [str(ROOT / "scripts" / "in-venv.sh"), "python", "-c", "import sys; print(sys.prefix)"],
         capture_output=True, text=True, check=True, timeout=600,

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from models.evaluation import EvalResult, evaluate_recommender
-from models.metrics import CI_RESAMPLES, CI_SEED, bootstrap_ci, per_user_metrics
+from models.metrics import CI_RESAMPLES, CI_SEED, bootstrap_ci, means, per_user_metrics
 from models.report import format_table, report_json
 
 
@@ -36,7 +36,7 @@ def random_result(seed: int, n_users: int = 200, n_items: int = 60) -> EvalResul
     relevant = [rng.choice(n_items, size=rng.integers(1, 6), replace=False) for _ in top]
     per_user = per_user_metrics(top, relevant, ks=(5, 20))
     return EvalResult(
-        means={k: float(v.mean()) for k, v in per_user.items()},
+        means=means(per_user),
         per_user=per_user,
         user_ids=tuple(f"u{i}" for i in range(n_users)),
         n_relevant=np.array([len(r) for r in relevant], dtype=np.int64),
@@ -97,14 +97,20 @@ def test_pooled_recall_interval_resamples_users() -> None:
     train = frame([("u", "5"), ("v", "5")])
     test = frame([("u", "0"), ("v", "3"), ("v", "4"), ("v", "2")])
     result = evaluate_recommender(FixedScores(6), train, test, index, ks=(1,))
-    # u finds 1 of 1 relevant item at K = 1, v 0 of 3 (as in test_baselines): pooled 0.25.
+    # u finds 1 of 1 relevant item at K = 1; v's best unseen item is 0, not relevant: 0 of 3.
+    # Pooled, heavy users weigh more: (1 + 0) / (1 + 3); per user (1/1 + 0/3) / 2.
+    assert result.n_relevant.tolist() == [1, 3]
+    assert result.means["recall@1"] == pytest.approx(0.5)
+    assert result.pooled_recall(1) == pytest.approx(0.25)
     # Resampling two users: {u, u} 2/2 = 1 (p 1/4), {u, v} 1/4 (p 1/2), {v, v} 0/6 = 0 (p 1/4);
     # a mean of per-user recalls would give 1, 0.5 and 0 instead.
-    assert result.pooled_recall(1) == pytest.approx(0.25)
     assert result.pooled_recall_ci(1, n=2000) == (0.0, 1.0)
     assert result.pooled_recall_ci(1, n=2000, alpha=0.8) == (0.25, 0.25)
     assert result.ci("recall@1", n=2000, alpha=0.8) == (0.5, 0.5)
-    assert result.pooled_recall_ci(1) == result.pooled_recall_ci(1)
+    # The resamples are the seed's: a report is reproducible, another seed draws others.
+    many = random_result(3, n_users=500)
+    assert many.pooled_recall_ci(5) == many.pooled_recall_ci(5, seed=CI_SEED)
+    assert many.pooled_recall_ci(5) != many.pooled_recall_ci(5, seed=CI_SEED + 1)
 
 
 def test_every_metric_is_resampled_with_the_same_users() -> None:

@@ -123,7 +123,9 @@ def test_sigterm_finishes_requests_in_flight_and_bounds_a_stalled_client(
     assert rows[0].data["exit_code"] == 0
 
 
-def test_short_soak_keeps_memory_and_answers_steady(stack: Stack, versions: Versions) -> None:
+def test_short_soak_answers_steady_through_reloads(stack: Stack, versions: Versions) -> None:
+    # Too short to see a leak (a replaced model kept alive: test_app_admin's weak reference
+    # sees it); `benchmarks/faults.py --scenarios soak` runs it long enough for memory.
     options = soak.SoakOptions(duration_s=6, interval_s=1.5, reload_every_s=1, workers=2, users=300)
     rows = soak.run(stack, versions, options)
     assert_behaved(rows)

@@ -2,6 +2,7 @@
 combination actually learning on synthetic data through the real `Trainer`."""
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,6 +80,25 @@ def test_trainer_masks_each_users_own_items_as_negatives() -> None:
     assert seen.diagonal().all() and not seen.all()
     plain = Trainer(dataset, dataset.interactions, fast_config())
     assert interaction_task(plain).seen(torch.from_numpy(batch), candidates) is None
+
+
+def test_the_mask_and_the_logq_correction_reach_the_training_loss() -> None:
+    """Both were checked as values only: a loss that left either out passed every test. The
+    same seed gives the same towers; the batch holds users' own other items, which the mask
+    drops, and items of unequal frequency, which the correction weighs."""
+    dataset = small_dataset()
+
+    def batch_loss(**options: Any) -> float:
+        trainer = Trainer(dataset, dataset.interactions, fast_config(**options))
+        trainer.model.eval()  # no dropout: the same towers score the same
+        batch = np.arange(0, len(trainer.log.items), 7)  # the batch of the test above
+        with torch.no_grad():
+            return float(interaction_task(trainer).loss(batch))
+
+    both = batch_loss(mask_seen_negatives=True, logq_correction=True)
+    assert both == batch_loss(mask_seen_negatives=True, logq_correction=True)
+    assert both < batch_loss(mask_seen_negatives=False, logq_correction=True) - 1e-4
+    assert abs(both - batch_loss(mask_seen_negatives=True, logq_correction=False)) > 1e-3
 
 
 def test_softmax_masks_sampled_negatives_equal_to_the_positive() -> None:

@@ -263,7 +263,7 @@ def test_the_exported_sequence_tower_scores_as_the_trained_one(tmp_path: Path) -
     dataset = small_dataset()
     run = run_training(dataset, "leave-last-n:1", sequence_config(epochs=1), tmp_path)
     assert run.bundle is not None and run.split is not None
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     exported = BundleRecommender(run.bundle, dataset.users, item_index)
     exported.fit(run.split.train, item_index)
     eager = TwoTowerRecommender(run.trained, dataset.users)
@@ -295,7 +295,7 @@ def test_a_tower_kept_to_its_newest_items_reads_a_long_history_as_the_full_one_i
     torch.testing.assert_close(served, cut)
     assert not torch.allclose(served[0], uncut[0])  # 12 items read are not 3
     # The bundle serves the shorter read: its feature spec, its tower, its own evaluation.
-    item_index = {str(i): r for r, i in enumerate(dataset.items.index)}
+    item_index = dataset.item_index()
     exported = BundleRecommender(run.bundle, dataset.users, item_index)
     assert exported.encoder.history_length == 3
     assert exported.manifest["training"]["serve_history_length"] == 3
@@ -354,9 +354,20 @@ def test_in_batch_log_q_is_the_share_of_the_positives_an_epoch_trains_on() -> No
 def test_sampled_softmax_trains_the_sequence_tower(negatives: str) -> None:
     dataset = cycle_dataset(n_users=60)
     config = sequence_config(negatives=negatives, num_negatives=16, epochs=2)
-    trained = Trainer(dataset, dataset.interactions, config).fit()
-    losses = [record["loss"] for record in trained.history]
+    trainer = Trainer(dataset, dataset.interactions, config)
+    losses = [record["loss"] for record in trainer.fit().history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    # Each draws its shared negatives as named (every path trains; only the draw tells them
+    # apart): a batch whose every target is row 0 gives in-batch negatives of row 0 alone.
+    drawn = sequence_task(trainer)._negatives(torch.zeros(8, dtype=torch.long))
+    assert len(drawn) == 16
+    from_batch = (drawn == 0).tolist()
+    if negatives == "in-batch":
+        assert all(from_batch)
+    elif negatives == "mixed":
+        assert all(from_batch[:8]) and not all(from_batch[8:])
+    else:
+        assert not all(from_batch)
 
 
 @pytest.mark.parametrize(
@@ -423,6 +434,22 @@ def test_hard_negatives_are_top_ranked_items_the_user_did_not_take() -> None:
         scores = vector.numpy() @ items.T
         scores[list(taken)] = -np.inf
         assert set(np.argsort(-scores)[:5].tolist()) == set(mined[example].tolist())
+    # And training reads them: with the same draws, a batch's loss is higher with them (more
+    # competitors, and strong ones) than without.
+    trainer.model.eval()
+    batch = np.arange(min(16, task.n_examples))
+
+    def batch_loss() -> float:
+        torch.manual_seed(0)
+        assert task.sampler is not None
+        task.sampler.generator.manual_seed(0)
+        with torch.no_grad():
+            return float(task.loss(batch))
+
+    task.hard = mined
+    with_hard = batch_loss()
+    task.hard = None
+    assert with_hard > batch_loss() + 1e-4
 
 
 def test_hard_negatives_never_name_a_taken_item_nor_more_than_the_catalogue() -> None:

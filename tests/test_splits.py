@@ -143,3 +143,4 @@ def test_the_fingerprint_covers_user_item_time_and_nothing_else() -> None:
     assert fingerprint(same) == fingerprint(log(rows).assign(extra=1).reset_index(drop=True))
     assert fingerprint(same) != fingerprint(log([*rows[:2], ("u2", "b", 3)]))  # one item
     assert fingerprint(same) != fingerprint(log([*rows[:2], ("u2", "a", 4)]))  # one time
+    assert fingerprint(same) != fingerprint(log([*rows[:2], ("u3", "a", 3)]))  # one user
