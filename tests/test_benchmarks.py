@@ -52,7 +52,8 @@ def _cache_bundle(cache_dir: Path, trained: Path, recipe: Recipe) -> None:
 
 def test_a_recipe_can_fill_a_long_history_and_is_cached_apart() -> None:
     """The synthetic default gives 30-60 items a user, so a 200-item tower's serving cost is
-    only measured with `per_user` raised; bundles cached before it keep their keys."""
+    only measured with `per_user` raised, and cached under another key; options left to the
+    trainer's defaults (None) read "d" in the key."""
     plain = Recipe(items=100_000, users=50)
     dense = Recipe(items=100_000, users=50, per_user=300)
     assert plain.key == "synthetic-s0-u50-i100000-e1-b2048-fd-h256-o64-ld"
