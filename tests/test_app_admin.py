@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import shutil
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from app.main import create_app
 from app.model import ServingModel
 from app.model.history_cap_check import HistoryCapCheck
+from app.model.repository import ModelRepository
 from models import bundle as b
 from models.features import FeatureEncoder
 
@@ -93,6 +96,32 @@ async def test_a_guessable_admin_token_is_warned_about_at_start(
     warned = [r.getMessage() for r in caplog.records if "ADMIN_TOKEN is" in r.getMessage()]
     assert len(warned) == 1 and "set a long random one" in warned[0]
     assert token not in warned[0]  # the token itself is never logged
+
+
+async def test_a_reload_waiting_on_latest_leaves_the_service_answering(
+    model_dir: Path, bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung volume under MODEL_DIR: `POST /admin/reload` read LATEST on the event loop, so
+    no other request was answered until the read returned (the watcher read it in a thread)."""
+    released = threading.Event()
+    read_latest = ModelRepository.read_latest
+
+    def hung(repository: ModelRepository) -> str:
+        if not released.wait(10):
+            raise AssertionError("LATEST was read on the event loop: nothing else was served")
+        return read_latest(repository)
+
+    async with serve(make_settings(model_dir)) as client:
+        assert await active_version(client) == bundles.v1.name
+        monkeypatch.setattr(ModelRepository, "read_latest", hung)
+        reload = asyncio.create_task(client.post("/admin/reload", headers=admin_headers()))
+        await asyncio.sleep(0.2)  # the reload is under way, waiting on LATEST
+        live = await client.get("/health/live")
+        released.set()
+        assert live.status_code == 200
+        response = await reload
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == bundles.v1.name
 
 
 async def test_models_lists_versions_active_and_latest(model_dir: Path, bundles: Bundles) -> None:
