@@ -89,7 +89,7 @@ class Recipe:
         options: list[str] = []
         for name, value in given.items():
             if value is not None:  # else the trainer's default
-                options += [name, f"{value:g}"]
+                options += [name, str(value)]
         return [
             sys.executable,
             "-m",
