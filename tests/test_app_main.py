@@ -72,7 +72,7 @@ def test_python_m_app_names_each_invalid_setting_and_exits(tmp_path: Path) -> No
         assert line in done.stderr, done.stderr
 
 
-def test_python_m_app_lists_its_settings_and_refuses_arguments(tmp_path: Path) -> None:
+def test_python_m_app_lists_its_settings_and_refuses_arguments() -> None:
     """`--help` started a server on port 8000; an option (`--port 80`) was ignored."""
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
